@@ -1,0 +1,318 @@
+//! Model configuration, parsed in two steps: a raw serde struct mirroring
+//! `config.json` (every field optional), then [`RawHfConfig::into_config`]
+//! into a validated [`ModelConfig`]. GGUF metadata fills the same struct.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// Architecture family. Llama and Mistral share one block structure; other
+/// families add biases or norms as local variations of the same description.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Llama,
+    Mistral,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    None,
+    /// Llama 3.x frequency-dependent scaling of `inv_freq`.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// Validated configuration of a decoder-only transformer.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub num_hidden_layers: usize,
+    pub hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+    /// Mistral's sliding attention window, if any.
+    pub sliding_window: Option<usize>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    fn first(&self) -> Option<u32> {
+        match self {
+            TokenIds::One(i) => Some(*i),
+            TokenIds::Many(v) => v.first().copied(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RawRopeScaling {
+    rope_type: Option<String>,
+    #[serde(rename = "type")]
+    legacy_type: Option<String>,
+    rope_theta: Option<f64>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+}
+
+/// `config.json` as written by transformers 4.x and 5.x.
+#[derive(Debug, Deserialize)]
+pub struct RawHfConfig {
+    architectures: Option<Vec<String>>,
+    model_type: Option<String>,
+    num_hidden_layers: Option<usize>,
+    hidden_size: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    intermediate_size: Option<usize>,
+    vocab_size: Option<usize>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<RawRopeScaling>,
+    /// transformers 5 keeps `rope_theta` and the scaling here.
+    rope_parameters: Option<RawRopeScaling>,
+    rms_norm_eps: Option<f64>,
+    tie_word_embeddings: Option<bool>,
+    max_position_embeddings: Option<usize>,
+    sliding_window: Option<usize>,
+    bos_token_id: Option<TokenIds>,
+    eos_token_id: Option<TokenIds>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
+}
+
+impl RawHfConfig {
+    pub fn into_config(self, path: &Path) -> Result<ModelConfig> {
+        let err = |msg: String| Error::config(path, msg);
+        let arch = self
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first().cloned())
+            .or_else(|| self.model_type.clone())
+            .ok_or_else(|| err("neither `architectures` nor `model_type` is set".into()))?;
+        let family = match arch.as_str() {
+            "LlamaForCausalLM" | "llama" => Family::Llama,
+            "MistralForCausalLM" | "mistral" => Family::Mistral,
+            other => return Err(err(format!(
+                "unknown architecture `{other}` (supported: LlamaForCausalLM, MistralForCausalLM)"
+            ))),
+        };
+        if self.attention_bias == Some(true) || self.mlp_bias == Some(true) {
+            return Err(err(
+                "attention_bias / mlp_bias = true is not supported yet".into()
+            ));
+        }
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                return Err(err(format!(
+                    "hidden_act `{act}` is not supported (only silu)"
+                )));
+            }
+        }
+        let need = |v: Option<usize>, key: &str| v.ok_or_else(|| err(format!("missing `{key}`")));
+        let num_hidden_layers = need(self.num_hidden_layers, "num_hidden_layers")?;
+        let hidden_size = need(self.hidden_size, "hidden_size")?;
+        let num_attention_heads = need(self.num_attention_heads, "num_attention_heads")?;
+        let intermediate_size = need(self.intermediate_size, "intermediate_size")?;
+        let vocab_size = need(self.vocab_size, "vocab_size")?;
+        let num_key_value_heads = self.num_key_value_heads.unwrap_or(num_attention_heads);
+        if num_attention_heads == 0
+            || hidden_size % num_attention_heads != 0 && self.head_dim.is_none()
+        {
+            return Err(err(format!(
+                "hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}"
+            )));
+        }
+        let head_dim = self.head_dim.unwrap_or(hidden_size / num_attention_heads);
+        // transformers 5 moves rope_theta and the scaling dict under rope_parameters.
+        let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
+        let rope_theta = self
+            .rope_theta
+            .or_else(|| self.rope_parameters.as_ref().and_then(|p| p.rope_theta))
+            .unwrap_or(10000.0);
+        let rope_scaling = match params {
+            None => RopeScaling::None,
+            Some(p) => {
+                let kind = p.rope_type.clone().or_else(|| p.legacy_type.clone());
+                match kind.as_deref() {
+                    None | Some("default") => RopeScaling::None,
+                    Some("llama3") => {
+                        let get = |v: Option<f64>, key: &str| {
+                            v.ok_or_else(|| err(format!("rope_scaling llama3: missing `{key}`")))
+                        };
+                        RopeScaling::Llama3 {
+                            factor: get(p.factor, "factor")?,
+                            low_freq_factor: get(p.low_freq_factor, "low_freq_factor")?,
+                            high_freq_factor: get(p.high_freq_factor, "high_freq_factor")?,
+                            original_max_position_embeddings: get(
+                                p.original_max_position_embeddings,
+                                "original_max_position_embeddings",
+                            )?,
+                        }
+                    }
+                    Some(other) => {
+                        return Err(err(format!(
+                            "rope scaling `{other}` is not supported (supported: none, llama3)"
+                        )))
+                    }
+                }
+            }
+        };
+        let config = ModelConfig {
+            family,
+            num_hidden_layers,
+            hidden_size,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            intermediate_size,
+            vocab_size,
+            rope_theta,
+            rope_scaling,
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
+            sliding_window: if family == Family::Mistral {
+                self.sliding_window
+            } else {
+                None
+            },
+            bos_token_id: self.bos_token_id.as_ref().and_then(TokenIds::first),
+            eos_token_id: self.eos_token_id.as_ref().and_then(TokenIds::first),
+        };
+        config.validate(path)?;
+        Ok(config)
+    }
+}
+
+impl ModelConfig {
+    pub fn from_hf_dir(dir: &Path) -> Result<ModelConfig> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let raw: RawHfConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?;
+        raw.into_config(&path)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let err = |msg: String| Err(Error::config(path, msg));
+        if self.num_hidden_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
+            return err("num_hidden_layers, hidden_size and vocab_size must be positive".into());
+        }
+        if self.num_key_value_heads == 0 || self.num_attention_heads % self.num_key_value_heads != 0
+        {
+            return err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return err(format!(
+                "head_dim {} must be even and positive",
+                self.head_dim
+            ));
+        }
+        if !(self.rope_theta > 0.0) || !(self.rms_norm_eps > 0.0) {
+            return err("rope_theta and rms_norm_eps must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Number of parameters, counting a tied lm_head once.
+    pub fn parameter_count(&self) -> usize {
+        let h = self.hidden_size;
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size + 2 * h;
+        let embed = self.vocab_size * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed + head + h + per_layer * self.num_hidden_layers
+    }
+}
+
+impl ModelConfig {
+    /// A Hugging Face `config.json` describing this model (transformers 4.x
+    /// layout with a top-level `rope_theta`, which transformers 5 also reads).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let (arch, model_type) = match self.family {
+            Family::Llama => ("LlamaForCausalLM", "llama"),
+            Family::Mistral => ("MistralForCausalLM", "mistral"),
+        };
+        let rope_scaling = match &self.rope_scaling {
+            RopeScaling::None => serde_json::Value::Null,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                serde_json::json!({
+                    "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings,
+                })
+            }
+        };
+        let mut v = serde_json::json!({
+            "architectures": [arch],
+            "model_type": model_type,
+            "num_hidden_layers": self.num_hidden_layers,
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": false,
+            "mlp_bias": false,
+            "torch_dtype": "float32",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        });
+        if let Some(w) = self.sliding_window {
+            v["sliding_window"] = serde_json::json!(w);
+        }
+        v
+    }
+}

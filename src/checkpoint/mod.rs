@@ -1,0 +1,120 @@
+//! Checkpoint readers: a Hugging Face directory (`config.json` + safetensors,
+//! single or sharded) or a GGUF v3 file (llama.cpp). Both are exposed through
+//! [`TensorSource`] under Hugging Face tensor names and shapes, so the model
+//! stage never knows which format it reads.
+
+pub mod config;
+pub mod dequant;
+pub mod gguf;
+pub mod safetensors;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+pub use config::{Family, ModelConfig, RopeScaling};
+
+use crate::{Error, Result};
+
+/// Element type of a stored tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::Q8_0 => "Q8_0",
+            DType::Q4_0 => "Q4_0",
+            DType::Q4_1 => "Q4_1",
+        }
+    }
+}
+
+/// Name, type and shape of a stored tensor (shape in Hugging Face order:
+/// `[out_features, in_features]` for a linear weight).
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Read access to the tensors of a checkpoint by Hugging Face name.
+pub trait TensorSource: Send + Sync {
+    /// Every tensor, in a stable order.
+    fn tensors(&self) -> Vec<&TensorInfo>;
+    fn info(&self, name: &str) -> Option<&TensorInfo>;
+    /// The tensor dequantised / converted to f32, row-major in HF layout.
+    fn load_f32(&self, name: &str) -> Result<Vec<f32>>;
+    /// The file a tensor lives in, for error messages.
+    fn file_of(&self, name: &str) -> PathBuf;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    HuggingFace,
+    Gguf,
+}
+
+/// An opened checkpoint: validated configuration, tensors and tokenizer.
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub format: Format,
+    pub config: ModelConfig,
+    pub source: Box<dyn TensorSource>,
+    pub tokenizer: Option<tokenizer::Tokenizer>,
+}
+
+impl Checkpoint {
+    /// Open a Hugging Face directory or a `.gguf` file.
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            let config = config::ModelConfig::from_hf_dir(path)?;
+            let source = safetensors::SafetensorsSource::open_dir(path)?;
+            let tokenizer = tokenizer::Tokenizer::from_hf_dir(path)?;
+            Ok(Checkpoint {
+                path: path.to_path_buf(),
+                format: Format::HuggingFace,
+                config,
+                source: Box::new(source),
+                tokenizer,
+            })
+        } else {
+            let file = gguf::GgufFile::open(path)?;
+            let config = file.model_config()?;
+            let tokenizer = file.tokenizer()?;
+            let source = gguf::GgufSource::new(file, &config)?;
+            Ok(Checkpoint {
+                path: path.to_path_buf(),
+                format: Format::Gguf,
+                config,
+                source: Box::new(source),
+                tokenizer,
+            })
+        }
+    }
+
+    /// The tokenizer, or an error naming the checkpoint when it has none.
+    pub fn require_tokenizer(&self) -> Result<&tokenizer::Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer {
+            path: self.path.clone(),
+            msg: "the checkpoint has no tokenizer (tokenizer.json or GGUF tokenizer.ggml.*)".into(),
+        })
+    }
+}

@@ -1,0 +1,284 @@
+//! safetensors reader (memory-mapped): `model.safetensors`, or shards listed
+//! in `model.safetensors.index.json` (`weight_map`). Format: u64 LE header
+//! length, a JSON header `{name: {dtype, shape, data_offsets}}`, then data.
+//! Also a small writer, used to export checkpoints and build test fixtures.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use serde::Deserialize;
+
+use super::{dequant, DType, TensorInfo, TensorSource};
+use crate::{Error, Result};
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+}
+
+struct Entry {
+    info: TensorInfo,
+    shard: usize,
+    begin: usize,
+    end: usize,
+}
+
+/// All tensors of a Hugging Face safetensors checkpoint.
+pub struct SafetensorsSource {
+    shards: Vec<Shard>,
+    entries: BTreeMap<String, Entry>,
+}
+
+#[derive(Deserialize)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [usize; 2],
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+fn parse_dtype(s: &str) -> Option<DType> {
+    match s {
+        "F32" => Some(DType::F32),
+        "F16" => Some(DType::F16),
+        "BF16" => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+impl SafetensorsSource {
+    /// Open `dir/model.safetensors` or the shards named by
+    /// `dir/model.safetensors.index.json`.
+    pub fn open_dir(dir: &Path) -> Result<SafetensorsSource> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let files: Vec<PathBuf> = if index_path.exists() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let index: ShardIndex = serde_json::from_str(&text)
+                .map_err(|e| Error::format(&index_path, format!("invalid index: {e}")))?;
+            let mut names: Vec<String> = index.weight_map.values().cloned().collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(Error::format(
+                dir,
+                "no model.safetensors or model.safetensors.index.json in this directory",
+            ));
+        };
+        Self::open_files(&files)
+    }
+
+    pub fn open_files(files: &[PathBuf]) -> Result<SafetensorsSource> {
+        let mut shards = Vec::new();
+        let mut entries = BTreeMap::new();
+        for path in files {
+            let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: the file is opened read-only; a concurrent writer would be
+            // a user error, as for every mmap-based checkpoint reader.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let (header, data_start) = parse_header(path, &mmap)?;
+            let shard = shards.len();
+            let data_len = mmap.len() - data_start;
+            for (name, h) in header {
+                let dtype = parse_dtype(&h.dtype).ok_or_else(|| {
+                    Error::tensor(
+                        path,
+                        &name,
+                        format!("unsupported dtype {} (F32, F16, BF16)", h.dtype),
+                    )
+                })?;
+                let numel: usize = h.shape.iter().product();
+                let [begin, end] = h.data_offsets;
+                let want = dequant::byte_size(dtype, numel).unwrap_or(usize::MAX);
+                if begin > end || end > data_len {
+                    return Err(Error::tensor(
+                        path,
+                        &name,
+                        format!("data_offsets [{begin}, {end}) exceed the {data_len} data bytes (truncated file?)"),
+                    ));
+                }
+                if end - begin != want {
+                    return Err(Error::tensor(
+                        path,
+                        &name,
+                        format!(
+                            "{} bytes stored for shape {:?} {}, expected {want}",
+                            end - begin,
+                            h.shape,
+                            h.dtype
+                        ),
+                    ));
+                }
+                if entries.contains_key(&name) {
+                    return Err(Error::tensor(path, &name, "stored in more than one shard"));
+                }
+                entries.insert(
+                    name.clone(),
+                    Entry {
+                        info: TensorInfo {
+                            name,
+                            dtype,
+                            shape: h.shape,
+                        },
+                        shard,
+                        begin: data_start + begin,
+                        end: data_start + end,
+                    },
+                );
+            }
+            shards.push(Shard {
+                path: path.clone(),
+                mmap,
+                data_start,
+            });
+        }
+        Ok(SafetensorsSource { shards, entries })
+    }
+
+    /// Raw bytes of one tensor.
+    pub fn bytes(&self, name: &str) -> Option<&[u8]> {
+        let e = self.entries.get(name)?;
+        Some(&self.shards[e.shard].mmap[e.begin..e.end])
+    }
+
+    #[allow(dead_code)]
+    fn data_start(&self, shard: usize) -> usize {
+        self.shards[shard].data_start
+    }
+}
+
+fn parse_header(path: &Path, bytes: &[u8]) -> Result<(BTreeMap<String, HeaderEntry>, usize)> {
+    if bytes.len() < 8 {
+        return Err(Error::format(
+            path,
+            "file shorter than the 8-byte header length",
+        ));
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    if n > bytes.len() - 8 {
+        return Err(Error::format(
+            path,
+            format!(
+                "header length {n} exceeds the file size {} (truncated or not safetensors)",
+                bytes.len()
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(&bytes[8..8 + n])
+        .map_err(|_| Error::format(path, "header is not UTF-8 (not a safetensors file?)"))?;
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| Error::format(path, format!("invalid header JSON: {e}")))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(Error::format(path, "header is not a JSON object"));
+    };
+    let mut out = BTreeMap::new();
+    for (name, v) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let entry: HeaderEntry = serde_json::from_value(v)
+            .map_err(|e| Error::tensor(path, &name, format!("invalid header entry: {e}")))?;
+        out.insert(name, entry);
+    }
+    Ok((out, 8 + n))
+}
+
+impl TensorSource for SafetensorsSource {
+    fn tensors(&self) -> Vec<&TensorInfo> {
+        self.entries.values().map(|e| &e.info).collect()
+    }
+    fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.entries.get(name).map(|e| &e.info)
+    }
+    fn load_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::tensor(self.file_of(name), name, "not found"))?;
+        let mut out = vec![0f32; e.info.numel()];
+        dequant::to_f32(
+            e.info.dtype,
+            &self.shards[e.shard].mmap[e.begin..e.end],
+            &mut out,
+        );
+        Ok(out)
+    }
+    fn file_of(&self, name: &str) -> PathBuf {
+        match self.entries.get(name) {
+            Some(e) => self.shards[e.shard].path.clone(),
+            None => self
+                .shards
+                .first()
+                .map(|s| s.path.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Element type for [`write`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreType {
+    F32,
+    F16,
+    BF16,
+}
+
+/// Write f32 tensors as one safetensors file, converting to `store`. The file
+/// is written under a temporary name and renamed, so it is never half-written.
+pub fn write(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    store: StoreType,
+) -> Result<()> {
+    let (dtype, width) = match store {
+        StoreType::F32 => ("F32", 4),
+        StoreType::F16 => ("F16", 2),
+        StoreType::BF16 => ("BF16", 2),
+    };
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape, data) in tensors {
+        let len = data.len() * width;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let mut text = serde_json::Value::Object(header).to_string();
+    while (text.len() + 8) % 8 != 0 {
+        text.push(' ');
+    }
+    let tmp = path.with_extension("safetensors.partial");
+    let io = |e| Error::io(path, e);
+    {
+        let file = std::fs::File::create(&tmp).map_err(io)?;
+        let mut w = std::io::BufWriter::new(file);
+        w.write_all(&(text.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        w.write_all(text.as_bytes()).map_err(io)?;
+        for (_, _, data) in tensors {
+            for &x in data {
+                match store {
+                    StoreType::F32 => w.write_all(&x.to_le_bytes()),
+                    StoreType::F16 => w.write_all(&half::f16::from_f32(x).to_le_bytes()),
+                    StoreType::BF16 => w.write_all(&half::bf16::from_f32(x).to_le_bytes()),
+                }
+                .map_err(io)?;
+            }
+        }
+        w.flush().map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)
+}

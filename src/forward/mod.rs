@@ -1,0 +1,276 @@
+//! Reference forward pass in f32 that executes a [`Plan`]
+//! (DESIGN.md section 1). For a parallel group `G` with input residual `x`:
+//!
+//! ```text
+//! h = x + sum_{i in G} Attn_i(RMSNorm_in_i(x))
+//! y = h + sum_{i in G} MLP_i(RMSNorm_post_i(h))
+//! ```
+//!
+//! Each layer keeps its own norms, RoPE positions and KV cache (layer `j`'s
+//! K/V come from `x`, not from layer `i`'s output). The sequential plan is the
+//! original model, equal to Hugging Face transformers' `LlamaForCausalLM`.
+
+pub mod ops;
+
+use rayon::prelude::*;
+
+use crate::model::{Attention, DecoderLayer, Mlp, Model};
+use crate::plan::Plan;
+use crate::{Error, Result};
+use ops::{gemm_strided, matmul_t, rms_norm, silu, Rope};
+
+/// Cached keys and values of one original layer: `len` rows of
+/// `[kv_heads * head_dim]`, RoPE already applied to the keys.
+#[derive(Debug, Clone, Default)]
+pub struct LayerKv {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// One [`LayerKv`] per original layer, whatever the plan.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub layers: Vec<LayerKv>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> KvCache {
+        KvCache {
+            layers: vec![LayerKv::default(); num_layers],
+            len: 0,
+        }
+    }
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    All,
+    Last,
+    None,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub logits: Logits,
+    /// Keep the residual stream at every step boundary.
+    pub capture_residuals: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            logits: Logits::All,
+            capture_residuals: false,
+        }
+    }
+}
+
+pub struct Output {
+    /// `[rows, vocab]`, rows as asked by [`Logits`].
+    pub logits: Vec<f32>,
+    /// Hidden states after the final norm, `[T, hidden]`.
+    pub final_hidden: Vec<f32>,
+    /// Residual stream before each step and after the last one (before the
+    /// final norm), each `[T, hidden]`; empty unless captured.
+    pub residuals: Vec<Vec<f32>>,
+}
+
+/// The reference forward pass of one model.
+pub struct Forward<'m> {
+    pub model: &'m Model,
+    rope: Rope,
+}
+
+impl<'m> Forward<'m> {
+    pub fn new(model: &'m Model) -> Self {
+        Forward {
+            model,
+            rope: Rope::new(&model.config),
+        }
+    }
+
+    /// Run `ids` through `plan`, appending to `cache`; positions continue from
+    /// `cache.len()`. A fresh cache gives the full-sequence forward.
+    pub fn run(
+        &self,
+        plan: &Plan,
+        ids: &[u32],
+        cache: &mut KvCache,
+        opts: Options,
+    ) -> Result<Output> {
+        let cfg = &self.model.config;
+        if plan.num_layers != cfg.num_hidden_layers {
+            return Err(Error::Input(format!(
+                "plan is for {} layers, the model has {}",
+                plan.num_layers, cfg.num_hidden_layers
+            )));
+        }
+        if cache.layers.len() != cfg.num_hidden_layers {
+            return Err(Error::Input("KV cache was made for another model".into()));
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                cfg.vocab_size
+            )));
+        }
+        let t = ids.len();
+        let h = cfg.hidden_size;
+        let start = cache.len;
+        let mut x = vec![0f32; t * h];
+        for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
+            row.copy_from_slice(self.model.embed_tokens.row(id as usize));
+        }
+        let mut residuals = Vec::new();
+        for step in &plan.steps {
+            if opts.capture_residuals {
+                residuals.push(x.clone());
+            }
+            let layers = step.layers();
+            // Attention sublayers all read x.
+            let mut hsum = x.clone();
+            for &l in layers {
+                let layer = &self.model.layers[l];
+                let xn = rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps);
+                let a = self.attention(&layer.self_attn, &xn, t, start, &mut cache.layers[l]);
+                add_assign(&mut hsum, &a);
+            }
+            // MLP sublayers all read h.
+            let mut y = hsum.clone();
+            for &l in layers {
+                let layer: &DecoderLayer = &self.model.layers[l];
+                let hn = rms_norm(&hsum, &layer.post_attention_layernorm, cfg.rms_norm_eps);
+                add_assign(&mut y, &mlp(&layer.mlp, &hn, t));
+            }
+            x = y;
+        }
+        if opts.capture_residuals {
+            residuals.push(x.clone());
+        }
+        cache.len += t;
+        let final_hidden = rms_norm(&x, &self.model.norm, cfg.rms_norm_eps);
+        let logits = match opts.logits {
+            Logits::All => matmul_t(&final_hidden, t, self.model.lm_head()),
+            Logits::Last if t > 0 => {
+                matmul_t(&final_hidden[(t - 1) * h..], 1, self.model.lm_head())
+            }
+            _ => Vec::new(),
+        };
+        Ok(Output {
+            logits,
+            final_hidden,
+            residuals,
+        })
+    }
+
+    /// Grouped-query causal attention of one layer on normed input `xn [T, H]`.
+    fn attention(
+        &self,
+        attn: &Attention,
+        xn: &[f32],
+        t: usize,
+        start: usize,
+        kv: &mut LayerKv,
+    ) -> Vec<f32> {
+        let cfg = &self.model.config;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let mut q = matmul_t(xn, t, &attn.q_proj.weight);
+        let mut k = matmul_t(xn, t, &attn.k_proj.weight);
+        let v = matmul_t(xn, t, &attn.v_proj.weight);
+        self.rope.apply(&mut q, nh, start);
+        self.rope.apply(&mut k, nkv, start);
+        kv.k.extend_from_slice(&k);
+        kv.v.extend_from_slice(&v);
+        let s = start + t;
+        let (qw, kvw) = (nh * hd, nkv * hd);
+        let group = nh / nkv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let window = cfg.sliding_window;
+        let (keys, values) = (&kv.k, &kv.v);
+        let heads: Vec<Vec<f32>> = (0..nh)
+            .into_par_iter()
+            .map(|head| {
+                let g = head / group;
+                let mut scores = vec![0f32; t * s];
+                // scores[t, s] = q_head [T, hd] @ k_g^T [hd, S]
+                gemm_strided(
+                    t,
+                    s,
+                    hd,
+                    &mut scores,
+                    (s, 1),
+                    &q[head * hd..],
+                    (qw, 1),
+                    &keys[g * hd..],
+                    (1, kvw),
+                );
+                for (i, row) in scores.chunks_exact_mut(s).enumerate() {
+                    let pos = start + i;
+                    let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, sc) in row.iter_mut().enumerate() {
+                        if j > pos || j < lo {
+                            *sc = f32::NEG_INFINITY;
+                        } else {
+                            *sc *= scale;
+                            max = max.max(*sc);
+                        }
+                    }
+                    let mut sum = 0f32;
+                    for sc in row.iter_mut() {
+                        *sc = (*sc - max).exp();
+                        sum += *sc;
+                    }
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|sc| *sc *= inv);
+                }
+                let mut out = vec![0f32; t * hd];
+                // out [T, hd] = P [T, S] @ v_g [S, hd]
+                gemm_strided(
+                    t,
+                    hd,
+                    s,
+                    &mut out,
+                    (hd, 1),
+                    &scores,
+                    (s, 1),
+                    &values[g * hd..],
+                    (kvw, 1),
+                );
+                out
+            })
+            .collect();
+        let mut merged = vec![0f32; t * qw];
+        for (head, out) in heads.iter().enumerate() {
+            for i in 0..t {
+                merged[i * qw + head * hd..i * qw + (head + 1) * hd]
+                    .copy_from_slice(&out[i * hd..(i + 1) * hd]);
+            }
+        }
+        matmul_t(&merged, t, &attn.o_proj.weight)
+    }
+}
+
+fn mlp(mlp: &Mlp, xn: &[f32], t: usize) -> Vec<f32> {
+    let gate = matmul_t(xn, t, &mlp.gate_proj.weight);
+    let mut up = matmul_t(xn, t, &mlp.up_proj.weight);
+    up.iter_mut().zip(&gate).for_each(|(u, &g)| *u *= silu(g));
+    matmul_t(&up, t, &mlp.down_proj.weight)
+}
+
+fn add_assign(acc: &mut [f32], x: &[f32]) {
+    acc.iter_mut().zip(x).for_each(|(a, &b)| *a += b);
+}

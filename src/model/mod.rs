@@ -1,0 +1,275 @@
+//! Architecture description and weights of a Llama-family decoder, found by
+//! their Hugging Face names through a prefix scope (`model.layers.3.self_attn`)
+//! and shape-checked at load; errors name the file and the tensor.
+//!
+//! Biases, q/k norms or extra sublayer norms of other families belong here as
+//! optional fields of [`Attention`], [`Mlp`] and [`DecoderLayer`].
+
+use rayon::prelude::*;
+
+use crate::checkpoint::{ModelConfig, TensorSource};
+use crate::{Error, Result};
+
+/// A row-major `[rows, cols]` matrix; a linear weight is `[out_features, in_features]`.
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl Matrix {
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// `y = x W^T`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Matrix,
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+/// SwiGLU: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+/// One pre-norm decoder block.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_layernorm: Vec<f32>,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Vec<f32>,
+    pub mlp: Mlp,
+}
+
+/// A Llama / Mistral causal LM with f32 weights.
+pub struct Model {
+    pub config: ModelConfig,
+    pub embed_tokens: Matrix,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Vec<f32>,
+    /// `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Matrix>,
+}
+
+/// A prefix scope over a [`TensorSource`].
+#[derive(Clone, Copy)]
+pub struct Weights<'a> {
+    source: &'a dyn TensorSource,
+    prefix: &'a str,
+}
+
+impl<'a> Weights<'a> {
+    pub fn new(source: &'a dyn TensorSource) -> Self {
+        Weights { source, prefix: "" }
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// Load `prefix.name` and check its shape.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let full = self.full(name);
+        let file = self.source.file_of(&full);
+        let info = self.source.info(&full).ok_or_else(|| {
+            Error::tensor(&file, &full, format!("missing (expected shape {shape:?})"))
+        })?;
+        if info.shape != shape {
+            return Err(Error::tensor(
+                &file,
+                &full,
+                format!(
+                    "shape {:?} does not match the expected {shape:?} from the config",
+                    info.shape
+                ),
+            ));
+        }
+        self.source.load_f32(&full)
+    }
+
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        Ok(Matrix {
+            rows,
+            cols,
+            data: self.get(name, &[rows, cols])?,
+        })
+    }
+
+    pub fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.matrix(&format!("{name}.weight"), out_features, in_features)?,
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.source.info(&self.full(name)).is_some()
+    }
+}
+
+impl Attention {
+    fn load(w: Weights, cfg: &ModelConfig) -> Result<Self> {
+        let (h, q, kv) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+        );
+        Ok(Attention {
+            q_proj: w.linear("q_proj", q, h)?,
+            k_proj: w.linear("k_proj", kv, h)?,
+            v_proj: w.linear("v_proj", kv, h)?,
+            o_proj: w.linear("o_proj", h, q)?,
+        })
+    }
+}
+
+impl Mlp {
+    fn load(w: Weights, cfg: &ModelConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Mlp {
+            gate_proj: w.linear("gate_proj", i, h)?,
+            up_proj: w.linear("up_proj", i, h)?,
+            down_proj: w.linear("down_proj", h, i)?,
+        })
+    }
+}
+
+impl DecoderLayer {
+    fn load(w: Weights, cfg: &ModelConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let attn_prefix = format!("{}.self_attn", w.prefix);
+        let mlp_prefix = format!("{}.mlp", w.prefix);
+        Ok(DecoderLayer {
+            input_layernorm: w.get("input_layernorm.weight", &[h])?,
+            self_attn: Attention::load(
+                Weights {
+                    prefix: &attn_prefix,
+                    ..w
+                },
+                cfg,
+            )?,
+            post_attention_layernorm: w.get("post_attention_layernorm.weight", &[h])?,
+            mlp: Mlp::load(
+                Weights {
+                    prefix: &mlp_prefix,
+                    ..w
+                },
+                cfg,
+            )?,
+        })
+    }
+}
+
+impl Model {
+    /// Load every weight as f32 (layers in parallel), checking names and shapes.
+    pub fn load(source: &dyn TensorSource, config: &ModelConfig) -> Result<Model> {
+        let w = Weights::new(source);
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let embed_tokens = w.matrix("model.embed_tokens.weight", v, h)?;
+        let layers = (0..config.num_hidden_layers)
+            .into_par_iter()
+            .map(|i| {
+                let prefix = format!("model.layers.{i}");
+                DecoderLayer::load(
+                    Weights {
+                        prefix: &prefix,
+                        ..w
+                    },
+                    config,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = w.get("model.norm.weight", &[h])?;
+        let lm_head = if config.tie_word_embeddings && !w.contains("lm_head.weight") {
+            None
+        } else {
+            Some(w.matrix("lm_head.weight", v, h)?)
+        };
+        Ok(Model {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// The output projection (the embedding when tied).
+    pub fn lm_head(&self) -> &Matrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Every weight under its Hugging Face name, for export.
+    pub fn named_tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
+        fn m(name: String, x: &Matrix) -> (String, Vec<usize>, &[f32]) {
+            (name, vec![x.rows, x.cols], x.data.as_slice())
+        }
+        let mut out: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+        out.push(m("model.embed_tokens.weight".into(), &self.embed_tokens));
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let h = l.input_layernorm.len();
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                vec![h],
+                &l.input_layernorm,
+            ));
+            out.push(m(
+                format!("{p}.self_attn.q_proj.weight"),
+                &l.self_attn.q_proj.weight,
+            ));
+            out.push(m(
+                format!("{p}.self_attn.k_proj.weight"),
+                &l.self_attn.k_proj.weight,
+            ));
+            out.push(m(
+                format!("{p}.self_attn.v_proj.weight"),
+                &l.self_attn.v_proj.weight,
+            ));
+            out.push(m(
+                format!("{p}.self_attn.o_proj.weight"),
+                &l.self_attn.o_proj.weight,
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                &l.post_attention_layernorm,
+            ));
+            out.push(m(
+                format!("{p}.mlp.gate_proj.weight"),
+                &l.mlp.gate_proj.weight,
+            ));
+            out.push(m(format!("{p}.mlp.up_proj.weight"), &l.mlp.up_proj.weight));
+            out.push(m(
+                format!("{p}.mlp.down_proj.weight"),
+                &l.mlp.down_proj.weight,
+            ));
+        }
+        out.push((
+            "model.norm.weight".into(),
+            vec![self.norm.len()],
+            &self.norm,
+        ));
+        if let Some(head) = &self.lm_head {
+            out.push(m("lm_head.weight".into(), head));
+        }
+        out
+    }
+}

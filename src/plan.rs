@@ -1,0 +1,238 @@
+//! The Layer Parallelism plan (arXiv 2502.02790, section 3; DESIGN.md section 1):
+//! an ordered list of steps, each a single layer or a [`ParallelGroup`] of
+//! consecutive layers whose attentions read the same residual, then whose MLPs
+//! read the same residual. The original model is the plan of single layers.
+//!
+//! Command-line syntax, comma-separated items:
+//! - `20-21` an explicit group of consecutive layers (`20-22` is a group of three);
+//! - `20..24` the paper's contiguous range `[20, 24)`, split into adjacent pairs.
+//!
+//! The empty string is the original model.
+
+use std::fmt;
+
+use crate::{Error, Result};
+
+/// Layers evaluated in parallel from one residual, in ascending order.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ParallelGroup {
+    pub layers: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum Step {
+    Layer(usize),
+    Parallel(ParallelGroup),
+}
+
+impl Step {
+    pub fn layers(&self) -> &[usize] {
+        match self {
+            Step::Layer(i) => std::slice::from_ref(i),
+            Step::Parallel(g) => &g.layers,
+        }
+    }
+}
+
+/// A full plan over `num_layers` layers: every layer appears exactly once, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub num_layers: usize,
+    pub steps: Vec<Step>,
+}
+
+impl Plan {
+    /// The original model: one step per layer.
+    pub fn sequential(num_layers: usize) -> Plan {
+        Plan {
+            num_layers,
+            steps: (0..num_layers).map(Step::Layer).collect(),
+        }
+    }
+
+    /// A plan from parallel groups (each ascending, consecutive, at least two layers);
+    /// every other layer runs on its own.
+    pub fn from_groups(num_layers: usize, mut groups: Vec<Vec<usize>>, spec: &str) -> Result<Plan> {
+        let err = |msg: String| {
+            Err(Error::Plan {
+                spec: spec.to_string(),
+                msg,
+            })
+        };
+        groups.sort();
+        let mut owner = vec![None; num_layers];
+        for (g, layers) in groups.iter().enumerate() {
+            if layers.len() < 2 {
+                return err(format!("group {layers:?} has fewer than two layers"));
+            }
+            for w in layers.windows(2) {
+                if w[1] != w[0] + 1 {
+                    return err(format!(
+                        "group {}-{} has a gap: layers of a group must be consecutive",
+                        layers[0],
+                        layers[layers.len() - 1]
+                    ));
+                }
+            }
+            for &l in layers {
+                if l >= num_layers {
+                    return err(format!(
+                        "layer {l} is out of range (the model has {num_layers} layers, 0 to {})",
+                        num_layers - 1
+                    ));
+                }
+                if let Some(other) = owner[l] {
+                    let o: &Vec<usize> = &groups[other];
+                    return err(format!(
+                        "layer {l} is in two groups ({}-{} and {}-{})",
+                        o[0],
+                        o[o.len() - 1],
+                        layers[0],
+                        layers[layers.len() - 1]
+                    ));
+                }
+                owner[l] = Some(g);
+            }
+        }
+        let mut steps = Vec::new();
+        let mut l = 0;
+        while l < num_layers {
+            match owner[l] {
+                Some(g) => {
+                    steps.push(Step::Parallel(ParallelGroup {
+                        layers: groups[g].clone(),
+                    }));
+                    l += groups[g].len();
+                }
+                None => {
+                    steps.push(Step::Layer(l));
+                    l += 1;
+                }
+            }
+        }
+        Ok(Plan { num_layers, steps })
+    }
+
+    /// Parse the command-line syntax (see the module doc).
+    pub fn parse(spec: &str, num_layers: usize) -> Result<Plan> {
+        let err = |msg: String| Error::Plan {
+            spec: spec.to_string(),
+            msg,
+        };
+        let num = |s: &str| -> Result<usize> {
+            s.trim()
+                .parse::<usize>()
+                .map_err(|_| err(format!("`{}` is not a layer index", s.trim())))
+        };
+        let mut groups = Vec::new();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if let Some((a, b)) = item.split_once("..") {
+                let (start, end) = (num(a)?, num(b)?);
+                if end <= start || (end - start) % 2 != 0 {
+                    return Err(err(format!(
+                        "range {start}..{end} must be non-empty and of even length: it is split into adjacent pairs"
+                    )));
+                }
+                for s in (start..end).step_by(2) {
+                    groups.push(vec![s, s + 1]);
+                }
+            } else if let Some((a, b)) = item.split_once('-') {
+                let (first, last) = (num(a)?, num(b)?);
+                if last <= first {
+                    return Err(err(format!(
+                        "group {first}-{last} must name ascending layers, at least two"
+                    )));
+                }
+                groups.push((first..=last).collect());
+            } else {
+                let l = num(item)?;
+                return Err(err(format!(
+                    "`{l}` alone is not a group: write a pair like {l}-{} or a range like {l}..{}",
+                    l + 1,
+                    l + 2
+                )));
+            }
+        }
+        Plan::from_groups(num_layers, groups, spec)
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = &ParallelGroup> {
+        self.steps.iter().filter_map(|s| match s {
+            Step::Parallel(g) => Some(g),
+            Step::Layer(_) => None,
+        })
+    }
+
+    pub fn is_sequential(&self) -> bool {
+        self.groups().next().is_none()
+    }
+
+    /// Effective depth: the number of steps.
+    pub fn depth(&self) -> usize {
+        self.steps.len()
+    }
+}
+
+/// Canonical syntax: explicit groups `20-21,22-23`; empty for the original model.
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self
+            .groups()
+            .map(|g| format!("{}-{}", g.layers[0], g.layers[g.layers.len() - 1]))
+            .collect();
+        write!(f, "{}", parts.join(","))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(spec: &str, n: usize) -> String {
+        Plan::parse(spec, n).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn range_splits_into_pairs() {
+        let p = Plan::parse("20..24", 28).unwrap();
+        assert_eq!(p.to_string(), "20-21,22-23");
+        assert_eq!(p.depth(), 26);
+        assert_eq!(
+            p.steps[20],
+            Step::Parallel(ParallelGroup {
+                layers: vec![20, 21]
+            })
+        );
+        assert_eq!(p.steps[22], Step::Layer(24));
+    }
+
+    #[test]
+    fn explicit_groups_any_order_and_triples() {
+        let p = Plan::parse("5-7, 1-2", 10).unwrap();
+        assert_eq!(p.to_string(), "1-2,5-7");
+        let flat: Vec<usize> = p.steps.iter().flat_map(|s| s.layers().to_vec()).collect();
+        assert_eq!(flat, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn empty_is_original() {
+        assert_eq!(Plan::parse("", 4).unwrap(), Plan::sequential(4));
+        assert!(Plan::parse(" ", 4).unwrap().is_sequential());
+    }
+
+    #[test]
+    fn errors_are_clear() {
+        assert!(msg("2-3,3-4", 8).contains("layer 3 is in two groups"));
+        assert!(msg("20..23", 28).contains("even length"));
+        assert!(msg("26-28", 28)
+            .contains("layer 28 is out of range (the model has 28 layers, 0 to 27)"));
+        assert!(msg("4", 8).contains("alone is not a group"));
+        assert!(msg("3-2", 8).contains("ascending"));
+        assert!(msg("a-b", 8).contains("`a` is not a layer index"));
+        let gap = Plan::from_groups(8, vec![vec![1, 3]], "1,3")
+            .unwrap_err()
+            .to_string();
+        assert!(gap.contains("gap"), "{gap}");
+    }
+}
