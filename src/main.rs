@@ -4,7 +4,7 @@
 mod cli;
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -189,44 +189,16 @@ fn convert(a: ConvertArgs) -> Result<()> {
     }
     let ckpt = Checkpoint::open(&a.model)?;
     let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
-    let parent = a
-        .output
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = a
-        .output
-        .file_name()
-        .context("output path has no directory name")?;
-    let tmp: PathBuf = parent.join(format!(".{}.partial", name.to_string_lossy()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let write = || -> Result<()> {
-        std::fs::create_dir_all(&tmp)
-            .with_context(|| format!("{}: cannot create", tmp.display()))?;
-        let config = serde_json::to_string_pretty(&ckpt.config.to_hf_json())?;
-        std::fs::write(tmp.join("config.json"), config)?;
-        if let Some(tok) = &ckpt.tokenizer {
-            std::fs::write(tmp.join("tokenizer.json"), tok.to_json())?;
-        }
-        let store = match a.dtype {
-            StoreDtype::F32 => safetensors::StoreType::F32,
-            StoreDtype::F16 => safetensors::StoreType::F16,
-            StoreDtype::Bf16 => safetensors::StoreType::BF16,
-        };
-        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = model
-            .named_tensors()
-            .into_iter()
-            .map(|(n, s, d)| (n, s, d.to_vec()))
-            .collect();
-        safetensors::write(&tmp.join("model.safetensors"), &tensors, store)?;
-        std::fs::rename(&tmp, &a.output)
-            .with_context(|| format!("{}: cannot create", a.output.display()))?;
-        Ok(())
+    let store = match a.dtype {
+        StoreDtype::F32 => safetensors::StoreType::F32,
+        StoreDtype::F16 => safetensors::StoreType::F16,
+        StoreDtype::Bf16 => safetensors::StoreType::BF16,
     };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
+    model.write_hf_dir(
+        &a.output,
+        ckpt.tokenizer.as_ref().map(|t| t.to_json()),
+        store,
+    )?;
     println!("wrote {}", a.output.display());
     Ok(())
 }

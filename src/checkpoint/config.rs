@@ -128,9 +128,11 @@ impl RawHfConfig {
         let family = match arch.as_str() {
             "LlamaForCausalLM" | "llama" => Family::Llama,
             "MistralForCausalLM" | "mistral" => Family::Mistral,
-            other => return Err(err(format!(
+            other => {
+                return Err(err(format!(
                 "unknown architecture `{other}` (supported: LlamaForCausalLM, MistralForCausalLM)"
-            ))),
+            )))
+            }
         };
         if self.attention_bias == Some(true) || self.mlp_bias == Some(true) {
             return Err(err(

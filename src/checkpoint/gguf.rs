@@ -443,7 +443,12 @@ impl GgufFile {
             });
         }
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
+        // A vocabulary of single symbols needs no merges; writers may omit the key.
+        let merges = if self.metadata.contains_key("tokenizer.ggml.merges") {
+            strings("tokenizer.ggml.merges")?
+        } else {
+            Vec::new()
+        };
         let token_types: Vec<u64> = self
             .metadata
             .get("tokenizer.ggml.token_type")

