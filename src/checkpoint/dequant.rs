@@ -22,7 +22,7 @@ pub fn block_layout(dtype: DType) -> (usize, usize) {
 /// number of blocks.
 pub fn byte_size(dtype: DType, numel: usize) -> Option<usize> {
     let (block, bytes) = block_layout(dtype);
-    (numel % block == 0).then(|| numel / block * bytes)
+    numel.is_multiple_of(block).then(|| numel / block * bytes)
 }
 
 fn f16_at(bytes: &[u8], at: usize) -> f32 {

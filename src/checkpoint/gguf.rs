@@ -303,7 +303,6 @@ impl GgufFile {
                 ));
             }
         }
-        drop(c);
         Ok(GgufFile {
             path: path.to_path_buf(),
             version,
@@ -585,18 +584,19 @@ impl TensorSource for GgufSource {
     fn info(&self, name: &str) -> Option<&TensorInfo> {
         self.mapped.get(name).map(|m| &m.info)
     }
+    fn unsupported(&self, name: &str) -> Option<String> {
+        self.unsupported.get(name).map(|ty| {
+            format!("quantisation {ty} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1)")
+        })
+    }
     fn load_f32(&self, name: &str) -> Result<Vec<f32>> {
         let Some(m) = self.mapped.get(name) else {
-            if let Some(ty) = self.unsupported.get(name) {
-                return Err(Error::tensor(
-                    &self.file.path,
-                    name,
-                    format!(
-                        "quantisation {ty} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
-                    ),
-                ));
-            }
-            return Err(Error::tensor(&self.file.path, name, "not found"));
+            let why = self.unsupported(name);
+            return Err(Error::tensor(
+                &self.file.path,
+                name,
+                why.unwrap_or_else(|| "not found".into()),
+            ));
         };
         let t = &self.file.tensors[m.index];
         let mut out = vec![0f32; m.info.numel()];

@@ -63,6 +63,11 @@ pub trait TensorSource: Send + Sync {
     fn load_f32(&self, name: &str) -> Result<Vec<f32>>;
     /// The file a tensor lives in, for error messages.
     fn file_of(&self, name: &str) -> PathBuf;
+    /// Why a tensor the file lists cannot be read (e.g. an unsupported
+    /// quantisation); such tensors are absent from `tensors` and `info`.
+    fn unsupported(&self, _name: &str) -> Option<String> {
+        None
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -250,7 +250,7 @@ pub fn write(
         offset += len;
     }
     let mut text = serde_json::Value::Object(header).to_string();
-    while (text.len() + 8) % 8 != 0 {
+    while !(text.len() + 8).is_multiple_of(8) {
         text.push(' ');
     }
     let tmp = path.with_extension("safetensors.partial");

@@ -90,7 +90,11 @@ impl<'a> Weights<'a> {
         let full = self.full(name);
         let file = self.source.file_of(&full);
         let info = self.source.info(&full).ok_or_else(|| {
-            Error::tensor(&file, &full, format!("missing (expected shape {shape:?})"))
+            let why = self
+                .source
+                .unsupported(&full)
+                .unwrap_or_else(|| format!("missing (expected shape {shape:?})"));
+            Error::tensor(&file, &full, why)
         })?;
         if info.shape != shape {
             return Err(Error::tensor(

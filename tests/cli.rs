@@ -1,0 +1,310 @@
+//! The `depthc` command line: `inspect` and `eval` outputs, and bad input.
+//! Every bad input must end in one line on stderr naming what and where,
+//! exit code 1, no panic, and no output left behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{fixture, load, real_model_path, text_path};
+use depthc::checkpoint::safetensors::{self, StoreType};
+use serde_json::Value;
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn depthc(args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_depthc"))
+        .args(args)
+        .output()
+        .expect("run depthc");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Bad input: exit 1, exactly one line `error: ...` containing every `needle`.
+fn fails_with(args: &[&str], needles: &[&str]) {
+    let r = depthc(args);
+    assert_eq!(r.code, 1, "depthc {args:?}: exit {}\n{}", r.code, r.stderr);
+    assert!(!r.stderr.contains("panicked"), "panic: {}", r.stderr);
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "want one line, got:\n{}", r.stderr);
+    assert!(lines[0].starts_with("error: "), "{}", lines[0]);
+    for n in needles {
+        assert!(
+            lines[0].contains(n),
+            "`{}` does not mention `{n}`",
+            lines[0]
+        );
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn truncate(path: &Path, keep: usize) {
+    let bytes = std::fs::read(path).unwrap();
+    std::fs::write(path, &bytes[..keep]).unwrap();
+}
+
+fn text() -> PathBuf {
+    text_path("hamlet_gut.txt")
+}
+
+#[test]
+fn inspect_json_describes_the_model() {
+    let r = depthc(&[
+        "inspect",
+        s(&fixture("tiny_llama/tiny.q8_0.gguf")),
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).expect("one JSON object");
+    assert_eq!(v["family"], "llama");
+    assert_eq!(v["format"], "gguf");
+    assert_eq!(v["layers"], 4);
+    assert_eq!(v["hidden_size"], 64);
+    assert_eq!(v["attention_heads"], 4);
+    assert_eq!(v["kv_heads"], 2);
+    assert_eq!(v["head_dim"], 16);
+    assert_eq!(v["intermediate_size"], 96);
+    assert_eq!(v["vocab_size"], 64);
+    assert_eq!(v["dtypes"]["Q8_0"], 30);
+
+    let r = depthc(&["inspect", s(&real_model_path()), "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    // SmolLM2-135M as DESIGN.md section 2 describes it.
+    assert_eq!(v["layers"], 30);
+    assert_eq!(v["hidden_size"], 576);
+    assert_eq!(
+        (v["attention_heads"].clone(), v["kv_heads"].clone()),
+        (9.into(), 3.into())
+    );
+    assert_eq!(v["rope_theta"], 100000.0);
+    assert_eq!(v["tie_word_embeddings"], true);
+    assert_eq!(v["vocab_size"], 49152);
+    assert!(v["tokenizer"].as_str().unwrap().contains("smollm"));
+}
+
+#[test]
+fn eval_json_with_a_plan_compares_against_the_original() {
+    let (model, text) = (real_model_path(), text());
+    let base = ["eval", s(&model), "--text", s(&text), "--seq-len", "64"];
+    let original = depthc(&[&base[..], &["--max-windows", "2", "--json"]].concat());
+    assert_eq!(original.code, 0, "{}", original.stderr);
+    let o: Value = serde_json::from_str(&original.stdout).unwrap();
+    assert_eq!(o["windows"], 2);
+    assert_eq!(o["seq_len"], 64);
+    assert!(o.get("plan").is_none());
+
+    let r = depthc(
+        &[
+            &base[..],
+            &["--max-windows", "2", "--plan", "20..24", "--json"],
+        ]
+        .concat(),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["plan"], "20-21,22-23");
+    assert_eq!(v["perplexity_original"], o["perplexity"]);
+    let ppl = v["perplexity"].as_f64().unwrap();
+    let cosine = v["cosine"].as_f64().unwrap();
+    let kl = v["kl"].as_f64().unwrap();
+    let top1 = v["top1_agreement"].as_f64().unwrap();
+    assert!(ppl.is_finite() && ppl > 1.0);
+    assert!(cosine > 0.5 && cosine < 1.0, "cosine {cosine}");
+    assert!(kl > 0.0 && kl.is_finite(), "kl {kl}");
+    assert!(top1 > 0.3 && top1 < 1.0, "top1 {top1}");
+
+    // The empty plan is the original model: identical to no plan at all.
+    let e = depthc(&[&base[..], &["--max-windows", "2", "--plan", "", "--json"]].concat());
+    let e: Value = serde_json::from_str(&e.stdout).unwrap();
+    assert_eq!(e["perplexity"], o["perplexity"]);
+}
+
+#[test]
+fn bad_plans_are_refused() {
+    let model = real_model_path();
+    let m = s(&model);
+    let t = text();
+    let t = s(&t);
+    for (plan, needle) in [
+        ("20-21,21-22", "layer 21 is in two groups"),
+        ("20..23", "even length"),
+        ("28-30", "out of range"),
+        ("20-22x", "plan `20-22x`"),
+        ("5-3", "plan `5-3`"),
+    ] {
+        fails_with(&["eval", m, "--text", t, "--plan", plan], &[needle]);
+    }
+}
+
+#[test]
+fn truncated_and_corrupt_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("cut.gguf");
+    std::fs::copy(fixture("tiny_llama/tiny.q8_0.gguf"), &gguf).unwrap();
+    let len = std::fs::metadata(&gguf).unwrap().len() as usize;
+    truncate(&gguf, len - 1000);
+    fails_with(&["inspect", s(&gguf)], &["cut.gguf", "truncated"]);
+    truncate(&gguf, 200);
+    fails_with(&["inspect", s(&gguf)], &["cut.gguf", "truncated"]);
+    std::fs::write(&gguf, b"GGUF\x03\x00\x00\x00garbage").unwrap();
+    fails_with(&["inspect", s(&gguf)], &["cut.gguf"]);
+    std::fs::write(&gguf, b"not a model at all").unwrap();
+    fails_with(&["inspect", s(&gguf)], &["cut.gguf", "not a GGUF"]);
+}
+
+/// Rewrite the type of `tensor` in a GGUF's tensor table (name, n_dims u32,
+/// dims u64 each, type u32).
+fn patch_gguf_type(path: &Path, tensor: &str, ggml_type: u32) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let name = tensor.as_bytes();
+    // The name is preceded by its u64 length; n_dims follows it.
+    let mut at = bytes
+        .windows(name.len() + 8)
+        .position(|w| &w[8..] == name && w[..8] == (name.len() as u64).to_le_bytes()[..])
+        .expect("tensor in the table")
+        + 8
+        + name.len();
+    let n_dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    at += 4 + 8 * n_dims;
+    bytes[at..at + 4].copy_from_slice(&ggml_type.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn unsupported_quant_type_names_the_tensor_and_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("q4k.gguf");
+    std::fs::copy(fixture("tiny_llama/tiny.q8_0.gguf"), &gguf).unwrap();
+    patch_gguf_type(&gguf, "blk.1.ffn_up.weight", 12); // Q4_K
+    let out = dir.path().join("out");
+    fails_with(
+        &["convert", s(&gguf), "-o", s(&out)],
+        &["q4k.gguf", "blk.1.ffn_up.weight", "Q4_K"],
+    );
+    assert!(!out.exists(), "no partial output");
+    fails_with(
+        &["eval", s(&gguf), "--text", s(&text()), "--seq-len", "8"],
+        &["blk.1.ffn_up.weight"],
+    );
+}
+
+#[test]
+fn truncated_and_corrupt_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    copy_dir(&fixture("tiny_llama/hf_f32"), &model);
+    let st = model.join("model.safetensors");
+    let len = std::fs::metadata(&st).unwrap().len() as usize;
+    truncate(&st, len - 100);
+    fails_with(&["inspect", s(&model)], &["model.safetensors", "truncated"]);
+    // A header length pointing past the end of the file.
+    std::fs::write(&st, 1_000_000u64.to_le_bytes()).unwrap();
+    fails_with(&["inspect", s(&model)], &["model.safetensors"]);
+    // A header that is not JSON.
+    let mut bad = 16u64.to_le_bytes().to_vec();
+    bad.extend_from_slice(b"{\"a\": garbage!!}");
+    std::fs::write(&st, bad).unwrap();
+    fails_with(&["inspect", s(&model)], &["model.safetensors", "header"]);
+    std::fs::remove_file(&st).unwrap();
+    fails_with(&["inspect", s(&model)], &["model.safetensors"]);
+}
+
+#[test]
+fn unknown_architecture_and_bad_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    copy_dir(&fixture("tiny_llama/hf_f32"), &model);
+    let config = model.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("LlamaForCausalLM", "GPTNeoXForCausalLM"),
+    )
+    .unwrap();
+    fails_with(
+        &["inspect", s(&model)],
+        &["config.json", "GPTNeoXForCausalLM"],
+    );
+    std::fs::write(&config, "{ not json").unwrap();
+    fails_with(&["inspect", s(&model)], &["config.json"]);
+    fails_with(&["inspect", "/no/such/model"], &["/no/such/model"]);
+}
+
+/// Write the tiny model's tensors back with one change, beside its config.
+fn rewritten_tiny(dir: &Path, edit: impl Fn(&mut Vec<(String, Vec<usize>, &[f32])>)) -> PathBuf {
+    let (_, model) = load(&fixture("tiny_llama/hf_f32"));
+    let mut tensors = model.named_tensors();
+    edit(&mut tensors);
+    let out = dir.join("m");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(
+        fixture("tiny_llama/hf_f32/config.json"),
+        out.join("config.json"),
+    )
+    .unwrap();
+    safetensors::write(&out.join("model.safetensors"), &tensors, StoreType::F32).unwrap();
+    out
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "model.layers.2.mlp.down_proj.weight";
+    let model = rewritten_tiny(dir.path(), |t| t.retain(|(n, _, _)| n != name));
+    let out = dir.path().join("out");
+    fails_with(
+        &["convert", s(&model), "-o", s(&out)],
+        &["model.safetensors", name, "missing"],
+    );
+    assert!(!out.exists(), "no partial output");
+}
+
+#[test]
+fn mis_shaped_tensor_is_named_with_both_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = "model.layers.1.self_attn.k_proj.weight";
+    let model = rewritten_tiny(dir.path(), |t| {
+        let entry = t.iter_mut().find(|(n, _, _)| n == name).unwrap();
+        // Same element count, transposed shape.
+        entry.1 = vec![entry.1[1], entry.1[0]];
+    });
+    fails_with(
+        &["convert", s(&model), "-o", s(&dir.path().join("out"))],
+        &["model.safetensors", name, "[64, 32]", "[32, 64]"],
+    );
+}
+
+#[test]
+fn convert_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    fails_with(
+        &[
+            "convert",
+            s(&fixture("tiny_llama/tiny.q8_0.gguf")),
+            "-o",
+            s(dir.path()),
+        ],
+        &["already exists"],
+    );
+}
