@@ -32,8 +32,102 @@ pub enum Command {
     /// Write the checkpoint as a Hugging Face directory (config.json, f32/f16/bf16
     /// model.safetensors, tokenizer.json), e.g. to turn a GGUF into safetensors.
     Convert(ConvertArgs),
+    /// Write the model, or a plan of it, as an ONNX directory that ONNX Runtime,
+    /// onnxruntime-genai, Optimum and transformers.js load as is.
+    ///
+    /// The directory holds model.onnx (opset 21, IR 10) with its weights in
+    /// model.onnx.data, genai_config.json, config.json, generation_config.json and
+    /// the tokenizer files. Inputs: input_ids, attention_mask, position_ids and
+    /// past_key_values.{i}.key/.value for every original layer; outputs: logits and
+    /// present.{i}.key/.value. Written under a temporary name, renamed when complete.
+    Emit(EmitArgs),
+    /// Check an emitted directory through ONNX Runtime against the reference forward.
+    ///
+    /// Runs a prefill of real text and --steps greedy decode steps with the KV cache
+    /// in ONNX Runtime and in the reference forward of the plan recorded in the model,
+    /// then prints the max abs and relative error of every output and whether the
+    /// greedy tokens agree. Exit code 1 when any output exceeds --tolerance or a
+    /// token differs; every failing output is listed.
+    Validate(ValidateArgs),
     /// Time the full-sequence reference forward (tokens/s, peak memory).
     BenchForward(BenchForwardArgs),
+}
+
+/// How a parallel group is written in ONNX.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FormArg {
+    /// One wider layer per group: concatenated Q/K/V and gate/up, stacked o/down
+    /// projections (exact; fewer, wider ops: the fast form).
+    Fused,
+    /// Each layer's sublayer as its own branch on the shared residual, summed by Add.
+    Branches,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OnnxDtype {
+    F32,
+    F16,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Args)]
+pub struct EmitArgs {
+    /// Model directory or .gguf file.
+    pub model: PathBuf,
+    /// Layers to run in parallel (`20-21,22-23` or `20..24`); none or empty: the
+    /// unmodified model.
+    #[arg(long)]
+    pub plan: Option<String>,
+    /// Output directory (must not exist yet).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// How parallel groups are written.
+    #[arg(long, value_enum, default_value_t = FormArg::Fused)]
+    pub form: FormArg,
+    /// Element type of weights, activations and KV cache.
+    #[arg(long, value_enum, default_value_t = OnnxDtype::F32)]
+    pub dtype: OnnxDtype,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Directory written by `depthc emit`.
+    pub dir: PathBuf,
+    /// The checkpoint it was emitted from (directory or .gguf file).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Execution provider: `cuda` registers CUDA and fails with its own error
+    /// message when it cannot.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Greedy decode steps after the prefill.
+    #[arg(long, default_value_t = 16)]
+    pub steps: usize,
+    /// With --device cuda: any node placed on the CPU is an error.
+    #[arg(long)]
+    pub strict: bool,
+    /// UTF-8 text whose first --prompt-tokens tokens are the prefill (default: a
+    /// built-in passage of Hamlet).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Tokens of the prefill.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_tokens: usize,
+    /// Largest accepted absolute difference on any output.
+    #[arg(long, default_value_t = 1e-3)]
+    pub tolerance: f32,
+    /// ONNX Runtime shared library (default: $ORT_DYLIB_PATH, then the copy
+    /// scripts/setup.sh installs in .cache/onnxruntime/).
+    #[arg(long)]
+    pub ort_lib: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -37,6 +37,14 @@ pub enum Error {
     // ---- forward / evaluation ---------------------------------------------
     #[error("{0}")]
     Input(String),
+
+    // ---- ONNX emission ----------------------------------------------------
+    #[error("{}: {msg}", path.display())]
+    Output { path: PathBuf, msg: String },
+
+    // ---- ONNX Runtime -----------------------------------------------------
+    #[error("ONNX Runtime: {0}")]
+    Runtime(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -62,6 +70,12 @@ impl Error {
         Error::Tensor {
             path: path.into(),
             tensor: tensor.into(),
+            msg: msg.into(),
+        }
+    }
+    pub fn output(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Output {
+            path: path.into(),
             msg: msg.into(),
         }
     }

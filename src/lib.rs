@@ -2,14 +2,18 @@
 //! true depth of LLMs", arXiv 2502.02790) to pretrained checkpoints.
 //!
 //! The pipeline, one module per stage, data flowing one way:
-//! checkpoint -> model -> forward -> search (calibration windows, metrics).
+//! checkpoint -> model -> forward -> search (calibration windows, metrics)
+//! -> graph (the rewritten decoder) -> onnx (protobuf, external data, package).
 //! [`plan`] describes which layers run in parallel and is shared by all stages.
 
 pub mod checkpoint;
 pub mod error;
 pub mod forward;
+pub mod graph;
 pub mod model;
+pub mod onnx;
 pub mod plan;
+pub mod runtime;
 pub mod search;
 
 pub use error::{Error, Result};

@@ -12,7 +12,10 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
-use cli::{BenchForwardArgs, Cli, Command, ConvertArgs, EvalArgs, InspectArgs, StoreDtype};
+use cli::{
+    BenchForwardArgs, Cli, Command, ConvertArgs, DeviceArg, EmitArgs, EvalArgs, FormArg,
+    InspectArgs, OnnxDtype, StoreDtype, ValidateArgs,
+};
 use depthc::checkpoint::{safetensors, Checkpoint};
 use depthc::forward::{Forward, KvCache, Logits, Options};
 use depthc::model::Model;
@@ -25,6 +28,8 @@ fn main() {
         Command::Inspect(a) => inspect(a),
         Command::Eval(a) => eval(a),
         Command::Convert(a) => convert(a),
+        Command::Emit(a) => emit(a),
+        Command::Validate(a) => validate(a),
         Command::BenchForward(a) => bench_forward(a),
     };
     if let Err(e) = result {
@@ -266,6 +271,184 @@ fn bench_forward(a: BenchForwardArgs) -> Result<()> {
                 weight_bytes as f64 / 1048576.0
             );
         }
+    }
+    Ok(())
+}
+
+fn bar(len: u64, template: &str) -> Result<ProgressBar> {
+    Ok(if std::io::stderr().is_terminal() {
+        let pb = ProgressBar::new(len);
+        pb.set_style(ProgressStyle::with_template(template)?);
+        pb
+    } else {
+        ProgressBar::hidden()
+    })
+}
+
+fn emit(a: EmitArgs) -> Result<()> {
+    use depthc::graph::{ElemType, Form};
+    use depthc::onnx::package::{self, EmitOptions, Source};
+    if a.output.exists() {
+        bail!(
+            "{}: already exists; choose a new output directory",
+            a.output.display()
+        );
+    }
+    let ckpt = Checkpoint::open(&a.model)?;
+    let plan = Plan::parse(
+        a.plan.as_deref().unwrap_or(""),
+        ckpt.config.num_hidden_layers,
+    )?;
+    let pb = spinner(&format!("loading {}", a.model.display()));
+    let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
+    pb.finish_and_clear();
+    let opts = EmitOptions {
+        form: match a.form {
+            FormArg::Fused => Form::Fused,
+            FormArg::Branches => Form::Branches,
+        },
+        float: match a.dtype {
+            OnnxDtype::F32 => ElemType::F32,
+            OnnxDtype::F16 => ElemType::F16,
+        },
+    };
+    let progress = bar(0, "emit {bar:30} {pos}/{len} weights, {eta} left")?;
+    let t0 = Instant::now();
+    let written = package::emit(
+        &model,
+        &plan,
+        &Source {
+            path: &a.model,
+            tokenizer: ckpt.tokenizer.as_ref(),
+        },
+        &opts,
+        &a.output,
+        &progress,
+    )?;
+    progress.finish_and_clear();
+    let layers = model.config.num_hidden_layers;
+    println!(
+        "wrote {} ({} form, {}, plan `{plan}`, depth {} of {layers})",
+        a.output.display(),
+        opts.form.name(),
+        opts.float.name(),
+        plan.depth()
+    );
+    println!(
+        "  model.onnx {:.1} KiB, model.onnx.data {:.1} MiB ({} weights) in {:.1} s",
+        written.model_bytes as f64 / 1024.0,
+        written.data_bytes as f64 / 1048576.0,
+        written.weights,
+        t0.elapsed().as_secs_f64()
+    );
+    if let Some(p) = peak_rss_bytes() {
+        println!("  peak RSS {:.1} MiB", p as f64 / 1048576.0);
+    }
+    Ok(())
+}
+
+/// A public-domain passage (Hamlet, Act III, Scene 1) for the default prefill.
+const DEFAULT_PROMPT: &str = "To be, or not to be, that is the question:\n\
+Whether 'tis nobler in the mind to suffer\n\
+The slings and arrows of outrageous fortune,\n\
+Or to take arms against a sea of troubles\n\
+And by opposing end them. To die: to sleep;\n\
+No more; and by a sleep to say we end\n\
+The heart-ache and the thousand natural shocks\n\
+That flesh is heir to, 'tis a consummation\n\
+Devoutly to be wish'd. To die, to sleep;\n\
+To sleep: perchance to dream: ay, there's the rub;\n\
+For in that sleep of death what dreams may come\n";
+
+fn validate(a: ValidateArgs) -> Result<()> {
+    use depthc::onnx::{package::MODEL_FILE, read_metadata};
+    use depthc::runtime::{validate::validate, Device, RuntimeOptions};
+    let model_path = a.dir.join(MODEL_FILE);
+    if !model_path.is_file() {
+        bail!(
+            "{}: no {MODEL_FILE}; expected a directory written by `depthc emit`",
+            a.dir.display()
+        );
+    }
+    let metadata = read_metadata(&model_path)?;
+    let spec = metadata
+        .iter()
+        .find(|(k, _)| k == "depthc.plan")
+        .map(|(_, v)| v.clone())
+        .with_context(|| {
+            format!(
+                "{}: no depthc.plan metadata; was it written by `depthc emit`?",
+                model_path.display()
+            )
+        })?;
+    let ckpt = Checkpoint::open(&a.model)?;
+    let plan = Plan::parse(&spec, ckpt.config.num_hidden_layers)?;
+    let text = match &a.text {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("{}: cannot read text", p.display()))?,
+        None => DEFAULT_PROMPT.to_string(),
+    };
+    let mut prompt = ckpt.require_tokenizer()?.encode(&text)?;
+    prompt.truncate(a.prompt_tokens.max(1));
+    let opts = RuntimeOptions {
+        library: a.ort_lib.clone(),
+        device: match a.device {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda,
+        },
+        strict: a.strict,
+        threads: None,
+    };
+    let pb = spinner(&format!("loading {}", a.model.display()));
+    let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
+    drop(ckpt);
+    pb.set_message(format!("loading {}", model_path.display()));
+    let mut session = depthc::runtime::DecoderSession::open(&model_path, &model.config, &opts)?;
+    pb.set_message("validating");
+    let forward = Forward::new(&model);
+    let v = validate(&mut session, &forward, &plan, &prompt, a.steps, a.tolerance)?;
+    pb.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "plan `{}`: prefill {} tokens + {} decode steps, tolerance {:e}",
+            v.plan, v.prompt_tokens, v.steps, v.tolerance
+        );
+        let worst_present = v
+            .outputs
+            .iter()
+            .skip(1)
+            .max_by(|x, y| x.max_abs.total_cmp(&y.max_abs));
+        for o in v.outputs.iter().take(1).chain(worst_present) {
+            println!(
+                "  {:<24} max abs {:.3e}  max rel {:.3e}  ({}{})",
+                o.name,
+                o.max_abs,
+                o.max_rel,
+                o.worst_at,
+                if o.passed { "" } else { ", FAILED" }
+            );
+        }
+        println!(
+            "  {} present outputs checked, {} over tolerance",
+            v.outputs.len() - 1,
+            v.outputs.iter().skip(1).filter(|o| !o.passed).count()
+        );
+        println!(
+            "  greedy tokens {}",
+            if v.tokens_agree { "agree" } else { "DIFFER" }
+        );
+    }
+    if !v.passed() {
+        let mut lines = v.failures.clone();
+        if !v.tokens_agree {
+            lines.push(format!(
+                "greedy tokens differ: reference {:?}, onnx {:?}",
+                v.tokens_reference, v.tokens_onnx
+            ));
+        }
+        bail!("validation failed: {}", lines.join("; "));
     }
     Ok(())
 }

@@ -133,6 +133,11 @@ impl Tokenizer {
         })
     }
 
+    /// The token string of `id` (with special tokens).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -151,6 +151,30 @@ impl Rope {
         }
     }
 
+    /// `cos` (or `sin`) of every position below `positions`, `[positions,
+    /// head_dim]` with the two halves equal, as `apply` computes them.
+    pub fn table(&self, positions: usize, sin: bool) -> Vec<f32> {
+        let half = self.inv_freq.len();
+        let mut out = Vec::with_capacity(positions * 2 * half);
+        for pos in 0..positions {
+            let row: Vec<f32> = self
+                .inv_freq
+                .iter()
+                .map(|&f| {
+                    let angle = pos as f32 * f;
+                    if sin {
+                        angle.sin()
+                    } else {
+                        angle.cos()
+                    }
+                })
+                .collect();
+            out.extend_from_slice(&row);
+            out.extend_from_slice(&row);
+        }
+        out
+    }
+
     /// Rotate every head of `x [T, heads*head_dim]` in place; row `t` is at
     /// position `start + t`.
     pub fn apply(&self, x: &mut [f32], heads: usize, start: usize) {

@@ -1,0 +1,745 @@
+//! The decoder of a Llama-family model as an ONNX graph (opset 21, plain ops),
+//! executing a [`Plan`]. One `make_*` function per subgraph; node names live
+//! in a namespace (`/model/layers.3/attn/q_proj/MatMul`).
+//!
+//! A parallel group (DESIGN.md section 1) has two forms:
+//!
+//! ```text
+//! branches:   x ─┬─ norm_i ─ Attn_i ─┐                fused:   x ─ norm ─ MatMul[QKV_i|QKV_j] ─ Split
+//!                └─ norm_j ─ Attn_j ─┴─ Add ─ Add(x)             ─ attention over heads [A;B]
+//!             (then the same for the MLPs on h)                  ─ MatMul[o_i;o_j] (sums) ─ Add(x)
+//! ```
+//!
+//! The fused form folds each layer's RMSNorm weight into the rows of its
+//! input projections (`rms(x)` is shared), so it is exact up to rounding.
+
+use super::contract::{self, ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS};
+use super::{Attr, Builder, ElemType, Graph};
+use crate::forward::ops::Rope;
+use crate::model::{DecoderLayer, Matrix, Model};
+use crate::plan::{Plan, Step};
+
+/// How a parallel group is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// One branch per layer reading the shared residual, summed by `Add`.
+    Branches,
+    /// One wider layer per group: concatenated Q/K/V and gate/up, stacked
+    /// o_proj and down_proj (the MatMul sums the branches).
+    Fused,
+}
+
+impl Form {
+    pub fn name(self) -> &'static str {
+        match self {
+            Form::Branches => "branches",
+            Form::Fused => "fused",
+        }
+    }
+}
+
+/// Lowest finite value of the float type: the additive mask of hidden keys.
+fn mask_fill(float: ElemType) -> f32 {
+    match float {
+        ElemType::F16 => -65504.0,
+        _ => f32::MIN,
+    }
+}
+
+/// The whole decoder graph of `model` under `plan`.
+pub fn build<'m>(model: &'m Model, plan: &Plan, form: Form, float: ElemType) -> Graph<'m> {
+    let cfg = &model.config;
+    let mut b = Builder::new("depthc", float);
+    for v in contract::inputs(cfg, float) {
+        b.input(v);
+    }
+    for v in contract::outputs(cfg, float) {
+        b.output(v);
+    }
+    b.metadata("depthc.plan", plan.to_string());
+    b.metadata("depthc.form", form.name());
+    b.metadata("depthc.dtype", float.name());
+
+    let d = Decoder { model, float };
+    let mut x = d.make_embedding(&mut b);
+    let (cos, sin) = d.make_rope_caches(&mut b);
+    let mask = d.make_attention_mask(&mut b);
+    let io = Shared {
+        cos: &cos,
+        sin: &sin,
+        mask: &mask,
+    };
+    for step in &plan.steps {
+        x = match step {
+            Step::Layer(l) => d.make_layer(&mut b, *l, &x, &io),
+            Step::Parallel(group) => match form {
+                Form::Branches => d.make_group_branches(&mut b, &group.layers, &x, &io),
+                Form::Fused => d.make_group_fused(&mut b, &group.layers, &x, &io),
+            },
+        };
+    }
+    let xn = d.make_rms_norm(&mut b, "/model/norm", &x, Norm::Weight(&model.norm));
+    let lm_head = model.lm_head();
+    let w = b.weight(
+        "lm_head.MatMul.weight",
+        vec![lm_head.cols, lm_head.rows],
+        Box::new(move || transposed(lm_head)),
+    );
+    b.node_to("/lm_head/MatMul", "MatMul", &[&xn, &w], LOGITS, vec![]);
+    b.finish()
+}
+
+/// Values every layer reads.
+struct Shared<'a> {
+    cos: &'a str,
+    sin: &'a str,
+    mask: &'a str,
+}
+
+enum Norm<'m> {
+    Weight(&'m [f32]),
+    /// Folded into the next projection: normalise only (a weight of ones
+    /// keeps the pattern ONNX Runtime fuses into SimplifiedLayerNormalization).
+    Folded,
+}
+
+struct Decoder<'m> {
+    model: &'m Model,
+    float: ElemType,
+}
+
+impl<'m> Decoder<'m> {
+    fn make_embedding(&self, b: &mut Builder<'m>) -> String {
+        let e = &self.model.embed_tokens;
+        let w = b.weight(
+            "model.embed_tokens.weight",
+            vec![e.rows, e.cols],
+            Box::new(move || e.data.clone()),
+        );
+        b.node(
+            "/model/embed_tokens/Gather",
+            "Gather",
+            &[&w, INPUT_IDS],
+            vec![("axis", Attr::Int(0))],
+        )
+    }
+
+    /// `cos`/`sin` tables `[max_position, head_dim]` gathered by `position_ids`
+    /// and unsqueezed to `[batch, 1, seq, head_dim]`.
+    fn make_rope_caches(&self, b: &mut Builder<'m>) -> (String, String) {
+        let cfg = &self.model.config;
+        let (positions, hd) = (cfg.max_position_embeddings, cfg.head_dim);
+        let rope = Rope::new(cfg);
+        let mut out = Vec::new();
+        for (name, use_sin) in [("cos", false), ("sin", true)] {
+            let rope = rope.clone();
+            let w = b.weight(
+                &format!("{name}_cache"),
+                vec![positions, hd],
+                Box::new(move || rope.table(positions, use_sin)),
+            );
+            let g = b.node(
+                &format!("/model/rotary_emb/{name}/Gather"),
+                "Gather",
+                &[&w, POSITION_IDS],
+                vec![("axis", Attr::Int(0))],
+            );
+            let axes = b.ints(&[1]);
+            out.push(b.node(
+                &format!("/model/rotary_emb/{name}/Unsqueeze"),
+                "Unsqueeze",
+                &[&g, &axes],
+                vec![],
+            ));
+        }
+        let sin = out.pop().expect("two tables");
+        let cos = out.pop().expect("two tables");
+        (cos, sin)
+    }
+
+    /// Additive mask `[batch, 1, seq, total_seq]`: 0 where query `i` (at
+    /// absolute index `past + i`) may see key `j`, the lowest float elsewhere.
+    /// Causal, padding from `attention_mask`, and the sliding window if any.
+    ///
+    /// ```text
+    /// Shape(input_ids)[1] = S, Shape(attention_mask)[1] = T
+    /// Range(0,T) <= Unsqueeze(Range(T-S,T)) ─ And ─ And(Cast(attention_mask)) ─ Where(0, min)
+    /// ```
+    fn make_attention_mask(&self, b: &mut Builder<'m>) -> String {
+        let p = "/model/attn_mask";
+        let one_idx = b.const_i64(&[1], &[]);
+        let zero = b.const_i64(&[0], &[]);
+        let seq_len = |b: &mut Builder<'m>, name: &str, input: &str| {
+            let shape = b.node(&format!("{p}/{name}/Shape"), "Shape", &[input], vec![]);
+            b.node(
+                &format!("{p}/{name}/Gather"),
+                "Gather",
+                &[&shape, &one_idx],
+                vec![("axis", Attr::Int(0))],
+            )
+        };
+        let s = seq_len(b, "sequence_length", INPUT_IDS);
+        let t = seq_len(b, "total_sequence_length", ATTENTION_MASK);
+        let past = b.node(&format!("{p}/past_length/Sub"), "Sub", &[&t, &s], vec![]);
+        let key_pos = b.node(
+            &format!("{p}/key_positions/Range"),
+            "Range",
+            &[&zero, &t, &one_idx],
+            vec![],
+        );
+        let query_pos = b.node(
+            &format!("{p}/query_positions/Range"),
+            "Range",
+            &[&past, &t, &one_idx],
+            vec![],
+        );
+        let axes1 = b.ints(&[1]);
+        let query_col = b.node(
+            &format!("{p}/query_positions/Unsqueeze"),
+            "Unsqueeze",
+            &[&query_pos, &axes1],
+            vec![],
+        );
+        let mut allowed = b.node(
+            &format!("{p}/causal/LessOrEqual"),
+            "LessOrEqual",
+            &[&key_pos, &query_col],
+            vec![],
+        );
+        if let Some(window) = self.model.config.sliding_window {
+            let w = b.const_i64(&[window as i64], &[]);
+            let lowest = b.node(
+                &format!("{p}/sliding_window/Sub"),
+                "Sub",
+                &[&query_col, &w],
+                vec![],
+            );
+            let inside = b.node(
+                &format!("{p}/sliding_window/Greater"),
+                "Greater",
+                &[&key_pos, &lowest],
+                vec![],
+            );
+            allowed = b.node(
+                &format!("{p}/sliding_window/And"),
+                "And",
+                &[&allowed, &inside],
+                vec![],
+            );
+        }
+        let pad = b.node(
+            &format!("{p}/padding/Cast"),
+            "Cast",
+            &[ATTENTION_MASK],
+            vec![("to", Attr::Int(crate::onnx::proto::data_type::BOOL as i64))],
+        );
+        let axes12 = b.ints(&[1, 2]);
+        let pad = b.node(
+            &format!("{p}/padding/Unsqueeze"),
+            "Unsqueeze",
+            &[&pad, &axes12],
+            vec![],
+        );
+        let allowed = b.node(&format!("{p}/And"), "And", &[&allowed, &pad], vec![]);
+        let zero_f = b.scalar(0.0);
+        let fill = b.scalar(mask_fill(self.float));
+        b.node(
+            &format!("{p}/Where"),
+            "Where",
+            &[&allowed, &zero_f, &fill],
+            vec![],
+        )
+    }
+
+    /// `Pow(x,2) -> ReduceMean -> Add(eps) -> Sqrt -> Div -> Mul(w)`, the
+    /// pattern ONNX Runtime fuses into SimplifiedLayerNormalization.
+    fn make_rms_norm(&self, b: &mut Builder<'m>, p: &str, x: &str, norm: Norm<'m>) -> String {
+        let h = self.model.config.hidden_size;
+        let two = b.scalar(2.0);
+        let pow = b.node(&format!("{p}/Pow"), "Pow", &[x, &two], vec![]);
+        let axes = b.ints(&[-1]);
+        let mean = b.node(
+            &format!("{p}/ReduceMean"),
+            "ReduceMean",
+            &[&pow, &axes],
+            vec![("keepdims", Attr::Int(1))],
+        );
+        let eps = b.scalar(self.model.config.rms_norm_eps as f32);
+        let add = b.node(&format!("{p}/Add"), "Add", &[&mean, &eps], vec![]);
+        let sqrt = b.node(&format!("{p}/Sqrt"), "Sqrt", &[&add], vec![]);
+        let div = b.node(&format!("{p}/Div"), "Div", &[x, &sqrt], vec![]);
+        let weight_name = format!("{}.weight", p.trim_start_matches('/').replace('/', "."));
+        let w = match norm {
+            Norm::Weight(w) => b.weight(&weight_name, vec![h], Box::new(move || w.to_vec())),
+            Norm::Folded => b.weight(&weight_name, vec![h], Box::new(move || vec![1.0; h])),
+        };
+        b.node(&format!("{p}/Mul"), "Mul", &[&div, &w], vec![])
+    }
+
+    /// `x @ W` for a weight written `[in, out]`.
+    fn make_matmul(&self, b: &mut Builder<'m>, p: &str, x: &str, weight: Packed<'m>) -> String {
+        let name = format!("{}.weight", p.trim_start_matches('/').replace('/', "."));
+        let dims = vec![weight.rows(), weight.cols()];
+        let w = b.weight(&name, dims, Box::new(move || weight.values()));
+        b.node(&format!("{p}/MatMul"), "MatMul", &[x, &w], vec![])
+    }
+
+    /// `[B, S, heads*hd] -> [B, heads, S, hd]`.
+    fn make_split_heads(&self, b: &mut Builder<'m>, p: &str, x: &str, heads: usize) -> String {
+        let hd = self.model.config.head_dim as i64;
+        let shape = b.ints(&[0, 0, heads as i64, hd]);
+        let r = b.node(&format!("{p}/Reshape"), "Reshape", &[x, &shape], vec![]);
+        b.node(
+            &format!("{p}/Transpose"),
+            "Transpose",
+            &[&r],
+            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        )
+    }
+
+    /// Rotary embedding in the `rotate_half` convention:
+    /// `x * cos + Concat(-x2, x1) * sin`.
+    fn make_rope(&self, b: &mut Builder<'m>, p: &str, x: &str, io: &Shared) -> String {
+        let half = (self.model.config.head_dim / 2) as i64;
+        let split = b.ints(&[half, half]);
+        let halves = b.node_n(
+            &format!("{p}/Split"),
+            "Split",
+            &[x, &split],
+            2,
+            vec![("axis", Attr::Int(-1))],
+        );
+        let neg = b.node(&format!("{p}/Neg"), "Neg", &[&halves[1]], vec![]);
+        let rot = b.node(
+            &format!("{p}/Concat"),
+            "Concat",
+            &[&neg, &halves[0]],
+            vec![("axis", Attr::Int(-1))],
+        );
+        let a = b.node(&format!("{p}/Mul_cos"), "Mul", &[x, io.cos], vec![]);
+        let c = b.node(&format!("{p}/Mul_sin"), "Mul", &[&rot, io.sin], vec![]);
+        b.node(&format!("{p}/Add"), "Add", &[&a, &c], vec![])
+    }
+
+    /// Append this step's keys or values to layer `l`'s cache: the graph
+    /// output `present.{l}.key|value`.
+    fn make_present(&self, b: &mut Builder<'m>, l: usize, kind: &str, new: &str) -> String {
+        let (past, present) = if kind == "key" {
+            (contract::past_key(l), contract::present_key(l))
+        } else {
+            (contract::past_value(l), contract::present_value(l))
+        };
+        b.node_to(
+            &format!("/model/layers.{l}/attn/{kind}/Concat"),
+            "Concat",
+            &[&past, new],
+            &present,
+            vec![("axis", Attr::Int(2))],
+        )
+    }
+
+    /// Grouped-query attention of `q [B, hq, S, hd]` over `k, v [B, hkv, T, hd]`,
+    /// returning `[B, S, hq*hd]`.
+    ///
+    /// ```text
+    /// k, v ─ Unsqueeze ─ Expand(group) ─ Reshape    (query head h reads KV head h / group)
+    /// Softmax(q @ k^T * scale + mask) @ v ─ Transpose ─ Reshape
+    /// ```
+    #[allow(clippy::too_many_arguments)]
+    fn make_attend(
+        &self,
+        b: &mut Builder<'m>,
+        p: &str,
+        q: &str,
+        k: &str,
+        v: &str,
+        hq: usize,
+        hkv: usize,
+        io: &Shared,
+    ) -> String {
+        let hd = self.model.config.head_dim;
+        let group = hq / hkv;
+        let repeat = |b: &mut Builder<'m>, name: &str, x: &str| -> String {
+            if group == 1 {
+                return x.to_string();
+            }
+            let axes = b.ints(&[2]);
+            let u = b.node(
+                &format!("{p}/repeat_kv/{name}/Unsqueeze"),
+                "Unsqueeze",
+                &[x, &axes],
+                vec![],
+            );
+            let shape = b.ints(&[1, 1, group as i64, 1, 1]);
+            let e = b.node(
+                &format!("{p}/repeat_kv/{name}/Expand"),
+                "Expand",
+                &[&u, &shape],
+                vec![],
+            );
+            let flat = b.ints(&[0, hq as i64, -1, hd as i64]);
+            b.node(
+                &format!("{p}/repeat_kv/{name}/Reshape"),
+                "Reshape",
+                &[&e, &flat],
+                vec![],
+            )
+        };
+        let k = repeat(b, "key", k);
+        let v = repeat(b, "value", v);
+        let kt = b.node(
+            &format!("{p}/key/Transpose"),
+            "Transpose",
+            &[&k],
+            vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
+        );
+        let scores = b.node(&format!("{p}/qk/MatMul"), "MatMul", &[q, &kt], vec![]);
+        let scale = b.scalar(1.0 / (hd as f32).sqrt());
+        let scaled = b.node(&format!("{p}/qk/Mul"), "Mul", &[&scores, &scale], vec![]);
+        let masked = b.node(&format!("{p}/qk/Add"), "Add", &[&scaled, io.mask], vec![]);
+        let probs = b.node(
+            &format!("{p}/Softmax"),
+            "Softmax",
+            &[&masked],
+            vec![("axis", Attr::Int(-1))],
+        );
+        let ctx = b.node(&format!("{p}/pv/MatMul"), "MatMul", &[&probs, &v], vec![]);
+        let t = b.node(
+            &format!("{p}/pv/Transpose"),
+            "Transpose",
+            &[&ctx],
+            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+        );
+        let shape = b.ints(&[0, 0, (hq * hd) as i64]);
+        b.node(&format!("{p}/pv/Reshape"), "Reshape", &[&t, &shape], vec![])
+    }
+
+    /// Attention sublayer of layer `l` on the residual `x`, without the residual add.
+    fn make_attention(&self, b: &mut Builder<'m>, l: usize, x: &str, io: &Shared) -> String {
+        let cfg = &self.model.config;
+        let layer: &'m DecoderLayer = &self.model.layers[l];
+        let a = &layer.self_attn;
+        let p = format!("/model/layers.{l}");
+        let xn = self.make_rms_norm(
+            b,
+            &format!("{p}/input_layernorm"),
+            x,
+            Norm::Weight(&layer.input_layernorm),
+        );
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let q = self.make_matmul(
+            b,
+            &format!("{p}/attn/q_proj"),
+            &xn,
+            Packed::t(&a.q_proj.weight),
+        );
+        let k = self.make_matmul(
+            b,
+            &format!("{p}/attn/k_proj"),
+            &xn,
+            Packed::t(&a.k_proj.weight),
+        );
+        let v = self.make_matmul(
+            b,
+            &format!("{p}/attn/v_proj"),
+            &xn,
+            Packed::t(&a.v_proj.weight),
+        );
+        let q = self.make_split_heads(b, &format!("{p}/attn/q_heads"), &q, nh);
+        let k = self.make_split_heads(b, &format!("{p}/attn/k_heads"), &k, nkv);
+        let v = self.make_split_heads(b, &format!("{p}/attn/v_heads"), &v, nkv);
+        let q = self.make_rope(b, &format!("{p}/attn/q_rotary"), &q, io);
+        let k = self.make_rope(b, &format!("{p}/attn/k_rotary"), &k, io);
+        let k = self.make_present(b, l, "key", &k);
+        let v = self.make_present(b, l, "value", &v);
+        let ctx = self.make_attend(b, &format!("{p}/attn"), &q, &k, &v, nh, nkv, io);
+        self.make_matmul(
+            b,
+            &format!("{p}/attn/o_proj"),
+            &ctx,
+            Packed::t(&a.o_proj.weight),
+        )
+    }
+
+    /// SwiGLU `down(silu(gate(x)) * up(x))` on an already normed input.
+    fn make_swiglu(
+        &self,
+        b: &mut Builder<'m>,
+        p: &str,
+        gate: &str,
+        up: &str,
+        down: Packed<'m>,
+    ) -> String {
+        let sig = b.node(&format!("{p}/act_fn/Sigmoid"), "Sigmoid", &[gate], vec![]);
+        let silu = b.node(&format!("{p}/act_fn/Mul"), "Mul", &[gate, &sig], vec![]);
+        let prod = b.node(&format!("{p}/Mul"), "Mul", &[&silu, up], vec![]);
+        self.make_matmul(b, &format!("{p}/down_proj"), &prod, down)
+    }
+
+    /// MLP sublayer of layer `l` on the residual `h`, without the residual add.
+    fn make_mlp(&self, b: &mut Builder<'m>, l: usize, h: &str) -> String {
+        let layer: &'m DecoderLayer = &self.model.layers[l];
+        let m = &layer.mlp;
+        let p = format!("/model/layers.{l}");
+        let hn = self.make_rms_norm(
+            b,
+            &format!("{p}/post_attention_layernorm"),
+            h,
+            Norm::Weight(&layer.post_attention_layernorm),
+        );
+        let gate = self.make_matmul(
+            b,
+            &format!("{p}/mlp/gate_proj"),
+            &hn,
+            Packed::t(&m.gate_proj.weight),
+        );
+        let up = self.make_matmul(
+            b,
+            &format!("{p}/mlp/up_proj"),
+            &hn,
+            Packed::t(&m.up_proj.weight),
+        );
+        self.make_swiglu(
+            b,
+            &format!("{p}/mlp"),
+            &gate,
+            &up,
+            Packed::t(&m.down_proj.weight),
+        )
+    }
+
+    /// One original layer.
+    fn make_layer(&self, b: &mut Builder<'m>, l: usize, x: &str, io: &Shared) -> String {
+        let p = format!("/model/layers.{l}");
+        let a = self.make_attention(b, l, x, io);
+        let h = b.node(&format!("{p}/residual_attn/Add"), "Add", &[x, &a], vec![]);
+        let m = self.make_mlp(b, l, &h);
+        b.node(&format!("{p}/residual_mlp/Add"), "Add", &[&h, &m], vec![])
+    }
+
+    /// A parallel group as branches: every attention reads `x`, their sum
+    /// is added once; then every MLP reads `h`.
+    fn make_group_branches(
+        &self,
+        b: &mut Builder<'m>,
+        layers: &[usize],
+        x: &str,
+        io: &Shared,
+    ) -> String {
+        let p = group_prefix(layers);
+        let attn: Vec<String> = layers
+            .iter()
+            .map(|&l| self.make_attention(b, l, x, io))
+            .collect();
+        let sum = self.make_sum(b, &format!("{p}/attn_branches"), &attn);
+        let h = b.node(&format!("{p}/residual_attn/Add"), "Add", &[x, &sum], vec![]);
+        let mlp: Vec<String> = layers.iter().map(|&l| self.make_mlp(b, l, &h)).collect();
+        let sum = self.make_sum(b, &format!("{p}/mlp_branches"), &mlp);
+        b.node(&format!("{p}/residual_mlp/Add"), "Add", &[&h, &sum], vec![])
+    }
+
+    fn make_sum(&self, b: &mut Builder<'m>, p: &str, branches: &[String]) -> String {
+        let mut acc = branches[0].clone();
+        for (k, br) in branches.iter().enumerate().skip(1) {
+            acc = b.node(&format!("{p}/Add_{k}"), "Add", &[&acc, br], vec![]);
+        }
+        acc
+    }
+
+    /// A parallel group as one wider layer (DESIGN.md section 1, fused form).
+    ///
+    /// ```text
+    /// x ─ norm(ones) ─ MatMul[q_i q_j | k_i k_j | v_i v_j] ─ Split ─ heads, RoPE
+    ///   k, v ─ Split per layer ─ Concat(past) ─ present.{l} ─ Concat ─ attention (hq = n*heads)
+    ///   ─ MatMul[o_i; o_j] ─ Add(x) = h
+    /// h ─ norm(ones) ─ MatMul[gate_i gate_j | up_i up_j] ─ Split ─ SwiGLU ─ MatMul[down_i; down_j] ─ Add(h)
+    /// ```
+    fn make_group_fused(
+        &self,
+        b: &mut Builder<'m>,
+        layers: &[usize],
+        x: &str,
+        io: &Shared,
+    ) -> String {
+        let cfg = &self.model.config;
+        let model = self.model;
+        let n = layers.len();
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let p = group_prefix(layers);
+        let ls: Vec<&'m DecoderLayer> = layers.iter().map(|&l| &model.layers[l]).collect();
+
+        let xn = self.make_rms_norm(b, &format!("{p}/input_layernorm"), x, Norm::Folded);
+        let mut qkv_parts = Vec::new();
+        for pick in [0, 1, 2] {
+            for layer in &ls {
+                let a = &layer.self_attn;
+                let w = [&a.q_proj.weight, &a.k_proj.weight, &a.v_proj.weight][pick];
+                qkv_parts.push((w, Some(layer.input_layernorm.as_slice())));
+            }
+        }
+        let qkv = self.make_matmul(
+            b,
+            &format!("{p}/attn/qkv_proj"),
+            &xn,
+            Packed::Columns(qkv_parts),
+        );
+        let sizes = b.ints(&[
+            (n * nh * hd) as i64,
+            (n * nkv * hd) as i64,
+            (n * nkv * hd) as i64,
+        ]);
+        let qkv = b.node_n(
+            &format!("{p}/attn/qkv_proj/Split"),
+            "Split",
+            &[&qkv, &sizes],
+            3,
+            vec![("axis", Attr::Int(-1))],
+        );
+        let q = self.make_split_heads(b, &format!("{p}/attn/q_heads"), &qkv[0], n * nh);
+        let k = self.make_split_heads(b, &format!("{p}/attn/k_heads"), &qkv[1], n * nkv);
+        let v = self.make_split_heads(b, &format!("{p}/attn/v_heads"), &qkv[2], n * nkv);
+        let q = self.make_rope(b, &format!("{p}/attn/q_rotary"), &q, io);
+        let k = self.make_rope(b, &format!("{p}/attn/k_rotary"), &k, io);
+        let per_layer = b.ints(&vec![nkv as i64; n]);
+        let cat = |b: &mut Builder<'m>, kind: &str, all: &str| -> String {
+            let parts = b.node_n(
+                &format!("{p}/attn/{kind}/Split"),
+                "Split",
+                &[all, &per_layer],
+                n,
+                vec![("axis", Attr::Int(1))],
+            );
+            let presents: Vec<String> = layers
+                .iter()
+                .zip(&parts)
+                .map(|(&l, part)| self.make_present(b, l, kind, part))
+                .collect();
+            let refs: Vec<&str> = presents.iter().map(String::as_str).collect();
+            b.node(
+                &format!("{p}/attn/{kind}/Concat"),
+                "Concat",
+                &refs,
+                vec![("axis", Attr::Int(1))],
+            )
+        };
+        let k = cat(b, "key", &k);
+        let v = cat(b, "value", &v);
+        let ctx = self.make_attend(b, &format!("{p}/attn"), &q, &k, &v, n * nh, n * nkv, io);
+        let o_parts: Vec<&'m Matrix> = ls.iter().map(|l| &l.self_attn.o_proj.weight).collect();
+        let o = self.make_matmul(b, &format!("{p}/attn/o_proj"), &ctx, Packed::Rows(o_parts));
+        let h = b.node(&format!("{p}/residual_attn/Add"), "Add", &[x, &o], vec![]);
+
+        let hn = self.make_rms_norm(
+            b,
+            &format!("{p}/post_attention_layernorm"),
+            &h,
+            Norm::Folded,
+        );
+        let mut gu_parts = Vec::new();
+        for pick in [0, 1] {
+            for layer in &ls {
+                let w = [&layer.mlp.gate_proj.weight, &layer.mlp.up_proj.weight][pick];
+                gu_parts.push((w, Some(layer.post_attention_layernorm.as_slice())));
+            }
+        }
+        let i = cfg.intermediate_size as i64;
+        let gu = self.make_matmul(
+            b,
+            &format!("{p}/mlp/gate_up_proj"),
+            &hn,
+            Packed::Columns(gu_parts),
+        );
+        let sizes = b.ints(&[n as i64 * i, n as i64 * i]);
+        let gu = b.node_n(
+            &format!("{p}/mlp/gate_up_proj/Split"),
+            "Split",
+            &[&gu, &sizes],
+            2,
+            vec![("axis", Attr::Int(-1))],
+        );
+        let down: Vec<&'m Matrix> = ls.iter().map(|l| &l.mlp.down_proj.weight).collect();
+        let m = self.make_swiglu(b, &format!("{p}/mlp"), &gu[0], &gu[1], Packed::Rows(down));
+        b.node(&format!("{p}/residual_mlp/Add"), "Add", &[&h, &m], vec![])
+    }
+}
+
+fn group_prefix(layers: &[usize]) -> String {
+    let names: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
+    format!("/model/parallel.{}", names.join("-"))
+}
+
+/// A MatMul weight `[in, out]` made from Hugging Face `[out, in]` matrices.
+enum Packed<'m> {
+    /// Several matrices side by side (output columns concatenated), each
+    /// optionally with an RMSNorm weight folded into its input rows.
+    Columns(Vec<(&'m Matrix, Option<&'m [f32]>)>),
+    /// Several matrices stacked along the input (rows), so one MatMul sums
+    /// their products.
+    Rows(Vec<&'m Matrix>),
+}
+
+impl<'m> Packed<'m> {
+    fn t(m: &'m Matrix) -> Self {
+        Packed::Columns(vec![(m, None)])
+    }
+    fn rows(&self) -> usize {
+        match self {
+            Packed::Columns(parts) => parts[0].0.cols,
+            Packed::Rows(parts) => parts.iter().map(|m| m.cols).sum(),
+        }
+    }
+    fn cols(&self) -> usize {
+        match self {
+            Packed::Columns(parts) => parts.iter().map(|(m, _)| m.rows).sum(),
+            Packed::Rows(parts) => parts[0].rows,
+        }
+    }
+    fn values(&self) -> Vec<f32> {
+        match self {
+            Packed::Columns(parts) => {
+                let (k, n) = (self.rows(), self.cols());
+                let mut out = vec![0f32; k * n];
+                let mut col0 = 0;
+                for (m, norm) in parts {
+                    for o in 0..m.rows {
+                        let src = m.row(o);
+                        for (i, &w) in src.iter().enumerate() {
+                            let s = norm.map_or(1.0, |g| g[i]);
+                            out[i * n + col0 + o] = w * s;
+                        }
+                    }
+                    col0 += m.rows;
+                }
+                out
+            }
+            Packed::Rows(parts) => {
+                let mut out = Vec::with_capacity(self.rows() * self.cols());
+                for m in parts {
+                    out.extend(transposed(m));
+                }
+                out
+            }
+        }
+    }
+}
+
+/// `[rows, cols] -> [cols, rows]`, in cache-sized tiles.
+fn transposed(m: &Matrix) -> Vec<f32> {
+    const TILE: usize = 64;
+    let (r, c) = (m.rows, m.cols);
+    let mut out = vec![0f32; r * c];
+    for r0 in (0..r).step_by(TILE) {
+        for c0 in (0..c).step_by(TILE) {
+            for i in r0..(r0 + TILE).min(r) {
+                for j in c0..(c0 + TILE).min(c) {
+                    out[j * r + i] = m.data[i * c + j];
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,222 @@
+//! The emitted directory: `model.onnx` + `model.onnx.data`, and beside them
+//! what onnxruntime-genai and Optimum's `ORTModelForCausalLM` read:
+//! `genai_config.json` (KV cache by Concat, so `past_present_share_buffer:
+//! false`), `config.json`, `generation_config.json` and the tokenizer files.
+//!
+//! The directory is written under a temporary name beside its destination and
+//! renamed when complete: an error never leaves a half-written directory.
+
+use std::path::{Path, PathBuf};
+
+use indicatif::ProgressBar;
+use serde_json::{json, Value};
+
+use super::{write, Written};
+use crate::checkpoint::tokenizer::Tokenizer;
+use crate::checkpoint::ModelConfig;
+use crate::graph::{self, ElemType, Form};
+use crate::model::Model;
+use crate::plan::Plan;
+use crate::{Error, Result};
+
+pub const MODEL_FILE: &str = "model.onnx";
+
+/// Tokenizer files of a Hugging Face checkpoint copied as they are.
+const HF_TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
+
+pub struct EmitOptions {
+    pub form: Form,
+    pub float: ElemType,
+}
+
+/// Where the model came from: its tokenizer files are copied or built.
+pub struct Source<'a> {
+    pub path: &'a Path,
+    pub tokenizer: Option<&'a Tokenizer>,
+}
+
+/// Write the emitted directory `out` (which must not exist).
+pub fn emit(
+    model: &Model,
+    plan: &Plan,
+    source: &Source,
+    opts: &EmitOptions,
+    out: &Path,
+    progress: &ProgressBar,
+) -> Result<Written> {
+    if out.exists() {
+        return Err(Error::output(
+            out,
+            "already exists; choose a new output directory",
+        ));
+    }
+    let name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::output(out, "the output needs a UTF-8 directory name"))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::output(
+            out,
+            format!("parent directory {} does not exist", parent.display()),
+        ));
+    }
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = fill(model, plan, source, opts, &tmp, progress).and_then(|w| {
+        std::fs::rename(&tmp, out)
+            .map(|_| w)
+            .map_err(|e| Error::io(out, e))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn fill(
+    model: &Model,
+    plan: &Plan,
+    source: &Source,
+    opts: &EmitOptions,
+    dir: &Path,
+    progress: &ProgressBar,
+) -> Result<Written> {
+    let cfg = &model.config;
+    let graph = graph::build(model, plan, opts.form, opts.float);
+    let written = write(&graph, &dir.join(MODEL_FILE), progress)?;
+    drop(graph);
+
+    let mut config = cfg.to_hf_json();
+    config["torch_dtype"] = json!(if opts.float == ElemType::F16 {
+        "float16"
+    } else {
+        "float32"
+    });
+    write_json(&dir.join("config.json"), &config)?;
+    write_json(&dir.join("genai_config.json"), &genai_config(cfg))?;
+
+    let mut copied = Vec::new();
+    if source.path.is_dir() {
+        for f in HF_TOKENIZER_FILES {
+            let from = source.path.join(f);
+            if from.is_file() {
+                std::fs::copy(&from, dir.join(f)).map_err(|e| Error::io(&from, e))?;
+                copied.push(*f);
+            }
+        }
+    }
+    if let Some(tok) = source.tokenizer {
+        if !copied.contains(&"tokenizer.json") {
+            let path = dir.join("tokenizer.json");
+            std::fs::write(&path, tok.to_json()).map_err(|e| Error::io(&path, e))?;
+        }
+        if !copied.contains(&"tokenizer_config.json") {
+            write_json(
+                &dir.join("tokenizer_config.json"),
+                &tokenizer_config(cfg, tok),
+            )?;
+        }
+    }
+    if !copied.contains(&"generation_config.json") {
+        write_json(
+            &dir.join("generation_config.json"),
+            &json!({
+                "bos_token_id": cfg.bos_token_id,
+                "eos_token_id": cfg.eos_token_id,
+                "do_sample": false,
+            }),
+        )?;
+    }
+    Ok(written)
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).expect("JSON values serialise");
+    std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+}
+
+/// onnxruntime-genai's configuration of a decoder-only model.
+fn genai_config(cfg: &ModelConfig) -> Value {
+    let eos = cfg.eos_token_id.unwrap_or(0);
+    json!({
+        "model": {
+            "bos_token_id": cfg.bos_token_id.unwrap_or(eos),
+            "context_length": cfg.max_position_embeddings,
+            "decoder": {
+                "session_options": {
+                    "log_id": "onnxruntime-genai",
+                    "provider_options": []
+                },
+                "filename": MODEL_FILE,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value"
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value"
+                },
+                "num_attention_heads": cfg.num_attention_heads,
+                "num_hidden_layers": cfg.num_hidden_layers,
+                "num_key_value_heads": cfg.num_key_value_heads
+            },
+            "eos_token_id": eos,
+            "pad_token_id": eos,
+            "type": match cfg.family {
+                crate::checkpoint::Family::Llama => "llama",
+                crate::checkpoint::Family::Mistral => "mistral",
+            },
+            "vocab_size": cfg.vocab_size
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": false,
+            "early_stopping": true,
+            "length_penalty": 1.0,
+            "max_length": cfg.max_position_embeddings,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": false,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0
+        }
+    })
+}
+
+/// A `tokenizer_config.json` for a tokenizer built from GGUF metadata.
+fn tokenizer_config(cfg: &ModelConfig, tok: &Tokenizer) -> Value {
+    let token = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i));
+    json!({
+        "tokenizer_class": "GPT2Tokenizer",
+        "bos_token": token(cfg.bos_token_id),
+        "eos_token": token(cfg.eos_token_id),
+        "unk_token": token(cfg.eos_token_id),
+        "pad_token": token(cfg.eos_token_id),
+        "add_bos_token": false,
+        "add_prefix_space": false,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": cfg.max_position_embeddings,
+    })
+}

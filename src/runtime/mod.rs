@@ -1,0 +1,236 @@
+//! ONNX Runtime sessions through the `ort` crate, loading the library at run
+//! time (DESIGN.md section 4): `--ort-lib`, `ORT_DYLIB_PATH`, or the copy
+//! `scripts/setup.sh` extracts from the PyPI `onnxruntime==1.31.1` wheel.
+//! Any ONNX Runtime 1.31 or newer works (the C API version 31 is required).
+
+pub mod validate;
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{Session, SessionInputValue};
+use ort::value::Tensor;
+
+use crate::checkpoint::ModelConfig;
+use crate::graph::contract;
+use crate::{Error, Result};
+
+/// The library `scripts/setup.sh` installs, relative to its cache.
+pub const SETUP_LIBRARY: &str = "onnxruntime/libonnxruntime.so.1.31.1";
+
+/// How to get a library, for error messages.
+const HOW_TO_GET: &str = "pass --ort-lib PATH or set ORT_DYLIB_PATH to libonnxruntime.so \
+(ONNX Runtime 1.31 or newer, e.g. onnxruntime/capi/libonnxruntime.so.1.31.1 from the PyPI \
+wheel onnxruntime==1.31.1, or the capi folder of an installed onnxruntime-gpu); \
+scripts/setup.sh puts one in .cache/onnxruntime/";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// Explicit library path (`--ort-lib`).
+    pub library: Option<PathBuf>,
+    pub device: Device,
+    /// Any node placed on the CPU while `device` is CUDA is an error.
+    pub strict: bool,
+    pub threads: Option<usize>,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            library: None,
+            device: Device::Cpu,
+            strict: false,
+            threads: None,
+        }
+    }
+}
+
+/// Find the ONNX Runtime shared library.
+pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return if p.is_file() {
+            Ok(p.to_path_buf())
+        } else {
+            Err(Error::Runtime(format!(
+                "library {} not found; {HOW_TO_GET}",
+                p.display()
+            )))
+        };
+    }
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(Error::Runtime(format!(
+                "ORT_DYLIB_PATH={} is not a file; {HOW_TO_GET}",
+                p.display()
+            )))
+        };
+    }
+    let mut caches = Vec::new();
+    if let Some(c) = std::env::var_os("DEPTHC_CACHE") {
+        caches.push(PathBuf::from(c));
+    }
+    caches.push(PathBuf::from(".cache"));
+    // A binary in `target/{profile}/` of a checkout that ran the setup.
+    if let Some(root) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent()?.parent()?.parent().map(Path::to_path_buf))
+    {
+        caches.push(root.join(".cache"));
+    }
+    caches
+        .into_iter()
+        .map(|c| c.join(SETUP_LIBRARY))
+        .find(|p| p.is_file())
+        .ok_or_else(|| Error::Runtime(format!("library not found; {HOW_TO_GET}")))
+}
+
+/// Load the library and create the environment, once per process.
+fn environment(opts: &RuntimeOptions) -> Result<&'static Environment> {
+    static ENVIRONMENT: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
+    if let Some(Ok(env)) = ENVIRONMENT.get() {
+        return Ok(env);
+    }
+    let path = find_library(opts.library.as_deref())?;
+    let env = ENVIRONMENT.get_or_init(|| {
+        ort::init_from(&path)
+            .map_err(|e| format!("cannot load {}: {e}", path.display()))?
+            .with_name("depthc")
+            .build()
+            .map_err(|e| format!("{}: {e}", path.display()))
+    });
+    env.as_ref().map_err(|e| Error::Runtime(e.clone()))
+}
+
+/// Outputs of one run with batch 1.
+pub struct StepOutput {
+    /// `[S, vocab]`.
+    pub logits: Vec<f32>,
+    /// Per original layer, `[kv_heads, total, head_dim]` keys and values.
+    pub present: Vec<(Vec<f32>, Vec<f32>)>,
+    pub total_len: usize,
+}
+
+/// A decoder session with the I/O contract of [`contract`].
+pub struct DecoderSession {
+    session: Session,
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    vocab: usize,
+}
+
+fn ort_err(context: &str) -> impl Fn(ort::Error) -> Error + '_ {
+    move |e| Error::Runtime(format!("{context}: {e}"))
+}
+
+impl DecoderSession {
+    pub fn open(model_path: &Path, cfg: &ModelConfig, opts: &RuntimeOptions) -> Result<Self> {
+        let env = environment(opts)?;
+        let mut builder = Session::builder(env)
+            .map_err(ort_err("session options"))?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(|e| Error::Runtime(format!("session options: {e}")))?;
+        if let Some(n) = opts.threads {
+            builder = builder
+                .with_intra_threads(n)
+                .map_err(|e| Error::Runtime(format!("session options: {e}")))?;
+        }
+        if opts.device == Device::Cuda {
+            use ort::ep::ExecutionProvider;
+            ort::ep::CUDA::default()
+                .register(&mut builder)
+                .map_err(|e| Error::Runtime(format!("CUDA execution provider: {e}")))?;
+            if opts.strict {
+                builder = builder
+                    .with_config_entry("session.disable_cpu_ep_fallback", "1")
+                    .map_err(|e| Error::Runtime(format!("session options: {e}")))?;
+            }
+        }
+        let session = builder
+            .commit_from_file(model_path)
+            .map_err(|e| Error::Runtime(format!("{}: {e}", model_path.display())))?;
+        Ok(DecoderSession {
+            session,
+            layers: cfg.num_hidden_layers,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            vocab: cfg.vocab_size,
+        })
+    }
+
+    /// Run `ids` (batch 1) after `past` (`past_len` cached positions, as a
+    /// previous step's `present`, or empty), with an all-ones attention mask.
+    pub fn step(&mut self, ids: &[u32], past: Option<&StepOutput>) -> Result<StepOutput> {
+        let s = ids.len();
+        let past_len = past.map_or(0, |p| p.total_len);
+        let total = past_len + s;
+        let (nkv, hd) = (self.kv_heads, self.head_dim);
+        let tensor_i64 = |v: Vec<i64>| -> Result<SessionInputValue<'static>> {
+            Tensor::from_array((vec![1i64, v.len() as i64], v))
+                .map(SessionInputValue::from)
+                .map_err(ort_err("input"))
+        };
+        let mut inputs: Vec<(Cow<str>, SessionInputValue)> = vec![
+            (
+                contract::INPUT_IDS.into(),
+                tensor_i64(ids.iter().map(|&i| i as i64).collect())?,
+            ),
+            (contract::ATTENTION_MASK.into(), tensor_i64(vec![1; total])?),
+            (
+                contract::POSITION_IDS.into(),
+                tensor_i64((past_len..total).map(|p| p as i64).collect())?,
+            ),
+        ];
+        for l in 0..self.layers {
+            let (k, v) = match past {
+                Some(p) => (p.present[l].0.clone(), p.present[l].1.clone()),
+                None => (Vec::new(), Vec::new()),
+            };
+            let shape = vec![1i64, nkv as i64, past_len as i64, hd as i64];
+            for (name, data) in [(contract::past_key(l), k), (contract::past_value(l), v)] {
+                let t = Tensor::from_array((shape.clone(), data)).map_err(ort_err("input"))?;
+                inputs.push((name.into(), t.into()));
+            }
+        }
+        let outputs = self.session.run(inputs).map_err(ort_err("run"))?;
+        let extract = |name: &str, want: &[usize]| -> Result<Vec<f32>> {
+            let value = outputs
+                .get(name)
+                .ok_or_else(|| Error::Runtime(format!("the model has no output `{name}`")))?;
+            let (shape, data) = value.try_extract_tensor::<f32>().map_err(ort_err(name))?;
+            let got: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            if got != want {
+                return Err(Error::Runtime(format!(
+                    "output `{name}` has shape {got:?}, expected {want:?}"
+                )));
+            }
+            Ok(data.to_vec())
+        };
+        let logits = extract(contract::LOGITS, &[1, s, self.vocab])?;
+        let mut present = Vec::with_capacity(self.layers);
+        for l in 0..self.layers {
+            let want = [1, nkv, total, hd];
+            present.push((
+                extract(&contract::present_key(l), &want)?,
+                extract(&contract::present_value(l), &want)?,
+            ));
+        }
+        Ok(StepOutput {
+            logits,
+            present,
+            total_len: total,
+        })
+    }
+}

@@ -1,0 +1,210 @@
+//! Validation of an emitted model: a prefill of real text and N greedy
+//! decode steps with the KV cache, in ONNX Runtime and in the reference
+//! forward of the same plan. Every output (`logits`, each `present.*`) is
+//! compared at every step; all failing outputs are reported, not just the
+//! first (as Optimum's `validate_model_outputs` does).
+
+use serde::Serialize;
+
+use super::{DecoderSession, StepOutput};
+use crate::forward::{Forward, KvCache, Logits, Options};
+use crate::graph::contract;
+use crate::plan::Plan;
+use crate::Result;
+
+/// Largest difference seen on one output over all steps.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputError {
+    pub name: String,
+    pub max_abs: f32,
+    /// `max_abs` over the largest magnitude of the reference values.
+    pub max_rel: f32,
+    /// Where `max_abs` was seen: `prefill` or `decode N`.
+    pub worst_at: String,
+    pub passed: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Validation {
+    pub plan: String,
+    pub prompt_tokens: usize,
+    pub steps: usize,
+    pub tolerance: f32,
+    pub outputs: Vec<OutputError>,
+    /// Greedy next tokens of the reference after the prefill and each step.
+    pub tokens_reference: Vec<u32>,
+    /// The same from ONNX Runtime's logits.
+    pub tokens_onnx: Vec<u32>,
+    pub tokens_agree: bool,
+    /// One line per failing output.
+    pub failures: Vec<String>,
+}
+
+impl Validation {
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty() && self.tokens_agree
+    }
+}
+
+struct Tracker {
+    outputs: Vec<OutputError>,
+    ref_max: Vec<f32>,
+}
+
+impl Tracker {
+    fn record(&mut self, k: usize, at: &str, got: &[f32], want: &[f32]) {
+        let d = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, |m, x| {
+                if x.is_nan() || m.is_nan() {
+                    f32::NAN
+                } else {
+                    m.max(x)
+                }
+            });
+        let mag = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let o = &mut self.outputs[k];
+        if d.is_nan() || d > o.max_abs || o.worst_at.is_empty() {
+            o.max_abs = d;
+            o.worst_at = at.to_string();
+        }
+        self.ref_max[k] = self.ref_max[k].max(mag);
+    }
+}
+
+fn argmax(x: &[f32]) -> usize {
+    x.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
+
+/// Reference KV of one layer, `[T, kv_heads*hd]`, as `[kv_heads, T, hd]`.
+fn heads_major(x: &[f32], kv_heads: usize, head_dim: usize) -> Vec<f32> {
+    let t = x.len() / (kv_heads * head_dim);
+    let mut out = vec![0f32; x.len()];
+    for pos in 0..t {
+        for h in 0..kv_heads {
+            let src = &x[(pos * kv_heads + h) * head_dim..][..head_dim];
+            out[(h * t + pos) * head_dim..][..head_dim].copy_from_slice(src);
+        }
+    }
+    out
+}
+
+/// Run `prompt` then `steps` greedy steps through both and compare.
+pub fn validate(
+    session: &mut DecoderSession,
+    forward: &Forward,
+    plan: &Plan,
+    prompt: &[u32],
+    steps: usize,
+    tolerance: f32,
+) -> Result<Validation> {
+    let cfg = &forward.model.config;
+    let (layers, nkv, hd, vocab) = (
+        cfg.num_hidden_layers,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+    );
+    let mut names = vec![contract::LOGITS.to_string()];
+    for l in 0..layers {
+        names.push(contract::present_key(l));
+        names.push(contract::present_value(l));
+    }
+    let mut tracker = Tracker {
+        outputs: names
+            .into_iter()
+            .map(|name| OutputError {
+                name,
+                max_abs: 0.0,
+                max_rel: 0.0,
+                worst_at: String::new(),
+                passed: true,
+            })
+            .collect(),
+        ref_max: vec![0.0; 1 + 2 * layers],
+    };
+    let mut cache = KvCache::new(layers);
+    let mut tokens_reference = Vec::new();
+    let mut tokens_onnx = Vec::new();
+    let mut past: Option<StepOutput> = None;
+    let mut ids: Vec<u32> = prompt.to_vec();
+    for step in 0..=steps {
+        let at = if step == 0 {
+            "prefill".to_string()
+        } else {
+            format!("decode {step}")
+        };
+        let reference = forward.run(
+            plan,
+            &ids,
+            &mut cache,
+            Options {
+                logits: Logits::All,
+                capture_residuals: false,
+            },
+        )?;
+        let onnx = session.step(&ids, past.as_ref())?;
+        tracker.record(0, &at, &onnx.logits, &reference.logits);
+        for l in 0..layers {
+            let kv = &cache.layers[l];
+            tracker.record(
+                1 + 2 * l,
+                &at,
+                &onnx.present[l].0,
+                &heads_major(&kv.k, nkv, hd),
+            );
+            tracker.record(
+                2 + 2 * l,
+                &at,
+                &onnx.present[l].1,
+                &heads_major(&kv.v, nkv, hd),
+            );
+        }
+        let last = ids.len() - 1;
+        let next_ref = argmax(&reference.logits[last * vocab..]) as u32;
+        let next_onnx = argmax(&onnx.logits[last * vocab..]) as u32;
+        tokens_reference.push(next_ref);
+        tokens_onnx.push(next_onnx);
+        // Both continue from the reference's token so that every step compares
+        // the same inputs.
+        ids = vec![next_ref];
+        past = Some(onnx);
+    }
+    let mut failures = Vec::new();
+    for (o, mag) in tracker.outputs.iter_mut().zip(&tracker.ref_max) {
+        o.max_rel = if *mag > 0.0 {
+            o.max_abs / mag
+        } else {
+            o.max_abs
+        };
+        o.passed = o.max_abs <= tolerance;
+        if !o.passed {
+            failures.push(format!(
+                "{}: max abs error {:e} > {tolerance:e} (at {})",
+                o.name, o.max_abs, o.worst_at
+            ));
+        }
+    }
+    Ok(Validation {
+        plan: plan.to_string(),
+        prompt_tokens: prompt.len(),
+        steps,
+        tolerance,
+        tokens_agree: tokens_reference == tokens_onnx,
+        outputs: tracker.outputs,
+        tokens_reference,
+        tokens_onnx,
+        failures,
+    })
+}
