@@ -1,0 +1,321 @@
+//! Emitted ONNX models: decoded by an independent schema (`onnx-protobuf`),
+//! checked by ONNX's own checker, run through ONNX Runtime against the
+//! reference forward of the same plan (prefill + greedy decode steps), and
+//! loaded by onnxruntime-genai.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{cache_dir, fixture, load, real_model_path, text_path};
+use depthc::checkpoint::Checkpoint;
+use depthc::forward::{Forward, KvCache, Logits, Options};
+use depthc::graph::{ElemType, Form};
+use depthc::model::Model;
+use depthc::onnx::package::{emit, EmitOptions, Source, MODEL_FILE};
+use depthc::plan::Plan;
+use depthc::runtime::validate::{validate, Validation};
+use depthc::runtime::{DecoderSession, RuntimeOptions};
+use indicatif::ProgressBar;
+use protobuf::Message;
+
+fn emit_to(
+    dir: &Path,
+    ckpt: &Checkpoint,
+    model: &Model,
+    plan: &Plan,
+    form: Form,
+    float: ElemType,
+) -> PathBuf {
+    let out = dir.join(format!("{}-{}", form.name(), plan).replace(',', "_"));
+    emit(
+        model,
+        plan,
+        &Source {
+            path: &ckpt.path,
+            tokenizer: ckpt.tokenizer.as_ref(),
+        },
+        &EmitOptions { form, float },
+        &out,
+        &ProgressBar::hidden(),
+    )
+    .unwrap_or_else(|e| panic!("emit `{plan}` {}: {e}", form.name()));
+    out
+}
+
+fn run_validation(
+    out: &Path,
+    model: &Model,
+    plan: &Plan,
+    prompt: &[u32],
+    steps: usize,
+) -> Validation {
+    let mut session = DecoderSession::open(
+        &out.join(MODEL_FILE),
+        &model.config,
+        &RuntimeOptions::default(),
+    )
+    .expect("ONNX Runtime session (run scripts/setup.sh for the library)");
+    validate(&mut session, &Forward::new(model), plan, prompt, steps, 1.0).expect("validate")
+}
+
+fn report(v: &Validation, what: &str) -> (f32, f32) {
+    let logits = v.outputs[0].max_abs;
+    let present = v.outputs[1..]
+        .iter()
+        .map(|o| o.max_abs)
+        .fold(0f32, f32::max);
+    eprintln!(
+        "{what}: logits max abs {logits:e}, present max abs {present:e}, tokens agree {}",
+        v.tokens_agree
+    );
+    (logits, present)
+}
+
+/// Decode with the `onnx-protobuf` crate (rust-protobuf, the full ONNX schema)
+/// and check the I/O contract and the external data layout.
+fn check_with_independent_decoder(out: &Path, layers: usize) {
+    let bytes = std::fs::read(out.join(MODEL_FILE)).unwrap();
+    let m = onnx_protobuf::ModelProto::parse_from_bytes(&bytes).expect("onnx-protobuf decodes");
+    assert_eq!(m.ir_version, 10);
+    assert_eq!(m.opset_import.len(), 1);
+    assert_eq!(m.opset_import[0].domain, "");
+    assert_eq!(m.opset_import[0].version, 21);
+    let g = m.graph.as_ref().expect("graph");
+    let inputs: Vec<&str> = g.input.iter().map(|v| v.name.as_str()).collect();
+    let outputs: Vec<&str> = g.output.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(inputs[..3], ["input_ids", "attention_mask", "position_ids"]);
+    assert_eq!(inputs.len(), 3 + 2 * layers);
+    assert_eq!(outputs[0], "logits");
+    assert_eq!(outputs.len(), 1 + 2 * layers);
+    for l in 0..layers {
+        assert!(inputs.contains(&format!("past_key_values.{l}.key").as_str()));
+        assert!(outputs.contains(&format!("present.{l}.value").as_str()));
+    }
+    let data_len = std::fs::metadata(out.join("model.onnx.data"))
+        .unwrap()
+        .len();
+    let mut external = 0;
+    for t in &g.initializer {
+        if t.external_data.is_empty() {
+            assert!(!t.raw_data.is_empty(), "{} has no data", t.name);
+            continue;
+        }
+        external += 1;
+        let get = |k: &str| {
+            t.external_data
+                .iter()
+                .find(|e| e.key == k)
+                .map(|e| e.value.clone())
+                .unwrap_or_else(|| panic!("{} lacks `{k}`", t.name))
+        };
+        assert_eq!(get("location"), "model.onnx.data");
+        let offset: u64 = get("offset").parse().unwrap();
+        let length: u64 = get("length").parse().unwrap();
+        assert_eq!(offset % 4096, 0, "{} is not 4096-aligned", t.name);
+        assert!(
+            offset + length <= data_len,
+            "{} lies past the data file",
+            t.name
+        );
+        let numel: i64 = t.dims.iter().product();
+        assert_eq!(length as i64, numel * 4, "{} length", t.name);
+    }
+    assert!(external > 0);
+    // Node names live in the /model namespace and are unique.
+    let mut names: Vec<&str> = g.node.iter().map(|n| n.name.as_str()).collect();
+    assert!(names
+        .iter()
+        .all(|n| n.starts_with("/model/") || n.starts_with("/lm_head/")));
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), g.node.len());
+}
+
+fn python() -> PathBuf {
+    let p = cache_dir().join("venv/bin/python");
+    assert!(p.exists(), "{} missing: run scripts/setup.sh", p.display());
+    p
+}
+
+fn run_python(script: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(python())
+        .arg(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/python")
+                .join(script),
+        )
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+#[test]
+fn tiny_model_every_plan_and_form_matches_the_reference() {
+    let path = fixture("tiny_llama/tiny.q8_0.gguf");
+    let (ckpt, model) = load(&path);
+    let dir = tempfile::tempdir().unwrap();
+    let prompt: Vec<u32> = (0..12).map(|i| (i * 7 + 3) % 64).collect();
+    for spec in ["", "1-2", "0-1,2-3", "0-2"] {
+        let plan = Plan::parse(spec, 4).unwrap();
+        for form in [Form::Fused, Form::Branches] {
+            let out = emit_to(dir.path(), &ckpt, &model, &plan, form, ElemType::F32);
+            check_with_independent_decoder(&out, 4);
+            let v = run_validation(&out, &model, &plan, &prompt, 6);
+            let (logits, present) = report(&v, &format!("tiny `{spec}` {}", form.name()));
+            assert!(
+                logits <= 1e-4 && present <= 1e-4,
+                "`{spec}` {}",
+                form.name()
+            );
+            assert!(v.tokens_agree);
+        }
+    }
+}
+
+#[test]
+fn sliding_window_mask_matches_the_reference() {
+    let (ckpt, mut model) = load(&fixture("tiny_llama/hf_f32"));
+    model.config.family = depthc::checkpoint::Family::Mistral;
+    model.config.sliding_window = Some(5);
+    let dir = tempfile::tempdir().unwrap();
+    let plan = Plan::parse("1-2", 4).unwrap();
+    let out = emit_to(dir.path(), &ckpt, &model, &plan, Form::Fused, ElemType::F32);
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 5 + 1) % 64).collect();
+    let v = run_validation(&out, &model, &plan, &prompt, 8);
+    let (logits, present) = report(&v, "sliding window 5");
+    assert!(logits <= 1e-4 && present <= 1e-4);
+}
+
+#[test]
+fn onnx_checker_accepts_emitted_models() {
+    let (ckpt, model) = load(&fixture("tiny_llama/tiny.q8_0.gguf"));
+    let dir = tempfile::tempdir().unwrap();
+    for form in [Form::Fused, Form::Branches] {
+        let plan = Plan::parse("0-1,2-3", 4).unwrap();
+        let out = emit_to(dir.path(), &ckpt, &model, &plan, form, ElemType::F32);
+        let v = run_python("check_onnx.py", &[out.join(MODEL_FILE).to_str().unwrap()]);
+        assert_eq!(v["ir_version"], 10);
+        assert_eq!(v["opset"][""], 21);
+    }
+}
+
+/// Greedy tokens of the reference forward: prefill `prompt`, then `n` steps.
+fn reference_greedy(model: &Model, plan: &Plan, prompt: &[u32], n: usize) -> Vec<u32> {
+    let f = Forward::new(model);
+    let mut cache = KvCache::new(model.config.num_hidden_layers);
+    let opts = Options {
+        logits: Logits::Last,
+        capture_residuals: false,
+    };
+    let mut ids = prompt.to_vec();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let logits = f.run(plan, &ids, &mut cache, opts).unwrap().logits;
+        let next = logits
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+            )
+            .0 as u32;
+        out.push(next);
+        ids = vec![next];
+    }
+    out
+}
+
+#[test]
+fn real_model_plans_in_both_forms_match_the_reference() {
+    let path = real_model_path();
+    let (ckpt, model) = load(&path);
+    let tok = ckpt.tokenizer.as_ref().unwrap();
+    let text = std::fs::read_to_string(text_path("hamlet_gut.txt")).unwrap();
+    let prompt: Vec<u32> = tok.encode(&text[20000..22000]).unwrap()[..64].to_vec();
+    let layers = model.config.num_hidden_layers;
+    let dir = tempfile::tempdir().unwrap();
+    for spec in ["", "20..24", "10-11,20-21"] {
+        let plan = Plan::parse(spec, layers).unwrap();
+        let mut runs = Vec::new();
+        for form in [Form::Fused, Form::Branches] {
+            let out = emit_to(dir.path(), &ckpt, &model, &plan, form, ElemType::F32);
+            let mut session = DecoderSession::open(
+                &out.join(MODEL_FILE),
+                &model.config,
+                &RuntimeOptions::default(),
+            )
+            .unwrap();
+            let v = validate(&mut session, &Forward::new(&model), &plan, &prompt, 16, 1.0).unwrap();
+            let (logits, present) = report(&v, &format!("SmolLM2 `{spec}` {}", form.name()));
+            assert!(logits <= 1e-3, "`{spec}` {}: logits {logits}", form.name());
+            assert!(
+                present <= 1e-3,
+                "`{spec}` {}: present {present}",
+                form.name()
+            );
+            assert!(
+                v.tokens_agree,
+                "`{spec}` {}: greedy tokens differ",
+                form.name()
+            );
+            // Same inputs again, keeping ONNX Runtime's logits to compare the forms.
+            let mut logits_all = Vec::new();
+            let mut past = None;
+            let mut ids = prompt.clone();
+            for &next in &v.tokens_reference {
+                let step = session.step(&ids, past.as_ref()).unwrap();
+                logits_all.extend_from_slice(&step.logits);
+                past = Some(step);
+                ids = vec![next];
+            }
+            runs.push(logits_all);
+            drop(session);
+            std::fs::remove_dir_all(&out).unwrap();
+        }
+        let d = common::max_abs_diff(&runs[0], &runs[1]);
+        eprintln!("SmolLM2 `{spec}`: fused vs branches logits max abs {d:e}");
+        assert!(d <= 1e-4, "`{spec}`: fused and branches differ by {d}");
+    }
+}
+
+#[test]
+fn onnxruntime_genai_generates_the_reference_tokens() {
+    let path = real_model_path();
+    let (ckpt, model) = load(&path);
+    let layers = model.config.num_hidden_layers;
+    let plan = Plan::parse("20..24", layers).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = emit_to(dir.path(), &ckpt, &model, &plan, Form::Fused, ElemType::F32);
+    let v = run_python("check_onnx.py", &[out.join(MODEL_FILE).to_str().unwrap()]);
+    assert_eq!(v["outputs"].as_array().unwrap().len(), 1 + 2 * layers);
+
+    let tok = ckpt.tokenizer.as_ref().unwrap();
+    let prompt = tok
+        .encode("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind")
+        .unwrap();
+    let expected = reference_greedy(&model, &plan, &prompt, 16);
+    let mut args = vec![out.to_str().unwrap().to_string(), "16".to_string()];
+    args.extend(prompt.iter().map(|i| i.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let g = run_python("genai_generate.py", &args);
+    let got: Vec<u32> = g["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    eprintln!("genai: {got:?}\nreference: {expected:?}");
+    assert_eq!(got, expected, "onnxruntime-genai greedy tokens");
+    assert!(g["decoded_prompt"]
+        .as_str()
+        .unwrap()
+        .starts_with("To be, or not"));
+}
