@@ -118,9 +118,14 @@ pub struct ValidateArgs {
     /// Tokens of the prefill.
     #[arg(long, default_value_t = 64)]
     pub prompt_tokens: usize,
-    /// Largest accepted absolute difference on any output.
-    #[arg(long, default_value_t = 1e-3)]
-    pub tolerance: f32,
+    /// Largest accepted absolute difference on any output (default: 1e-3 for
+    /// float32 models; float16 models are held to --rel-tolerance 1e-2 instead).
+    #[arg(long)]
+    pub tolerance: Option<f32>,
+    /// Largest accepted difference relative to the largest reference magnitude
+    /// of each output.
+    #[arg(long)]
+    pub rel_tolerance: Option<f32>,
     /// ONNX Runtime shared library (default: $ORT_DYLIB_PATH, then the copy
     /// scripts/setup.sh installs in .cache/onnxruntime/).
     #[arg(long)]

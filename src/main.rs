@@ -362,7 +362,8 @@ For in that sleep of death what dreams may come\n";
 
 fn validate(a: ValidateArgs) -> Result<()> {
     use depthc::onnx::{package::MODEL_FILE, read_metadata};
-    use depthc::runtime::{validate::validate, Device, RuntimeOptions};
+    use depthc::runtime::validate::{validate, Tolerance};
+    use depthc::runtime::{Device, RuntimeOptions};
     let model_path = a.dir.join(MODEL_FILE);
     if !model_path.is_file() {
         bail!(
@@ -381,6 +382,10 @@ fn validate(a: ValidateArgs) -> Result<()> {
                 model_path.display()
             )
         })?;
+    let float = match metadata.iter().find(|(k, _)| k == "depthc.dtype") {
+        Some((_, v)) if v == "float16" => depthc::graph::ElemType::F16,
+        _ => depthc::graph::ElemType::F32,
+    };
     let ckpt = Checkpoint::open(&a.model)?;
     let plan = Plan::parse(&spec, ckpt.config.num_hidden_layers)?;
     let text = match &a.text {
@@ -403,16 +408,24 @@ fn validate(a: ValidateArgs) -> Result<()> {
     let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
     drop(ckpt);
     pb.set_message(format!("loading {}", model_path.display()));
-    let mut session = depthc::runtime::DecoderSession::open(&model_path, &model.config, &opts)?;
+    let mut session = depthc::runtime::DecoderSession::open(&model_path, &model.config, float, &opts)?;
     pb.set_message("validating");
     let forward = Forward::new(&model);
-    let v = validate(&mut session, &forward, &plan, &prompt, a.steps, a.tolerance)?;
+    let tolerance = if a.tolerance.is_some() || a.rel_tolerance.is_some() {
+        Tolerance {
+            abs: a.tolerance,
+            rel: a.rel_tolerance,
+        }
+    } else {
+        Tolerance::default_for(float)
+    };
+    let v = validate(&mut session, &forward, &plan, &prompt, a.steps, tolerance)?;
     pb.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "plan `{}`: prefill {} tokens + {} decode steps, tolerance {:e}",
+            "plan `{}`: prefill {} tokens + {} decode steps, tolerance {}",
             v.plan, v.prompt_tokens, v.steps, v.tolerance
         );
         let worst_present = v
@@ -439,16 +452,36 @@ fn validate(a: ValidateArgs) -> Result<()> {
             "  greedy tokens {}",
             if v.tokens_agree { "agree" } else { "DIFFER" }
         );
+        for f in &v.failures {
+            println!("  FAILED {f}");
+        }
+        if !v.tokens_agree {
+            println!(
+                "  FAILED greedy tokens: reference {:?}, onnx {:?}",
+                v.tokens_reference, v.tokens_onnx
+            );
+        }
     }
     if !v.passed() {
-        let mut lines = v.failures.clone();
-        if !v.tokens_agree {
-            lines.push(format!(
-                "greedy tokens differ: reference {:?}, onnx {:?}",
-                v.tokens_reference, v.tokens_onnx
-            ));
-        }
-        bail!("validation failed: {}", lines.join("; "));
+        let worst = v
+            .outputs
+            .iter()
+            .filter(|o| !o.passed)
+            .max_by(|x, y| x.max_rel.total_cmp(&y.max_rel));
+        bail!(
+            "validation failed: {} of {} outputs over tolerance{}{}",
+            v.failures.len(),
+            v.outputs.len(),
+            worst.map_or(String::new(), |o| format!(
+                " (worst {}: max abs {:.3e}, max rel {:.3e})",
+                o.name, o.max_abs, o.max_rel
+            )),
+            if v.tokens_agree {
+                ""
+            } else {
+                "; greedy tokens differ"
+            }
+        );
     }
     Ok(())
 }

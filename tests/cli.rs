@@ -308,3 +308,89 @@ fn convert_refuses_to_overwrite() {
         &["already exists"],
     );
 }
+
+#[test]
+fn emit_refuses_bad_plans_and_unwritable_outputs_leaving_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny_llama/tiny.q8_0.gguf");
+    let out = dir.path().join("out");
+    fails_with(
+        &["emit", s(&model), "--plan", "3-4", "-o", s(&out)],
+        &["plan `3-4`", "out of range"],
+    );
+    assert!(!out.exists());
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let inside = file.join("out");
+    fails_with(
+        &["emit", s(&model), "-o", s(&inside)],
+        &["a-file", "not a directory"],
+    );
+    std::fs::create_dir(&out).unwrap();
+    fails_with(&["emit", s(&model), "-o", s(&out)], &["already exists"]);
+    // Nothing but what the test made: no temporary directory left behind.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+}
+
+#[test]
+fn validate_names_a_missing_runtime_library_and_how_to_get_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny_llama/tiny.q8_0.gguf");
+    let out = dir.path().join("out");
+    let r = depthc(&["emit", s(&model), "--plan", "1-2", "-o", s(&out)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    fails_with(
+        &[
+            "validate",
+            s(&out),
+            "--model",
+            s(&model),
+            "--ort-lib",
+            "/no/such/libonnxruntime.so",
+        ],
+        &["/no/such/libonnxruntime.so", "not found", "onnxruntime==1.31.1"],
+    );
+    // A file that is not a shared library.
+    let r = Command::new(env!("CARGO_BIN_EXE_depthc"))
+        .args(["validate", s(&out), "--model", s(&model)])
+        .env("ORT_DYLIB_PATH", s(&model))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: ONNX Runtime: cannot load"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    // Not an emitted directory.
+    fails_with(
+        &["validate", s(dir.path()), "--model", s(&model)],
+        &["no model.onnx"],
+    );
+}
+
+#[test]
+fn emit_then_validate_succeeds_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny_llama/tiny.q8_0.gguf");
+    let out = dir.path().join("out");
+    let r = depthc(&["emit", s(&model), "--plan", "0..4", "--form", "branches", "-o", s(&out)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("branches form"), "{}", r.stdout);
+    for f in ["model.onnx", "model.onnx.data", "genai_config.json", "config.json", "tokenizer.json"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let genai: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("genai_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(genai["search"]["past_present_share_buffer"], false);
+    assert_eq!(genai["model"]["decoder"]["num_hidden_layers"], 4);
+    let r = depthc(&["validate", s(&out), "--model", s(&model), "--steps", "4", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["plan"], "0-1,2-3");
+    assert_eq!(v["tokens_agree"], true);
+    assert_eq!(v["outputs"].as_array().unwrap().len(), 9);
+}

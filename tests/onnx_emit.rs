@@ -15,10 +15,16 @@ use depthc::graph::{ElemType, Form};
 use depthc::model::Model;
 use depthc::onnx::package::{emit, EmitOptions, Source, MODEL_FILE};
 use depthc::plan::Plan;
-use depthc::runtime::validate::{validate, Validation};
+use depthc::runtime::validate::{validate, Tolerance, Validation};
 use depthc::runtime::{DecoderSession, RuntimeOptions};
 use indicatif::ProgressBar;
 use protobuf::Message;
+
+/// Validation records the differences; the tests assert their own bounds.
+const LOOSE: Tolerance = Tolerance {
+    abs: None,
+    rel: None,
+};
 
 fn emit_to(
     dir: &Path,
@@ -54,10 +60,11 @@ fn run_validation(
     let mut session = DecoderSession::open(
         &out.join(MODEL_FILE),
         &model.config,
+        ElemType::F32,
         &RuntimeOptions::default(),
     )
     .expect("ONNX Runtime session (run scripts/setup.sh for the library)");
-    validate(&mut session, &Forward::new(model), plan, prompt, steps, 1.0).expect("validate")
+    validate(&mut session, &Forward::new(model), plan, prompt, steps, LOOSE).expect("validate")
 }
 
 fn report(v: &Validation, what: &str) -> (f32, f32) {
@@ -75,7 +82,7 @@ fn report(v: &Validation, what: &str) -> (f32, f32) {
 
 /// Decode with the `onnx-protobuf` crate (rust-protobuf, the full ONNX schema)
 /// and check the I/O contract and the external data layout.
-fn check_with_independent_decoder(out: &Path, layers: usize) {
+fn check_with_independent_decoder(out: &Path, layers: usize, float_bytes: i64) {
     let bytes = std::fs::read(out.join(MODEL_FILE)).unwrap();
     let m = onnx_protobuf::ModelProto::parse_from_bytes(&bytes).expect("onnx-protobuf decodes");
     assert_eq!(m.ir_version, 10);
@@ -120,7 +127,7 @@ fn check_with_independent_decoder(out: &Path, layers: usize) {
             t.name
         );
         let numel: i64 = t.dims.iter().product();
-        assert_eq!(length as i64, numel * 4, "{} length", t.name);
+        assert_eq!(length as i64, numel * float_bytes, "{} length", t.name);
     }
     assert!(external > 0);
     // Node names live in the /model namespace and are unique.
@@ -167,7 +174,7 @@ fn tiny_model_every_plan_and_form_matches_the_reference() {
         let plan = Plan::parse(spec, 4).unwrap();
         for form in [Form::Fused, Form::Branches] {
             let out = emit_to(dir.path(), &ckpt, &model, &plan, form, ElemType::F32);
-            check_with_independent_decoder(&out, 4);
+            check_with_independent_decoder(&out, 4, 4);
             let v = run_validation(&out, &model, &plan, &prompt, 6);
             let (logits, present) = report(&v, &format!("tiny `{spec}` {}", form.name()));
             assert!(
@@ -250,10 +257,11 @@ fn real_model_plans_in_both_forms_match_the_reference() {
             let mut session = DecoderSession::open(
                 &out.join(MODEL_FILE),
                 &model.config,
+                ElemType::F32,
                 &RuntimeOptions::default(),
             )
             .unwrap();
-            let v = validate(&mut session, &Forward::new(&model), &plan, &prompt, 16, 1.0).unwrap();
+            let v = validate(&mut session, &Forward::new(&model), &plan, &prompt, 16, LOOSE).unwrap();
             let (logits, present) = report(&v, &format!("SmolLM2 `{spec}` {}", form.name()));
             assert!(logits <= 1e-3, "`{spec}` {}: logits {logits}", form.name());
             assert!(
@@ -318,4 +326,33 @@ fn onnxruntime_genai_generates_the_reference_tokens() {
         .as_str()
         .unwrap()
         .starts_with("To be, or not"));
+}
+
+#[test]
+fn float16_model_matches_within_half_precision() {
+    let (ckpt, model) = load(&real_model_path());
+    let layers = model.config.num_hidden_layers;
+    let plan = Plan::parse("20..24", layers).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = emit_to(dir.path(), &ckpt, &model, &plan, Form::Fused, ElemType::F16);
+    check_with_independent_decoder(&out, layers, 2);
+    let mut session = DecoderSession::open(
+        &out.join(MODEL_FILE),
+        &model.config,
+        ElemType::F16,
+        &RuntimeOptions::default(),
+    )
+    .unwrap();
+    let prompt = ckpt
+        .tokenizer
+        .as_ref()
+        .unwrap()
+        .encode("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind")
+        .unwrap();
+    let tol = Tolerance::default_for(ElemType::F16);
+    let v = validate(&mut session, &Forward::new(&model), &plan, &prompt, 8, tol).unwrap();
+    let worst = v.outputs.iter().map(|o| o.max_rel).fold(0f32, f32::max);
+    eprintln!("float16: logits max abs {:e}, worst max rel {worst:e}", v.outputs[0].max_abs);
+    assert!(v.failures.is_empty(), "{:?}", v.failures);
+    assert!(v.tokens_agree);
 }

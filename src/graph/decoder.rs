@@ -253,9 +253,23 @@ impl<'m> Decoder<'m> {
 
     /// `Pow(x,2) -> ReduceMean -> Add(eps) -> Sqrt -> Div -> Mul(w)`, the
     /// pattern ONNX Runtime fuses into SimplifiedLayerNormalization.
+    /// In float16 models the statistics are computed in float32 (squares of
+    /// residual values overflow float16): `Cast` before `Pow` and after `Div`.
     fn make_rms_norm(&self, b: &mut Builder<'m>, p: &str, x: &str, norm: Norm<'m>) -> String {
         let h = self.model.config.hidden_size;
-        let two = b.scalar(2.0);
+        let f16 = self.float == ElemType::F16;
+        let x = if f16 {
+            b.node(
+                &format!("{p}/Cast"),
+                "Cast",
+                &[x],
+                vec![("to", Attr::Int(crate::onnx::proto::data_type::FLOAT as i64))],
+            )
+        } else {
+            x.to_string()
+        };
+        let x = x.as_str();
+        let two = b.scalar_f32(2.0);
         let pow = b.node(&format!("{p}/Pow"), "Pow", &[x, &two], vec![]);
         let axes = b.ints(&[-1]);
         let mean = b.node(
@@ -264,10 +278,18 @@ impl<'m> Decoder<'m> {
             &[&pow, &axes],
             vec![("keepdims", Attr::Int(1))],
         );
-        let eps = b.scalar(self.model.config.rms_norm_eps as f32);
+        let eps = b.scalar_f32(self.model.config.rms_norm_eps as f32);
         let add = b.node(&format!("{p}/Add"), "Add", &[&mean, &eps], vec![]);
         let sqrt = b.node(&format!("{p}/Sqrt"), "Sqrt", &[&add], vec![]);
-        let div = b.node(&format!("{p}/Div"), "Div", &[x, &sqrt], vec![]);
+        let mut div = b.node(&format!("{p}/Div"), "Div", &[x, &sqrt], vec![]);
+        if f16 {
+            div = b.node(
+                &format!("{p}/Cast_1"),
+                "Cast",
+                &[&div],
+                vec![("to", Attr::Int(crate::onnx::proto::data_type::FLOAT16 as i64))],
+            );
+        }
         let weight_name = format!("{}.weight", p.trim_start_matches('/').replace('/', "."));
         let w = match norm {
             Norm::Weight(w) => b.weight(&weight_name, vec![h], Box::new(move || w.to_vec())),

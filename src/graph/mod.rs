@@ -75,6 +75,9 @@ pub enum InitData<'m> {
     /// Small float constants (eps, scale, mask fill), stored inline in the
     /// model's float type.
     Scalar(f32),
+    /// A float32 scalar whatever the model's float type (norm statistics are
+    /// computed in float32).
+    ScalarF32(f32),
     /// Model weights, computed when written, stored in the model's float type.
     Weight(WeightFn<'m>),
 }
@@ -227,6 +230,22 @@ impl<'m> Builder<'m> {
                 name: name.clone(),
                 dims: Vec::new(),
                 data: InitData::Scalar(value),
+            });
+        }
+        name
+    }
+
+    /// A float32 scalar, shared by name.
+    pub fn scalar_f32(&mut self, value: f32) -> String {
+        if self.graph.float == ElemType::F32 {
+            return self.scalar(value);
+        }
+        let name = format!("/model/constants/F32/{value:e}");
+        if self.names.insert(name.clone()) {
+            self.graph.initializers.push(Initializer {
+                name: name.clone(),
+                dims: Vec::new(),
+                data: InitData::ScalarF32(value),
             });
         }
         name

@@ -138,6 +138,10 @@ pub fn write(graph: &Graph, model_path: &Path, progress: &ProgressBar) -> Result
                 t.data_type = elem_type(graph.float);
                 t.raw_data = float_bytes(&[*v], graph.float);
             }
+            InitData::ScalarF32(v) => {
+                t.data_type = data_type::FLOAT;
+                t.raw_data = v.to_le_bytes().to_vec();
+            }
             InitData::Weight(values) => {
                 let values = values();
                 if values.len() != numel {

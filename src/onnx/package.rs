@@ -64,9 +64,14 @@ pub fn emit(
         _ => PathBuf::from("."),
     };
     if !parent.is_dir() {
+        let why = if parent.exists() {
+            "is not a directory"
+        } else {
+            "does not exist"
+        };
         return Err(Error::output(
             out,
-            format!("parent directory {} does not exist", parent.display()),
+            format!("cannot write here: {} {why}", parent.display()),
         ));
     }
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));

@@ -15,7 +15,8 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::Tensor;
 
 use crate::checkpoint::ModelConfig;
-use crate::graph::contract;
+use crate::graph::{contract, ElemType};
+use half::f16;
 use crate::{Error, Result};
 
 /// The library `scripts/setup.sh` installs, relative to its cache.
@@ -125,6 +126,9 @@ pub struct StepOutput {
 /// A decoder session with the I/O contract of [`contract`].
 pub struct DecoderSession {
     session: Session,
+    /// Float type of the KV cache and logits (float16 values are converted
+    /// to and from f32 at the boundary).
+    float: ElemType,
     layers: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -136,7 +140,12 @@ fn ort_err(context: &str) -> impl Fn(ort::Error) -> Error + '_ {
 }
 
 impl DecoderSession {
-    pub fn open(model_path: &Path, cfg: &ModelConfig, opts: &RuntimeOptions) -> Result<Self> {
+    pub fn open(
+        model_path: &Path,
+        cfg: &ModelConfig,
+        float: ElemType,
+        opts: &RuntimeOptions,
+    ) -> Result<Self> {
         let env = environment(opts)?;
         let mut builder = Session::builder(env)
             .map_err(ort_err("session options"))?
@@ -163,6 +172,7 @@ impl DecoderSession {
             .map_err(|e| Error::Runtime(format!("{}: {e}", model_path.display())))?;
         Ok(DecoderSession {
             session,
+            float,
             layers: cfg.num_hidden_layers,
             kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
@@ -200,23 +210,39 @@ impl DecoderSession {
             };
             let shape = vec![1i64, nkv as i64, past_len as i64, hd as i64];
             for (name, data) in [(contract::past_key(l), k), (contract::past_value(l), v)] {
-                let t = Tensor::from_array((shape.clone(), data)).map_err(ort_err("input"))?;
-                inputs.push((name.into(), t.into()));
+                let value: SessionInputValue = if self.float == ElemType::F16 {
+                    let data: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
+                    Tensor::from_array((shape.clone(), data))
+                        .map_err(ort_err("input"))?
+                        .into()
+                } else {
+                    Tensor::from_array((shape.clone(), data))
+                        .map_err(ort_err("input"))?
+                        .into()
+                };
+                inputs.push((name.into(), value));
             }
         }
         let outputs = self.session.run(inputs).map_err(ort_err("run"))?;
+        let float = self.float;
         let extract = |name: &str, want: &[usize]| -> Result<Vec<f32>> {
             let value = outputs
                 .get(name)
                 .ok_or_else(|| Error::Runtime(format!("the model has no output `{name}`")))?;
-            let (shape, data) = value.try_extract_tensor::<f32>().map_err(ort_err(name))?;
+            let (shape, data) = if float == ElemType::F16 {
+                let (shape, data) = value.try_extract_tensor::<f16>().map_err(ort_err(name))?;
+                (shape, data.iter().map(|x| x.to_f32()).collect())
+            } else {
+                let (shape, data) = value.try_extract_tensor::<f32>().map_err(ort_err(name))?;
+                (shape, data.to_vec())
+            };
             let got: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
             if got != want {
                 return Err(Error::Runtime(format!(
                     "output `{name}` has shape {got:?}, expected {want:?}"
                 )));
             }
-            Ok(data.to_vec())
+            Ok(data)
         };
         let logits = extract(contract::LOGITS, &[1, s, self.vocab])?;
         let mut present = Vec::with_capacity(self.layers);

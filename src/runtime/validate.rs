@@ -24,12 +24,52 @@ pub struct OutputError {
     pub passed: bool,
 }
 
+/// What an output must stay within; both bounds apply when both are set.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Tolerance {
+    /// Largest accepted absolute difference.
+    pub abs: Option<f32>,
+    /// Largest accepted difference relative to the largest reference magnitude.
+    pub rel: Option<f32>,
+}
+
+impl Tolerance {
+    /// float32: 1e-3 absolute. float16 (11-bit mantissa): 1e-2 relative.
+    pub fn default_for(float: crate::graph::ElemType) -> Self {
+        match float {
+            crate::graph::ElemType::F16 => Tolerance {
+                abs: None,
+                rel: Some(1e-2),
+            },
+            _ => Tolerance {
+                abs: Some(1e-3),
+                rel: None,
+            },
+        }
+    }
+
+    fn accepts(&self, abs: f32, rel: f32) -> bool {
+        self.abs.is_none_or(|t| abs <= t) && self.rel.is_none_or(|t| rel <= t)
+    }
+}
+
+impl std::fmt::Display for Tolerance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.abs, self.rel) {
+            (Some(a), Some(r)) => write!(f, "abs {a:e}, rel {r:e}"),
+            (Some(a), None) => write!(f, "abs {a:e}"),
+            (None, Some(r)) => write!(f, "rel {r:e}"),
+            (None, None) => write!(f, "none"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Validation {
     pub plan: String,
     pub prompt_tokens: usize,
     pub steps: usize,
-    pub tolerance: f32,
+    pub tolerance: Tolerance,
     pub outputs: Vec<OutputError>,
     /// Greedy next tokens of the reference after the prefill and each step.
     pub tokens_reference: Vec<u32>,
@@ -107,7 +147,7 @@ pub fn validate(
     plan: &Plan,
     prompt: &[u32],
     steps: usize,
-    tolerance: f32,
+    tolerance: Tolerance,
 ) -> Result<Validation> {
     let cfg = &forward.model.config;
     let (layers, nkv, hd, vocab) = (
@@ -188,11 +228,11 @@ pub fn validate(
         } else {
             o.max_abs
         };
-        o.passed = o.max_abs <= tolerance;
+        o.passed = tolerance.accepts(o.max_abs, o.max_rel);
         if !o.passed {
             failures.push(format!(
-                "{}: max abs error {:e} > {tolerance:e} (at {})",
-                o.name, o.max_abs, o.worst_at
+                "{}: max abs {:.3e}, max rel {:.3e} (at {}), tolerance {tolerance}",
+                o.name, o.max_abs, o.max_rel, o.worst_at
             ));
         }
     }
