@@ -408,7 +408,8 @@ fn validate(a: ValidateArgs) -> Result<()> {
     let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
     drop(ckpt);
     pb.set_message(format!("loading {}", model_path.display()));
-    let mut session = depthc::runtime::DecoderSession::open(&model_path, &model.config, float, &opts)?;
+    let mut session =
+        depthc::runtime::DecoderSession::open(&model_path, &model.config, float, &opts)?;
     pb.set_message("validating");
     let forward = Forward::new(&model);
     let tolerance = if a.tolerance.is_some() || a.rel_tolerance.is_some() {

@@ -352,7 +352,11 @@ fn validate_names_a_missing_runtime_library_and_how_to_get_it() {
             "--ort-lib",
             "/no/such/libonnxruntime.so",
         ],
-        &["/no/such/libonnxruntime.so", "not found", "onnxruntime==1.31.1"],
+        &[
+            "/no/such/libonnxruntime.so",
+            "not found",
+            "onnxruntime==1.31.1",
+        ],
     );
     // A file that is not a shared library.
     let r = Command::new(env!("CARGO_BIN_EXE_depthc"))
@@ -362,7 +366,10 @@ fn validate_names_a_missing_runtime_library_and_how_to_get_it() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&r.stderr);
     assert_eq!(r.status.code(), Some(1), "{stderr}");
-    assert!(stderr.starts_with("error: ONNX Runtime: cannot load"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ONNX Runtime: cannot load"),
+        "{stderr}"
+    );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     // Not an emitted directory.
     fails_with(
@@ -376,10 +383,25 @@ fn emit_then_validate_succeeds_on_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("tiny_llama/tiny.q8_0.gguf");
     let out = dir.path().join("out");
-    let r = depthc(&["emit", s(&model), "--plan", "0..4", "--form", "branches", "-o", s(&out)]);
+    let r = depthc(&[
+        "emit",
+        s(&model),
+        "--plan",
+        "0..4",
+        "--form",
+        "branches",
+        "-o",
+        s(&out),
+    ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("branches form"), "{}", r.stdout);
-    for f in ["model.onnx", "model.onnx.data", "genai_config.json", "config.json", "tokenizer.json"] {
+    for f in [
+        "model.onnx",
+        "model.onnx.data",
+        "genai_config.json",
+        "config.json",
+        "tokenizer.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let genai: Value =
@@ -387,7 +409,15 @@ fn emit_then_validate_succeeds_on_the_command_line() {
             .unwrap();
     assert_eq!(genai["search"]["past_present_share_buffer"], false);
     assert_eq!(genai["model"]["decoder"]["num_hidden_layers"], 4);
-    let r = depthc(&["validate", s(&out), "--model", s(&model), "--steps", "4", "--json"]);
+    let r = depthc(&[
+        "validate",
+        s(&out),
+        "--model",
+        s(&model),
+        "--steps",
+        "4",
+        "--json",
+    ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v: Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["plan"], "0-1,2-3");

@@ -64,7 +64,15 @@ fn run_validation(
         &RuntimeOptions::default(),
     )
     .expect("ONNX Runtime session (run scripts/setup.sh for the library)");
-    validate(&mut session, &Forward::new(model), plan, prompt, steps, LOOSE).expect("validate")
+    validate(
+        &mut session,
+        &Forward::new(model),
+        plan,
+        prompt,
+        steps,
+        LOOSE,
+    )
+    .expect("validate")
 }
 
 fn report(v: &Validation, what: &str) -> (f32, f32) {
@@ -261,7 +269,15 @@ fn real_model_plans_in_both_forms_match_the_reference() {
                 &RuntimeOptions::default(),
             )
             .unwrap();
-            let v = validate(&mut session, &Forward::new(&model), &plan, &prompt, 16, LOOSE).unwrap();
+            let v = validate(
+                &mut session,
+                &Forward::new(&model),
+                &plan,
+                &prompt,
+                16,
+                LOOSE,
+            )
+            .unwrap();
             let (logits, present) = report(&v, &format!("SmolLM2 `{spec}` {}", form.name()));
             assert!(logits <= 1e-3, "`{spec}` {}: logits {logits}", form.name());
             assert!(
@@ -352,7 +368,10 @@ fn float16_model_matches_within_half_precision() {
     let tol = Tolerance::default_for(ElemType::F16);
     let v = validate(&mut session, &Forward::new(&model), &plan, &prompt, 8, tol).unwrap();
     let worst = v.outputs.iter().map(|o| o.max_rel).fold(0f32, f32::max);
-    eprintln!("float16: logits max abs {:e}, worst max rel {worst:e}", v.outputs[0].max_abs);
+    eprintln!(
+        "float16: logits max abs {:e}, worst max rel {worst:e}",
+        v.outputs[0].max_abs
+    );
     assert!(v.failures.is_empty(), "{:?}", v.failures);
     assert!(v.tokens_agree);
 }

@@ -600,11 +600,10 @@ impl TensorSource for GgufSource {
         };
         let t = &self.file.tensors[m.index];
         let mut out = vec![0f32; m.info.numel()];
-        dequant::to_f32(
-            m.info.dtype,
-            self.file.tensor_bytes(t, m.info.dtype),
-            &mut out,
-        );
+        let bytes = self.file.tensor_bytes(t, m.info.dtype);
+        dequant::to_f32(m.info.dtype, bytes, &mut out);
+        let begin = self.file.data_start + t.offset;
+        super::release_pages(&self.file.mmap, begin, begin + bytes.len());
         match (m.unpermute_heads, m.info.shape.as_slice()) {
             (Some(heads), &[rows, cols]) => {
                 if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {

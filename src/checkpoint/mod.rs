@@ -70,6 +70,21 @@ pub trait TensorSource: Send + Sync {
     }
 }
 
+/// Drop the resident pages of `mmap[begin..end]` once a tensor has been
+/// converted, so that loading never holds the file and the f32 weights in
+/// memory at once. The mapping is read-only and file-backed: a later read
+/// of the range faults the pages in from the file again.
+pub(crate) fn release_pages(mmap: &memmap2::Mmap, begin: usize, end: usize) {
+    #[cfg(unix)]
+    if end > begin {
+        // SAFETY: DONTNEED on a read-only, file-backed mapping only discards
+        // clean page-cache references; the contents stay those of the file.
+        let _ = unsafe {
+            mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, begin, end - begin)
+        };
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     HuggingFace,

@@ -200,11 +200,9 @@ impl TensorSource for SafetensorsSource {
             .get(name)
             .ok_or_else(|| Error::tensor(self.file_of(name), name, "not found"))?;
         let mut out = vec![0f32; e.info.numel()];
-        dequant::to_f32(
-            e.info.dtype,
-            &self.shards[e.shard].mmap[e.begin..e.end],
-            &mut out,
-        );
+        let mmap = &self.shards[e.shard].mmap;
+        dequant::to_f32(e.info.dtype, &mmap[e.begin..e.end], &mut out);
+        super::release_pages(mmap, e.begin, e.end);
         Ok(out)
     }
     fn file_of(&self, name: &str) -> PathBuf {

@@ -287,7 +287,10 @@ impl<'m> Decoder<'m> {
                 &format!("{p}/Cast_1"),
                 "Cast",
                 &[&div],
-                vec![("to", Attr::Int(crate::onnx::proto::data_type::FLOAT16 as i64))],
+                vec![(
+                    "to",
+                    Attr::Int(crate::onnx::proto::data_type::FLOAT16 as i64),
+                )],
             );
         }
         let weight_name = format!("{}.weight", p.trim_start_matches('/').replace('/', "."));

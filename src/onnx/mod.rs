@@ -100,6 +100,18 @@ fn float_bytes(values: &[f32], float: ElemType) -> Vec<u8> {
     }
 }
 
+/// Stream `values` as little-endian bytes of `float` in small chunks (no
+/// second copy of a large weight); returns the bytes written.
+fn write_floats(out: &mut impl Write, values: &[f32], float: ElemType) -> std::io::Result<u64> {
+    let mut written = 0u64;
+    for chunk in values.chunks(16384) {
+        let bytes = float_bytes(chunk, float);
+        out.write_all(&bytes)?;
+        written += bytes.len() as u64;
+    }
+    Ok(written)
+}
+
 /// Write `graph` as `model_path` plus its external data `{model_path}.data`,
 /// computing each weight only when it is written.
 pub fn write(graph: &Graph, model_path: &Path, progress: &ProgressBar) -> Result<Written> {
@@ -155,14 +167,13 @@ pub fn write(graph: &Graph, model_path: &Path, progress: &ProgressBar) -> Result
                         ),
                     ));
                 }
-                let bytes = float_bytes(&values, graph.float);
-                drop(values);
                 let pad = offset.next_multiple_of(ALIGNMENT) - offset;
                 data.write_all(&vec![0u8; pad as usize])
                     .map_err(|e| Error::io(&data_path, e))?;
                 offset += pad;
-                data.write_all(&bytes)
+                let length = write_floats(&mut data, &values, graph.float)
                     .map_err(|e| Error::io(&data_path, e))?;
+                drop(values);
                 t.data_type = elem_type(graph.float);
                 t.data_location = DATA_LOCATION_EXTERNAL;
                 let entry = |k: &str, v: String| StringStringEntryProto {
@@ -172,9 +183,9 @@ pub fn write(graph: &Graph, model_path: &Path, progress: &ProgressBar) -> Result
                 t.external_data = vec![
                     entry("location", data_name.clone()),
                     entry("offset", offset.to_string()),
-                    entry("length", bytes.len().to_string()),
+                    entry("length", length.to_string()),
                 ];
-                offset += bytes.len() as u64;
+                offset += length;
                 progress.inc(1);
             }
         }

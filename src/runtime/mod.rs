@@ -16,8 +16,8 @@ use ort::value::Tensor;
 
 use crate::checkpoint::ModelConfig;
 use crate::graph::{contract, ElemType};
-use half::f16;
 use crate::{Error, Result};
+use half::f16;
 
 /// The library `scripts/setup.sh` installs, relative to its cache.
 pub const SETUP_LIBRARY: &str = "onnxruntime/libonnxruntime.so.1.31.1";
