@@ -23,6 +23,13 @@ use depthc::plan::Plan;
 use depthc::search;
 
 fn main() {
+    // Die quietly on a closed pipe (`depthc inspect MODEL | head`), as command
+    // line tools do, instead of panicking on the next print.
+    #[cfg(unix)]
+    // SAFETY: resetting a signal disposition to its default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(a) => inspect(a),
