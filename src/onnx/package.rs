@@ -140,6 +140,7 @@ fn fill(
             &json!({
                 "bos_token_id": cfg.bos_token_id,
                 "eos_token_id": cfg.eos_token_id,
+                "pad_token_id": cfg.eos_token_id,
                 "do_sample": false,
             }),
         )?;
