@@ -52,11 +52,11 @@ PY
 fi
 
 VENV="$CACHE/venv"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import onnx, onnxruntime_genai, numpy" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import onnx, onnxruntime_genai, numpy, jsonschema" 2>/dev/null; then
   rm -rf "$VENV"
   python3 -m venv "$VENV.part"
   "$VENV.part/bin/python" -m pip install --quiet --disable-pip-version-check \
-    numpy onnx==1.23.2 "onnxruntime==$ORT_VERSION" onnxruntime-genai==0.18.0
+    numpy onnx==1.23.2 "onnxruntime==$ORT_VERSION" onnxruntime-genai==0.18.0 jsonschema
   mv "$VENV.part" "$VENV"
 fi
 

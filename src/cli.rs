@@ -49,8 +49,98 @@ pub enum Command {
     /// greedy tokens agree. Exit code 1 when any output exceeds --tolerance or a
     /// token differs; every failing output is listed.
     Validate(ValidateArgs),
+    /// Search the layer pairing that keeps the model closest to itself, and write a report.
+    ///
+    /// The original model runs once over the calibration windows, keeping the residual
+    /// stream at every layer boundary (the activation cache); every candidate plan then
+    /// starts at its first changed layer. Strategies: `contiguous` (every even-length
+    /// range [s, e) split into pairs: the paper's family and the heatmap's landscape),
+    /// `greedy` (disjoint adjacent pairs anywhere, adding the cheapest pair each round),
+    /// `beam` (the --beam-width best plans kept each round). The budget is one of
+    /// --pairs, --min-similarity or --max-depth (default: --pairs L/8). Writes
+    /// search-report.json, search-report.md, heatmap.svg and pairs.svg into -o DIR.
+    Search(SearchArgs),
     /// Time the full-sequence reference forward (tokens/s, peak memory).
     BenchForward(BenchForwardArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StrategyArg {
+    Contiguous,
+    Greedy,
+    Beam,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum MetricArg {
+    /// Mean cosine of final hidden states (higher is better).
+    Cosine,
+    /// Mean KL(original || candidate) of next-token distributions (lower is better).
+    Kl,
+    /// Top-1 next-token agreement (higher is better).
+    Top1,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("budget").args(["pairs", "min_similarity", "max_depth"])))]
+pub struct SearchArgs {
+    /// Model directory or .gguf file.
+    pub model: PathBuf,
+    /// Calibration input, repeatable: text files or folders of them (tokenized with the
+    /// model's tokenizer), or token ids (.json array, .npy integer array). Default: the
+    /// built-in public-domain text (four Shakespeare plays).
+    #[arg(long)]
+    pub calib: Vec<PathBuf>,
+    /// Report directory (must not exist yet).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Strategies to run, comma-separated; the chosen plan is the best over all of them.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "contiguous,greedy"
+    )]
+    pub strategy: Vec<StrategyArg>,
+    /// Plans kept each round by the beam strategy.
+    #[arg(long, default_value_t = 4)]
+    pub beam_width: usize,
+    /// Budget: exactly this many pairs.
+    #[arg(long)]
+    pub pairs: Option<usize>,
+    /// Budget: the most pairs whose --metric stays at least this good (for kl: at most).
+    #[arg(long)]
+    pub min_similarity: Option<f64>,
+    /// Budget: at most this many layers deep after pairing.
+    #[arg(long)]
+    pub max_depth: Option<usize>,
+    /// Never pair the first N layers.
+    #[arg(long, default_value_t = 2)]
+    pub protect_first: usize,
+    /// Never pair the last N layers.
+    #[arg(long, default_value_t = 2)]
+    pub protect_last: usize,
+    /// The metric that ranks candidates.
+    #[arg(long, value_enum, default_value_t = MetricArg::Kl)]
+    pub metric: MetricArg,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Calibration tokens used at most.
+    #[arg(long, default_value_t = 16384)]
+    pub max_tokens: usize,
+    /// Text for perplexity before and after the chosen plan, kept apart from calibration.
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// Windows of --seq-len tokens of the --eval text.
+    #[arg(long, default_value_t = 16)]
+    pub eval_windows: usize,
+    /// Activation cache kept in memory (MiB); the rest spills to a temporary file.
+    #[arg(long, default_value_t = 2048)]
+    pub memory_budget_mib: u64,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// How a parallel group is written in ONNX.

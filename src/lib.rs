@@ -12,7 +12,9 @@ pub mod forward;
 pub mod graph;
 pub mod model;
 pub mod onnx;
+pub mod output;
 pub mod plan;
+pub mod report;
 pub mod runtime;
 pub mod search;
 

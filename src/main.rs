@@ -14,7 +14,7 @@ use serde_json::json;
 
 use cli::{
     BenchForwardArgs, Cli, Command, ConvertArgs, DeviceArg, EmitArgs, EvalArgs, FormArg,
-    InspectArgs, OnnxDtype, StoreDtype, ValidateArgs,
+    InspectArgs, MetricArg, OnnxDtype, SearchArgs, StoreDtype, StrategyArg, ValidateArgs,
 };
 use depthc::checkpoint::{safetensors, Checkpoint};
 use depthc::forward::{Forward, KvCache, Logits, Options};
@@ -37,6 +37,7 @@ fn main() {
         Command::Convert(a) => convert(a),
         Command::Emit(a) => emit(a),
         Command::Validate(a) => validate(a),
+        Command::Search(a) => search_command(a),
         Command::BenchForward(a) => bench_forward(a),
     };
     if let Err(e) = result {
@@ -491,5 +492,187 @@ fn validate(a: ValidateArgs) -> Result<()> {
             }
         );
     }
+    Ok(())
+}
+
+fn search_command(a: SearchArgs) -> Result<()> {
+    use depthc::report::{EvalSection, ModelIdentity, SearchReport, Timings};
+    use depthc::search::strategy::{Budget, Metric, SearchSpace, Strategy};
+    use depthc::search::{calib, SearchOptions};
+    let t0 = Instant::now();
+    if a.output.exists() {
+        bail!(
+            "{}: already exists; choose a new output directory",
+            a.output.display()
+        );
+    }
+    let ckpt = Checkpoint::open(&a.model)?;
+    let cfg = ckpt.config.clone();
+    let layers = cfg.num_hidden_layers;
+    let calibration = calib::load(
+        &a.calib,
+        ckpt.tokenizer.as_ref(),
+        cfg.vocab_size,
+        a.seq_len,
+        a.max_tokens,
+    )?;
+    let eval_windows = match &a.eval {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("{}: cannot read --eval text", p.display()))?;
+            let ids = ckpt.require_tokenizer()?.encode(&text)?;
+            let w: Vec<Vec<u32>> = search::windows(&ids, a.seq_len, Some(a.eval_windows))?
+                .into_iter()
+                .map(<[u32]>::to_vec)
+                .collect();
+            Some((p.display().to_string(), w))
+        }
+        None => None,
+    };
+    let budget = match (a.pairs, a.min_similarity, a.max_depth) {
+        (Some(k), _, _) => Budget::Pairs(k),
+        (_, Some(x), _) => Budget::MinSimilarity(x),
+        (_, _, Some(d)) => Budget::MaxDepth(d),
+        _ => Budget::Pairs((layers / 8).max(1)),
+    };
+    let space = SearchSpace {
+        num_layers: layers,
+        protect_first: a.protect_first,
+        protect_last: a.protect_last,
+    };
+    depthc::search::strategy::pairs_for(budget, &space)?;
+    let metric = match a.metric {
+        MetricArg::Cosine => Metric::Cosine,
+        MetricArg::Kl => Metric::Kl,
+        MetricArg::Top1 => Metric::Top1,
+    };
+    let mut strategies: Vec<Strategy> = Vec::new();
+    for s in &a.strategy {
+        let s = match s {
+            StrategyArg::Contiguous => Strategy::Contiguous,
+            StrategyArg::Greedy => Strategy::Greedy,
+            StrategyArg::Beam => Strategy::Beam,
+        };
+        if !strategies.contains(&s) {
+            strategies.push(s);
+        }
+    }
+    let content_hash = calib::content_hash(&a.model)?;
+    let pb = spinner(&format!("loading {}", a.model.display()));
+    let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
+    let identity = ModelIdentity {
+        path: a.model.display().to_string(),
+        format: format!("{:?}", ckpt.format).to_lowercase(),
+        family: cfg.family.name().to_string(),
+        layers,
+        hidden_size: cfg.hidden_size,
+        content_hash,
+    };
+    drop(ckpt);
+    pb.finish_and_clear();
+    let load_s = t0.elapsed().as_secs_f64();
+    let forward = Forward::new(&model);
+    let progress = bar(
+        0,
+        "search {msg:>12} {bar:30} {pos}/{len} window runs, {eta} left",
+    )?;
+    let opts = SearchOptions {
+        strategies: strategies.clone(),
+        beam_width: a.beam_width,
+        budget,
+        space,
+        metric,
+        memory_budget_bytes: a.memory_budget_mib * 1024 * 1024,
+    };
+    let outcome = search::search(&forward, &calibration.windows, &opts, &progress)?;
+    progress.finish_and_clear();
+    let t_eval = Instant::now();
+    let eval = match &eval_windows {
+        Some((text, w)) => {
+            let plan = Plan::parse(&outcome.chosen.plan, layers)?;
+            let refs: Vec<&[u32]> = w.iter().map(Vec::as_slice).collect();
+            let r = search::evaluate(&forward, Some(&plan), &refs, &ProgressBar::hidden())?;
+            Some(EvalSection {
+                text: text.clone(),
+                windows: r.windows,
+                seq_len: r.seq_len,
+                perplexity_before: r.perplexity_original.unwrap_or(r.perplexity),
+                perplexity_after: r.perplexity,
+            })
+        }
+        None => None,
+    };
+    let eval_s = t_eval.elapsed().as_secs_f64();
+    let timings = Timings {
+        load_s,
+        one_forward_s: outcome.timings.one_forward_s,
+        search_s: outcome.timings.search_s,
+        search_forward_multiple: outcome.timings.search_s / outcome.timings.one_forward_s,
+        strategy_forward_multiples: outcome.timings.strategy_forward_multiples.clone(),
+        eval_s,
+        total_s: t0.elapsed().as_secs_f64(),
+    };
+    let report = SearchReport::new(
+        identity,
+        &calibration,
+        &outcome,
+        metric,
+        &strategies,
+        a.beam_width,
+        budget,
+        (a.protect_first, a.protect_last),
+        eval,
+        timings,
+    );
+    depthc::output::new_directory(&a.output, |dir| report.write(dir))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "chosen_plan": report.chosen_plan,
+                "depth_before": report.depth_before,
+                "depth_after": report.depth_after,
+                "cosine": report.chosen.scores.cosine,
+                "kl": report.chosen.scores.kl,
+                "top1_agreement": report.chosen.scores.top1_agreement,
+                "eval": report.eval,
+                "candidates": report.candidates.len(),
+                "search_forward_multiple": report.timings.search_forward_multiple,
+                "report": a.output.join("search-report.json"),
+            }))?
+        );
+        return Ok(());
+    }
+    let c = &report.chosen;
+    println!(
+        "chosen plan    {} ({}, depth {} -> {})",
+        report.chosen_plan,
+        c.strategy.name(),
+        report.depth_before,
+        report.depth_after
+    );
+    println!(
+        "similarity     cosine {:.6}, kl {:.6}, top-1 {:.4}",
+        c.scores.cosine, c.scores.kl, c.scores.top1_agreement
+    );
+    if let Some(e) = &report.eval {
+        println!(
+            "perplexity     {:.4} -> {:.4} (x{:.4}) on {}",
+            e.perplexity_before,
+            e.perplexity_after,
+            e.perplexity_after / e.perplexity_before,
+            e.text
+        );
+    }
+    println!(
+        "search         {} candidates in {:.1} s = {:.2}x one forward ({:.2} s, {} tokens)",
+        report.candidates.len(),
+        report.timings.search_s,
+        report.timings.search_forward_multiple,
+        report.timings.one_forward_s,
+        report.calibration.tokens
+    );
+    println!("why            {}", report.reason);
+    println!("report         {}", a.output.display());
     Ok(())
 }

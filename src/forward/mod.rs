@@ -123,15 +123,57 @@ impl<'m> Forward<'m> {
                 cfg.vocab_size
             )));
         }
-        let t = ids.len();
         let h = cfg.hidden_size;
-        let start = cache.len;
-        let mut x = vec![0f32; t * h];
+        let mut x = vec![0f32; ids.len() * h];
         for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
             row.copy_from_slice(self.model.embed_tokens.row(id as usize));
         }
+        self.run_steps(&plan.steps, x, ids.len(), cache, opts)
+    }
+
+    /// Continue the full-sequence forward of `plan` from the residual stream
+    /// `x [T, hidden]` entering `first_layer` (the activation cache of the
+    /// search): the plan's steps before it must be the original's single layers.
+    pub fn run_from(
+        &self,
+        plan: &Plan,
+        first_layer: usize,
+        x: Vec<f32>,
+        opts: Options,
+    ) -> Result<Output> {
+        let cfg = &self.model.config;
+        let at = plan
+            .steps
+            .iter()
+            .position(|s| s.layers()[0] >= first_layer)
+            .unwrap_or(plan.steps.len());
+        let prefix_is_original = plan.steps[..at]
+            .iter()
+            .enumerate()
+            .all(|(i, s)| s.layers() == [i]);
+        if !prefix_is_original || at != first_layer {
+            return Err(Error::Input(format!(
+                "plan `{plan}` changes layers before {first_layer}"
+            )));
+        }
+        let t = x.len() / cfg.hidden_size;
+        let mut cache = KvCache::new(cfg.num_hidden_layers);
+        self.run_steps(&plan.steps[at..], x, t, &mut cache, opts)
+    }
+
+    fn run_steps(
+        &self,
+        steps: &[crate::plan::Step],
+        mut x: Vec<f32>,
+        t: usize,
+        cache: &mut KvCache,
+        opts: Options,
+    ) -> Result<Output> {
+        let cfg = &self.model.config;
+        let h = cfg.hidden_size;
+        let start = cache.len;
         let mut residuals = Vec::new();
-        for step in &plan.steps {
+        for step in steps {
             if opts.capture_residuals {
                 residuals.push(x.clone());
             }

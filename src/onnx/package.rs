@@ -6,7 +6,7 @@
 //! The directory is written under a temporary name beside its destination and
 //! renamed when complete: an error never leaves a half-written directory.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use indicatif::ProgressBar;
 use serde_json::{json, Value};
@@ -49,45 +49,7 @@ pub fn emit(
     out: &Path,
     progress: &ProgressBar,
 ) -> Result<Written> {
-    if out.exists() {
-        return Err(Error::output(
-            out,
-            "already exists; choose a new output directory",
-        ));
-    }
-    let name = out
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::output(out, "the output needs a UTF-8 directory name"))?;
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !parent.is_dir() {
-        let why = if parent.exists() {
-            "is not a directory"
-        } else {
-            "does not exist"
-        };
-        return Err(Error::output(
-            out,
-            format!("cannot write here: {} {why}", parent.display()),
-        ));
-    }
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = fill(model, plan, source, opts, &tmp, progress).and_then(|w| {
-        std::fs::rename(&tmp, out)
-            .map(|_| w)
-            .map_err(|e| Error::io(out, e))
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    crate::output::new_directory(out, |dir| fill(model, plan, source, opts, dir, progress))
 }
 
 fn fill(

@@ -2,7 +2,12 @@
 //! outputs with the original model's (perplexity, cosine of final hidden
 //! states, KL(original || plan) of next-token distributions, top-1 agreement).
 
+pub mod cache;
+pub mod calib;
 pub mod metrics;
+pub mod strategy;
+
+use std::time::Instant;
 
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -137,5 +142,164 @@ pub fn evaluate(
             kl: Some(comparison.mean_kl()),
             top1_agreement: Some(comparison.top1_agreement()),
         },
+    })
+}
+
+/// What `depthc search` looks for and within which limits.
+pub struct SearchOptions {
+    pub strategies: Vec<strategy::Strategy>,
+    pub beam_width: usize,
+    pub budget: strategy::Budget,
+    pub space: strategy::SearchSpace,
+    pub metric: strategy::Metric,
+    /// Residuals kept in memory before spilling to disk.
+    pub memory_budget_bytes: u64,
+}
+
+/// The best plan found by one strategy for one pair count.
+#[derive(Debug, Clone, Serialize)]
+pub struct BestAtPairs {
+    pub pairs: usize,
+    pub strategy: strategy::Strategy,
+    pub plan: String,
+    pub value: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchTimings {
+    /// Building the activation cache: one full forward of the original
+    /// over the calibration tokens (with residual capture and logits).
+    pub one_forward_s: f64,
+    /// Scoring every candidate of every strategy.
+    pub search_s: f64,
+    /// Per strategy, its scoring time as a multiple of `one_forward_s`.
+    pub strategy_forward_multiples: Vec<(strategy::Strategy, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchOutcome {
+    pub candidates: Vec<strategy::Candidate>,
+    pub chosen: strategy::Candidate,
+    pub reason: String,
+    pub best_by_pairs: Vec<BestAtPairs>,
+    pub timings: SearchTimings,
+    pub cache_memory_bytes: u64,
+    pub cache_disk_bytes: u64,
+}
+
+/// Build the activation cache, run every strategy, choose a plan for the budget.
+pub fn search(
+    forward: &Forward,
+    windows: &[Vec<u32>],
+    opts: &SearchOptions,
+    progress: &ProgressBar,
+) -> Result<SearchOutcome> {
+    use strategy::{best_with, pairs_for, Budget, Scorer, Strategy};
+    let want = pairs_for(opts.budget, &opts.space)?;
+    let t0 = Instant::now();
+    progress.set_length(windows.len() as u64);
+    progress.set_message("original forward");
+    let cache =
+        cache::ActivationCache::build(forward, windows, opts.memory_budget_bytes, progress)?;
+    let one_forward_s = t0.elapsed().as_secs_f64();
+    let scorer = Scorer {
+        forward,
+        cache: &cache,
+        progress,
+    };
+    let stop = match opts.budget {
+        Budget::MinSimilarity(x) => Some(x),
+        _ => None,
+    };
+    let mut candidates = Vec::new();
+    let mut multiples = Vec::new();
+    let t1 = Instant::now();
+    for &s in &opts.strategies {
+        progress.set_message(s.name());
+        let ts = Instant::now();
+        let found = match s {
+            Strategy::Contiguous => scorer.contiguous(&opts.space, opts.metric)?,
+            Strategy::Greedy => scorer.beam(&opts.space, 1, want, opts.metric, stop)?,
+            Strategy::Beam => {
+                scorer.beam(&opts.space, opts.beam_width.max(2), want, opts.metric, stop)?
+            }
+        };
+        multiples.push((s, ts.elapsed().as_secs_f64() / one_forward_s));
+        candidates.extend(found);
+    }
+    let search_s = t1.elapsed().as_secs_f64();
+    let metric = opts.metric;
+    let mut best_by_pairs = Vec::new();
+    for pairs in 1..=opts.space.max_pairs() {
+        for &s in &opts.strategies {
+            if let Some(c) = best_with(&candidates, pairs, metric, Some(s)) {
+                best_by_pairs.push(BestAtPairs {
+                    pairs,
+                    strategy: s,
+                    plan: c.plan.clone(),
+                    value: metric.of(&c.scores),
+                });
+            }
+        }
+    }
+    let (chosen, reason) =
+        match opts.budget {
+            Budget::MinSimilarity(x) => {
+                let k =
+                    (1..=want)
+                        .rev()
+                        .find(|&k| {
+                            best_with(&candidates, k, metric, None)
+                                .is_some_and(|c| metric.meets(metric.of(&c.scores), x))
+                        })
+                        .ok_or_else(|| {
+                            Error::Input(format!(
+                        "no plan keeps {} {} {x}, not even one pair: lower --min-similarity",
+                        metric.name(),
+                        if metric == strategy::Metric::Kl { "<=" } else { ">=" }
+                    ))
+                        })?;
+                let c = best_with(&candidates, k, metric, None).expect("found above");
+                let reason = format!(
+                    "the most pairs ({k}) whose best plan keeps {} {} {x} ({:.6})",
+                    metric.name(),
+                    if metric == strategy::Metric::Kl {
+                        "<="
+                    } else {
+                        ">="
+                    },
+                    metric.of(&c.scores)
+                );
+                (c.clone(), reason)
+            }
+            _ => {
+                let c = best_with(&candidates, want, metric, None).ok_or_else(|| {
+                    Error::Input(format!("no strategy produced a plan with {want} pairs"))
+                })?;
+                let reason = format!(
+                    "the best {} of every {want}-pair plan scored ({} strategies: {})",
+                    metric.name(),
+                    opts.strategies.len(),
+                    opts.strategies
+                        .iter()
+                        .map(|s| s.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                (c.clone(), reason)
+            }
+        };
+    Ok(SearchOutcome {
+        candidates,
+        chosen,
+        reason,
+        best_by_pairs,
+        timings: SearchTimings {
+            one_forward_s,
+            search_s,
+            strategy_forward_multiples: multiples,
+        },
+        cache_memory_bytes: cache.memory_bytes,
+        cache_disk_bytes: cache.disk_bytes,
     })
 }

@@ -1,0 +1,447 @@
+//! Search-report artifacts: `search-report.json` (schema:
+//! `schemas/search-report.schema.json`), `search-report.md`, and two plots
+//! drawn with `plotters`: `heatmap.svg` (contiguous ranges, start x end,
+//! coloured by the metric, the landscape of the paper's figure) and
+//! `pairs.svg` (the cost of each single pair along depth; the metric against
+//! the number of pairs for each strategy).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::search::calib::Calibration;
+use crate::search::strategy::{Budget, Candidate, Metric, Strategy};
+use crate::search::{BestAtPairs, SearchOutcome};
+use crate::{Error, Result};
+
+pub const SCHEMA_ID: &str = "https://depthc.dev/schemas/search-report.schema.json";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelIdentity {
+    pub path: String,
+    pub format: String,
+    pub family: String,
+    pub layers: usize,
+    pub hidden_size: usize,
+    pub content_hash: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalSection {
+    pub text: String,
+    pub windows: usize,
+    pub seq_len: usize,
+    pub perplexity_before: f64,
+    pub perplexity_after: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Timings {
+    pub load_s: f64,
+    pub one_forward_s: f64,
+    pub search_s: f64,
+    pub search_forward_multiple: f64,
+    pub strategy_forward_multiples: Vec<(Strategy, f64)>,
+    pub eval_s: f64,
+    pub total_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricDefinitions {
+    pub cosine: &'static str,
+    pub kl: &'static str,
+    pub top1: &'static str,
+}
+
+const DEFINITIONS: MetricDefinitions = MetricDefinitions {
+    cosine: "mean over calibration positions of the cosine similarity of the final hidden \
+             states (after the final norm), candidate vs original",
+    kl: "mean over calibration positions of KL(original || candidate) of the next-token \
+         distributions, in nats",
+    top1: "fraction of calibration positions whose most likely next token is the same",
+};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchReport {
+    #[serde(rename = "$schema")]
+    pub schema: &'static str,
+    pub depthc_version: &'static str,
+    /// The search is deterministic; recorded for reproducibility.
+    pub seed: u64,
+    pub model: ModelIdentity,
+    pub calibration: CalibrationSection,
+    pub metric: Metric,
+    pub metric_definitions: MetricDefinitions,
+    pub strategies: Vec<Strategy>,
+    pub beam_width: usize,
+    pub budget: Budget,
+    pub protect_first: usize,
+    pub protect_last: usize,
+    pub candidates: Vec<Candidate>,
+    pub best_by_pairs: Vec<BestAtPairs>,
+    pub chosen_plan: String,
+    pub chosen: Candidate,
+    pub reason: String,
+    pub depth_before: usize,
+    pub depth_after: usize,
+    pub eval: Option<EvalSection>,
+    pub activation_cache: CacheSection,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CalibrationSection {
+    #[serde(flatten)]
+    pub calibration: Calibration,
+    pub windows: usize,
+    pub tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheSection {
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+#[allow(clippy::too_many_arguments)]
+impl SearchReport {
+    pub fn new(
+        model: ModelIdentity,
+        calibration: &Calibration,
+        outcome: &SearchOutcome,
+        metric: Metric,
+        strategies: &[Strategy],
+        beam_width: usize,
+        budget: Budget,
+        protect: (usize, usize),
+        eval: Option<EvalSection>,
+        timings: Timings,
+    ) -> Self {
+        let layers = model.layers;
+        SearchReport {
+            schema: SCHEMA_ID,
+            depthc_version: env!("CARGO_PKG_VERSION"),
+            seed: 0,
+            model,
+            calibration: CalibrationSection {
+                calibration: calibration.clone(),
+                windows: calibration.windows.len(),
+                tokens: calibration.tokens(),
+            },
+            metric,
+            metric_definitions: DEFINITIONS,
+            strategies: strategies.to_vec(),
+            beam_width,
+            budget,
+            protect_first: protect.0,
+            protect_last: protect.1,
+            candidates: outcome.candidates.clone(),
+            best_by_pairs: outcome.best_by_pairs.clone(),
+            chosen_plan: outcome.chosen.plan.clone(),
+            chosen: outcome.chosen.clone(),
+            reason: outcome.reason.clone(),
+            depth_before: layers,
+            depth_after: outcome.chosen.depth,
+            eval,
+            activation_cache: CacheSection {
+                memory_bytes: outcome.cache_memory_bytes,
+                disk_bytes: outcome.cache_disk_bytes,
+            },
+            timings,
+        }
+    }
+
+    /// Write the four artifacts into `dir` (which must exist).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self).expect("report serialises");
+        let path = dir.join("search-report.json");
+        std::fs::write(&path, json + "\n").map_err(|e| Error::io(&path, e))?;
+        let path = dir.join("search-report.md");
+        std::fs::write(&path, self.markdown()).map_err(|e| Error::io(&path, e))?;
+        self.heatmap(&dir.join("heatmap.svg"))?;
+        self.pairs_plot(&dir.join("pairs.svg"))?;
+        Ok(())
+    }
+
+    fn markdown(&self) -> String {
+        let m = self.metric;
+        let mut s = String::new();
+        let _ = writeln!(s, "# depthc search report\n");
+        let _ = writeln!(
+            s,
+            "Model `{}` ({}, {} layers, {}).\n",
+            self.model.path, self.model.family, self.model.layers, self.model.content_hash
+        );
+        let _ = writeln!(
+            s,
+            "Calibration: {} windows of {} tokens ({} tokens) from {}.\n",
+            self.calibration.windows,
+            self.calibration.calibration.seq_len,
+            self.calibration.tokens,
+            self.calibration
+                .calibration
+                .sources
+                .iter()
+                .map(|c| format!("`{}`", c.path))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let _ = writeln!(s, "## Chosen plan\n");
+        let c = &self.chosen;
+        let _ = writeln!(
+            s,
+            "`{}` ({} strategy): depth {} -> {}, cosine {:.6}, KL {:.6}, top-1 {:.4}.\n",
+            self.chosen_plan,
+            c.strategy.name(),
+            self.depth_before,
+            self.depth_after,
+            c.scores.cosine,
+            c.scores.kl,
+            c.scores.top1_agreement
+        );
+        let _ = writeln!(s, "Why: {}.\n", self.reason);
+        if let Some(e) = &self.eval {
+            let _ = writeln!(
+                s,
+                "Perplexity on `{}` ({} windows of {}): {:.4} before, {:.4} after (x{:.4}).\n",
+                e.text,
+                e.windows,
+                e.seq_len,
+                e.perplexity_before,
+                e.perplexity_after,
+                e.perplexity_after / e.perplexity_before
+            );
+        }
+        let _ = writeln!(s, "## Best plan for each pair count ({})\n", m.name());
+        let _ = writeln!(s, "| pairs | depth | strategy | plan | {} |", m.name());
+        let _ = writeln!(s, "|---|---|---|---|---|");
+        for b in &self.best_by_pairs {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | `{}` | {:.6} |",
+                b.pairs,
+                self.depth_before - b.pairs,
+                b.strategy.name(),
+                b.plan,
+                b.value
+            );
+        }
+        let mut lines = Vec::new();
+        let max_pairs = self
+            .best_by_pairs
+            .iter()
+            .map(|b| b.pairs)
+            .max()
+            .unwrap_or(0);
+        for k in 1..=max_pairs {
+            let of = |st: Strategy| {
+                self.best_by_pairs
+                    .iter()
+                    .find(|b| b.pairs == k && b.strategy == st)
+            };
+            if let (Some(c), Some(g)) = (of(Strategy::Contiguous), of(Strategy::Greedy)) {
+                let winner = if m.better(g.value, c.value) {
+                    "greedy"
+                } else if m.better(c.value, g.value) {
+                    "contiguous"
+                } else {
+                    "tie"
+                };
+                lines.push(format!(
+                    "| {k} | `{}` {:.6} | `{}` {:.6} | {winner} by {:.6} |",
+                    c.plan,
+                    c.value,
+                    g.plan,
+                    g.value,
+                    (g.value - c.value).abs()
+                ));
+            }
+        }
+        if !lines.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n## Greedy against the best contiguous range\n\n| pairs | contiguous | greedy | winner |\n|---|---|---|---|"
+            );
+            for l in lines {
+                let _ = writeln!(s, "{l}");
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\n## Cost\n\n{} candidates scored in {:.1} s = {:.2}x one forward pass over the \
+             calibration tokens ({:.2} s).\n",
+            self.candidates.len(),
+            self.timings.search_s,
+            self.timings.search_forward_multiple,
+            self.timings.one_forward_s
+        );
+        let _ = writeln!(
+            s,
+            "Plots: `heatmap.svg` (contiguous ranges), `pairs.svg` (single pairs along depth; metric against pairs)."
+        );
+        s
+    }
+
+    fn heatmap(&self, path: &Path) -> Result<()> {
+        let m = self.metric;
+        let cells: Vec<(usize, usize, f64)> = self
+            .candidates
+            .iter()
+            .filter(|c| c.strategy == Strategy::Contiguous)
+            .map(|c| {
+                let s = c.groups.first().map_or(0, |g| g.0);
+                let e = c.groups.last().map_or(0, |g| g.1 + 1);
+                (s, e, m.of(&c.scores))
+            })
+            .collect();
+        let l = self.model.layers;
+        let (lo, hi) = cells
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), c| {
+                (a.min(c.2), b.max(c.2))
+            });
+        let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+            let root = SVGBackend::new(path, (720, 640)).into_drawing_area();
+            root.fill(&WHITE)?;
+            let title = if cells.is_empty() {
+                "contiguous ranges: none scored (strategy contiguous not run)".to_string()
+            } else {
+                format!(
+                    "contiguous ranges [start, end): {} ({:.4} .. {:.4})",
+                    m.name(),
+                    lo,
+                    hi
+                )
+            };
+            let mut chart = ChartBuilder::on(&root)
+                .caption(title, ("sans-serif", 18))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(50)
+                .build_cartesian_2d(0..l, 0..l + 1)?;
+            chart
+                .configure_mesh()
+                .x_desc("start layer")
+                .y_desc("end layer (exclusive)")
+                .disable_mesh()
+                .draw()?;
+            chart.draw_series(cells.iter().map(|&(s, e, v)| {
+                let t = if hi > lo { (v - lo) / (hi - lo) } else { 1.0 };
+                let t = if m == Metric::Kl { 1.0 - t } else { t };
+                Rectangle::new([(s, e), (s + 1, e - 1)], colour(t).filled())
+            }))?;
+            root.present()?;
+            Ok(())
+        };
+        draw().map_err(|e| Error::output(path, format!("cannot draw: {e}")))
+    }
+
+    fn pairs_plot(&self, path: &Path) -> Result<()> {
+        let m = self.metric;
+        let singles: Vec<(usize, f64)> = {
+            let mut v: Vec<(usize, f64)> = self
+                .candidates
+                .iter()
+                .filter(|c| c.pairs == 1)
+                .map(|c| (c.groups[0].0, m.of(&c.scores)))
+                .collect();
+            v.sort_by_key(|x| x.0);
+            v.dedup_by_key(|x| x.0);
+            v
+        };
+        let l = self.model.layers;
+        let values: Vec<f64> = self
+            .candidates
+            .iter()
+            .map(|c| m.of(&c.scores))
+            .chain(self.best_by_pairs.iter().map(|b| b.value))
+            .collect();
+        let lo = values.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = values.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let (lo, hi) = if hi > lo {
+            (lo, hi)
+        } else {
+            (lo - 0.5, hi + 0.5)
+        };
+        let pad = (hi - lo) * 0.05;
+        let max_pairs = self
+            .best_by_pairs
+            .iter()
+            .map(|b| b.pairs)
+            .max()
+            .unwrap_or(1);
+        let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+            let root = SVGBackend::new(path, (760, 720)).into_drawing_area();
+            root.fill(&WHITE)?;
+            let (top, bottom) = root.split_vertically(360);
+            let mut a = ChartBuilder::on(&top)
+                .caption(
+                    format!("cost of each single pair (i, i+1): {}", m.name()),
+                    ("sans-serif", 18),
+                )
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0..l, (lo - pad)..(hi + pad))?;
+            a.configure_mesh()
+                .x_desc("first layer of the pair")
+                .y_desc(m.name())
+                .draw()?;
+            a.draw_series(LineSeries::new(singles.iter().cloned(), &BLUE))?;
+            a.draw_series(
+                singles
+                    .iter()
+                    .map(|&(x, y)| Circle::new((x, y), 3, BLUE.filled())),
+            )?;
+            let mut b = ChartBuilder::on(&bottom)
+                .caption(
+                    format!("best {} against the number of pairs", m.name()),
+                    ("sans-serif", 18),
+                )
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0..max_pairs + 1, (lo - pad)..(hi + pad))?;
+            b.configure_mesh().x_desc("pairs").y_desc(m.name()).draw()?;
+            for (k, s) in self.strategies.iter().enumerate() {
+                let colour = [&RED, &BLUE, &GREEN][k % 3];
+                let pts: Vec<(usize, f64)> = self
+                    .best_by_pairs
+                    .iter()
+                    .filter(|x| x.strategy == *s)
+                    .map(|x| (x.pairs, x.value))
+                    .collect();
+                b.draw_series(LineSeries::new(pts.clone(), colour))?
+                    .label(s.name())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
+                b.draw_series(pts.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
+            }
+            b.configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+            root.present()?;
+            Ok(())
+        };
+        draw().map_err(|e| Error::output(path, format!("cannot draw: {e}")))
+    }
+}
+
+/// A dark-blue (0) to yellow (1) scale, roughly viridis.
+fn colour(t: f64) -> RGBColor {
+    let stops = [
+        (68.0, 1.0, 84.0),
+        (59.0, 82.0, 139.0),
+        (33.0, 145.0, 140.0),
+        (94.0, 201.0, 98.0),
+        (253.0, 231.0, 37.0),
+    ];
+    let t = t.clamp(0.0, 1.0) * (stops.len() - 1) as f64;
+    let i = (t.floor() as usize).min(stops.len() - 2);
+    let f = t - i as f64;
+    let (a, b) = (stops[i], stops[i + 1]);
+    let mix = |x: f64, y: f64| (x + (y - x) * f).round() as u8;
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}

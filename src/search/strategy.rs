@@ -1,0 +1,499 @@
+//! Search strategies over LP plans, scored against the original model on the
+//! calibration windows from the [`ActivationCache`]:
+//!
+//! - `contiguous`: every even-length range `[s, e)` split into adjacent pairs
+//!   (the paper's family; also the landscape of the heatmap);
+//! - `greedy`: disjoint adjacent pairs anywhere, adding the pair that costs
+//!   least each round, re-scored end to end;
+//! - `beam`: the same with the `B` best plans kept each round.
+//!
+//! Metrics per candidate (means over all calibration positions): cosine of
+//! final hidden states (after the final norm), KL(original || candidate) of
+//! next-token distributions, top-1 agreement.
+
+use indicatif::ProgressBar;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::cache::ActivationCache;
+use super::metrics::cosine;
+use crate::forward::ops::{matmul_t, rms_norm};
+use crate::forward::{Forward, Logits, Options};
+use crate::plan::Plan;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    Cosine,
+    Kl,
+    Top1,
+}
+
+impl Metric {
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Cosine => "cosine",
+            Metric::Kl => "kl",
+            Metric::Top1 => "top1",
+        }
+    }
+    pub fn of(self, s: &Scores) -> f64 {
+        match self {
+            Metric::Cosine => s.cosine,
+            Metric::Kl => s.kl,
+            Metric::Top1 => s.top1_agreement,
+        }
+    }
+    /// Is `a` better than `b`? (KL: lower is better.)
+    pub fn better(self, a: f64, b: f64) -> bool {
+        match self {
+            Metric::Kl => a < b,
+            _ => a > b,
+        }
+    }
+    /// Total order, best first (NaN last).
+    pub fn order(self, a: f64, b: f64) -> std::cmp::Ordering {
+        let key = |v: f64| {
+            if v.is_nan() {
+                f64::INFINITY
+            } else if self == Metric::Kl {
+                v
+            } else {
+                -v
+            }
+        };
+        key(a).total_cmp(&key(b))
+    }
+
+    /// Does `v` meet a `--min-similarity` threshold?
+    pub fn meets(self, v: f64, threshold: f64) -> bool {
+        match self {
+            Metric::Kl => v <= threshold,
+            _ => v >= threshold,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    Contiguous,
+    Greedy,
+    Beam,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Contiguous => "contiguous",
+            Strategy::Greedy => "greedy",
+            Strategy::Beam => "beam",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Budget {
+    /// Exactly this many pairs.
+    Pairs(usize),
+    /// The most pairs whose metric still meets this.
+    MinSimilarity(f64),
+    /// At most this depth (number of steps).
+    MaxDepth(usize),
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Scores {
+    pub cosine: f64,
+    pub kl: f64,
+    pub top1_agreement: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Candidate {
+    pub plan: String,
+    pub strategy: Strategy,
+    pub pairs: usize,
+    pub depth: usize,
+    pub first_changed_layer: usize,
+    /// Calibration windows this candidate was scored on (racing drops the
+    /// clearly worse candidates of a round early).
+    pub windows: usize,
+    #[serde(flatten)]
+    pub scores: Scores,
+    #[serde(skip)]
+    pub groups: Vec<(usize, usize)>,
+}
+
+pub struct SearchSpace {
+    pub num_layers: usize,
+    pub protect_first: usize,
+    pub protect_last: usize,
+}
+
+impl SearchSpace {
+    /// Layers that may be paired: `[protect_first, L - protect_last)`.
+    pub fn range(&self) -> (usize, usize) {
+        (
+            self.protect_first,
+            self.num_layers.saturating_sub(self.protect_last),
+        )
+    }
+    pub fn max_pairs(&self) -> usize {
+        let (lo, hi) = self.range();
+        hi.saturating_sub(lo) / 2
+    }
+}
+
+/// Sums of one candidate's metrics over positions.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sums {
+    cosine: f64,
+    kl: f64,
+    top1: usize,
+    positions: usize,
+}
+
+/// The original's next-token statistics on one window.
+struct Original {
+    /// Probabilities `[T, V]`.
+    probs: Vec<f32>,
+    /// `sum_v p log p` per position.
+    neg_entropy: Vec<f64>,
+    argmax: Vec<usize>,
+    final_hidden: Vec<f32>,
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// `log sum exp` of a row, accumulated in f64.
+fn log_sum_exp(row: &[f32]) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    max as f64 + sum.ln()
+}
+
+impl Original {
+    fn new(forward: &Forward, last_residual: &[f32]) -> Original {
+        let cfg = &forward.model.config;
+        let vocab = cfg.vocab_size;
+        let final_hidden = rms_norm(last_residual, &forward.model.norm, cfg.rms_norm_eps);
+        let t = final_hidden.len() / cfg.hidden_size;
+        let logits = matmul_t(&final_hidden, t, forward.model.lm_head());
+        let mut probs = vec![0f32; logits.len()];
+        let mut neg_entropy = Vec::with_capacity(t);
+        let mut arg = Vec::with_capacity(t);
+        for (row, p) in logits
+            .chunks_exact(vocab)
+            .zip(probs.chunks_exact_mut(vocab))
+        {
+            let lse = log_sum_exp(row);
+            let mut ne = 0f64;
+            for (pv, &l) in p.iter_mut().zip(row) {
+                let lp = l as f64 - lse;
+                let pr = lp.exp();
+                *pv = pr as f32;
+                ne += pr * lp;
+            }
+            neg_entropy.push(ne);
+            arg.push(argmax(row));
+        }
+        Original {
+            probs,
+            neg_entropy,
+            argmax: arg,
+            final_hidden,
+        }
+    }
+
+    /// Compare a candidate's final hidden states and logits with the original.
+    fn compare(&self, hidden: &[f32], logits: &[f32], width: usize, vocab: usize) -> Sums {
+        let mut s = Sums::default();
+        for (pos, row) in logits.chunks_exact(vocab).enumerate() {
+            let p = &self.probs[pos * vocab..(pos + 1) * vocab];
+            // KL(p || q) = sum p log p - sum p l + logsumexp(l)
+            let dot: f64 = p.iter().zip(row).map(|(&a, &b)| a as f64 * b as f64).sum();
+            s.kl += self.neg_entropy[pos] - dot + log_sum_exp(row);
+            s.top1 += usize::from(argmax(row) == self.argmax[pos]);
+            let span = pos * width..(pos + 1) * width;
+            s.cosine += cosine(&hidden[span.clone()], &self.final_hidden[span]);
+            s.positions += 1;
+        }
+        s
+    }
+}
+
+fn plan_of(groups: &[(usize, usize)], num_layers: usize) -> Result<Plan> {
+    let mut g: Vec<Vec<usize>> = groups.iter().map(|&(a, b)| (a..=b).collect()).collect();
+    g.sort();
+    let spec: Vec<String> = groups.iter().map(|(a, b)| format!("{a}-{b}")).collect();
+    Plan::from_groups(num_layers, g, &spec.join(","))
+}
+
+/// Scores `groups_list` (each a set of pairs) on every cached window, in
+/// parallel over candidates.
+pub struct Scorer<'a> {
+    pub forward: &'a Forward<'a>,
+    pub cache: &'a ActivationCache,
+    pub progress: &'a ProgressBar,
+}
+
+impl Scorer<'_> {
+    /// Add the metrics of `plans[i]` for `i` in `alive` over windows `range`.
+    fn accumulate(
+        &self,
+        plans: &[(Plan, usize)],
+        alive: &[usize],
+        range: std::ops::Range<usize>,
+        sums: &mut [Sums],
+    ) -> Result<()> {
+        let cfg = &self.forward.model.config;
+        let (vocab, width, layers) = (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers);
+        for w in range {
+            let original = Original::new(self.forward, &self.cache.residual(w, layers)?);
+            let per: Vec<Sums> = alive
+                .par_iter()
+                .map(|&i| -> Result<Sums> {
+                    let (plan, first) = &plans[i];
+                    let x = self.cache.residual(w, *first)?;
+                    let out = self.forward.run_from(
+                        plan,
+                        *first,
+                        x,
+                        Options {
+                            logits: Logits::All,
+                            capture_residuals: false,
+                        },
+                    )?;
+                    self.progress.inc(1);
+                    Ok(original.compare(&out.final_hidden, &out.logits, width, vocab))
+                })
+                .collect::<Result<_>>()?;
+            for (&i, s) in alive.iter().zip(per) {
+                let acc = &mut sums[i];
+                acc.cosine += s.cosine;
+                acc.kl += s.kl;
+                acc.top1 += s.top1;
+                acc.positions += s.positions;
+            }
+        }
+        Ok(())
+    }
+
+    /// Score every set by racing: all on the first W/16 windows, then within
+    /// each group (same pair count) the best quarter on W/4, and the best
+    /// quarter of those on all W windows. Returns scores and windows used.
+    fn score(&self, sets: &[Vec<(usize, usize)>], metric: Metric) -> Result<Vec<(Scores, usize)>> {
+        let layers = self.forward.model.config.num_hidden_layers;
+        let plans: Vec<(Plan, usize)> = sets
+            .iter()
+            .map(|g| {
+                let first = g.iter().map(|p| p.0).min().unwrap_or(layers);
+                plan_of(g, layers).map(|p| (p, first))
+            })
+            .collect::<Result<_>>()?;
+        let total = self.cache.len();
+        let mut schedule = vec![(total / 16).max(1), (total / 4).max(1), total];
+        schedule.dedup();
+        let mut sums = vec![Sums::default(); plans.len()];
+        let mut used = vec![0usize; plans.len()];
+        let mut alive: Vec<usize> = (0..plans.len()).collect();
+        let mut done = 0;
+        let mean = |s: &Sums| {
+            let n = s.positions.max(1) as f64;
+            Scores {
+                cosine: s.cosine / n,
+                kl: s.kl / n,
+                top1_agreement: s.top1 as f64 / n,
+            }
+        };
+        for (stage, &upto) in schedule.iter().enumerate() {
+            if stage > 0 {
+                // Keep the best quarter (at least one) of each pair count.
+                let mut keep = Vec::new();
+                let mut by_pairs: std::collections::BTreeMap<usize, Vec<usize>> =
+                    Default::default();
+                for &i in &alive {
+                    by_pairs.entry(sets[i].len()).or_default().push(i);
+                }
+                for (_, mut group) in by_pairs {
+                    group.sort_by(|&a, &b| {
+                        let (x, y) = (metric.of(&mean(&sums[a])), metric.of(&mean(&sums[b])));
+                        metric.order(x, y).then(a.cmp(&b))
+                    });
+                    group.truncate(group.len().div_ceil(4));
+                    keep.extend(group);
+                }
+                keep.sort();
+                alive = keep;
+            }
+            self.progress
+                .inc_length((alive.len() * (upto - done)) as u64);
+            self.accumulate(&plans, &alive, done..upto, &mut sums)?;
+            for &i in &alive {
+                used[i] = upto;
+            }
+            done = upto;
+        }
+        Ok(sums.iter().zip(used).map(|(s, u)| (mean(s), u)).collect())
+    }
+
+    fn candidates(
+        &self,
+        sets: Vec<Vec<(usize, usize)>>,
+        strategy: Strategy,
+        metric: Metric,
+    ) -> Result<Vec<Candidate>> {
+        let layers = self.forward.model.config.num_hidden_layers;
+        let scores = self.score(&sets, metric)?;
+        sets.into_iter()
+            .zip(scores)
+            .map(|(mut groups, (scores, windows))| {
+                groups.sort();
+                let plan = plan_of(&groups, layers)?;
+                Ok(Candidate {
+                    plan: plan.to_string(),
+                    strategy,
+                    pairs: groups.len(),
+                    depth: plan.depth(),
+                    first_changed_layer: groups.first().map_or(layers, |g| g.0),
+                    windows,
+                    scores,
+                    groups,
+                })
+            })
+            .collect()
+    }
+
+    /// Every even-length range `[s, e)` inside the search space.
+    pub fn contiguous(&self, space: &SearchSpace, metric: Metric) -> Result<Vec<Candidate>> {
+        let (lo, hi) = space.range();
+        let mut sets = Vec::new();
+        for s in lo..hi {
+            let mut e = s + 2;
+            while e <= hi {
+                sets.push((s..e).step_by(2).map(|a| (a, a + 1)).collect());
+                e += 2;
+            }
+        }
+        self.candidates(sets, Strategy::Contiguous, metric)
+    }
+
+    /// Greedy (`width == 1`) or beam search over disjoint adjacent pairs, up
+    /// to `max_pairs`; `stop` ends early once a round's best fails it.
+    pub fn beam(
+        &self,
+        space: &SearchSpace,
+        width: usize,
+        max_pairs: usize,
+        metric: Metric,
+        stop: Option<f64>,
+    ) -> Result<Vec<Candidate>> {
+        let strategy = if width <= 1 {
+            Strategy::Greedy
+        } else {
+            Strategy::Beam
+        };
+        let (lo, hi) = space.range();
+        let mut beam: Vec<Vec<(usize, usize)>> = vec![Vec::new()];
+        let mut all = Vec::new();
+        for _ in 0..max_pairs {
+            let mut sets: Vec<Vec<(usize, usize)>> = Vec::new();
+            for base in &beam {
+                for a in lo..hi.saturating_sub(1) {
+                    let free = base.iter().all(|&(x, y)| a > y || a + 1 < x);
+                    if !free {
+                        continue;
+                    }
+                    let mut s = base.clone();
+                    s.push((a, a + 1));
+                    s.sort();
+                    if !sets.contains(&s) {
+                        sets.push(s);
+                    }
+                }
+            }
+            if sets.is_empty() {
+                break;
+            }
+            let mut round = self.candidates(sets, strategy, metric)?;
+            // Rank only fully scored candidates.
+            let full = self.cache.len();
+            round.sort_by(|a, b| {
+                let (x, y) = (metric.of(&a.scores), metric.of(&b.scores));
+                (b.windows == full)
+                    .cmp(&(a.windows == full))
+                    .then(metric.order(x, y))
+                    .then(a.plan.cmp(&b.plan))
+            });
+            let best = metric.of(&round[0].scores);
+            beam = round
+                .iter()
+                .take(width.max(1))
+                .map(|c| c.groups.clone())
+                .collect();
+            all.extend(round);
+            if stop.is_some_and(|t| !metric.meets(best, t)) {
+                break;
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// The best candidate with exactly `pairs` pairs.
+pub fn best_with(
+    candidates: &[Candidate],
+    pairs: usize,
+    metric: Metric,
+    strategy: Option<Strategy>,
+) -> Option<&Candidate> {
+    let eligible = || {
+        candidates
+            .iter()
+            .filter(move |c| c.pairs == pairs && strategy.is_none_or(|s| c.strategy == s))
+    };
+    // Only candidates that survived racing to the most windows compete.
+    let most = eligible().map(|c| c.windows).max()?;
+    eligible()
+        .filter(|c| c.windows == most)
+        .fold(None, |best: Option<&Candidate>, c| match best {
+            Some(b) if !metric.better(metric.of(&c.scores), metric.of(&b.scores)) => Some(b),
+            _ => Some(c),
+        })
+}
+
+/// How many pairs a budget asks for (the upper bound for `MinSimilarity`).
+pub fn pairs_for(budget: Budget, space: &SearchSpace) -> Result<usize> {
+    let max = space.max_pairs();
+    let want = match budget {
+        Budget::Pairs(k) => k,
+        Budget::MaxDepth(d) => space.num_layers.saturating_sub(d),
+        Budget::MinSimilarity(_) => max,
+    };
+    let (lo, hi) = space.range();
+    if want == 0 {
+        return Err(Error::Input(format!(
+            "the budget asks for no pairs (depth {} already meets it)",
+            space.num_layers
+        )));
+    }
+    if want > max {
+        return Err(Error::Input(format!(
+            "the budget needs {want} pairs but layers {lo}..{hi} (after --protect-first {} and \
+             --protect-last {}) hold at most {max}: ask for fewer pairs or protect fewer layers",
+            space.protect_first, space.protect_last
+        )));
+    }
+    Ok(want)
+}

@@ -1,0 +1,266 @@
+//! `depthc search`: the report folder (schema-valid JSON, markdown, SVGs),
+//! determinism, agreement with `depthc eval`, calibration inputs, bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{cache_dir, fixture, text_path};
+use serde_json::Value;
+
+fn depthc(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_depthc"))
+        .args(args)
+        .output()
+        .expect("run depthc");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn read_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn tiny() -> PathBuf {
+    fixture("tiny_llama/tiny.q8_0.gguf")
+}
+
+/// Search the tiny model on a text file with every strategy.
+fn tiny_search(out: &Path, calib: &Path, extra: &[&str]) -> Value {
+    let model = tiny();
+    let mut args = vec![
+        "search",
+        s(&model),
+        "-o",
+        s(out),
+        "--calib",
+        s(calib),
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "1024",
+        "--protect-first",
+        "0",
+        "--protect-last",
+        "0",
+        "--strategy",
+        "contiguous,greedy,beam",
+    ];
+    args.extend_from_slice(extra);
+    let (code, stdout, stderr) = depthc(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("chosen plan"), "{stdout}");
+    read_json(&out.join("search-report.json"))
+}
+
+#[test]
+fn report_validates_against_its_schema_and_svgs_are_well_formed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let report = tiny_search(&out, &text_path("macbeth_gut.txt"), &["--pairs", "2"]);
+    for f in [
+        "search-report.json",
+        "search-report.md",
+        "heatmap.svg",
+        "pairs.svg",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let py = cache_dir().join("venv/bin/python");
+    let check = Command::new(&py)
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/check_report.py"))
+        .arg(&out)
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas/search-report.schema.json"))
+        .output()
+        .expect("run check_report.py (scripts/setup.sh makes the venv)");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let svg: Value = serde_json::from_slice(&check.stdout).unwrap();
+    // One rectangle per contiguous range in the heatmap, beside the background.
+    let ranges = report["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["strategy"] == "contiguous")
+        .count();
+    assert_eq!(ranges, 4); // [0,2) [1,3) [2,4) [0,4)
+    assert!(svg["svg"]["heatmap.svg"]["rect"].as_u64().unwrap() >= ranges as u64);
+    assert!(svg["svg"]["pairs.svg"]["circle"].as_u64().unwrap() > 0);
+    assert_eq!(report["depth_before"], 4);
+    assert_eq!(report["depth_after"], 2);
+    assert_eq!(report["chosen_plan"], "0-1,2-3");
+    let md = std::fs::read_to_string(out.join("search-report.md")).unwrap();
+    assert!(
+        md.contains("Greedy against the best contiguous range"),
+        "{md}"
+    );
+    assert!(md.contains("`0-1,2-3`"));
+}
+
+#[test]
+fn two_runs_give_identical_reports_except_timings() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = text_path("tempest_gut.txt");
+    let mut runs = Vec::new();
+    for k in 0..2 {
+        let mut r = tiny_search(&dir.path().join(format!("r{k}")), &calib, &["--pairs", "1"]);
+        r.as_object_mut().unwrap().remove("timings");
+        runs.push(r);
+    }
+    assert_eq!(runs[0], runs[1]);
+}
+
+#[test]
+fn search_scores_equal_eval_for_the_same_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = text_path("sonnets_gut.txt");
+    let report = tiny_search(
+        &dir.path().join("r"),
+        &calib,
+        &["--pairs", "1", "--metric", "cosine"],
+    );
+    let chosen = &report["chosen"];
+    let windows = chosen["windows"].as_u64().unwrap();
+    assert_eq!(windows, report["calibration"]["windows"].as_u64().unwrap());
+    let (code, stdout, stderr) = depthc(&[
+        "eval",
+        s(&tiny()),
+        "--text",
+        s(&calib),
+        "--seq-len",
+        "16",
+        "--max-windows",
+        &windows.to_string(),
+        "--plan",
+        report["chosen_plan"].as_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let eval: Value = serde_json::from_str(&stdout).unwrap();
+    for (a, b) in [
+        ("cosine", "cosine"),
+        ("kl", "kl"),
+        ("top1_agreement", "top1_agreement"),
+    ] {
+        let (x, y) = (chosen[a].as_f64().unwrap(), eval[b].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-6, "{a}: search {x} vs eval {y}");
+    }
+}
+
+#[test]
+fn token_id_files_calibrate_like_the_text_they_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "To be, or not to be, that is the question: ".repeat(40);
+    let txt = dir.path().join("c.txt");
+    std::fs::write(&txt, &text).unwrap();
+    let a = tiny_search(&dir.path().join("a"), &txt, &["--pairs", "1"]);
+    // The same ids as .json and as .npy (int64, written by hand: NPY v1 header).
+    let (tiny_ckpt, _) = common::load(&tiny());
+    let ids = tiny_ckpt.tokenizer.unwrap().encode(&text).unwrap();
+    let json = dir.path().join("ids.json");
+    std::fs::write(&json, serde_json::to_string(&ids).unwrap()).unwrap();
+    let b = tiny_search(&dir.path().join("b"), &json, &["--pairs", "1"]);
+    let mut header = format!(
+        "{{'descr': '<i8', 'fortran_order': False, 'shape': ({},), }}",
+        ids.len()
+    );
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    npy.extend_from_slice(header.as_bytes());
+    for &i in &ids {
+        npy.extend_from_slice(&(i as i64).to_le_bytes());
+    }
+    let npy_path = dir.path().join("ids.npy");
+    std::fs::write(&npy_path, npy).unwrap();
+    let c = tiny_search(&dir.path().join("c"), &npy_path, &["--pairs", "1"]);
+    for r in [&b, &c] {
+        assert_eq!(r["candidates"], a["candidates"]);
+        assert_eq!(r["chosen_plan"], a["chosen_plan"]);
+    }
+    assert_eq!(b["calibration"]["sources"][0]["kind"], "json-ids");
+    assert_eq!(c["calibration"]["sources"][0]["kind"], "npy-ids");
+}
+
+#[test]
+fn bad_calibration_and_impossible_budgets_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "To be").unwrap();
+    let out = dir.path().join("out");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--calib", s(&empty)], "fewer than one window"),
+        (
+            vec!["--calib", s(&short)],
+            "give more text or a smaller --seq-len",
+        ),
+        (vec!["--calib", "/no/such/file"], "does not exist"),
+        (
+            vec!["--pairs", "9"],
+            "ask for fewer pairs or protect fewer layers",
+        ),
+        (vec!["--max-depth", "4"], "no pairs"),
+        (
+            vec![
+                "--protect-first",
+                "2",
+                "--protect-last",
+                "2",
+                "--pairs",
+                "1",
+            ],
+            "protect fewer layers",
+        ),
+    ];
+    let model = tiny();
+    for (extra, needle) in cases {
+        let mut args = vec!["search", s(&model), "-o", s(&out), "--seq-len", "16"];
+        args.extend(extra.iter());
+        let (code, _, stderr) = depthc(&args);
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: `{stderr}` lacks `{needle}`"
+        );
+        assert!(!out.exists());
+    }
+    // A threshold nothing meets.
+    let (code, _, stderr) = depthc(&[
+        "search",
+        s(&model),
+        "-o",
+        s(&out),
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "256",
+        "--protect-first",
+        "0",
+        "--protect-last",
+        "0",
+        "--metric",
+        "cosine",
+        "--min-similarity",
+        "0.99999",
+    ]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("lower --min-similarity"), "{stderr}");
+    assert!(!out.exists());
+}
