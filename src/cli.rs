@@ -60,6 +60,20 @@ pub enum Command {
     /// --pairs, --min-similarity or --max-depth (default: --pairs L/8). Writes
     /// search-report.json, search-report.md, heatmap.svg and pairs.svg into -o DIR.
     Search(SearchArgs),
+    /// From checkpoint to a validated, faster ONNX model in one command.
+    ///
+    /// Loads the model, searches the plan for the budget, emits OUT/baseline (the
+    /// unmodified model) and OUT/compiled (the chosen plan), validates both in ONNX
+    /// Runtime against the reference forward, benchmarks both, and writes OUT/report
+    /// (the search artifacts plus validation and benchmark sections). OUT is written
+    /// under a temporary name and renamed when complete.
+    Compile(CompileArgs),
+    /// Compare two emitted models in ONNX Runtime: prefill latency and decode tokens/s.
+    ///
+    /// A and B alternate in the same run: prefill of --prefill-tokens, then greedy decode
+    /// of --decode-tokens new tokens after a --prompt-tokens prompt with the KV cache;
+    /// medians over --runs and the B/A ratios.
+    Bench(BenchArgs),
     /// Time the full-sequence reference forward (tokens/s, peak memory).
     BenchForward(BenchForwardArgs),
 }
@@ -82,18 +96,28 @@ pub enum MetricArg {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("budget").args(["pairs", "min_similarity", "max_depth"])))]
 pub struct SearchArgs {
     /// Model directory or .gguf file.
     pub model: PathBuf,
+    /// Report directory (must not exist yet).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub flags: SearchFlags,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Calibration, strategy and budget flags shared by `search` and `compile`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("budget").args(["pairs", "min_similarity", "max_depth"])))]
+pub struct SearchFlags {
     /// Calibration input, repeatable: text files or folders of them (tokenized with the
     /// model's tokenizer), or token ids (.json array, .npy integer array). Default: the
     /// built-in public-domain text (four Shakespeare plays).
     #[arg(long)]
     pub calib: Vec<PathBuf>,
-    /// Report directory (must not exist yet).
-    #[arg(short, long)]
-    pub output: PathBuf,
     /// Strategies to run, comma-separated; the chosen plan is the best over all of them.
     #[arg(
         long,
@@ -138,7 +162,77 @@ pub struct SearchArgs {
     /// Activation cache kept in memory (MiB); the rest spills to a temporary file.
     #[arg(long, default_value_t = 2048)]
     pub memory_budget_mib: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct CompileArgs {
+    /// Model directory or .gguf file.
+    pub model: PathBuf,
+    /// Output directory: baseline/, compiled/ and report/ (must not exist unless --force).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Replace an existing output directory (only once the new one is complete).
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub search: SearchFlags,
+    /// How parallel groups are written.
+    #[arg(long, value_enum, default_value_t = FormArg::Fused)]
+    pub form: FormArg,
+    /// Element type of the emitted models.
+    #[arg(long, value_enum, default_value_t = OnnxDtype::F32)]
+    pub dtype: OnnxDtype,
+    /// Execution provider for validation and the benchmark.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Greedy decode steps of the validation.
+    #[arg(long, default_value_t = 16)]
+    pub steps: usize,
+    /// Batch size of the benchmark.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Measured benchmark runs (after one warm-up each).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// ONNX Runtime shared library (default: $ORT_DYLIB_PATH, then .cache/onnxruntime/).
+    #[arg(long)]
+    pub ort_lib: Option<PathBuf>,
     /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Baseline directory written by `depthc emit` (A).
+    pub a: PathBuf,
+    /// Directory to compare with it (B).
+    pub b: PathBuf,
+    /// Batch size: every row gets the same tokens.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Tokens of the timed prefill.
+    #[arg(long, default_value_t = 128)]
+    pub prefill_tokens: usize,
+    /// Prompt tokens before the timed decode.
+    #[arg(long, default_value_t = 32)]
+    pub prompt_tokens: usize,
+    /// Greedy decode steps timed.
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Measured runs (after one warm-up each); medians are reported.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Intra-op threads of both sessions (default: ONNX Runtime's choice).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Execution provider.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// ONNX Runtime shared library (default: $ORT_DYLIB_PATH, then .cache/onnxruntime/).
+    #[arg(long)]
+    pub ort_lib: Option<PathBuf>,
+    /// Print one JSON object with `a`, `b`, `prefill_speedup` and `decode_speedup`.
     #[arg(long)]
     pub json: bool,
 }

@@ -13,8 +13,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
 use cli::{
-    BenchForwardArgs, Cli, Command, ConvertArgs, DeviceArg, EmitArgs, EvalArgs, FormArg,
-    InspectArgs, MetricArg, OnnxDtype, SearchArgs, StoreDtype, StrategyArg, ValidateArgs,
+    BenchArgs, BenchForwardArgs, Cli, Command, CompileArgs, ConvertArgs, DeviceArg, EmitArgs,
+    EvalArgs, FormArg, InspectArgs, MetricArg, OnnxDtype, SearchArgs, SearchFlags, StoreDtype,
+    StrategyArg, ValidateArgs,
 };
 use depthc::checkpoint::{safetensors, Checkpoint};
 use depthc::forward::{Forward, KvCache, Logits, Options};
@@ -31,6 +32,7 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    depthc::output::remove_partial_outputs_on_interrupt();
     let result = match cli.command {
         Command::Inspect(a) => inspect(a),
         Command::Eval(a) => eval(a),
@@ -38,6 +40,8 @@ fn main() {
         Command::Emit(a) => emit(a),
         Command::Validate(a) => validate(a),
         Command::Search(a) => search_command(a),
+        Command::Compile(a) => compile_command(a),
+        Command::Bench(a) => bench_command(a),
         Command::BenchForward(a) => bench_forward(a),
     };
     if let Err(e) = result {
@@ -369,33 +373,12 @@ To sleep: perchance to dream: ay, there's the rub;\n\
 For in that sleep of death what dreams may come\n";
 
 fn validate(a: ValidateArgs) -> Result<()> {
-    use depthc::onnx::{package::MODEL_FILE, read_metadata};
     use depthc::runtime::validate::{validate, Tolerance};
-    use depthc::runtime::{Device, RuntimeOptions};
-    let model_path = a.dir.join(MODEL_FILE);
-    if !model_path.is_file() {
-        bail!(
-            "{}: no {MODEL_FILE}; expected a directory written by `depthc emit`",
-            a.dir.display()
-        );
-    }
-    let metadata = read_metadata(&model_path)?;
-    let spec = metadata
-        .iter()
-        .find(|(k, _)| k == "depthc.plan")
-        .map(|(_, v)| v.clone())
-        .with_context(|| {
-            format!(
-                "{}: no depthc.plan metadata; was it written by `depthc emit`?",
-                model_path.display()
-            )
-        })?;
-    let float = match metadata.iter().find(|(k, _)| k == "depthc.dtype") {
-        Some((_, v)) if v == "float16" => depthc::graph::ElemType::F16,
-        _ => depthc::graph::ElemType::F32,
-    };
+    use depthc::runtime::{Device, Emitted, RuntimeOptions};
+    let emitted = Emitted::open(&a.dir)?;
+    let float = emitted.float;
     let ckpt = Checkpoint::open(&a.model)?;
-    let plan = Plan::parse(&spec, ckpt.config.num_hidden_layers)?;
+    let plan = Plan::parse(&emitted.plan, ckpt.config.num_hidden_layers)?;
     let text = match &a.text {
         Some(p) => std::fs::read_to_string(p)
             .with_context(|| format!("{}: cannot read text", p.display()))?,
@@ -415,9 +398,8 @@ fn validate(a: ValidateArgs) -> Result<()> {
     let pb = spinner(&format!("loading {}", a.model.display()));
     let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
     drop(ckpt);
-    pb.set_message(format!("loading {}", model_path.display()));
-    let mut session =
-        depthc::runtime::DecoderSession::open(&model_path, &model.config, float, &opts)?;
+    pb.set_message(format!("loading {}", emitted.model_path.display()));
+    let mut session = emitted.session(&opts)?;
     pb.set_message("validating");
     let forward = Forward::new(&model);
     let tolerance = if a.tolerance.is_some() || a.rel_tolerance.is_some() {
@@ -495,33 +477,34 @@ fn validate(a: ValidateArgs) -> Result<()> {
     Ok(())
 }
 
-fn search_command(a: SearchArgs) -> Result<()> {
+/// The model and its search report (not yet written).
+struct Searched {
+    model: Model,
+    tokenizer: Option<depthc::checkpoint::tokenizer::Tokenizer>,
+    report: depthc::report::SearchReport,
+}
+
+fn run_search(model_path: &Path, f: &SearchFlags) -> Result<Searched> {
     use depthc::report::{EvalSection, ModelIdentity, SearchReport, Timings};
     use depthc::search::strategy::{Budget, Metric, SearchSpace, Strategy};
     use depthc::search::{calib, SearchOptions};
     let t0 = Instant::now();
-    if a.output.exists() {
-        bail!(
-            "{}: already exists; choose a new output directory",
-            a.output.display()
-        );
-    }
-    let ckpt = Checkpoint::open(&a.model)?;
+    let ckpt = Checkpoint::open(model_path)?;
     let cfg = ckpt.config.clone();
     let layers = cfg.num_hidden_layers;
     let calibration = calib::load(
-        &a.calib,
+        &f.calib,
         ckpt.tokenizer.as_ref(),
         cfg.vocab_size,
-        a.seq_len,
-        a.max_tokens,
+        f.seq_len,
+        f.max_tokens,
     )?;
-    let eval_windows = match &a.eval {
+    let eval_windows = match &f.eval {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("{}: cannot read --eval text", p.display()))?;
             let ids = ckpt.require_tokenizer()?.encode(&text)?;
-            let w: Vec<Vec<u32>> = search::windows(&ids, a.seq_len, Some(a.eval_windows))?
+            let w: Vec<Vec<u32>> = search::windows(&ids, f.seq_len, Some(f.eval_windows))?
                 .into_iter()
                 .map(<[u32]>::to_vec)
                 .collect();
@@ -529,7 +512,7 @@ fn search_command(a: SearchArgs) -> Result<()> {
         }
         None => None,
     };
-    let budget = match (a.pairs, a.min_similarity, a.max_depth) {
+    let budget = match (f.pairs, f.min_similarity, f.max_depth) {
         (Some(k), _, _) => Budget::Pairs(k),
         (_, Some(x), _) => Budget::MinSimilarity(x),
         (_, _, Some(d)) => Budget::MaxDepth(d),
@@ -537,17 +520,17 @@ fn search_command(a: SearchArgs) -> Result<()> {
     };
     let space = SearchSpace {
         num_layers: layers,
-        protect_first: a.protect_first,
-        protect_last: a.protect_last,
+        protect_first: f.protect_first,
+        protect_last: f.protect_last,
     };
     depthc::search::strategy::pairs_for(budget, &space)?;
-    let metric = match a.metric {
+    let metric = match f.metric {
         MetricArg::Cosine => Metric::Cosine,
         MetricArg::Kl => Metric::Kl,
         MetricArg::Top1 => Metric::Top1,
     };
     let mut strategies: Vec<Strategy> = Vec::new();
-    for s in &a.strategy {
+    for s in &f.strategy {
         let s = match s {
             StrategyArg::Contiguous => Strategy::Contiguous,
             StrategyArg::Greedy => Strategy::Greedy,
@@ -557,18 +540,19 @@ fn search_command(a: SearchArgs) -> Result<()> {
             strategies.push(s);
         }
     }
-    let content_hash = calib::content_hash(&a.model)?;
-    let pb = spinner(&format!("loading {}", a.model.display()));
+    let content_hash = calib::content_hash(model_path)?;
+    let pb = spinner(&format!("loading {}", model_path.display()));
     let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
     let identity = ModelIdentity {
-        path: a.model.display().to_string(),
+        path: model_path.display().to_string(),
         format: format!("{:?}", ckpt.format).to_lowercase(),
         family: cfg.family.name().to_string(),
         layers,
         hidden_size: cfg.hidden_size,
         content_hash,
     };
-    drop(ckpt);
+    let tokenizer = ckpt.tokenizer;
+    drop(ckpt.source);
     pb.finish_and_clear();
     let load_s = t0.elapsed().as_secs_f64();
     let forward = Forward::new(&model);
@@ -578,11 +562,11 @@ fn search_command(a: SearchArgs) -> Result<()> {
     )?;
     let opts = SearchOptions {
         strategies: strategies.clone(),
-        beam_width: a.beam_width,
+        beam_width: f.beam_width,
         budget,
         space,
         metric,
-        memory_budget_bytes: a.memory_budget_mib * 1024 * 1024,
+        memory_budget_bytes: f.memory_budget_mib * 1024 * 1024,
     };
     let outcome = search::search(&forward, &calibration.windows, &opts, &progress)?;
     progress.finish_and_clear();
@@ -618,31 +602,21 @@ fn search_command(a: SearchArgs) -> Result<()> {
         &outcome,
         metric,
         &strategies,
-        a.beam_width,
+        f.beam_width,
         budget,
-        (a.protect_first, a.protect_last),
+        (f.protect_first, f.protect_last),
         eval,
         timings,
     );
-    depthc::output::new_directory(&a.output, |dir| report.write(dir))?;
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "chosen_plan": report.chosen_plan,
-                "depth_before": report.depth_before,
-                "depth_after": report.depth_after,
-                "cosine": report.chosen.scores.cosine,
-                "kl": report.chosen.scores.kl,
-                "top1_agreement": report.chosen.scores.top1_agreement,
-                "eval": report.eval,
-                "candidates": report.candidates.len(),
-                "search_forward_multiple": report.timings.search_forward_multiple,
-                "report": a.output.join("search-report.json"),
-            }))?
-        );
-        return Ok(());
-    }
+    drop(forward);
+    Ok(Searched {
+        model,
+        tokenizer,
+        report,
+    })
+}
+
+fn print_search_summary(report: &depthc::report::SearchReport) {
     let c = &report.chosen;
     println!(
         "chosen plan    {} ({}, depth {} -> {})",
@@ -673,6 +647,269 @@ fn search_command(a: SearchArgs) -> Result<()> {
         report.calibration.tokens
     );
     println!("why            {}", report.reason);
+}
+
+fn search_command(a: SearchArgs) -> Result<()> {
+    if a.output.exists() {
+        bail!(
+            "{}: already exists; choose a new output directory",
+            a.output.display()
+        );
+    }
+    let searched = run_search(&a.model, &a.flags)?;
+    let report = &searched.report;
+    depthc::output::new_directory(&a.output, |dir| report.write(dir))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "chosen_plan": report.chosen_plan,
+                "depth_before": report.depth_before,
+                "depth_after": report.depth_after,
+                "cosine": report.chosen.scores.cosine,
+                "kl": report.chosen.scores.kl,
+                "top1_agreement": report.chosen.scores.top1_agreement,
+                "eval": report.eval,
+                "candidates": report.candidates.len(),
+                "search_forward_multiple": report.timings.search_forward_multiple,
+                "report": a.output.join("search-report.json"),
+            }))?
+        );
+        return Ok(());
+    }
+    print_search_summary(report);
     println!("report         {}", a.output.display());
+    Ok(())
+}
+
+fn runtime_options(
+    lib: &Option<std::path::PathBuf>,
+    device: DeviceArg,
+    threads: Option<usize>,
+) -> depthc::runtime::RuntimeOptions {
+    depthc::runtime::RuntimeOptions {
+        library: lib.clone(),
+        device: match device {
+            DeviceArg::Cpu => depthc::runtime::Device::Cpu,
+            DeviceArg::Cuda => depthc::runtime::Device::Cuda,
+        },
+        strict: false,
+        threads,
+    }
+}
+
+fn print_bench(r: &depthc::runtime::bench::BenchResult, a: &str, b: &str) {
+    let o = &r.options;
+    println!(
+        "batch {}: prefill {} tokens; decode {} tokens after a {}-token prompt; median of {} runs",
+        o.batch, o.prefill_tokens, o.decode_tokens, o.prompt_tokens, o.runs
+    );
+    println!(
+        "  {:<10} {:>12} {:>16}",
+        "", "prefill ms", "decode tokens/s"
+    );
+    println!(
+        "  {:<10} {:>12.2} {:>16.1}",
+        a, r.a.prefill_ms, r.a.decode_tokens_per_s
+    );
+    println!(
+        "  {:<10} {:>12.2} {:>16.1}",
+        b, r.b.prefill_ms, r.b.decode_tokens_per_s
+    );
+    println!(
+        "  speedup    prefill x{:.3}, decode x{:.3}",
+        r.prefill_speedup, r.decode_speedup
+    );
+}
+
+fn bench_command(a: BenchArgs) -> Result<()> {
+    use depthc::runtime::bench::{bench, BenchOptions};
+    use depthc::runtime::Emitted;
+    let ea = Emitted::open(&a.a)?;
+    let eb = Emitted::open(&a.b)?;
+    if ea.config.vocab_size != eb.config.vocab_size || ea.float != eb.float {
+        bail!(
+            "{} and {} are not the same model in the same dtype",
+            a.a.display(),
+            a.b.display()
+        );
+    }
+    if a.batch == 0 || a.runs == 0 || a.prefill_tokens == 0 || a.prompt_tokens == 0 {
+        bail!("--batch, --runs, --prefill-tokens and --prompt-tokens must be positive");
+    }
+    let opts = runtime_options(&a.ort_lib, a.device, a.threads);
+    let mut sa = ea.session(&opts)?;
+    let mut sb = eb.session(&opts)?;
+    let bo = BenchOptions {
+        batch: a.batch,
+        prefill_tokens: a.prefill_tokens,
+        prompt_tokens: a.prompt_tokens,
+        decode_tokens: a.decode_tokens,
+        runs: a.runs,
+    };
+    let progress = bar(0, "bench {bar:30} {pos}/{len} runs, {eta} left")?;
+    let r = bench(&mut sa, &mut sb, ea.config.vocab_size, &bo, &progress)?;
+    progress.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print_bench(&r, "A", "B");
+    }
+    Ok(())
+}
+
+fn compile_command(a: CompileArgs) -> Result<()> {
+    use depthc::graph::{ElemType, Form};
+    use depthc::onnx::package::{self, EmitOptions, Source};
+    use depthc::runtime::bench::{bench, BenchOptions};
+    use depthc::runtime::validate::{validate, Tolerance};
+    use depthc::runtime::Emitted;
+    if a.output.exists() && !a.force {
+        bail!(
+            "{}: already exists; pass --force to replace it",
+            a.output.display()
+        );
+    }
+    // Fail before the search, not after it, when ONNX Runtime is missing.
+    depthc::runtime::find_library(a.ort_lib.as_deref())?;
+    let searched = run_search(&a.model, &a.search)?;
+    let mut report = searched.report.clone();
+    let model = &searched.model;
+    let layers = model.config.num_hidden_layers;
+    let chosen = Plan::parse(&report.chosen_plan, layers)?;
+    let opts = EmitOptions {
+        form: match a.form {
+            FormArg::Fused => Form::Fused,
+            FormArg::Branches => Form::Branches,
+        },
+        float: match a.dtype {
+            OnnxDtype::F32 => ElemType::F32,
+            OnnxDtype::F16 => ElemType::F16,
+        },
+    };
+    let rt = runtime_options(&a.ort_lib, a.device, None);
+    let source = Source {
+        path: &a.model,
+        tokenizer: searched.tokenizer.as_ref(),
+    };
+    let prompt: Vec<u32> = match &searched.tokenizer {
+        Some(t) => {
+            let mut ids = t.encode(DEFAULT_PROMPT)?;
+            ids.truncate(64);
+            ids
+        }
+        None => (0..32)
+            .map(|i| (i * 7919 + 13) % model.config.vocab_size as u32)
+            .collect(),
+    };
+    let replace = a.force && a.output.exists();
+    let target = if replace {
+        a.output.with_file_name(format!(
+            ".{}.new-{}",
+            a.output
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("out"),
+            std::process::id()
+        ))
+    } else {
+        a.output.clone()
+    };
+    let (bench_result, validations) = depthc::output::new_directory(&target, |dir| {
+        let mut validations = Vec::new();
+        for (name, plan) in [
+            ("baseline", Plan::sequential(layers)),
+            ("compiled", chosen.clone()),
+        ] {
+            let out = dir.join(name);
+            let pb = bar(
+                0,
+                &format!("emit {name:<9} {{bar:30}} {{pos}}/{{len}} weights"),
+            )
+            .map_err(|e| depthc::Error::Input(e.to_string()))?;
+            package::emit(model, &plan, &source, &opts, &out, &pb)?;
+            pb.finish_and_clear();
+            let emitted = Emitted::open(&out)?;
+            let mut session = emitted.session(&rt)?;
+            let sp = spinner(&format!("validate {name}"));
+            let v = validate(
+                &mut session,
+                &Forward::new(model),
+                &plan,
+                &prompt,
+                a.steps,
+                Tolerance::default_for(opts.float),
+            )?;
+            sp.finish_and_clear();
+            if !v.passed() {
+                return Err(depthc::Error::Input(format!(
+                    "{name} model failed validation: {}",
+                    v.failures.join("; ")
+                )));
+            }
+            validations.push((name.to_string(), v));
+        }
+        let mut sa = Emitted::open(&dir.join("baseline"))?.session(&rt)?;
+        let mut sb = Emitted::open(&dir.join("compiled"))?.session(&rt)?;
+        let bo = BenchOptions {
+            batch: a.batch.max(1),
+            runs: a.runs.max(1),
+            ..BenchOptions::default()
+        };
+        let pb = bar(0, "bench {bar:30} {pos}/{len} runs, {eta} left")
+            .map_err(|e| depthc::Error::Input(e.to_string()))?;
+        let r = bench(&mut sa, &mut sb, model.config.vocab_size, &bo, &pb)?;
+        pb.finish_and_clear();
+        report.validation = Some(validations.iter().cloned().collect());
+        report.benchmark = Some(r.clone());
+        let report_dir = dir.join("report");
+        std::fs::create_dir(&report_dir).map_err(|e| depthc::Error::io(&report_dir, e))?;
+        report.write(&report_dir)?;
+        Ok((r, validations))
+    })?;
+    if replace {
+        std::fs::remove_dir_all(&a.output)
+            .with_context(|| format!("{}: cannot remove the old output", a.output.display()))?;
+        std::fs::rename(&target, &a.output).with_context(|| {
+            format!(
+                "{}: cannot move the new output in place",
+                a.output.display()
+            )
+        })?;
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "chosen_plan": report.chosen_plan,
+                "depth_before": report.depth_before,
+                "depth_after": report.depth_after,
+                "cosine": report.chosen.scores.cosine,
+                "kl": report.chosen.scores.kl,
+                "top1_agreement": report.chosen.scores.top1_agreement,
+                "eval": report.eval,
+                "validation": validations.iter().map(|(n, v)| json!({
+                    "model": n, "passed": v.passed(),
+                    "logits_max_abs": v.outputs[0].max_abs,
+                })).collect::<Vec<_>>(),
+                "benchmark": bench_result,
+                "output": a.output,
+            }))?
+        );
+        return Ok(());
+    }
+    print_search_summary(&report);
+    for (name, v) in &validations {
+        println!(
+            "validated      {name}: logits max abs {:.2e}, greedy tokens {}",
+            v.outputs[0].max_abs,
+            if v.tokens_agree { "agree" } else { "differ" }
+        );
+    }
+    print_bench(&bench_result, "baseline", "compiled");
+    println!(
+        "output         {}/{{baseline,compiled,report}}",
+        a.output.display()
+    );
     Ok(())
 }

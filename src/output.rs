@@ -3,8 +3,35 @@
 //! on error the temporary directory is removed.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use crate::{Error, Result};
+
+/// Temporary directories being filled, removed by the interrupt handler.
+static PARTIAL: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// On Ctrl-C (SIGINT/SIGTERM), remove every temporary output directory and
+/// exit with status 130, so that nothing half-written stays behind.
+pub fn remove_partial_outputs_on_interrupt() {
+    let _ = ctrlc::set_handler(|| {
+        let dirs = PARTIAL.lock().map(|d| d.clone()).unwrap_or_default();
+        for d in dirs {
+            let _ = std::fs::remove_dir_all(&d);
+        }
+        eprintln!("interrupted: partial output removed");
+        std::process::exit(130);
+    });
+}
+
+fn track(dir: &Path, add: bool) {
+    if let Ok(mut d) = PARTIAL.lock() {
+        if add {
+            d.push(dir.to_path_buf());
+        } else {
+            d.retain(|p| p != dir);
+        }
+    }
+}
 
 /// Create `out` (which must not exist) by running `fill` on a temporary
 /// sibling directory, then renaming it to `out`.
@@ -39,6 +66,7 @@ pub fn new_directory<T>(out: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Re
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    track(&tmp, true);
     let result = fill(&tmp).and_then(|v| {
         std::fs::rename(&tmp, out)
             .map(|_| v)
@@ -47,5 +75,6 @@ pub fn new_directory<T>(out: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Re
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
+    track(&tmp, false);
     result
 }

@@ -89,6 +89,13 @@ pub struct SearchReport {
     pub eval: Option<EvalSection>,
     pub activation_cache: CacheSection,
     pub timings: Timings,
+    /// `depthc compile`: ONNX Runtime against the reference, per emitted model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation:
+        Option<std::collections::BTreeMap<String, crate::runtime::validate::Validation>>,
+    /// `depthc compile`: baseline (A) against compiled (B) in ONNX Runtime.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub benchmark: Option<crate::runtime::bench::BenchResult>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -150,6 +157,8 @@ impl SearchReport {
                 disk_bytes: outcome.cache_disk_bytes,
             },
             timings,
+            validation: None,
+            benchmark: None,
         }
     }
 
@@ -281,6 +290,44 @@ impl SearchReport {
             s,
             "Plots: `heatmap.svg` (contiguous ranges), `pairs.svg` (single pairs along depth; metric against pairs)."
         );
+        if let Some(v) = &self.validation {
+            let _ = writeln!(
+                s,
+                "\n## Validation in ONNX Runtime\n\n| model | plan | logits max abs | worst present max abs | greedy tokens |\n|---|---|---|---|---|"
+            );
+            for (name, v) in v {
+                let present = v.outputs[1..]
+                    .iter()
+                    .map(|o| o.max_abs)
+                    .fold(0f32, f32::max);
+                let _ = writeln!(
+                    s,
+                    "| {name} | `{}` | {:.3e} | {:.3e} | {} |",
+                    v.plan,
+                    v.outputs[0].max_abs,
+                    present,
+                    if v.tokens_agree { "agree" } else { "differ" }
+                );
+            }
+        }
+        if let Some(b) = &self.benchmark {
+            let o = &b.options;
+            let _ = writeln!(
+                s,
+                "\n## Benchmark in ONNX Runtime\n\nBatch {}, prefill {} tokens, decode {} tokens after a {}-token prompt, median of {} runs, baseline and compiled alternating.\n\n| model | prefill ms | decode tokens/s |\n|---|---|---|\n| baseline | {:.2} | {:.1} |\n| compiled | {:.2} | {:.1} |\n\nSpeed-up: prefill x{:.3}, decode x{:.3}.",
+                o.batch,
+                o.prefill_tokens,
+                o.decode_tokens,
+                o.prompt_tokens,
+                o.runs,
+                b.a.prefill_ms,
+                b.a.decode_tokens_per_s,
+                b.b.prefill_ms,
+                b.b.decode_tokens_per_s,
+                b.prefill_speedup,
+                b.decode_speedup
+            );
+        }
         s
     }
 

@@ -3,6 +3,7 @@
 //! `scripts/setup.sh` extracts from the PyPI `onnxruntime==1.31.1` wheel.
 //! Any ONNX Runtime 1.31 or newer works (the C API version 31 is required).
 
+pub mod bench;
 pub mod validate;
 
 use std::borrow::Cow;
@@ -114,11 +115,61 @@ fn environment(opts: &RuntimeOptions) -> Result<&'static Environment> {
     env.as_ref().map_err(|e| Error::Runtime(e.clone()))
 }
 
-/// Outputs of one run with batch 1.
+/// A directory written by `depthc emit`: its config, plan and float type.
+pub struct Emitted {
+    pub model_path: PathBuf,
+    pub config: ModelConfig,
+    /// The plan recorded in the model's `depthc.plan` metadata.
+    pub plan: String,
+    pub float: ElemType,
+}
+
+impl Emitted {
+    pub fn open(dir: &Path) -> Result<Emitted> {
+        use crate::onnx::package::MODEL_FILE;
+        let model_path = dir.join(MODEL_FILE);
+        if !model_path.is_file() {
+            return Err(Error::Input(format!(
+                "{}: no {MODEL_FILE}; expected a directory written by `depthc emit`",
+                dir.display()
+            )));
+        }
+        let metadata = crate::onnx::read_metadata(&model_path)?;
+        let get = |k: &str| {
+            metadata
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        let plan = get("depthc.plan").ok_or_else(|| {
+            Error::Input(format!(
+                "{}: no depthc.plan metadata; was it written by `depthc emit`?",
+                model_path.display()
+            ))
+        })?;
+        let float = match get("depthc.dtype").as_deref() {
+            Some("float16") => ElemType::F16,
+            _ => ElemType::F32,
+        };
+        let config = ModelConfig::from_hf_dir(dir)?;
+        Ok(Emitted {
+            model_path,
+            config,
+            plan,
+            float,
+        })
+    }
+
+    pub fn session(&self, opts: &RuntimeOptions) -> Result<DecoderSession> {
+        DecoderSession::open(&self.model_path, &self.config, self.float, opts)
+    }
+}
+
+/// Outputs of one run.
 pub struct StepOutput {
-    /// `[S, vocab]`.
+    /// `[batch, S, vocab]`.
     pub logits: Vec<f32>,
-    /// Per original layer, `[kv_heads, total, head_dim]` keys and values.
+    /// Per original layer, `[batch, kv_heads, total, head_dim]` keys and values.
     pub present: Vec<(Vec<f32>, Vec<f32>)>,
     pub total_len: usize,
 }
@@ -183,32 +234,46 @@ impl DecoderSession {
     /// Run `ids` (batch 1) after `past` (`past_len` cached positions, as a
     /// previous step's `present`, or empty), with an all-ones attention mask.
     pub fn step(&mut self, ids: &[u32], past: Option<&StepOutput>) -> Result<StepOutput> {
-        let s = ids.len();
+        self.step_batch(ids, 1, past)
+    }
+
+    /// [`step`](Self::step) for `batch` rows of `ids.len() / batch` tokens each.
+    pub fn step_batch(
+        &mut self,
+        ids: &[u32],
+        batch: usize,
+        past: Option<&StepOutput>,
+    ) -> Result<StepOutput> {
+        let s = ids.len() / batch.max(1);
         let past_len = past.map_or(0, |p| p.total_len);
         let total = past_len + s;
         let (nkv, hd) = (self.kv_heads, self.head_dim);
         let tensor_i64 = |v: Vec<i64>| -> Result<SessionInputValue<'static>> {
-            Tensor::from_array((vec![1i64, v.len() as i64], v))
+            let cols = v.len() / batch.max(1);
+            Tensor::from_array((vec![batch as i64, cols as i64], v))
                 .map(SessionInputValue::from)
                 .map_err(ort_err("input"))
         };
+        let positions: Vec<i64> = (0..batch)
+            .flat_map(|_| (past_len..total).map(|p| p as i64))
+            .collect();
         let mut inputs: Vec<(Cow<str>, SessionInputValue)> = vec![
             (
                 contract::INPUT_IDS.into(),
                 tensor_i64(ids.iter().map(|&i| i as i64).collect())?,
             ),
-            (contract::ATTENTION_MASK.into(), tensor_i64(vec![1; total])?),
             (
-                contract::POSITION_IDS.into(),
-                tensor_i64((past_len..total).map(|p| p as i64).collect())?,
+                contract::ATTENTION_MASK.into(),
+                tensor_i64(vec![1; batch * total])?,
             ),
+            (contract::POSITION_IDS.into(), tensor_i64(positions)?),
         ];
         for l in 0..self.layers {
             let (k, v) = match past {
                 Some(p) => (p.present[l].0.clone(), p.present[l].1.clone()),
                 None => (Vec::new(), Vec::new()),
             };
-            let shape = vec![1i64, nkv as i64, past_len as i64, hd as i64];
+            let shape = vec![batch as i64, nkv as i64, past_len as i64, hd as i64];
             for (name, data) in [(contract::past_key(l), k), (contract::past_value(l), v)] {
                 let value: SessionInputValue = if self.float == ElemType::F16 {
                     let data: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
@@ -244,10 +309,10 @@ impl DecoderSession {
             }
             Ok(data)
         };
-        let logits = extract(contract::LOGITS, &[1, s, self.vocab])?;
+        let logits = extract(contract::LOGITS, &[batch, s, self.vocab])?;
         let mut present = Vec::with_capacity(self.layers);
         for l in 0..self.layers {
-            let want = [1, nkv, total, hd];
+            let want = [batch, nkv, total, hd];
             present.push((
                 extract(&contract::present_key(l), &want)?,
                 extract(&contract::present_value(l), &want)?,

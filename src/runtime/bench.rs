@@ -1,0 +1,144 @@
+//! Benchmark of two emitted models in ONNX Runtime, A and B alternating in
+//! the same run: prefill latency of `prefill_tokens`, and greedy decode
+//! throughput of `decode_tokens` new tokens after a `prompt_tokens` prompt
+//! with the KV cache; medians over runs and the B/A ratios. Same batch,
+//! dtype and threads for both.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::DecoderSession;
+use crate::Result;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchOptions {
+    pub batch: usize,
+    pub prefill_tokens: usize,
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    pub runs: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            batch: 1,
+            prefill_tokens: 128,
+            prompt_tokens: 32,
+            decode_tokens: 128,
+            runs: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchSide {
+    /// Median prefill latency.
+    pub prefill_ms: f64,
+    /// Median decode throughput: `batch * decode_tokens` over the decode time.
+    pub decode_tokens_per_s: f64,
+    pub prefill_runs_ms: Vec<f64>,
+    pub decode_runs_tokens_per_s: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub options: BenchOptions,
+    pub a: BenchSide,
+    pub b: BenchSide,
+    /// `a.prefill_ms / b.prefill_ms`: above 1 when B is faster.
+    pub prefill_speedup: f64,
+    /// `b.decode_tokens_per_s / a.decode_tokens_per_s`.
+    pub decode_speedup: f64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Deterministic ids spread over the vocabulary.
+fn ids(n: usize, batch: usize, vocab: usize) -> Vec<u32> {
+    (0..batch)
+        .flat_map(|_| (0..n).map(move |i| ((i * 7919 + 13) % vocab) as u32))
+        .collect()
+}
+
+fn prefill_ms(s: &mut DecoderSession, opts: &BenchOptions, vocab: usize) -> Result<f64> {
+    let input = ids(opts.prefill_tokens, opts.batch, vocab);
+    let t0 = Instant::now();
+    s.step_batch(&input, opts.batch, None)?;
+    Ok(t0.elapsed().as_secs_f64() * 1e3)
+}
+
+fn decode_tokens_per_s(s: &mut DecoderSession, opts: &BenchOptions, vocab: usize) -> Result<f64> {
+    let prompt = ids(opts.prompt_tokens, opts.batch, vocab);
+    let mut out = s.step_batch(&prompt, opts.batch, None)?;
+    let t0 = Instant::now();
+    for _ in 0..opts.decode_tokens {
+        // Greedy on the last position of each row.
+        let rows = out.logits.len() / vocab;
+        let per_row = rows / opts.batch;
+        let next: Vec<u32> = (0..opts.batch)
+            .map(|b| {
+                let row = &out.logits[(b * per_row + per_row - 1) * vocab..][..vocab];
+                row.iter()
+                    .enumerate()
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |m, (i, &v)| if v > m.1 { (i, v) } else { m },
+                    )
+                    .0 as u32
+            })
+            .collect();
+        out = s.step_batch(&next, opts.batch, Some(&out))?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok((opts.batch * opts.decode_tokens) as f64 / secs)
+}
+
+/// Run A and B alternately (one warm-up each, then `runs` measured).
+pub fn bench(
+    a: &mut DecoderSession,
+    b: &mut DecoderSession,
+    vocab: usize,
+    opts: &BenchOptions,
+    progress: &indicatif::ProgressBar,
+) -> Result<BenchResult> {
+    let mut sides = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+    progress.set_length((opts.runs + 1) as u64);
+    for run in 0..=opts.runs {
+        for (k, s) in [&mut *a, &mut *b].into_iter().enumerate() {
+            let p = prefill_ms(s, opts, vocab)?;
+            let d = decode_tokens_per_s(s, opts, vocab)?;
+            if run > 0 {
+                sides[k].0.push(p);
+                sides[k].1.push(d);
+            }
+        }
+        progress.inc(1);
+    }
+    let side = |(p, d): &(Vec<f64>, Vec<f64>)| BenchSide {
+        prefill_ms: median(p),
+        decode_tokens_per_s: median(d),
+        prefill_runs_ms: p.clone(),
+        decode_runs_tokens_per_s: d.clone(),
+    };
+    let (sa, sb) = (side(&sides[0]), side(&sides[1]));
+    Ok(BenchResult {
+        options: opts.clone(),
+        prefill_speedup: sa.prefill_ms / sb.prefill_ms,
+        decode_speedup: sb.decode_tokens_per_s / sa.decode_tokens_per_s,
+        a: sa,
+        b: sb,
+    })
+}

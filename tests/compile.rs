@@ -1,0 +1,189 @@
+//! `depthc compile` end to end on the synthetic fixture: every artifact exists
+//! and validates (report schema, ONNX checker, ONNX Runtime numerics), the
+//! benchmark section is there, and the output is never half-written.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{cache_dir, fixture};
+use serde_json::Value;
+
+fn depthc(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_depthc"))
+        .args(args)
+        .output()
+        .expect("run depthc");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn python(script: &str, args: &[&Path]) -> Value {
+    let out = Command::new(cache_dir().join("venv/bin/python"))
+        .arg(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/python")
+                .join(script),
+        )
+        .args(args)
+        .output()
+        .expect("python (scripts/setup.sh makes the venv)");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn compile_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "compile",
+        model,
+        "-o",
+        out,
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "256",
+        "--protect-first",
+        "0",
+        "--protect-last",
+        "0",
+        "--pairs",
+        "1",
+        "--runs",
+        "1",
+        "--steps",
+        "4",
+    ]
+}
+
+#[test]
+fn compile_writes_validated_baseline_compiled_and_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny_llama/tiny.q8_0.gguf");
+    let out = dir.path().join("out");
+    let (code, stdout, stderr) = depthc(&compile_args(
+        model.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("chosen plan") && stdout.contains("speedup"),
+        "{stdout}"
+    );
+    for f in [
+        "baseline/model.onnx",
+        "baseline/model.onnx.data",
+        "baseline/genai_config.json",
+        "compiled/model.onnx",
+        "compiled/model.onnx.data",
+        "compiled/tokenizer.json",
+        "report/search-report.json",
+        "report/search-report.md",
+        "report/heatmap.svg",
+        "report/pairs.svg",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let report = python(
+        "check_report.py",
+        &[
+            &out.join("report"),
+            &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas/search-report.schema.json"),
+        ],
+    );
+    let json: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("report/search-report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["chosen_plan"], json["chosen_plan"]);
+    for name in ["baseline", "compiled"] {
+        let v = &json["validation"][name];
+        assert_eq!(v["tokens_agree"], true, "{name}");
+        assert!(
+            v["outputs"][0]["max_abs"].as_f64().unwrap() <= 1e-3,
+            "{name}"
+        );
+        python("check_onnx.py", &[&out.join(name).join("model.onnx")]);
+    }
+    assert_eq!(json["validation"]["compiled"]["plan"], json["chosen_plan"]);
+    let b = &json["benchmark"];
+    assert!(b["prefill_speedup"].as_f64().unwrap() > 0.0);
+    assert!(b["a"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    let md = std::fs::read_to_string(out.join("report/search-report.md")).unwrap();
+    assert!(md.contains("Benchmark in ONNX Runtime") && md.contains("Validation in ONNX Runtime"));
+
+    // An existing output is refused without --force and replaced with it.
+    let (code, _, stderr) = depthc(&compile_args(
+        model.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--force"), "{stderr}");
+    let mut args = compile_args(model.to_str().unwrap(), out.to_str().unwrap());
+    args.push("--force");
+    let (code, _, stderr) = depthc(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(out.join("report/search-report.json").is_file());
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "temporary directories left behind");
+}
+
+#[test]
+fn compile_failure_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny_llama/tiny.q8_0.gguf");
+    let out = dir.path().join("out");
+    let mut args = compile_args(model.to_str().unwrap(), out.to_str().unwrap());
+    args.extend(["--ort-lib", "/no/such/libonnxruntime.so"]);
+    let (code, _, stderr) = depthc(&args);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("/no/such/libonnxruntime.so"), "{stderr}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn bench_prints_both_sides_and_ratios_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny_llama/tiny.q8_0.gguf");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    for (out, plan) in [(&a, ""), (&b, "1-2")] {
+        let (code, _, stderr) = depthc(&[
+            "emit",
+            model.to_str().unwrap(),
+            "--plan",
+            plan,
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+    }
+    let (code, stdout, stderr) = depthc(&[
+        "bench",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--runs",
+        "2",
+        "--decode-tokens",
+        "8",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    for side in ["a", "b"] {
+        assert!(v[side]["prefill_ms"].as_f64().unwrap() > 0.0);
+        assert!(v[side]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(v[side]["prefill_runs_ms"].as_array().unwrap().len(), 2);
+    }
+    let ratio = v["a"]["prefill_ms"].as_f64().unwrap() / v["b"]["prefill_ms"].as_f64().unwrap();
+    assert!((v["prefill_speedup"].as_f64().unwrap() - ratio).abs() < 1e-9);
+    assert_eq!(v["options"]["batch"], 2);
+}
