@@ -1,0 +1,82 @@
+//! The subcommands, one file per pipeline area; shared terminal helpers here.
+
+pub mod compile;
+pub mod model;
+pub mod onnx;
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::cli::*;
+use depthc::checkpoint::Checkpoint;
+use depthc::model::Model;
+
+pub fn spinner(msg: &str) -> ProgressBar {
+    let pb = if std::io::stderr().is_terminal() {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden())
+    };
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    pb
+}
+
+pub fn bar(len: u64, template: &str) -> Result<ProgressBar> {
+    Ok(if std::io::stderr().is_terminal() {
+        let pb = ProgressBar::new(len);
+        pb.set_style(ProgressStyle::with_template(template)?);
+        pb
+    } else {
+        ProgressBar::hidden()
+    })
+}
+
+/// Open a checkpoint and load its weights as f32, then release the mapping.
+pub fn load(path: &Path) -> Result<(Model, Option<depthc::checkpoint::tokenizer::Tokenizer>)> {
+    let pb = spinner(&format!("loading {}", path.display()));
+    let ckpt = Checkpoint::open(path)?;
+    let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
+    pb.finish_and_clear();
+    Ok((model, ckpt.tokenizer))
+}
+
+/// Peak resident set size of this process, from /proc (Linux).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn runtime_options(
+    lib: &Option<std::path::PathBuf>,
+    device: DeviceArg,
+    threads: Option<usize>,
+) -> depthc::runtime::RuntimeOptions {
+    depthc::runtime::RuntimeOptions {
+        library: lib.clone(),
+        device: match device {
+            DeviceArg::Cpu => depthc::runtime::Device::Cpu,
+            DeviceArg::Cuda => depthc::runtime::Device::Cuda,
+        },
+        strict: false,
+        threads,
+    }
+}
+
+/// A public-domain passage (Hamlet, Act III, Scene 1) for the default prefill.
+pub const DEFAULT_PROMPT: &str = "To be, or not to be, that is the question:\n\
+Whether 'tis nobler in the mind to suffer\n\
+The slings and arrows of outrageous fortune,\n\
+Or to take arms against a sea of troubles\n\
+And by opposing end them. To die: to sleep;\n\
+No more; and by a sleep to say we end\n\
+The heart-ache and the thousand natural shocks\n\
+That flesh is heir to, 'tis a consummation\n\
+Devoutly to be wish'd. To die, to sleep;\n\
+To sleep: perchance to dream: ay, there's the rub;\n\
+For in that sleep of death what dreams may come\n";

@@ -1,0 +1,226 @@
+//! `inspect`, `eval`, `convert`, `bench-forward`: the checkpoint and the reference forward.
+
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::cli::*;
+use depthc::checkpoint::{safetensors, Checkpoint};
+use depthc::forward::{Forward, KvCache, Logits, Options};
+use depthc::model::Model;
+use depthc::plan::Plan;
+use depthc::search;
+
+use super::*;
+
+pub fn inspect(a: InspectArgs) -> Result<()> {
+    let ckpt = Checkpoint::open(&a.model)?;
+    let c = &ckpt.config;
+    let mut dtypes: std::collections::BTreeMap<&str, usize> = Default::default();
+    let mut params = 0usize;
+    for t in ckpt.source.tensors() {
+        *dtypes.entry(t.dtype.name()).or_default() += 1;
+        params += t.numel();
+    }
+    let rope = match &c.rope_scaling {
+        depthc::checkpoint::RopeScaling::None => format!("theta {}", c.rope_theta),
+        s => format!(
+            "theta {}, scaling {}",
+            c.rope_theta,
+            serde_json::to_string(s)?
+        ),
+    };
+    let tokenizer = ckpt
+        .tokenizer
+        .as_ref()
+        .map(|t| format!("{} ({} tokens)", t.description, t.vocab_size()));
+    if a.json {
+        let v = json!({
+            "path": ckpt.path,
+            "format": format!("{:?}", ckpt.format).to_lowercase(),
+            "family": c.family.name(),
+            "layers": c.num_hidden_layers,
+            "hidden_size": c.hidden_size,
+            "attention_heads": c.num_attention_heads,
+            "kv_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim,
+            "intermediate_size": c.intermediate_size,
+            "vocab_size": c.vocab_size,
+            "rope_theta": c.rope_theta,
+            "rope_scaling": c.rope_scaling,
+            "rms_norm_eps": c.rms_norm_eps,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "parameters": params,
+            "dtypes": dtypes,
+            "tokenizer": tokenizer,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let dt: Vec<String> = dtypes.iter().map(|(k, v)| format!("{k} x{v}")).collect();
+    println!("model          {}", ckpt.path.display());
+    println!("format         {:?}", ckpt.format);
+    println!("family         {}", c.family.name());
+    println!("layers         {}", c.num_hidden_layers);
+    println!("hidden         {}", c.hidden_size);
+    println!(
+        "heads          {} query, {} KV, head dim {}",
+        c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    );
+    println!("ffn            {}", c.intermediate_size);
+    println!("vocab          {}", c.vocab_size);
+    println!("rope           {rope}");
+    println!("rms norm eps   {}", c.rms_norm_eps);
+    println!("tied embedding {}", c.tie_word_embeddings);
+    println!("parameters     {params} ({:.1} M)", params as f64 / 1e6);
+    println!("dtypes         {}", dt.join(", "));
+    println!(
+        "tokenizer      {}",
+        tokenizer.unwrap_or_else(|| "none".into())
+    );
+    Ok(())
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.text)
+        .with_context(|| format!("{}: cannot read text", a.text.display()))?;
+    let ckpt = Checkpoint::open(&a.model)?;
+    let layers = ckpt.config.num_hidden_layers;
+    let plan = match a.plan.as_deref() {
+        Some(spec) => Some(Plan::parse(spec, layers)?),
+        None => None,
+    };
+    let ids = ckpt.require_tokenizer()?.encode(&text)?;
+    let windows = search::windows(&ids, a.seq_len, a.max_windows)?;
+    let pb = spinner(&format!("loading {}", a.model.display()));
+    let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
+    drop(ckpt);
+    pb.finish_and_clear();
+    let forward = Forward::new(&model);
+    let progress = if std::io::stderr().is_terminal() {
+        let pb = ProgressBar::new(windows.len() as u64);
+        pb.set_style(ProgressStyle::with_template(
+            "eval {bar:30} {pos}/{len} windows, {eta} left",
+        )?);
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+    let plan = plan.filter(|p| !p.is_sequential());
+    let report = search::evaluate(&forward, plan.as_ref(), &windows, &progress)?;
+    progress.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "windows        {} x {} tokens ({} predictions)",
+        report.windows, report.seq_len, report.predictions
+    );
+    match (&report.plan, report.perplexity_original) {
+        (Some(p), Some(orig)) => {
+            println!(
+                "plan           {p} (depth {} of {layers})",
+                report.depth.unwrap_or(layers)
+            );
+            println!(
+                "perplexity     {:.4} (original {orig:.4}, x{:.4})",
+                report.perplexity,
+                report.perplexity / orig
+            );
+            println!("cosine         {:.6}", report.cosine.unwrap_or(f64::NAN));
+            println!("kl             {:.6}", report.kl.unwrap_or(f64::NAN));
+            println!(
+                "top-1 agree    {:.4}",
+                report.top1_agreement.unwrap_or(f64::NAN)
+            );
+        }
+        _ => println!("perplexity     {:.4}", report.perplexity),
+    }
+    Ok(())
+}
+
+pub fn convert(a: ConvertArgs) -> Result<()> {
+    if a.output.exists() {
+        bail!(
+            "{}: already exists; choose a new output directory",
+            a.output.display()
+        );
+    }
+    let ckpt = Checkpoint::open(&a.model)?;
+    let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
+    let store = match a.dtype {
+        StoreDtype::F32 => safetensors::StoreType::F32,
+        StoreDtype::F16 => safetensors::StoreType::F16,
+        StoreDtype::Bf16 => safetensors::StoreType::BF16,
+    };
+    model.write_hf_dir(
+        &a.output,
+        ckpt.tokenizer.as_ref().map(|t| t.to_json()),
+        store,
+    )?;
+    println!("wrote {}", a.output.display());
+    Ok(())
+}
+
+pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
+    if a.tokens == 0 || a.repeats == 0 {
+        bail!("--tokens and --repeats must be positive");
+    }
+    let (model, _) = load(&a.model)?;
+    let cfg = &model.config;
+    let weight_bytes: usize = model
+        .named_tensors()
+        .iter()
+        .map(|(_, _, d)| d.len() * 4)
+        .sum();
+    let plan = Plan::sequential(cfg.num_hidden_layers);
+    // Deterministic spread of ids over the vocabulary.
+    let ids: Vec<u32> = (0..a.tokens)
+        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32)
+        .collect();
+    let forward = Forward::new(&model);
+    let opts = Options {
+        logits: Logits::All,
+        capture_residuals: false,
+    };
+    let mut times = Vec::new();
+    for rep in 0..=a.repeats {
+        let t0 = Instant::now();
+        forward.run(&plan, &ids, &mut KvCache::new(cfg.num_hidden_layers), opts)?;
+        if rep > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let peak = peak_rss_bytes();
+    let tps = a.tokens as f64 / median;
+    if a.json {
+        let v = json!({
+            "tokens": a.tokens, "repeats": a.repeats, "median_s": median, "tokens_per_s": tps,
+            "peak_rss_bytes": peak, "f32_weight_bytes": weight_bytes,
+            "threads": rayon::current_num_threads(),
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "forward 1x{}: median {:.1} ms, {:.1} tokens/s",
+            a.tokens,
+            median * 1e3,
+            tps
+        );
+        if let Some(p) = peak {
+            println!(
+                "peak RSS {:.1} MiB = {:.2}x the f32 weights ({:.1} MiB)",
+                p as f64 / 1048576.0,
+                p as f64 / weight_bytes as f64,
+                weight_bytes as f64 / 1048576.0
+            );
+        }
+    }
+    Ok(())
+}

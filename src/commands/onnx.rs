@@ -1,0 +1,240 @@
+//! `emit`, `validate`, `bench`: ONNX emission and ONNX Runtime.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cli::*;
+use depthc::checkpoint::Checkpoint;
+use depthc::forward::Forward;
+use depthc::model::Model;
+use depthc::plan::Plan;
+
+use super::*;
+
+pub fn emit(a: EmitArgs) -> Result<()> {
+    use depthc::graph::{ElemType, Form};
+    use depthc::onnx::package::{self, EmitOptions, Source};
+    if a.output.exists() {
+        bail!(
+            "{}: already exists; choose a new output directory",
+            a.output.display()
+        );
+    }
+    let ckpt = Checkpoint::open(&a.model)?;
+    let plan = Plan::parse(
+        a.plan.as_deref().unwrap_or(""),
+        ckpt.config.num_hidden_layers,
+    )?;
+    let pb = spinner(&format!("loading {}", a.model.display()));
+    let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
+    pb.finish_and_clear();
+    let opts = EmitOptions {
+        form: match a.form {
+            FormArg::Fused => Form::Fused,
+            FormArg::Branches => Form::Branches,
+        },
+        float: match a.dtype {
+            OnnxDtype::F32 => ElemType::F32,
+            OnnxDtype::F16 => ElemType::F16,
+        },
+    };
+    let progress = bar(0, "emit {bar:30} {pos}/{len} weights, {eta} left")?;
+    let t0 = Instant::now();
+    let written = package::emit(
+        &model,
+        &plan,
+        &Source {
+            path: &a.model,
+            tokenizer: ckpt.tokenizer.as_ref(),
+        },
+        &opts,
+        &a.output,
+        &progress,
+    )?;
+    progress.finish_and_clear();
+    let layers = model.config.num_hidden_layers;
+    println!(
+        "wrote {} ({} form, {}, plan `{plan}`, depth {} of {layers})",
+        a.output.display(),
+        opts.form.name(),
+        opts.float.name(),
+        plan.depth()
+    );
+    println!(
+        "  model.onnx {:.1} KiB, model.onnx.data {:.1} MiB ({} weights) in {:.1} s",
+        written.model_bytes as f64 / 1024.0,
+        written.data_bytes as f64 / 1048576.0,
+        written.weights,
+        t0.elapsed().as_secs_f64()
+    );
+    if let Some(p) = peak_rss_bytes() {
+        println!("  peak RSS {:.1} MiB", p as f64 / 1048576.0);
+    }
+    Ok(())
+}
+
+pub fn validate(a: ValidateArgs) -> Result<()> {
+    use depthc::runtime::validate::{validate, Tolerance};
+    use depthc::runtime::{Device, Emitted, RuntimeOptions};
+    let emitted = Emitted::open(&a.dir)?;
+    let float = emitted.float;
+    let ckpt = Checkpoint::open(&a.model)?;
+    let plan = Plan::parse(&emitted.plan, ckpt.config.num_hidden_layers)?;
+    let text = match &a.text {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("{}: cannot read text", p.display()))?,
+        None => DEFAULT_PROMPT.to_string(),
+    };
+    let mut prompt = ckpt.require_tokenizer()?.encode(&text)?;
+    prompt.truncate(a.prompt_tokens.max(1));
+    let opts = RuntimeOptions {
+        library: a.ort_lib.clone(),
+        device: match a.device {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda,
+        },
+        strict: a.strict,
+        threads: None,
+    };
+    let pb = spinner(&format!("loading {}", a.model.display()));
+    let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
+    drop(ckpt);
+    pb.set_message(format!("loading {}", emitted.model_path.display()));
+    let mut session = emitted.session(&opts)?;
+    pb.set_message("validating");
+    let forward = Forward::new(&model);
+    let tolerance = if a.tolerance.is_some() || a.rel_tolerance.is_some() {
+        Tolerance {
+            abs: a.tolerance,
+            rel: a.rel_tolerance,
+        }
+    } else {
+        Tolerance::default_for(float)
+    };
+    let v = validate(&mut session, &forward, &plan, &prompt, a.steps, tolerance)?;
+    pb.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "plan `{}`: prefill {} tokens + {} decode steps, tolerance {}",
+            v.plan, v.prompt_tokens, v.steps, v.tolerance
+        );
+        let worst_present = v
+            .outputs
+            .iter()
+            .skip(1)
+            .max_by(|x, y| x.max_abs.total_cmp(&y.max_abs));
+        for o in v.outputs.iter().take(1).chain(worst_present) {
+            println!(
+                "  {:<24} max abs {:.3e}  max rel {:.3e}  ({}{})",
+                o.name,
+                o.max_abs,
+                o.max_rel,
+                o.worst_at,
+                if o.passed { "" } else { ", FAILED" }
+            );
+        }
+        println!(
+            "  {} present outputs checked, {} over tolerance",
+            v.outputs.len() - 1,
+            v.outputs.iter().skip(1).filter(|o| !o.passed).count()
+        );
+        println!(
+            "  greedy tokens {}",
+            if v.tokens_agree { "agree" } else { "DIFFER" }
+        );
+        for f in &v.failures {
+            println!("  FAILED {f}");
+        }
+        if !v.tokens_agree {
+            println!(
+                "  FAILED greedy tokens: reference {:?}, onnx {:?}",
+                v.tokens_reference, v.tokens_onnx
+            );
+        }
+    }
+    if !v.passed() {
+        let worst = v
+            .outputs
+            .iter()
+            .filter(|o| !o.passed)
+            .max_by(|x, y| x.max_rel.total_cmp(&y.max_rel));
+        bail!(
+            "validation failed: {} of {} outputs over tolerance{}{}",
+            v.failures.len(),
+            v.outputs.len(),
+            worst.map_or(String::new(), |o| format!(
+                " (worst {}: max abs {:.3e}, max rel {:.3e})",
+                o.name, o.max_abs, o.max_rel
+            )),
+            if v.tokens_agree {
+                ""
+            } else {
+                "; greedy tokens differ"
+            }
+        );
+    }
+    Ok(())
+}
+
+pub fn print_bench(r: &depthc::runtime::bench::BenchResult, a: &str, b: &str) {
+    let o = &r.options;
+    println!(
+        "batch {}: prefill {} tokens; decode {} tokens after a {}-token prompt; median of {} runs",
+        o.batch, o.prefill_tokens, o.decode_tokens, o.prompt_tokens, o.runs
+    );
+    println!(
+        "  {:<10} {:>12} {:>16}",
+        "", "prefill ms", "decode tokens/s"
+    );
+    println!(
+        "  {:<10} {:>12.2} {:>16.1}",
+        a, r.a.prefill_ms, r.a.decode_tokens_per_s
+    );
+    println!(
+        "  {:<10} {:>12.2} {:>16.1}",
+        b, r.b.prefill_ms, r.b.decode_tokens_per_s
+    );
+    println!(
+        "  speedup    prefill x{:.3}, decode x{:.3}",
+        r.prefill_speedup, r.decode_speedup
+    );
+}
+
+pub fn bench_command(a: BenchArgs) -> Result<()> {
+    use depthc::runtime::bench::{bench, BenchOptions};
+    use depthc::runtime::Emitted;
+    let ea = Emitted::open(&a.a)?;
+    let eb = Emitted::open(&a.b)?;
+    if ea.config.vocab_size != eb.config.vocab_size || ea.float != eb.float {
+        bail!(
+            "{} and {} are not the same model in the same dtype",
+            a.a.display(),
+            a.b.display()
+        );
+    }
+    if a.batch == 0 || a.runs == 0 || a.prefill_tokens == 0 || a.prompt_tokens == 0 {
+        bail!("--batch, --runs, --prefill-tokens and --prompt-tokens must be positive");
+    }
+    let opts = runtime_options(&a.ort_lib, a.device, a.threads);
+    let mut sa = ea.session(&opts)?;
+    let mut sb = eb.session(&opts)?;
+    let bo = BenchOptions {
+        batch: a.batch,
+        prefill_tokens: a.prefill_tokens,
+        prompt_tokens: a.prompt_tokens,
+        decode_tokens: a.decode_tokens,
+        runs: a.runs,
+    };
+    let progress = bar(0, "bench {bar:30} {pos}/{len} runs, {eta} left")?;
+    let r = bench(&mut sa, &mut sb, ea.config.vocab_size, &bo, &progress)?;
+    progress.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print_bench(&r, "A", "B");
+    }
+    Ok(())
+}
