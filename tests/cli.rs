@@ -424,3 +424,24 @@ fn emit_then_validate_succeeds_on_the_command_line() {
     assert_eq!(v["tokens_agree"], true);
     assert_eq!(v["outputs"].as_array().unwrap().len(), 9);
 }
+
+#[test]
+fn cuda_registration_error_is_reported_verbatim() {
+    // The library scripts/setup.sh installs is ONNX Runtime's CPU build.
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny_llama/tiny.q8_0.gguf");
+    let out = dir.path().join("out");
+    let r = depthc(&["emit", s(&model), "-o", s(&out)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    fails_with(
+        &[
+            "validate",
+            s(&out),
+            "--model",
+            s(&model),
+            "--device",
+            "cuda",
+        ],
+        &["CUDA execution provider", "not enabled in this build"],
+    );
+}
