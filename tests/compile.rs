@@ -5,39 +5,17 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::{cache_dir, fixture};
+use common::fixture;
 use serde_json::Value;
 
 fn depthc(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_depthc"))
-        .args(args)
-        .output()
-        .expect("run depthc");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::run_depthc(args)
 }
 
 fn python(script: &str, args: &[&Path]) -> Value {
-    let out = Command::new(cache_dir().join("venv/bin/python"))
-        .arg(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/python")
-                .join(script),
-        )
-        .args(args)
-        .output()
-        .expect("python (scripts/setup.sh makes the venv)");
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let args: Vec<&str> = args.iter().map(|p| p.to_str().unwrap()).collect();
+    common::run_python(script, &args)
 }
 
 fn compile_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {

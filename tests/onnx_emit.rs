@@ -6,9 +6,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::{cache_dir, fixture, load, real_model_path, text_path};
+use common::{fixture, load, real_model_path, text_path};
 use depthc::checkpoint::Checkpoint;
 use depthc::forward::{Forward, KvCache, Logits, Options};
 use depthc::graph::{ElemType, Form};
@@ -148,29 +147,7 @@ fn check_with_independent_decoder(out: &Path, layers: usize, float_bytes: i64) {
     assert_eq!(names.len(), g.node.len());
 }
 
-fn python() -> PathBuf {
-    let p = cache_dir().join("venv/bin/python");
-    assert!(p.exists(), "{} missing: run scripts/setup.sh", p.display());
-    p
-}
-
-fn run_python(script: &str, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(python())
-        .arg(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/python")
-                .join(script),
-        )
-        .args(args)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{script} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON object")
-}
+use common::run_python;
 
 #[test]
 fn tiny_model_every_plan_and_form_matches_the_reference() {

@@ -4,21 +4,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::{cache_dir, fixture, text_path};
+use common::{fixture, text_path};
 use serde_json::Value;
 
 fn depthc(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_depthc"))
-        .args(args)
-        .output()
-        .expect("run depthc");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::run_depthc(args)
 }
 
 fn s(p: &Path) -> &str {
@@ -74,19 +65,9 @@ fn report_validates_against_its_schema_and_svgs_are_well_formed() {
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
-    let py = cache_dir().join("venv/bin/python");
-    let check = Command::new(&py)
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/check_report.py"))
-        .arg(&out)
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas/search-report.schema.json"))
-        .output()
-        .expect("run check_report.py (scripts/setup.sh makes the venv)");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let svg: Value = serde_json::from_slice(&check.stdout).unwrap();
+    let schema =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas/search-report.schema.json");
+    let svg = common::run_python("check_report.py", &[s(&out), s(&schema)]);
     // One rectangle per contiguous range in the heatmap, beside the background.
     let ranges = report["candidates"]
         .as_array()

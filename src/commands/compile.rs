@@ -15,7 +15,7 @@ use depthc::plan::Plan;
 use depthc::search;
 
 use super::onnx::print_bench;
-use super::{bar, runtime_options, spinner, DEFAULT_PROMPT};
+use super::{bar, emit_options, runtime_options, spinner, summary_json, DEFAULT_PROMPT};
 
 /// The model and its search report (not yet written).
 struct Searched {
@@ -202,18 +202,11 @@ pub fn search_command(a: SearchArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({
-                "chosen_plan": report.chosen_plan,
-                "depth_before": report.depth_before,
-                "depth_after": report.depth_after,
-                "cosine": report.chosen.scores.cosine,
-                "kl": report.chosen.scores.kl,
-                "top1_agreement": report.chosen.scores.top1_agreement,
-                "eval": report.eval,
-                "candidates": report.candidates.len(),
-                "search_forward_multiple": report.timings.search_forward_multiple,
-                "report": a.output.join("search-report.json"),
-            }))?
+            serde_json::to_string_pretty(&{
+                let mut v = summary_json(report);
+                v["report"] = json!(a.output.join("search-report.json"));
+                v
+            })?
         );
         return Ok(());
     }
@@ -223,8 +216,7 @@ pub fn search_command(a: SearchArgs) -> Result<()> {
 }
 
 pub fn compile_command(a: CompileArgs) -> Result<()> {
-    use depthc::graph::{ElemType, Form};
-    use depthc::onnx::package::{self, EmitOptions, Source};
+    use depthc::onnx::package::{self, Source};
     use depthc::runtime::bench::{bench, BenchOptions};
     use depthc::runtime::validate::{validate, Tolerance};
     use depthc::runtime::Emitted;
@@ -241,16 +233,7 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
     let model = &searched.model;
     let layers = model.config.num_hidden_layers;
     let chosen = Plan::parse(&report.chosen_plan, layers)?;
-    let opts = EmitOptions {
-        form: match a.form {
-            FormArg::Fused => Form::Fused,
-            FormArg::Branches => Form::Branches,
-        },
-        float: match a.dtype {
-            OnnxDtype::F32 => ElemType::F32,
-            OnnxDtype::F16 => ElemType::F16,
-        },
-    };
+    let opts = emit_options(a.form, a.dtype);
     let rt = runtime_options(&a.ort_lib, a.device, None);
     let source = Source {
         path: &a.model,
@@ -344,21 +327,21 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({
-                "chosen_plan": report.chosen_plan,
-                "depth_before": report.depth_before,
-                "depth_after": report.depth_after,
-                "cosine": report.chosen.scores.cosine,
-                "kl": report.chosen.scores.kl,
-                "top1_agreement": report.chosen.scores.top1_agreement,
-                "eval": report.eval,
-                "validation": validations.iter().map(|(n, v)| json!({
-                    "model": n, "passed": v.passed(),
-                    "logits_max_abs": v.outputs[0].max_abs,
-                })).collect::<Vec<_>>(),
-                "benchmark": bench_result,
-                "output": a.output,
-            }))?
+            serde_json::to_string_pretty(&{
+                let mut v = summary_json(&report);
+                v["validation"] = validations
+                    .iter()
+                    .map(|(n, v)| {
+                        json!({
+                            "model": n, "passed": v.passed(),
+                            "logits_max_abs": v.outputs[0].max_abs,
+                        })
+                    })
+                    .collect();
+                v["benchmark"] = json!(bench_result);
+                v["output"] = json!(a.output);
+                v
+            })?
         );
         return Ok(());
     }

@@ -80,3 +80,33 @@ That flesh is heir to, 'tis a consummation\n\
 Devoutly to be wish'd. To die, to sleep;\n\
 To sleep: perchance to dream: ay, there's the rub;\n\
 For in that sleep of death what dreams may come\n";
+
+/// The emission options of `--form` and `--dtype`.
+pub fn emit_options(form: FormArg, dtype: OnnxDtype) -> depthc::onnx::package::EmitOptions {
+    use depthc::graph::{ElemType, Form};
+    depthc::onnx::package::EmitOptions {
+        form: match form {
+            FormArg::Fused => Form::Fused,
+            FormArg::Branches => Form::Branches,
+        },
+        float: match dtype {
+            OnnxDtype::F32 => ElemType::F32,
+            OnnxDtype::F16 => ElemType::F16,
+        },
+    }
+}
+
+/// The chosen plan and its similarity, as `search` and `compile` print with `--json`.
+pub fn summary_json(report: &depthc::report::SearchReport) -> serde_json::Value {
+    serde_json::json!({
+        "chosen_plan": report.chosen_plan,
+        "depth_before": report.depth_before,
+        "depth_after": report.depth_after,
+        "cosine": report.chosen.scores.cosine,
+        "kl": report.chosen.scores.kl,
+        "top1_agreement": report.chosen.scores.top1_agreement,
+        "eval": report.eval,
+        "candidates": report.candidates.len(),
+        "search_forward_multiple": report.timings.search_forward_multiple,
+    })
+}

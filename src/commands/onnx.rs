@@ -13,8 +13,7 @@ use depthc::plan::Plan;
 use super::*;
 
 pub fn emit(a: EmitArgs) -> Result<()> {
-    use depthc::graph::{ElemType, Form};
-    use depthc::onnx::package::{self, EmitOptions, Source};
+    use depthc::onnx::package::{self, Source};
     if a.output.exists() {
         bail!(
             "{}: already exists; choose a new output directory",
@@ -29,16 +28,7 @@ pub fn emit(a: EmitArgs) -> Result<()> {
     let pb = spinner(&format!("loading {}", a.model.display()));
     let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
     pb.finish_and_clear();
-    let opts = EmitOptions {
-        form: match a.form {
-            FormArg::Fused => Form::Fused,
-            FormArg::Branches => Form::Branches,
-        },
-        float: match a.dtype {
-            OnnxDtype::F32 => ElemType::F32,
-            OnnxDtype::F16 => ElemType::F16,
-        },
-    };
+    let opts = emit_options(a.form, a.dtype);
     let progress = bar(0, "emit {bar:30} {pos}/{len} weights, {eta} left")?;
     let t0 = Instant::now();
     let written = package::emit(

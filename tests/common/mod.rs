@@ -109,3 +109,42 @@ pub fn decode_matches_full(model: &Model, plan: &Plan, ids: &[u32], prefix: usiz
         ids.len() - prefix
     );
 }
+
+/// Run the `depthc` binary: (exit code, stdout, stderr).
+pub fn run_depthc(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_depthc"))
+        .args(args)
+        .output()
+        .expect("run depthc");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Run `tests/python/SCRIPT` in the venv `scripts/setup.sh` makes; its stdout
+/// is one JSON object.
+pub fn run_python(script: &str, args: &[&str]) -> serde_json::Value {
+    let python = cache_dir().join("venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run scripts/setup.sh",
+        python.display()
+    );
+    let out = std::process::Command::new(python)
+        .arg(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/python")
+                .join(script),
+        )
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
