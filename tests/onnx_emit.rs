@@ -211,14 +211,7 @@ fn reference_greedy(model: &Model, plan: &Plan, prompt: &[u32], n: usize) -> Vec
     let mut out = Vec::new();
     while out.len() < n {
         let logits = f.run(plan, &ids, &mut cache, opts).unwrap().logits;
-        let next = logits
-            .iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-            )
-            .0 as u32;
+        let next = depthc::forward::ops::argmax(&logits) as u32;
         out.push(next);
         ids = vec![next];
     }

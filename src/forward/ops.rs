@@ -95,6 +95,17 @@ pub fn gemm_strided(
     }
 }
 
+/// Index of the first largest value of a row (greedy decoding, top-1).
+pub fn argmax<T: PartialOrd + Copy>(row: &[T]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
 /// `RMSNorm_w(x) = x / sqrt(mean(x^2) + eps) * w`, row by row.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f64) -> Vec<f32> {
     let h = weight.len();

@@ -9,6 +9,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::DecoderSession;
+use crate::forward::ops::argmax;
 use crate::Result;
 
 #[derive(Debug, Clone, Serialize)]
@@ -89,16 +90,7 @@ fn decode_tokens_per_s(s: &mut DecoderSession, opts: &BenchOptions, vocab: usize
         let rows = out.logits.len() / vocab;
         let per_row = rows / opts.batch;
         let next: Vec<u32> = (0..opts.batch)
-            .map(|b| {
-                let row = &out.logits[(b * per_row + per_row - 1) * vocab..][..vocab];
-                row.iter()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |m, (i, &v)| if v > m.1 { (i, v) } else { m },
-                    )
-                    .0 as u32
-            })
+            .map(|b| argmax(&out.logits[(b * per_row + per_row - 1) * vocab..][..vocab]) as u32)
             .collect();
         out = s.step_batch(&next, opts.batch, Some(&out))?;
     }

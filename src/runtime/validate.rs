@@ -7,6 +7,7 @@
 use serde::Serialize;
 
 use super::{DecoderSession, StepOutput};
+use crate::forward::ops::argmax;
 use crate::forward::{Forward, KvCache, Logits, Options};
 use crate::graph::contract;
 use crate::plan::Plan;
@@ -112,19 +113,6 @@ impl Tracker {
         }
         self.ref_max[k] = self.ref_max[k].max(mag);
     }
-}
-
-fn argmax(x: &[f32]) -> usize {
-    x.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-            if v > bv {
-                (i, v)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0
 }
 
 /// Reference KV of one layer, `[T, kv_heads*hd]`, as `[kv_heads, T, hd]`.

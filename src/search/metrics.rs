@@ -31,15 +31,7 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     ab / (aa.sqrt() * bb.sqrt())
 }
 
-pub fn argmax(x: &[f64]) -> usize {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best
-}
+pub use crate::forward::ops::argmax;
 
 /// Running means of the plan-vs-original metrics over positions.
 #[derive(Debug, Default, Clone)]

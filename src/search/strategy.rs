@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::cache::ActivationCache;
 use super::metrics::cosine;
-use crate::forward::ops::{matmul_t, rms_norm};
+use crate::forward::ops::{argmax, matmul_t, rms_norm};
 use crate::forward::{Forward, Logits, Options};
 use crate::plan::Plan;
 use crate::{Error, Result};
@@ -164,16 +164,6 @@ struct Original {
     neg_entropy: Vec<f64>,
     argmax: Vec<usize>,
     final_hidden: Vec<f32>,
-}
-
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
 }
 
 /// `log sum exp` of a row, accumulated in f64.
