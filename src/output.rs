@@ -36,7 +36,17 @@ fn track(dir: &Path, add: bool) {
 /// Create `out` (which must not exist) by running `fill` on a temporary
 /// sibling directory, then renaming it to `out`.
 pub fn new_directory<T>(out: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
-    if out.exists() {
+    write_directory(out, false, fill)
+}
+
+/// As [`new_directory`]; with `replace` (`--force`) an existing `out` is
+/// replaced, and only once the new one is complete.
+pub fn write_directory<T>(
+    out: &Path,
+    replace: bool,
+    fill: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
+    if out.exists() && !replace {
         return Err(Error::output(
             out,
             "already exists; choose a new output directory",
@@ -68,6 +78,9 @@ pub fn new_directory<T>(out: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Re
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
     track(&tmp, true);
     let result = fill(&tmp).and_then(|v| {
+        if out.exists() {
+            std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+        }
         std::fs::rename(&tmp, out)
             .map(|_| v)
             .map_err(|e| Error::io(out, e))

@@ -249,21 +249,9 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
             .map(|i| (i * 7919 + 13) % model.config.vocab_size as u32)
             .collect(),
     };
-    let replace = a.force && a.output.exists();
-    let target = if replace {
-        a.output.with_file_name(format!(
-            ".{}.new-{}",
-            a.output
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("out"),
-            std::process::id()
-        ))
-    } else {
-        a.output.clone()
-    };
-    let (bench_result, validations) = depthc::output::new_directory(&target, |dir| {
+    let (bench_result, validations) = depthc::output::write_directory(&a.output, a.force, |dir| {
         let mut validations = Vec::new();
+        let mut sessions = Vec::new();
         for (name, plan) in [
             ("baseline", Plan::sequential(layers)),
             ("compiled", chosen.clone()),
@@ -295,9 +283,10 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
                 )));
             }
             validations.push((name.to_string(), v));
+            sessions.push(session);
         }
-        let mut sa = Emitted::open(&dir.join("baseline"))?.session(&rt)?;
-        let mut sb = Emitted::open(&dir.join("compiled"))?.session(&rt)?;
+        // The validated sessions are the ones benchmarked: baseline (A), compiled (B).
+        let (sa, sb) = sessions.split_at_mut(1);
         let bo = BenchOptions {
             batch: a.batch.max(1),
             runs: a.runs.max(1),
@@ -305,7 +294,7 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
         };
         let pb = bar(0, "bench {bar:30} {pos}/{len} runs, {eta} left")
             .map_err(|e| depthc::Error::Input(e.to_string()))?;
-        let r = bench(&mut sa, &mut sb, model.config.vocab_size, &bo, &pb)?;
+        let r = bench(&mut sa[0], &mut sb[0], model.config.vocab_size, &bo, &pb)?;
         pb.finish_and_clear();
         report.validation = Some(validations.iter().cloned().collect());
         report.benchmark = Some(r.clone());
@@ -314,16 +303,6 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
         report.write(&report_dir)?;
         Ok((r, validations))
     })?;
-    if replace {
-        std::fs::remove_dir_all(&a.output)
-            .with_context(|| format!("{}: cannot remove the old output", a.output.display()))?;
-        std::fs::rename(&target, &a.output).with_context(|| {
-            format!(
-                "{}: cannot move the new output in place",
-                a.output.display()
-            )
-        })?;
-    }
     if a.json {
         println!(
             "{}",
