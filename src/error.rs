@@ -37,6 +37,13 @@ pub enum Error {
     // ---- forward / evaluation ---------------------------------------------
     #[error("{0}")]
     Input(String),
+    /// The NaN/Inf watch of the forward pass: the first sublayer whose output
+    /// makes the residual stream non-finite.
+    #[error("non-finite activations (NaN or Inf) first appear in layer {layer} ({sublayer})")]
+    NonFinite {
+        layer: usize,
+        sublayer: &'static str,
+    },
 
     // ---- ONNX emission ----------------------------------------------------
     #[error("{}: {msg}", path.display())]

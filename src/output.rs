@@ -39,27 +39,26 @@ pub fn new_directory<T>(out: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Re
     write_directory(out, false, fill)
 }
 
-/// As [`new_directory`]; with `replace` (`--force`) an existing `out` is
-/// replaced, and only once the new one is complete.
-pub fn write_directory<T>(
-    out: &Path,
-    replace: bool,
-    fill: impl FnOnce(&Path) -> Result<T>,
-) -> Result<T> {
+/// Fails early, before any long work, when `out` cannot become a new output
+/// directory: it exists (and `replace` is not set), or its parent is not a
+/// writable place. `force_flag` says whether the command offers --force.
+pub fn check_output(out: &Path, replace: bool, force_flag: bool) -> Result<()> {
     if out.exists() && !replace {
+        let hint = if force_flag {
+            "choose another output directory, or pass --force to replace it once the new one \
+             is complete"
+        } else {
+            "choose another output directory, or remove it first"
+        };
+        return Err(Error::output(out, format!("already exists; {hint}")));
+    }
+    if out.file_name().and_then(|n| n.to_str()).is_none() {
         return Err(Error::output(
             out,
-            "already exists; choose a new output directory",
+            "the output needs a UTF-8 directory name",
         ));
     }
-    let name = out
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::output(out, "the output needs a UTF-8 directory name"))?;
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let parent = parent_of(out);
     if !parent.is_dir() {
         let why = if parent.exists() {
             "is not a directory"
@@ -71,11 +70,36 @@ pub fn write_directory<T>(
             format!("cannot write here: {} {why}", parent.display()),
         ));
     }
+    Ok(())
+}
+
+fn parent_of(out: &Path) -> PathBuf {
+    match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// As [`new_directory`]; with `replace` (`--force`) an existing `out` is
+/// replaced, and only once the new one is complete.
+pub fn write_directory<T>(
+    out: &Path,
+    replace: bool,
+    fill: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
+    check_output(out, replace, replace)?;
+    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let parent = parent_of(out);
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
-    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::create_dir(&tmp).map_err(|e| {
+        Error::output(
+            out,
+            format!("cannot create the output here ({}: {e})", tmp.display()),
+        )
+    })?;
     track(&tmp, true);
     let result = fill(&tmp).and_then(|v| {
         if out.exists() {

@@ -5,6 +5,7 @@
 //!
 //! Command-line syntax, comma-separated items:
 //! - `20-21` an explicit group of consecutive layers (`20-22` is a group of three);
+//! - `20+21` the same group as a list of its layers (which must still be consecutive);
 //! - `20..24` the paper's contiguous range `[20, 24)`, split into adjacent pairs.
 //!
 //! The empty string is the original model.
@@ -33,6 +34,12 @@ impl Step {
             Step::Parallel(g) => &g.layers,
         }
     }
+}
+
+/// `a+b+c`, the way a group is written in messages.
+fn group_name(layers: &[usize]) -> String {
+    let names: Vec<String> = layers.iter().map(usize::to_string).collect();
+    names.join("+")
 }
 
 /// A full plan over `num_layers` layers: every layer appears exactly once, in order.
@@ -67,11 +74,20 @@ impl Plan {
                 return err(format!("group {layers:?} has fewer than two layers"));
             }
             for w in layers.windows(2) {
+                if w[1] <= w[0] {
+                    return err(format!(
+                        "group {} must list distinct layers in ascending order",
+                        group_name(layers)
+                    ));
+                }
                 if w[1] != w[0] + 1 {
                     return err(format!(
-                        "group {}-{} has a gap: layers of a group must be consecutive",
-                        layers[0],
-                        layers[layers.len() - 1]
+                        "group {} is not consecutive (layer {} lies between): only adjacent \
+                         layers run in parallel, e.g. {}-{}",
+                        group_name(layers),
+                        w[0] + 1,
+                        w[0],
+                        w[0] + 1
                     ));
                 }
             }
@@ -137,6 +153,8 @@ impl Plan {
                 for s in (start..end).step_by(2) {
                     groups.push(vec![s, s + 1]);
                 }
+            } else if item.contains('+') {
+                groups.push(item.split('+').map(num).collect::<Result<Vec<_>>>()?);
             } else if let Some((a, b)) = item.split_once('-') {
                 let (first, last) = (num(a)?, num(b)?);
                 if last <= first {
@@ -230,9 +248,13 @@ mod tests {
         assert!(msg("4", 8).contains("alone is not a group"));
         assert!(msg("3-2", 8).contains("ascending"));
         assert!(msg("a-b", 8).contains("`a` is not a layer index"));
-        let gap = Plan::from_groups(8, vec![vec![1, 3]], "1,3")
-            .unwrap_err()
-            .to_string();
-        assert!(gap.contains("gap"), "{gap}");
+        assert!(msg("1+3", 8).contains("group 1+3 is not consecutive (layer 2 lies between)"));
+        assert!(msg("3+3", 8).contains("distinct layers in ascending order"));
+        assert!(msg("3+", 8).contains("`` is not a layer index"));
+    }
+
+    #[test]
+    fn plus_lists_the_layers_of_a_group() {
+        assert_eq!(Plan::parse("4+5, 1+2+3", 8).unwrap().to_string(), "1-3,4-5");
     }
 }

@@ -186,7 +186,7 @@ fn bad_calibration_and_impossible_budgets_are_refused() {
     std::fs::write(&short, "To be").unwrap();
     let out = dir.path().join("out");
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--calib", s(&empty)], "fewer than one window"),
+        (vec!["--calib", s(&empty)], "the calibration text is empty"),
         (
             vec!["--calib", s(&short)],
             "give more text or a smaller --seq-len",

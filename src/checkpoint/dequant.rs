@@ -22,7 +22,10 @@ pub fn block_layout(dtype: DType) -> (usize, usize) {
 /// number of blocks.
 pub fn byte_size(dtype: DType, numel: usize) -> Option<usize> {
     let (block, bytes) = block_layout(dtype);
-    numel.is_multiple_of(block).then(|| numel / block * bytes)
+    if !numel.is_multiple_of(block) {
+        return None;
+    }
+    (numel / block).checked_mul(bytes)
 }
 
 fn f16_at(bytes: &[u8], at: usize) -> f32 {

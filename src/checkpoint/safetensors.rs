@@ -97,7 +97,13 @@ impl SafetensorsSource {
                         format!("unsupported dtype {} (F32, F16, BF16)", h.dtype),
                     )
                 })?;
-                let numel: usize = h.shape.iter().product();
+                let numel = h
+                    .shape
+                    .iter()
+                    .try_fold(1usize, |n, &d| n.checked_mul(d))
+                    .ok_or_else(|| {
+                        Error::tensor(path, &name, format!("shape {:?} overflows", h.shape))
+                    })?;
                 let [begin, end] = h.data_offsets;
                 let want = dequant::byte_size(dtype, numel).unwrap_or(usize::MAX);
                 if begin > end || end > data_len {
@@ -136,6 +142,7 @@ impl SafetensorsSource {
                     },
                 );
             }
+            check_disjoint(path, shard, &entries)?;
             shards.push(Shard {
                 path: path.clone(),
                 mmap,
@@ -149,6 +156,27 @@ impl SafetensorsSource {
         let e = self.entries.get(name)?;
         Some(&self.shards[e.shard].mmap[e.begin..e.end])
     }
+}
+
+/// No two tensors of one shard may share bytes (a corrupt or hand-edited header).
+fn check_disjoint(path: &Path, shard: usize, entries: &BTreeMap<String, Entry>) -> Result<()> {
+    let mut spans: Vec<(usize, usize, &str)> = entries
+        .values()
+        .filter(|e| e.shard == shard && e.end > e.begin)
+        .map(|e| (e.begin, e.end, e.info.name.as_str()))
+        .collect();
+    spans.sort();
+    for w in spans.windows(2) {
+        let ((_, end, a), (begin, _, b)) = (w[0], w[1]);
+        if begin < end {
+            return Err(Error::tensor(
+                path,
+                b,
+                format!("its data_offsets overlap those of `{a}` (corrupt header)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn parse_header(path: &Path, bytes: &[u8]) -> Result<(BTreeMap<String, HeaderEntry>, usize)> {

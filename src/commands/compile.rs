@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use serde_json::json;
 
@@ -34,6 +34,7 @@ fn run_search(model_path: &Path, f: &SearchFlags) -> Result<Searched> {
     let layers = cfg.num_hidden_layers;
     let calibration = calib::load(
         &f.calib,
+        model_path,
         ckpt.tokenizer.as_ref(),
         cfg.vocab_size,
         f.seq_len,
@@ -108,7 +109,8 @@ fn run_search(model_path: &Path, f: &SearchFlags) -> Result<Searched> {
         metric,
         memory_budget_bytes: f.memory_budget_mib * 1024 * 1024,
     };
-    let outcome = search::search(&forward, &calibration.windows, &opts, &progress)?;
+    let outcome = search::search(&forward, &calibration.windows, &opts, &progress)
+        .with_context(|| model_path.display().to_string())?;
     progress.finish_and_clear();
     let t_eval = Instant::now();
     let eval = match &eval_windows {
@@ -190,12 +192,7 @@ fn print_search_summary(report: &depthc::report::SearchReport) {
 }
 
 pub fn search_command(a: SearchArgs) -> Result<()> {
-    if a.output.exists() {
-        bail!(
-            "{}: already exists; choose a new output directory",
-            a.output.display()
-        );
-    }
+    depthc::output::check_output(&a.output, false, false)?;
     let searched = run_search(&a.model, &a.flags)?;
     let report = &searched.report;
     depthc::output::new_directory(&a.output, |dir| report.write(dir))?;
@@ -220,12 +217,7 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
     use depthc::runtime::bench::{bench, BenchOptions};
     use depthc::runtime::validate::{validate, Tolerance};
     use depthc::runtime::Emitted;
-    if a.output.exists() && !a.force {
-        bail!(
-            "{}: already exists; pass --force to replace it",
-            a.output.display()
-        );
-    }
+    depthc::output::check_output(&a.output, a.force, true)?;
     // Fail before the search, not after it, when ONNX Runtime is missing.
     depthc::runtime::find_library(a.ort_lib.as_deref())?;
     let searched = run_search(&a.model, &a.search)?;

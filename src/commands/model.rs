@@ -144,12 +144,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 }
 
 pub fn convert(a: ConvertArgs) -> Result<()> {
-    if a.output.exists() {
-        bail!(
-            "{}: already exists; choose a new output directory",
-            a.output.display()
-        );
-    }
+    depthc::output::check_output(&a.output, false, false)?;
     let ckpt = Checkpoint::open(&a.model)?;
     let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
     let store = match a.dtype {

@@ -14,12 +14,7 @@ use super::*;
 
 pub fn emit(a: EmitArgs) -> Result<()> {
     use depthc::onnx::package::{self, Source};
-    if a.output.exists() {
-        bail!(
-            "{}: already exists; choose a new output directory",
-            a.output.display()
-        );
-    }
+    depthc::output::check_output(&a.output, false, false)?;
     let ckpt = Checkpoint::open(&a.model)?;
     let plan = Plan::parse(
         a.plan.as_deref().unwrap_or(""),

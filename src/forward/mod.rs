@@ -128,6 +128,7 @@ impl<'m> Forward<'m> {
         for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
             row.copy_from_slice(self.model.embed_tokens.row(id as usize));
         }
+        watch(&x, 0, "the token embedding it reads")?;
         self.run_steps(&plan.steps, x, ids.len(), cache, opts)
     }
 
@@ -185,6 +186,7 @@ impl<'m> Forward<'m> {
                 let xn = rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps);
                 let a = self.attention(&layer.self_attn, &xn, t, start, &mut cache.layers[l]);
                 add_assign(&mut hsum, &a);
+                watch(&hsum, l, "self_attn")?;
             }
             // MLP sublayers all read h.
             let mut y = hsum.clone();
@@ -192,6 +194,7 @@ impl<'m> Forward<'m> {
                 let layer: &DecoderLayer = &self.model.layers[l];
                 let hn = rms_norm(&hsum, &layer.post_attention_layernorm, cfg.rms_norm_eps);
                 add_assign(&mut y, &mlp(&layer.mlp, &hn, t));
+                watch(&y, l, "mlp")?;
             }
             x = y;
         }
@@ -311,6 +314,19 @@ fn mlp(mlp: &Mlp, xn: &[f32], t: usize) -> Vec<f32> {
     let mut up = matmul_t(xn, t, &mlp.up_proj.weight);
     up.iter_mut().zip(&gate).for_each(|(u, &g)| *u *= silu(g));
     matmul_t(&up, t, &mlp.down_proj.weight)
+}
+
+fn all_finite(x: &[f32]) -> bool {
+    x.iter().all(|v| v.is_finite())
+}
+
+/// The NaN/Inf watch: the residual after `layer`'s `sublayer` must be finite.
+fn watch(x: &[f32], layer: usize, sublayer: &'static str) -> Result<()> {
+    if all_finite(x) {
+        Ok(())
+    } else {
+        Err(Error::NonFinite { layer, sublayer })
+    }
 }
 
 fn add_assign(acc: &mut [f32], x: &[f32]) {

@@ -288,23 +288,7 @@ impl Model {
         tokenizer_json: Option<&str>,
         store: crate::checkpoint::safetensors::StoreType,
     ) -> Result<()> {
-        if dir.exists() {
-            return Err(Error::Input(format!(
-                "{}: already exists; choose a new output directory",
-                dir.display()
-            )));
-        }
-        let parent = dir
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        let name = dir
-            .file_name()
-            .ok_or_else(|| Error::Input(format!("{}: not a directory name", dir.display())))?;
-        let tmp = parent.join(format!(".{}.partial", name.to_string_lossy()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        let write = || -> Result<()> {
-            std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        crate::output::new_directory(dir, |tmp| {
             let config =
                 serde_json::to_string_pretty(&self.config.to_hf_json()).expect("JSON value");
             let path = tmp.join("config.json");
@@ -314,11 +298,7 @@ impl Model {
                 std::fs::write(&path, t).map_err(|e| Error::io(&path, e))?;
             }
             let tensors = self.named_tensors();
-            crate::checkpoint::safetensors::write(&tmp.join("model.safetensors"), &tensors, store)?;
-            std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
-        };
-        write().inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&tmp);
+            crate::checkpoint::safetensors::write(&tmp.join("model.safetensors"), &tensors, store)
         })
     }
 }

@@ -146,9 +146,11 @@ fn npy_ids(path: &Path) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// Read the calibration windows. `inputs` empty: the built-in text.
+/// Read the calibration windows. `inputs` empty: the built-in text. `model`
+/// names the checkpoint in errors.
 pub fn load(
     inputs: &[PathBuf],
+    model: &Path,
     tokenizer: Option<&Tokenizer>,
     vocab_size: usize,
     seq_len: usize,
@@ -169,7 +171,9 @@ pub fn load(
         tokenizer
             .ok_or_else(|| {
                 Error::Input(format!(
-                    "{what} is text but the model has no tokenizer: give token ids (.json or .npy)"
+                    "{what} is text but {} has no tokenizer (no tokenizer.json, no tokenizer.ggml.* \
+                     in a GGUF): give token ids with --calib IDS.npy or IDS.json",
+                    model.display()
                 ))
             })?
             .encode(text)
@@ -193,6 +197,12 @@ pub fn load(
                     ("text", tokenize(&text, &file.display().to_string())?)
                 }
             };
+            if ids.is_empty() {
+                return Err(Error::format(
+                    &file,
+                    format!("the calibration {kind} is empty"),
+                ));
+            }
             if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab_size) {
                 return Err(Error::Input(format!(
                     "{}: token id {bad} is outside the model's vocabulary of {vocab_size}",
@@ -220,9 +230,11 @@ pub fn load(
     }
     if windows.is_empty() {
         let total: usize = sources.iter().map(|s| s.tokens).sum();
+        let names: Vec<&str> = sources.iter().map(|s| s.path.as_str()).collect();
         return Err(Error::Input(format!(
-            "the calibration input has {total} tokens, fewer than one window of --seq-len \
-             {seq_len}: give more text or a smaller --seq-len"
+            "the calibration input ({}) has {total} tokens, fewer than one window of --seq-len \
+             {seq_len}: give more text or a smaller --seq-len",
+            names.join(", ")
         )));
     }
     Ok(Calibration {

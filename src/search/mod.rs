@@ -199,8 +199,14 @@ pub fn search(
     let t0 = Instant::now();
     progress.set_length(windows.len() as u64);
     progress.set_message("original forward");
-    let cache =
-        cache::ActivationCache::build(forward, windows, opts.memory_budget_bytes, progress)?;
+    let cache = cache::ActivationCache::build(forward, windows, opts.memory_budget_bytes, progress)
+        .map_err(|e| match e {
+            Error::NonFinite { .. } => Error::Input(format!(
+                "the original model on the calibration windows: {e}; the checkpoint's \
+                     weights there are corrupt or overflow float32"
+            )),
+            e => e,
+        })?;
     let one_forward_s = t0.elapsed().as_secs_f64();
     let scorer = Scorer {
         forward,

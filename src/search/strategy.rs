@@ -154,6 +154,8 @@ struct Sums {
     kl: f64,
     top1: usize,
     positions: usize,
+    /// Where the NaN/Inf watch stopped this candidate: (layer, sublayer).
+    non_finite: Option<(usize, &'static str)>,
 }
 
 /// The original's next-token statistics on one window.
@@ -230,6 +232,14 @@ fn plan_of(groups: &[(usize, usize)], num_layers: usize) -> Result<Plan> {
     Plan::from_groups(num_layers, g, &spec.join(","))
 }
 
+/// One set's racing result.
+struct Scored {
+    scores: Scores,
+    /// Windows it was scored on.
+    windows: usize,
+    non_finite: Option<(usize, &'static str)>,
+}
+
 /// Scores `groups_list` (each a set of pairs) on every cached window, in
 /// parallel over candidates.
 pub struct Scorer<'a> {
@@ -264,13 +274,23 @@ impl Scorer<'_> {
                             logits: Logits::All,
                             capture_residuals: false,
                         },
-                    )?;
+                    );
                     self.progress.inc(1);
-                    Ok(original.compare(&out.final_hidden, &out.logits, width, vocab))
+                    match out {
+                        Ok(out) => {
+                            Ok(original.compare(&out.final_hidden, &out.logits, width, vocab))
+                        }
+                        Err(Error::NonFinite { layer, sublayer }) => Ok(Sums {
+                            non_finite: Some((layer, sublayer)),
+                            ..Sums::default()
+                        }),
+                        Err(e) => Err(e),
+                    }
                 })
                 .collect::<Result<_>>()?;
             for (&i, s) in alive.iter().zip(per) {
                 let acc = &mut sums[i];
+                acc.non_finite = acc.non_finite.or(s.non_finite);
                 acc.cosine += s.cosine;
                 acc.kl += s.kl;
                 acc.top1 += s.top1;
@@ -283,7 +303,7 @@ impl Scorer<'_> {
     /// Score every set by racing: all on the first W/16 windows, then within
     /// each group (same pair count) the best quarter on W/4, and the best
     /// quarter of those on all W windows. Returns scores and windows used.
-    fn score(&self, sets: &[Vec<(usize, usize)>], metric: Metric) -> Result<Vec<(Scores, usize)>> {
+    fn score(&self, sets: &[Vec<(usize, usize)>], metric: Metric) -> Result<Vec<Scored>> {
         let layers = self.forward.model.config.num_hidden_layers;
         let plans: Vec<(Plan, usize)> = sets
             .iter()
@@ -330,12 +350,21 @@ impl Scorer<'_> {
             self.progress
                 .inc_length((alive.len() * (upto - done)) as u64);
             self.accumulate(&plans, &alive, done..upto, &mut sums)?;
+            alive.retain(|&i| sums[i].non_finite.is_none());
             for &i in &alive {
                 used[i] = upto;
             }
             done = upto;
         }
-        Ok(sums.iter().zip(used).map(|(s, u)| (mean(s), u)).collect())
+        Ok(sums
+            .iter()
+            .zip(used)
+            .map(|(s, u)| Scored {
+                scores: mean(s),
+                windows: u,
+                non_finite: s.non_finite,
+            })
+            .collect())
     }
 
     fn candidates(
@@ -346,23 +375,35 @@ impl Scorer<'_> {
     ) -> Result<Vec<Candidate>> {
         let layers = self.forward.model.config.num_hidden_layers;
         let scores = self.score(&sets, metric)?;
-        sets.into_iter()
-            .zip(scores)
-            .map(|(mut groups, (scores, windows))| {
-                groups.sort();
-                let plan = plan_of(&groups, layers)?;
-                Ok(Candidate {
-                    plan: plan.to_string(),
-                    strategy,
-                    pairs: groups.len(),
-                    depth: plan.depth(),
-                    first_changed_layer: groups.first().map_or(layers, |g| g.0),
-                    windows,
-                    scores,
-                    groups,
-                })
-            })
-            .collect()
+        let mut out = Vec::new();
+        for (mut groups, scored) in sets.into_iter().zip(scores) {
+            groups.sort();
+            let plan = plan_of(&groups, layers)?;
+            if let Some((layer, sublayer)) = scored.non_finite {
+                // Reported, never chosen.
+                self.progress.suspend(|| {
+                    eprintln!(
+                        "warning: plan `{plan}` dropped: {}",
+                        Error::NonFinite { layer, sublayer }
+                    )
+                });
+                continue;
+            }
+            let Scored {
+                scores, windows, ..
+            } = scored;
+            out.push(Candidate {
+                plan: plan.to_string(),
+                strategy,
+                pairs: groups.len(),
+                depth: plan.depth(),
+                first_changed_layer: groups.first().map_or(layers, |g| g.0),
+                windows,
+                scores,
+                groups,
+            });
+        }
+        Ok(out)
     }
 
     /// Every even-length range `[s, e)` inside the search space.
@@ -417,6 +458,9 @@ impl Scorer<'_> {
                 break;
             }
             let mut round = self.candidates(sets, strategy, metric)?;
+            if round.is_empty() {
+                break;
+            }
             // Rank only fully scored candidates.
             let full = self.cache.len();
             round.sort_by(|a, b| {

@@ -1,0 +1,349 @@
+#!/usr/bin/env python3
+"""Scale check: depthc on a checkpoint with Llama-2-7B's layer shapes.
+
+What it checks
+--------------
+The test suite runs on tiny models; this script checks that depthc handles
+real-sized tensors and an ONNX weight file past the 2 GiB protobuf limit.
+It writes a synthetic Hugging Face Llama checkpoint with Llama-2-7B's shapes
+(hidden 4096, 32 heads, 32 KV heads, intermediate 11008, vocab 32000, untied
+lm_head) but only ``--layers`` decoder layers (default 2), in bf16 safetensors
+written by hand with seeded normal(0, 0.02) weights (norm weights are ones).
+Then it runs, each as its own child process whose peak RSS (``os.wait4``
+ru_maxrss) and wall time are measured:
+
+  1. ``depthc inspect MODEL``
+  2. ``depthc emit MODEL -o OUT/baseline``                (f32, unmodified)
+  3. ``depthc validate --model MODEL OUT/baseline``       (ONNX Runtime vs. reference)
+  4. ``depthc emit MODEL --plan 0-1 -o OUT/compiled``     (layers 0 and 1 as a
+     parallel pair, fused form)
+  5. ``depthc validate --model MODEL OUT/compiled``
+
+and prints a table of exit code, wall seconds, peak RSS and the ratio of
+peak RSS to the bf16 checkpoint bytes and to the f32 weight bytes, plus the
+sizes of each emitted model.onnx / model.onnx.data. It fails (exit 1) when
+any step exits non-zero (printing that step's stderr), when a
+model.onnx.data is not over 2 GiB (2**31 bytes), or when validate did not
+exit 0 (i.e. ONNX Runtime did not load the model or it did not match the
+reference forward within validate's default tolerance).
+
+The model has no real tokenizer. validate tokenizes text, so the script
+writes a minimal WordLevel ``tokenizer.json`` whose token ``t<i>`` is id i,
+and a prompt file of seeded random ``t<i>`` words: the prompt is thus a
+seeded random sequence of token ids.
+
+How to run
+----------
+From the repository root, after ``cargo build --release`` and
+``scripts/setup.sh`` (which puts ONNX Runtime in .cache/onnxruntime/)::
+
+    python3 scripts/scale_check.py [--depthc target/release/depthc]
+        [--layers 2] [--workdir DIR] [--keep] [--steps 4]
+        [--prompt-tokens 32] [--seed 0] [--ort-lib LIB]
+
+Children run with the repository root as working directory, so depthc finds
+.cache/onnxruntime/ by itself; ``--ort-lib`` overrides that.
+
+What it needs
+-------------
+Python 3 with numpy. Disk: about 1.4 GB for the bf16 checkpoint (2 layers)
+and about 2.7 GB per emitted f32 model (two are written), about 7 GB in all
+in the work directory (a fresh directory under /tmp unless --workdir; it is
+removed at the end unless --keep). Memory: the script itself stays small
+(tensors are generated and written in chunks); depthc's validate holds the
+f32 weights for the reference forward plus the ONNX Runtime session, several
+GiB at 2 layers (the table reports it). Time: several minutes on 2 cores.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+HIDDEN = 4096
+HEADS = 32
+KV_HEADS = 32
+INTERMEDIATE = 11008
+VOCAB = 32000
+STD = 0.02
+CHUNK_ELEMS = 1 << 24  # 16M float32 = 64 MiB per generated chunk
+
+
+def llama_config(layers):
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "intermediate_size": INTERMEDIATE,
+        "vocab_size": VOCAB,
+        "num_hidden_layers": layers,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+    }
+
+
+def tensor_specs(layers):
+    """(name, shape, kind) in file order; kind is 'ones' or 'normal'."""
+    specs = [("model.embed_tokens.weight", (VOCAB, HIDDEN), "normal")]
+    kv = KV_HEADS * (HIDDEN // HEADS)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        specs += [
+            (p + "input_layernorm.weight", (HIDDEN,), "ones"),
+            (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN), "normal"),
+            (p + "self_attn.k_proj.weight", (kv, HIDDEN), "normal"),
+            (p + "self_attn.v_proj.weight", (kv, HIDDEN), "normal"),
+            (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN), "normal"),
+            (p + "post_attention_layernorm.weight", (HIDDEN,), "ones"),
+            (p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN), "normal"),
+            (p + "mlp.up_proj.weight", (INTERMEDIATE, HIDDEN), "normal"),
+            (p + "mlp.down_proj.weight", (HIDDEN, INTERMEDIATE), "normal"),
+        ]
+    specs += [
+        ("model.norm.weight", (HIDDEN,), "ones"),
+        ("lm_head.weight", (VOCAB, HIDDEN), "normal"),
+    ]
+    return specs
+
+
+def to_bf16(x):
+    """float32 array -> uint16 bf16 bits, round to nearest even (no NaNs here)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounding = ((u >> 16) & 1) + np.uint32(0x7FFF)
+    return ((u + rounding) >> 16).astype("<u2")
+
+
+def write_safetensors(path, specs, seed):
+    """Write a bf16 safetensors file tensor by tensor, in chunks; return (bytes, params)."""
+    header = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, _ in specs:
+        n = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    hjson = json.dumps(header, separators=(",", ":")).encode()
+    hjson += b" " * (-len(hjson) % 8)  # align the data to 8 bytes
+    rng = np.random.default_rng(seed)
+    params = 0
+    with open(path, "wb") as f:
+        f.write(len(hjson).to_bytes(8, "little"))
+        f.write(hjson)
+        for name, shape, kind in specs:
+            total = int(np.prod(shape))
+            params += total
+            done = 0
+            while done < total:
+                n = min(CHUNK_ELEMS, total - done)
+                if kind == "ones":
+                    chunk = np.ones(n, dtype=np.float32)
+                else:
+                    chunk = rng.standard_normal(n, dtype=np.float32)
+                    chunk *= np.float32(STD)
+                f.write(to_bf16(chunk).tobytes())
+                done += n
+    size = os.path.getsize(path)
+    assert size == 8 + len(hjson) + offset, (size, offset)
+    return size, params
+
+
+def write_tokenizer(path):
+    """Minimal WordLevel tokenizer.json: token `t<i>` is id i, split on whitespace."""
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
+    }
+    with open(path, "w") as f:
+        json.dump(tok, f)
+
+
+def make_checkpoint(model_dir, layers, seed):
+    os.makedirs(model_dir)
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(llama_config(layers), f, indent=2)
+    write_tokenizer(os.path.join(model_dir, "tokenizer.json"))
+    return write_safetensors(os.path.join(model_dir, "model.safetensors"), tensor_specs(layers), seed)
+
+
+def run_step(name, argv, logdir):
+    """Run argv as a child; return a result dict with rc, wall, peak RSS bytes, output paths."""
+    out_path = os.path.join(logdir, name + ".stdout")
+    err_path = os.path.join(logdir, name + ".stderr")
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(argv)}", flush=True)
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.monotonic() - t0
+    rc = os.waitstatus_to_exitcode(status)
+    proc.returncode = rc  # reaped by wait4; keep Popen from waiting again
+    res = {"step": name, "rc": rc, "wall": wall, "rss": ru.ru_maxrss * 1024,
+           "stdout": out_path, "stderr": err_path}
+    print(f"    exit {rc}, {wall:.1f} s, peak RSS {res['rss'] / 2**30:.2f} GiB", flush=True)
+    return res
+
+
+def read(path, limit=20000):
+    with open(path, "rb") as f:
+        data = f.read()
+    text = data.decode("utf-8", "replace")
+    return text if len(text) <= limit else "...\n" + text[-limit:]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--depthc", default="target/release/depthc", help="depthc binary (default: %(default)s)")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers (default: %(default)s)")
+    ap.add_argument("--workdir", help="work directory (default: a fresh one under /tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--steps", type=int, default=4, help="validate decode steps (default: %(default)s)")
+    ap.add_argument("--prompt-tokens", type=int, default=32, help="validate prefill tokens (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of weights and prompt (default: %(default)s)")
+    ap.add_argument("--ort-lib", help="ONNX Runtime library passed to validate")
+    args = ap.parse_args()
+    if args.layers < 2:
+        ap.error("--layers must be at least 2 (the plan pairs layers 0-1)")
+
+    depthc = os.path.abspath(os.path.join(REPO, args.depthc)) if not os.path.isabs(args.depthc) else args.depthc
+    if not os.access(depthc, os.X_OK):
+        sys.exit(f"depthc binary not found or not executable: {depthc} (build it, or pass --depthc)")
+
+    t_start = time.monotonic()
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
+        work = os.path.abspath(args.workdir)
+    else:
+        work = tempfile.mkdtemp(prefix="depthc-scale-", dir="/tmp")
+    model = os.path.join(work, "model")
+    out = os.path.join(work, "out")
+    logs = os.path.join(work, "logs")
+    for d in (model, out):
+        if os.path.exists(d):
+            sys.exit(f"{d} already exists; pass an empty --workdir")
+    os.makedirs(out)
+    os.makedirs(logs, exist_ok=True)
+    print(f"work directory: {work}")
+
+    try:
+        t0 = time.monotonic()
+        ckpt_bytes, params = make_checkpoint(model, args.layers, args.seed)
+        f32_bytes = params * 4
+        print(f"checkpoint: {args.layers} layers, {params:,} parameters, "
+              f"bf16 file {ckpt_bytes:,} bytes ({ckpt_bytes / 2**30:.2f} GiB), "
+              f"f32 weights {f32_bytes:,} bytes ({f32_bytes / 2**30:.2f} GiB), "
+              f"written in {time.monotonic() - t0:.1f} s", flush=True)
+
+        rng = np.random.default_rng(args.seed + 1)
+        ids = rng.integers(0, VOCAB, size=args.prompt_tokens)
+        prompt = os.path.join(work, "prompt.txt")
+        with open(prompt, "w") as f:
+            f.write(" ".join(f"t{i}" for i in ids) + "\n")
+        print(f"prompt: {args.prompt_tokens} seeded random token ids, first {ids[:8].tolist()}")
+
+        ort = ["--ort-lib", args.ort_lib] if args.ort_lib else []
+        val = ["--steps", str(args.steps), "--text", prompt, "--prompt-tokens", str(args.prompt_tokens)] + ort
+        steps = [
+            ("inspect", [depthc, "inspect", model], None),
+            ("emit baseline", [depthc, "emit", model, "-o", os.path.join(out, "baseline")], None),
+            ("validate baseline", [depthc, "validate", "--model", model, os.path.join(out, "baseline")] + val,
+             "emit baseline"),
+            ("emit compiled", [depthc, "emit", model, "--plan", "0-1", "--form", "fused",
+                               "-o", os.path.join(out, "compiled")], None),
+            ("validate compiled", [depthc, "validate", "--model", model, os.path.join(out, "compiled")] + val,
+             "emit compiled"),
+        ]
+        results = {}
+        for name, argv, needs in steps:
+            if needs and results[needs]["rc"] != 0:
+                print(f"{name}: skipped ({needs} failed)")
+                results[name] = {"step": name, "rc": None}
+                continue
+            results[name] = run_step(name.replace(" ", "_"), argv, logs)
+            results[name]["step"] = name
+
+        print()
+        for name in ("inspect", "validate baseline", "validate compiled"):
+            r = results[name]
+            if r.get("stdout"):
+                print(f"--- {name} stdout ---")
+                print(read(r["stdout"]).rstrip())
+        print()
+
+        hdr = f"{'step':<18} {'exit':>4} {'wall s':>8} {'peak RSS GiB':>13} {'RSS/bf16 ckpt':>14} {'RSS/f32 weights':>16}"
+        print(hdr)
+        print("-" * len(hdr))
+        for name, _, _ in steps:
+            r = results[name]
+            if r["rc"] is None:
+                print(f"{name:<18} {'skip':>4}")
+                continue
+            print(f"{name:<18} {r['rc']:>4} {r['wall']:>8.1f} {r['rss'] / 2**30:>13.2f} "
+                  f"{r['rss'] / ckpt_bytes:>14.2f} {r['rss'] / f32_bytes:>16.2f}")
+        print(f"(bf16 checkpoint {ckpt_bytes / 2**30:.2f} GiB, f32 weights {f32_bytes / 2**30:.2f} GiB)")
+        print()
+
+        failures = []
+        print(f"{'emitted model':<14} {'model.onnx bytes':>17} {'model.onnx.data bytes':>22} {'data GiB':>9}")
+        for form in ("baseline", "compiled"):
+            d = os.path.join(out, form)
+            onnx_p, data_p = os.path.join(d, "model.onnx"), os.path.join(d, "model.onnx.data")
+            if not os.path.isfile(onnx_p) or not os.path.isfile(data_p):
+                print(f"{form:<14} {'missing':>17}")
+                failures.append(f"{form}: model.onnx or model.onnx.data missing")
+                continue
+            so, sd = os.path.getsize(onnx_p), os.path.getsize(data_p)
+            print(f"{form:<14} {so:>17,} {sd:>22,} {sd / 2**30:>9.2f}")
+            if sd <= 2**31:
+                failures.append(f"{form}: model.onnx.data is {sd:,} bytes, not over 2**31")
+        print()
+
+        for name, _, _ in steps:
+            r = results[name]
+            if r["rc"] is None:
+                failures.append(f"{name}: skipped")
+            elif r["rc"] != 0:
+                failures.append(f"{name}: exit code {r['rc']}")
+                print(f"--- {name} stderr ---")
+                print(read(r["stderr"]).rstrip())
+                print(f"--- {name} stdout ---")
+                print(read(r["stdout"]).rstrip())
+        print(f"total time {time.monotonic() - t_start:.1f} s")
+        if failures:
+            print("FAILED:")
+            for f in failures:
+                print(f"  {f}")
+            return 1
+        print("OK: both models emitted with model.onnx.data over 2 GiB, and both validated in ONNX Runtime")
+        return 0
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
