@@ -112,8 +112,14 @@ pub fn decode_matches_full(model: &Model, plan: &Plan, ids: &[u32], prefix: usiz
 
 /// Run the `depthc` binary: (exit code, stdout, stderr).
 pub fn run_depthc(args: &[&str]) -> (i32, String, String) {
+    run_depthc_with(args, &[])
+}
+
+/// As [`run_depthc`], with extra environment variables.
+pub fn run_depthc_with(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_depthc"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run depthc");
     (
