@@ -189,3 +189,34 @@ fn safetensors_export_round_trips() {
     assert_eq!(logits(&model, &plan, &ids), logits(&again, &plan, &ids));
     assert!(out.join("tokenizer.json").exists());
 }
+
+/// Q5_0, Q5_1, Q4_K, Q5_K and Q6_K blocks against the values the `gguf`
+/// package dequantises them to (fixtures/kquants/make_kquants.py).
+#[test]
+fn block_quantisations_match_the_gguf_package() {
+    use depthc::checkpoint::{dequant, DType};
+    for (name, dtype) in [
+        ("q5_0", DType::Q5_0),
+        ("q5_1", DType::Q5_1),
+        ("q4_k", DType::Q4_K),
+        ("q5_k", DType::Q5_K),
+        ("q6_k", DType::Q6_K),
+    ] {
+        let blocks = std::fs::read(fixture(&format!("kquants/{name}.blocks"))).unwrap();
+        let want: Vec<f32> = std::fs::read(fixture(&format!("kquants/{name}.f32")))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(dequant::byte_size(dtype, want.len()), Some(blocks.len()));
+        let mut got = vec![0f32; want.len()];
+        dequant::to_f32(dtype, &blocks, &mut got);
+        // Both compute in f32 from the same f16 scales: exact up to rounding order.
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "{name}[{i}]: depthc {g}, gguf {w}"
+            );
+        }
+    }
+}

@@ -194,13 +194,13 @@ fn patch_gguf_type(path: &Path, tensor: &str, ggml_type: u32) {
 #[test]
 fn unsupported_quant_type_names_the_tensor_and_type() {
     let dir = tempfile::tempdir().unwrap();
-    let gguf = dir.path().join("q4k.gguf");
+    let gguf = dir.path().join("q2k.gguf");
     std::fs::copy(fixture("tiny_llama/tiny.q8_0.gguf"), &gguf).unwrap();
-    patch_gguf_type(&gguf, "blk.1.ffn_up.weight", 12); // Q4_K
+    patch_gguf_type(&gguf, "blk.1.ffn_up.weight", 10); // Q2_K
     let out = dir.path().join("out");
     fails_with(
         &["convert", s(&gguf), "-o", s(&out)],
-        &["q4k.gguf", "blk.1.ffn_up.weight", "Q4_K"],
+        &["q2k.gguf", "blk.1.ffn_up.weight", "Q2_K"],
     );
     assert!(!out.exists(), "no partial output");
     fails_with(

@@ -226,9 +226,14 @@ impl ModelConfig {
     pub fn from_hf_dir(dir: &Path) -> Result<ModelConfig> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let raw: RawHfConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::format(&path, format!("invalid JSON: {e}")))?;
-        raw.into_config(&path)
+        Self::from_hf_json(&path, &text)
+    }
+
+    /// Parse the text of a Hugging Face `config.json` read from `path`.
+    pub fn from_hf_json(path: &Path, text: &str) -> Result<ModelConfig> {
+        let raw: RawHfConfig = serde_json::from_str(text)
+            .map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
+        raw.into_config(path)
     }
 
     pub fn validate(&self, path: &Path) -> Result<()> {

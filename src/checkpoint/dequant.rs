@@ -1,5 +1,6 @@
 //! Conversion of stored element types to f32: IEEE f16, bfloat16 and the ggml
-//! block quantisations Q8_0, Q4_0 and Q4_1 (ggml-common.h block layouts).
+//! block quantisations Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the k-quants Q4_K,
+//! Q5_K, Q6_K (block layouts of ggml-common.h; super-blocks of 256 elements).
 //! Bytes are read unaligned, little-endian; nothing is cast in place.
 
 use super::DType;
@@ -15,6 +16,16 @@ pub fn block_layout(dtype: DType) -> (usize, usize) {
         DType::Q4_0 => (32, 18),
         // f16 scale + f16 min + 16 bytes of nibbles
         DType::Q4_1 => (32, 20),
+        // f16 scale + 4 bytes of fifth bits + 16 bytes of nibbles
+        DType::Q5_0 => (32, 22),
+        // f16 scale + f16 min + fifth bits + nibbles
+        DType::Q5_1 => (32, 24),
+        // f16 d + f16 dmin + 12 bytes of 6-bit scales/mins + 128 bytes of nibbles
+        DType::Q4_K => (QK_K, 144),
+        // as Q4_K + 32 bytes of fifth bits
+        DType::Q5_K => (QK_K, 176),
+        // 128 bytes low nibbles + 64 bytes high 2-bit pairs + 16 i8 scales + f16 d
+        DType::Q6_K => (QK_K, 210),
     }
 }
 
@@ -26,6 +37,52 @@ pub fn byte_size(dtype: DType, numel: usize) -> Option<usize> {
         return None;
     }
     (numel / block).checked_mul(bytes)
+}
+
+/// Elements per k-quant super-block.
+const QK_K: usize = 256;
+
+/// Scale and min of sub-block `j` (0..8) from the 12 packed bytes of Q4_K/Q5_K
+/// (6 bits each: the low 6 bits of bytes 0..8 for j < 4, otherwise a nibble of
+/// bytes 8..12 and the top 2 bits of bytes 0..8).
+fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+    let (sc, m) = if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    };
+    (sc as f32, m as f32)
+}
+
+/// Q4_K and Q5_K: eight sub-blocks of 32, value `d * sc * q - dmin * m`; the
+/// 4 low bits of sub-blocks 2i and 2i+1 share 32 bytes (low, high nibble), the
+/// fifth bit (Q5_K) is bit 2i / 2i+1 of `qh[l]`.
+fn k4_or_k5(out: &mut [f32], b: &[u8], fifth: bool) {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales = &b[4..16];
+    let (qh, qs) = if fifth {
+        (&b[16..48], &b[48..176])
+    } else {
+        (&b[0..0], &b[16..144])
+    };
+    for (i, o) in out.chunks_exact_mut(64).enumerate() {
+        let (sc1, m1) = scale_min_k4(2 * i, scales);
+        let (sc2, m2) = scale_min_k4(2 * i + 1, scales);
+        let q = &qs[32 * i..32 * i + 32];
+        for l in 0..32 {
+            let (mut lo, mut hi) = ((q[l] & 0x0f) as f32, (q[l] >> 4) as f32);
+            if fifth {
+                lo += f32::from((qh[l] >> (2 * i)) & 1) * 16.0;
+                hi += f32::from((qh[l] >> (2 * i + 1)) & 1) * 16.0;
+            }
+            o[l] = d * sc1 * lo - dmin * m1;
+            o[l + 32] = d * sc2 * hi - dmin * m2;
+        }
+    }
 }
 
 fn f16_at(bytes: &[u8], at: usize) -> f32 {
@@ -76,6 +133,71 @@ pub fn to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
                 for j in 0..16 {
                     o[j] = (qs[j] & 0x0f) as f32 * d + m;
                     o[j + 16] = (qs[j] >> 4) as f32 * d + m;
+                }
+            }
+        }
+        DType::Q5_0 | DType::Q5_1 => {
+            let (size, start) = if dtype == DType::Q5_0 {
+                (22, 2)
+            } else {
+                (24, 4)
+            };
+            for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(size)) {
+                let d = f16_at(b, 0);
+                let qh = u32::from_le_bytes(b[start..start + 4].try_into().expect("4 bytes"));
+                let qs = &b[start + 4..start + 20];
+                // Element j's fifth bit is bit j of qh (j < 32).
+                let q = |j: usize| {
+                    let nibble = if j < 16 {
+                        qs[j] & 0x0f
+                    } else {
+                        qs[j - 16] >> 4
+                    };
+                    (nibble as u32 | (((qh >> j) & 1) << 4)) as f32
+                };
+                if dtype == DType::Q5_0 {
+                    for (j, v) in o.iter_mut().enumerate() {
+                        *v = (q(j) - 16.0) * d;
+                    }
+                } else {
+                    let m = f16_at(b, 2);
+                    for (j, v) in o.iter_mut().enumerate() {
+                        *v = q(j) * d + m;
+                    }
+                }
+            }
+        }
+        DType::Q4_K | DType::Q5_K => {
+            let (size, fifth) = if dtype == DType::Q4_K {
+                (144, false)
+            } else {
+                (176, true)
+            };
+            for (o, b) in out.chunks_exact_mut(QK_K).zip(bytes.chunks_exact(size)) {
+                k4_or_k5(o, b, fifth);
+            }
+        }
+        DType::Q6_K => {
+            for (o, b) in out.chunks_exact_mut(QK_K).zip(bytes.chunks_exact(210)) {
+                let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
+                let d = f16_at(b, 208);
+                // Two halves of 128: each takes 64 bytes of ql, 32 of qh, 8 scales.
+                for h in 0..2 {
+                    let (ql, qh, sc) = (&ql[64 * h..], &qh[32 * h..], &sc[8 * h..]);
+                    let o = &mut o[128 * h..128 * h + 128];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q = [
+                            (ql[l] & 0x0f) | ((qh[l] & 3) << 4),
+                            (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4),
+                            (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                            (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+                        ];
+                        for (k, &qk) in q.iter().enumerate() {
+                            let scale = sc[is + 2 * k] as i8 as f32;
+                            o[l + 32 * k] = d * scale * (qk as i32 - 32) as f32;
+                        }
+                    }
                 }
             }
         }

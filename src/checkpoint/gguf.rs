@@ -104,7 +104,12 @@ fn ggml_dtype(t: u32) -> Option<DType> {
         1 => Some(DType::F16),
         2 => Some(DType::Q4_0),
         3 => Some(DType::Q4_1),
+        6 => Some(DType::Q5_0),
+        7 => Some(DType::Q5_1),
         8 => Some(DType::Q8_0),
+        12 => Some(DType::Q4_K),
+        13 => Some(DType::Q5_K),
+        14 => Some(DType::Q6_K),
         30 => Some(DType::BF16),
         _ => None,
     }
@@ -586,7 +591,7 @@ impl TensorSource for GgufSource {
     }
     fn unsupported(&self, name: &str) -> Option<String> {
         self.unsupported.get(name).map(|ty| {
-            format!("quantisation {ty} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1)")
+            format!("quantisation {ty} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)")
         })
     }
     fn load_f32(&self, name: &str) -> Result<Vec<f32>> {
