@@ -19,26 +19,7 @@ fn python(script: &str, args: &[&Path]) -> Value {
 }
 
 fn compile_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
-    vec![
-        "compile",
-        model,
-        "-o",
-        out,
-        "--seq-len",
-        "16",
-        "--max-tokens",
-        "256",
-        "--protect-first",
-        "0",
-        "--protect-last",
-        "0",
-        "--pairs",
-        "1",
-        "--runs",
-        "1",
-        "--steps",
-        "4",
-    ]
+    common::fast_compile_args(model, out)
 }
 
 #[test]

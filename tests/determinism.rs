@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{fixture, real_model_path, run_depthc_with};
+use common::{fast_compile_args, fixture, real_model_path, run_depthc_with};
 use serde_json::Value;
 
 /// Every file under `dir`, by relative path.
@@ -52,29 +52,12 @@ fn compile_is_byte_identical_across_thread_counts() {
     let mut outputs = Vec::new();
     for threads in ["1", "2", "3"] {
         let out = dir.path().join(format!("out{threads}"));
-        run_with_threads(
-            &[
-                "compile",
-                model.to_str().unwrap(),
-                "-o",
-                out.to_str().unwrap(),
-                "--seq-len",
-                "16",
-                "--max-tokens",
-                "512",
-                "--protect-first",
-                "0",
-                "--protect-last",
-                "0",
-                "--pairs",
-                "1",
-                "--runs",
-                "1",
-                "--steps",
-                "4",
-            ],
-            threads,
-        );
+        let out_str = out.to_str().unwrap();
+        let mut args = fast_compile_args(model.to_str().unwrap(), out_str);
+        // More windows than the fast flags give: several per thread.
+        let at = args.iter().position(|&a| a == "--max-tokens").unwrap();
+        args[at + 1] = "512";
+        run_with_threads(&args, threads);
         outputs.push(files(&out));
     }
     let first = &outputs[0];

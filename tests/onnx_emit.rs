@@ -56,22 +56,7 @@ fn run_validation(
     prompt: &[u32],
     steps: usize,
 ) -> Validation {
-    let mut session = DecoderSession::open(
-        &out.join(MODEL_FILE),
-        &model.config,
-        ElemType::F32,
-        &RuntimeOptions::default(),
-    )
-    .expect("ONNX Runtime session (run scripts/setup.sh for the library)");
-    validate(
-        &mut session,
-        &Forward::new(model),
-        plan,
-        prompt,
-        steps,
-        LOOSE,
-    )
-    .expect("validate")
+    common::validate_emitted(out, model, plan, prompt, steps)
 }
 
 fn report(v: &Validation, what: &str) -> (f32, f32) {

@@ -15,6 +15,10 @@ use crate::{Error, Result};
 pub enum Family {
     Llama,
     Mistral,
+    /// Qwen2 / Qwen2.5: biases on the q, k and v projections.
+    Qwen2,
+    /// Qwen3: RMS norms over each query and key head, before the rotary embedding.
+    Qwen3,
 }
 
 impl Family {
@@ -22,6 +26,8 @@ impl Family {
         match self {
             Family::Llama => "llama",
             Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
         }
     }
 }
@@ -57,8 +63,23 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     /// Mistral's sliding attention window, if any.
     pub sliding_window: Option<usize>,
+    /// Biases on q_proj, k_proj and v_proj (Qwen2; `attention_bias`).
+    pub qkv_bias: bool,
+    /// A bias on o_proj (`attention_bias` of Llama and Qwen3).
+    pub o_bias: bool,
+    /// Per-head RMS norms `q_norm` / `k_norm` (Qwen3).
+    pub qk_norm: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+}
+
+/// Whether a form of a parallel group is exact for a family (see
+/// [`ModelConfig::lp_forms`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FormSupport {
+    pub form: &'static str,
+    pub exact: bool,
+    pub why: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +135,7 @@ pub struct RawHfConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
+    use_sliding_window: Option<bool>,
 }
 
 impl RawHfConfig {
@@ -128,17 +150,29 @@ impl RawHfConfig {
         let family = match arch.as_str() {
             "LlamaForCausalLM" | "llama" => Family::Llama,
             "MistralForCausalLM" | "mistral" => Family::Mistral,
+            "Qwen2ForCausalLM" | "qwen2" => Family::Qwen2,
+            "Qwen3ForCausalLM" | "qwen3" => Family::Qwen3,
             other => {
                 return Err(err(format!(
-                "unknown architecture `{other}` (supported: LlamaForCausalLM, MistralForCausalLM)"
-            )))
+                    "unknown architecture `{other}` (supported: LlamaForCausalLM, \
+                     MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"
+                )))
             }
         };
-        if self.attention_bias == Some(true) || self.mlp_bias == Some(true) {
+        if self.mlp_bias == Some(true) {
+            return Err(err("mlp_bias = true is not supported".into()));
+        }
+        if matches!(family, Family::Qwen2 | Family::Qwen3) && self.use_sliding_window == Some(true)
+        {
             return Err(err(
-                "attention_bias / mlp_bias = true is not supported yet".into()
+                "use_sliding_window = true is not supported for Qwen (its window applies to \
+                 some layers only)"
+                    .into(),
             ));
         }
+        let attention_bias = self.attention_bias == Some(true);
+        let qkv_bias = family == Family::Qwen2 || attention_bias;
+        let o_bias = family != Family::Qwen2 && attention_bias;
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
                 return Err(err(format!(
@@ -214,6 +248,9 @@ impl RawHfConfig {
             } else {
                 None
             },
+            qkv_bias,
+            o_bias,
+            qk_norm: family == Family::Qwen3,
             bos_token_id: self.bos_token_id.as_ref().and_then(TokenIds::first),
             eos_token_id: self.eos_token_id.as_ref().and_then(TokenIds::first),
         };
@@ -282,10 +319,39 @@ impl ModelConfig {
 impl ModelConfig {
     /// A Hugging Face `config.json` describing this model (transformers 4.x
     /// layout with a top-level `rope_theta`, which transformers 5 also reads).
+    /// How each form of a parallel group stands for this family: whether it
+    /// computes exactly the LP formula, and why.
+    pub fn lp_forms(&self) -> Vec<FormSupport> {
+        let mut fused = vec!["input norms fold into one packed QKV and gate/up MatMul"];
+        if self.qkv_bias {
+            fused.push("q/k/v biases concatenate with their columns");
+        }
+        if self.o_bias {
+            fused.push("o_proj biases add up under the stacked o_proj");
+        }
+        if self.qk_norm {
+            fused.push("each layer's q/k head norms stay on its own heads");
+        }
+        vec![
+            FormSupport {
+                form: "fused",
+                exact: true,
+                why: fused.join("; "),
+            },
+            FormSupport {
+                form: "branches",
+                exact: true,
+                why: "each layer's sublayers run as written, summed into the residual".into(),
+            },
+        ]
+    }
+
     pub fn to_hf_json(&self) -> serde_json::Value {
         let (arch, model_type) = match self.family {
             Family::Llama => ("LlamaForCausalLM", "llama"),
             Family::Mistral => ("MistralForCausalLM", "mistral"),
+            Family::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+            Family::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
         };
         let rope_scaling = match &self.rope_scaling {
             RopeScaling::None => serde_json::Value::Null,
@@ -318,7 +384,7 @@ impl ModelConfig {
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "hidden_act": "silu",
-            "attention_bias": false,
+            "attention_bias": self.o_bias,
             "mlp_bias": false,
             "torch_dtype": "float32",
             "bos_token_id": self.bos_token_id,

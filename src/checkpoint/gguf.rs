@@ -406,6 +406,9 @@ impl GgufFile {
             tie_word_embeddings: !self.tensors.iter().any(|t| t.name == "output.weight"),
             max_position_embeddings: self.meta_u64(&k("context_length")).unwrap_or(2048),
             sliding_window: None,
+            qkv_bias: false,
+            o_bias: false,
+            qk_norm: false,
             bos_token_id: bos.map(|v| v as u32),
             eos_token_id: eos.map(|v| v as u32),
         };

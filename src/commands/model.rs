@@ -56,6 +56,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             "parameters": params,
             "dtypes": dtypes,
             "tokenizer": tokenizer,
+            "lp_forms": c.lp_forms(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -81,6 +82,10 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         "tokenizer      {}",
         tokenizer.unwrap_or_else(|| "none".into())
     );
+    for f in c.lp_forms() {
+        let exact = if f.exact { "exact" } else { "not exact" };
+        println!("form {:<10}{exact}: {}", f.form, f.why);
+    }
     Ok(())
 }
 

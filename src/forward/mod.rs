@@ -232,9 +232,16 @@ impl<'m> Forward<'m> {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let mut q = matmul_t(xn, t, &attn.q_proj.weight);
-        let mut k = matmul_t(xn, t, &attn.k_proj.weight);
-        let v = matmul_t(xn, t, &attn.v_proj.weight);
+        let mut q = linear(xn, t, &attn.q_proj);
+        let mut k = linear(xn, t, &attn.k_proj);
+        let v = linear(xn, t, &attn.v_proj);
+        // Qwen3: RMS norm over each head (rows of head_dim), before the rotation.
+        if let Some(w) = &attn.q_norm {
+            q = rms_norm(&q, w, cfg.rms_norm_eps);
+        }
+        if let Some(w) = &attn.k_norm {
+            k = rms_norm(&k, w, cfg.rms_norm_eps);
+        }
         self.rope.apply(&mut q, nh, start);
         self.rope.apply(&mut k, nkv, start);
         kv.k.extend_from_slice(&k);
@@ -305,7 +312,7 @@ impl<'m> Forward<'m> {
                     .copy_from_slice(&out[i * hd..(i + 1) * hd]);
             }
         }
-        matmul_t(&merged, t, &attn.o_proj.weight)
+        linear(&merged, t, &attn.o_proj)
     }
 }
 
@@ -314,6 +321,17 @@ fn mlp(mlp: &Mlp, xn: &[f32], t: usize) -> Vec<f32> {
     let mut up = matmul_t(xn, t, &mlp.up_proj.weight);
     up.iter_mut().zip(&gate).for_each(|(u, &g)| *u *= silu(g));
     matmul_t(&up, t, &mlp.down_proj.weight)
+}
+
+/// `x W^T + b` for `x [T, in]`.
+fn linear(x: &[f32], t: usize, lin: &crate::model::Linear) -> Vec<f32> {
+    let mut y = matmul_t(x, t, &lin.weight);
+    if let Some(b) = &lin.bias {
+        for row in y.chunks_exact_mut(b.len()) {
+            add_assign(row, b);
+        }
+    }
+    y
 }
 
 fn all_finite(x: &[f32]) -> bool {

@@ -16,7 +16,7 @@
 use super::contract::{self, ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS};
 use super::{Attr, Builder, ElemType, Graph};
 use crate::forward::ops::Rope;
-use crate::model::{DecoderLayer, Matrix, Model};
+use crate::model::{Attention, DecoderLayer, Linear, Matrix, Model};
 use crate::plan::{Plan, Step};
 
 /// How a parallel group is written.
@@ -98,6 +98,9 @@ struct Shared<'a> {
 
 enum Norm<'m> {
     Weight(&'m [f32]),
+    /// Over each head of `[B, heads, S, hd]`: one `[hd]` weight per part,
+    /// each repeated for `usize` heads; written `[heads, 1, hd]`.
+    Heads(Vec<&'m [f32]>, usize),
     /// Folded into the next projection: normalise only (a weight of ones
     /// keeps the pattern ONNX Runtime fuses into SimplifiedLayerNormalization).
     Folded,
@@ -297,6 +300,17 @@ impl<'m> Decoder<'m> {
         let w = match norm {
             Norm::Weight(w) => b.weight(&weight_name, vec![h], Box::new(move || w.to_vec())),
             Norm::Folded => b.weight(&weight_name, vec![h], Box::new(move || vec![1.0; h])),
+            Norm::Heads(parts, heads_each) => {
+                let hd = self.model.config.head_dim;
+                let dims = vec![parts.len() * heads_each, 1, hd];
+                let values = move || {
+                    parts
+                        .iter()
+                        .flat_map(|w| std::iter::repeat_n(*w, heads_each).flatten().copied())
+                        .collect()
+                };
+                b.weight(&weight_name, dims, Box::new(values))
+            }
         };
         b.node(&format!("{p}/Mul"), "Mul", &[&div, &w], vec![])
     }
@@ -307,6 +321,27 @@ impl<'m> Decoder<'m> {
         let dims = vec![weight.rows(), weight.cols()];
         let w = b.weight(&name, dims, Box::new(move || weight.values()));
         b.node(&format!("{p}/MatMul"), "MatMul", &[x, &w], vec![])
+    }
+
+    /// `x @ W (+ bias)`: the bias (`[out]`, when the projection has one) is
+    /// added after the MatMul, the pattern ONNX Runtime fuses.
+    fn make_linear(
+        &self,
+        b: &mut Builder<'m>,
+        p: &str,
+        x: &str,
+        weight: Packed<'m>,
+        bias: Option<Vec<f32>>,
+    ) -> String {
+        let y = self.make_matmul(b, p, x, weight);
+        match bias {
+            None => y,
+            Some(bias) => {
+                let name = format!("{}.bias", p.trim_start_matches('/').replace('/', "."));
+                let bias = b.weight(&name, vec![bias.len()], Box::new(move || bias.clone()));
+                b.node(&format!("{p}/Add"), "Add", &[&y, &bias], vec![])
+            }
+        }
     }
 
     /// `[B, S, heads*hd] -> [B, heads, S, hd]`.
@@ -452,38 +487,53 @@ impl<'m> Decoder<'m> {
             Norm::Weight(&layer.input_layernorm),
         );
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let q = self.make_matmul(
-            b,
-            &format!("{p}/attn/q_proj"),
-            &xn,
-            Packed::t(&a.q_proj.weight),
-        );
-        let k = self.make_matmul(
-            b,
-            &format!("{p}/attn/k_proj"),
-            &xn,
-            Packed::t(&a.k_proj.weight),
-        );
-        let v = self.make_matmul(
-            b,
-            &format!("{p}/attn/v_proj"),
-            &xn,
-            Packed::t(&a.v_proj.weight),
-        );
+        let proj = |b: &mut Builder<'m>, name: &str, lin: &'m Linear| {
+            let p = format!("{p}/attn/{name}");
+            self.make_linear(b, &p, &xn, Packed::t(&lin.weight), lin.bias.clone())
+        };
+        let q = proj(b, "q_proj", &a.q_proj);
+        let k = proj(b, "k_proj", &a.k_proj);
+        let v = proj(b, "v_proj", &a.v_proj);
         let q = self.make_split_heads(b, &format!("{p}/attn/q_heads"), &q, nh);
         let k = self.make_split_heads(b, &format!("{p}/attn/k_heads"), &k, nkv);
         let v = self.make_split_heads(b, &format!("{p}/attn/v_heads"), &v, nkv);
+        let q = self.make_head_norm(b, &format!("{p}/attn/q_norm"), &q, &[a], nh, |a| &a.q_norm);
+        let k = self.make_head_norm(b, &format!("{p}/attn/k_norm"), &k, &[a], nkv, |a| &a.k_norm);
         let q = self.make_rope(b, &format!("{p}/attn/q_rotary"), &q, io);
         let k = self.make_rope(b, &format!("{p}/attn/k_rotary"), &k, io);
         let k = self.make_present(b, l, "key", &k);
         let v = self.make_present(b, l, "value", &v);
         let ctx = self.make_attend(b, &format!("{p}/attn"), &q, &k, &v, nh, nkv, io);
-        self.make_matmul(
+        self.make_linear(
             b,
             &format!("{p}/attn/o_proj"),
             &ctx,
             Packed::t(&a.o_proj.weight),
+            a.o_proj.bias.clone(),
         )
+    }
+
+    /// Qwen3's RMS norm over each head of `x [B, heads, S, hd]` (nothing for
+    /// families without one). The weight is `[heads, 1, hd]`: one head_dim
+    /// vector per head, each layer's own for its heads in a fused group, so
+    /// the fused form stays exact.
+    fn make_head_norm(
+        &self,
+        b: &mut Builder<'m>,
+        p: &str,
+        x: &str,
+        attns: &[&'m Attention],
+        heads_each: usize,
+        pick: impl Fn(&'m Attention) -> &'m Option<Vec<f32>>,
+    ) -> String {
+        let weights: Option<Vec<&'m [f32]>> = attns
+            .iter()
+            .map(|&a| pick(a).as_deref())
+            .collect::<Option<_>>();
+        match weights {
+            None => x.to_string(),
+            Some(w) => self.make_rms_norm(b, p, x, Norm::Heads(w, heads_each)),
+        }
     }
 
     /// SwiGLU `down(silu(gate(x)) * up(x))` on an already normed input.
@@ -606,11 +656,24 @@ impl<'m> Decoder<'m> {
                 qkv_parts.push((w, Some(layer.input_layernorm.as_slice())));
             }
         }
-        let qkv = self.make_matmul(
+        // Biases follow the columns: [q_i q_j | k_i k_j | v_i v_j].
+        let qkv_bias = cfg.qkv_bias.then(|| {
+            let mut bias = Vec::new();
+            for pick in [0, 1, 2] {
+                for layer in &ls {
+                    let a = &layer.self_attn;
+                    let lin = [&a.q_proj, &a.k_proj, &a.v_proj][pick];
+                    bias.extend_from_slice(lin.bias.as_deref().expect("qkv_bias"));
+                }
+            }
+            bias
+        });
+        let qkv = self.make_linear(
             b,
             &format!("{p}/attn/qkv_proj"),
             &xn,
             Packed::Columns(qkv_parts),
+            qkv_bias,
         );
         let sizes = b.ints(&[
             (n * nh * hd) as i64,
@@ -627,6 +690,13 @@ impl<'m> Decoder<'m> {
         let q = self.make_split_heads(b, &format!("{p}/attn/q_heads"), &qkv[0], n * nh);
         let k = self.make_split_heads(b, &format!("{p}/attn/k_heads"), &qkv[1], n * nkv);
         let v = self.make_split_heads(b, &format!("{p}/attn/v_heads"), &qkv[2], n * nkv);
+        let attns: Vec<&'m Attention> = ls.iter().map(|l| &l.self_attn).collect();
+        let q = self.make_head_norm(b, &format!("{p}/attn/q_norm"), &q, &attns, nh, |a| {
+            &a.q_norm
+        });
+        let k = self.make_head_norm(b, &format!("{p}/attn/k_norm"), &k, &attns, nkv, |a| {
+            &a.k_norm
+        });
         let q = self.make_rope(b, &format!("{p}/attn/q_rotary"), &q, io);
         let k = self.make_rope(b, &format!("{p}/attn/k_rotary"), &k, io);
         let per_layer = b.ints(&vec![nkv as i64; n]);
@@ -655,7 +725,22 @@ impl<'m> Decoder<'m> {
         let v = cat(b, "value", &v);
         let ctx = self.make_attend(b, &format!("{p}/attn"), &q, &k, &v, n * nh, n * nkv, io);
         let o_parts: Vec<&'m Matrix> = ls.iter().map(|l| &l.self_attn.o_proj.weight).collect();
-        let o = self.make_matmul(b, &format!("{p}/attn/o_proj"), &ctx, Packed::Rows(o_parts));
+        // Stacked o_proj sums the layers' products, so their biases add up.
+        let o_bias = cfg.o_bias.then(|| {
+            let mut sum = vec![0f32; cfg.hidden_size];
+            for l in &ls {
+                let bias = l.self_attn.o_proj.bias.as_deref().expect("o_bias");
+                sum.iter_mut().zip(bias).for_each(|(s, &v)| *s += v);
+            }
+            sum
+        });
+        let o = self.make_linear(
+            b,
+            &format!("{p}/attn/o_proj"),
+            &ctx,
+            Packed::Rows(o_parts),
+            o_bias,
+        );
         let h = b.node(&format!("{p}/residual_attn/Add"), "Add", &[x, &o], vec![]);
 
         let hn = self.make_rms_norm(

@@ -24,10 +24,12 @@ impl Matrix {
     }
 }
 
-/// `y = x W^T`.
+/// `y = x W^T (+ b)`.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Matrix,
+    /// `[out_features]` (Qwen2's q/k/v, `attention_bias`).
+    pub bias: Option<Vec<f32>>,
 }
 
 #[derive(Debug, Clone)]
@@ -36,6 +38,9 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// RMS norm weights `[head_dim]` over each query / key head (Qwen3).
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
 }
 
 /// SwiGLU: `down(silu(gate(x)) * up(x))`.
@@ -117,9 +122,20 @@ impl<'a> Weights<'a> {
         })
     }
 
-    pub fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<Linear> {
+    pub fn linear(
+        &self,
+        name: &str,
+        out_features: usize,
+        in_features: usize,
+        bias: bool,
+    ) -> Result<Linear> {
         Ok(Linear {
             weight: self.matrix(&format!("{name}.weight"), out_features, in_features)?,
+            bias: if bias {
+                Some(self.get(&format!("{name}.bias"), &[out_features])?)
+            } else {
+                None
+            },
         })
     }
 
@@ -135,11 +151,18 @@ impl Attention {
             cfg.num_attention_heads * cfg.head_dim,
             cfg.num_key_value_heads * cfg.head_dim,
         );
+        let norm = |name: &str| -> Result<Option<Vec<f32>>> {
+            cfg.qk_norm
+                .then(|| w.get(name, &[cfg.head_dim]))
+                .transpose()
+        };
         Ok(Attention {
-            q_proj: w.linear("q_proj", q, h)?,
-            k_proj: w.linear("k_proj", kv, h)?,
-            v_proj: w.linear("v_proj", kv, h)?,
-            o_proj: w.linear("o_proj", h, q)?,
+            q_proj: w.linear("q_proj", q, h, cfg.qkv_bias)?,
+            k_proj: w.linear("k_proj", kv, h, cfg.qkv_bias)?,
+            v_proj: w.linear("v_proj", kv, h, cfg.qkv_bias)?,
+            o_proj: w.linear("o_proj", h, q, cfg.o_bias)?,
+            q_norm: norm("q_norm.weight")?,
+            k_norm: norm("k_norm.weight")?,
         })
     }
 }
@@ -148,9 +171,9 @@ impl Mlp {
     fn load(w: Weights, cfg: &ModelConfig) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Mlp {
-            gate_proj: w.linear("gate_proj", i, h)?,
-            up_proj: w.linear("up_proj", i, h)?,
-            down_proj: w.linear("down_proj", h, i)?,
+            gate_proj: w.linear("gate_proj", i, h, false)?,
+            up_proj: w.linear("up_proj", i, h, false)?,
+            down_proj: w.linear("down_proj", h, i, false)?,
         })
     }
 }
@@ -235,22 +258,23 @@ impl Model {
                 vec![h],
                 &l.input_layernorm,
             ));
-            out.push(m(
-                format!("{p}.self_attn.q_proj.weight"),
-                &l.self_attn.q_proj.weight,
-            ));
-            out.push(m(
-                format!("{p}.self_attn.k_proj.weight"),
-                &l.self_attn.k_proj.weight,
-            ));
-            out.push(m(
-                format!("{p}.self_attn.v_proj.weight"),
-                &l.self_attn.v_proj.weight,
-            ));
-            out.push(m(
-                format!("{p}.self_attn.o_proj.weight"),
-                &l.self_attn.o_proj.weight,
-            ));
+            let a = &l.self_attn;
+            for (name, lin) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("o_proj", &a.o_proj),
+            ] {
+                out.push(m(format!("{p}.self_attn.{name}.weight"), &lin.weight));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{p}.self_attn.{name}.bias"), vec![b.len()], b));
+                }
+            }
+            for (name, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
+                if let Some(w) = norm {
+                    out.push((format!("{p}.self_attn.{name}.weight"), vec![w.len()], w));
+                }
+            }
             out.push((
                 format!("{p}.post_attention_layernorm.weight"),
                 vec![h],

@@ -148,10 +148,8 @@ fn genai_config(cfg: &ModelConfig) -> Value {
             },
             "eos_token_id": eos,
             "pad_token_id": eos,
-            "type": match cfg.family {
-                crate::checkpoint::Family::Llama => "llama",
-                crate::checkpoint::Family::Mistral => "mistral",
-            },
+            // onnxruntime-genai's model types carry the family names.
+            "type": cfg.family.name(),
             "vocab_size": cfg.vocab_size
         },
         "search": {

@@ -154,3 +154,61 @@ pub fn run_python(script: &str, args: &[&str]) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("one JSON object")
 }
+
+/// `depthc compile MODEL -o OUT` with flags that make it take seconds on the
+/// synthetic fixtures (16-token windows, one pair, one benchmark run).
+pub fn fast_compile_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "compile",
+        model,
+        "-o",
+        out,
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "256",
+        "--protect-first",
+        "0",
+        "--protect-last",
+        "0",
+        "--pairs",
+        "1",
+        "--runs",
+        "1",
+        "--steps",
+        "4",
+    ]
+}
+
+/// Open `dir`'s model.onnx (f32) in ONNX Runtime and validate it against the
+/// reference forward of `plan`; no tolerance: the tests assert their own.
+pub fn validate_emitted(
+    dir: &std::path::Path,
+    model: &Model,
+    plan: &Plan,
+    prompt: &[u32],
+    steps: usize,
+) -> depthc::runtime::validate::Validation {
+    use depthc::runtime::validate::{validate, Tolerance};
+    use depthc::runtime::{DecoderSession, RuntimeOptions};
+    let mut session = DecoderSession::open(
+        &dir.join(depthc::onnx::package::MODEL_FILE),
+        &model.config,
+        depthc::graph::ElemType::F32,
+        &RuntimeOptions::default(),
+    )
+    .expect("ONNX Runtime session (run scripts/setup.sh for the library)");
+    let loose = Tolerance {
+        abs: None,
+        rel: None,
+    };
+    validate(
+        &mut session,
+        &Forward::new(model),
+        plan,
+        prompt,
+        steps,
+        loose,
+    )
+    .expect("validate")
+}
