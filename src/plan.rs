@@ -141,6 +141,17 @@ impl Plan {
                 .parse::<usize>()
                 .map_err(|_| err(format!("`{}` is not a layer index", s.trim())))
         };
+        // Checked before any group is built, so that a huge index costs nothing.
+        let in_range = |l: usize| -> Result<usize> {
+            if l < num_layers {
+                Ok(l)
+            } else {
+                Err(err(format!(
+                    "layer {l} is out of range (the model has {num_layers} layers, 0 to {})",
+                    num_layers.saturating_sub(1)
+                )))
+            }
+        };
         let mut groups = Vec::new();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             if let Some((a, b)) = item.split_once("..") {
@@ -150,11 +161,13 @@ impl Plan {
                         "range {start}..{end} must be non-empty and of even length: it is split into adjacent pairs"
                     )));
                 }
+                in_range(end - 1)?;
                 for s in (start..end).step_by(2) {
                     groups.push(vec![s, s + 1]);
                 }
             } else if item.contains('+') {
-                groups.push(item.split('+').map(num).collect::<Result<Vec<_>>>()?);
+                let layers = item.split('+').map(|s| num(s).and_then(in_range));
+                groups.push(layers.collect::<Result<Vec<_>>>()?);
             } else if let Some((a, b)) = item.split_once('-') {
                 let (first, last) = (num(a)?, num(b)?);
                 if last <= first {
@@ -162,6 +175,7 @@ impl Plan {
                         "group {first}-{last} must name ascending layers, at least two"
                     )));
                 }
+                in_range(last)?;
                 groups.push((first..=last).collect());
             } else {
                 let l = num(item)?;
@@ -251,6 +265,10 @@ mod tests {
         assert!(msg("1+3", 8).contains("group 1+3 is not consecutive (layer 2 lies between)"));
         assert!(msg("3+3", 8).contains("distinct layers in ascending order"));
         assert!(msg("3+", 8).contains("`` is not a layer index"));
+        // Huge indices are refused before anything is allocated for them.
+        assert!(msg("22-12421242123", 28).contains("layer 12421242123 is out of range"));
+        assert!(msg("0..99999999998", 28).contains("out of range"));
+        assert!(msg("1+99999999999", 28).contains("out of range"));
     }
 
     #[test]

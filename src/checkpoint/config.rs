@@ -19,6 +19,20 @@ pub enum Family {
     Qwen2,
     /// Qwen3: RMS norms over each query and key head, before the rotary embedding.
     Qwen3,
+    /// Gemma 3: embedding scaled by sqrt(hidden), `(1 + w)` norms, a norm after each
+    /// sublayer too, q/k head norms, GeGLU (tanh GELU), sliding-window layers with
+    /// their own RoPE base interleaved with global ones.
+    Gemma3,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// SwiGLU.
+    Silu,
+    /// GeGLU with the tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
 }
 
 impl Family {
@@ -28,6 +42,7 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Gemma3 => "gemma3",
         }
     }
 }
@@ -67,8 +82,27 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// A bias on o_proj (`attention_bias` of Llama and Qwen3).
     pub o_bias: bool,
-    /// Per-head RMS norms `q_norm` / `k_norm` (Qwen3).
+    /// Per-head RMS norms `q_norm` / `k_norm` (Qwen3, Gemma 3).
     pub qk_norm: bool,
+    pub activation: Activation,
+    /// Gemma: the embedding is multiplied by sqrt(hidden_size).
+    pub embed_scale: Option<f32>,
+    /// Gemma: norm weights are stored as `w` and applied as `1 + w`. The
+    /// [`Model`](crate::model::Model) holds the applied `1 + w`.
+    pub norm_plus_one: bool,
+    /// Gemma: an RMS norm on each sublayer's output, before the residual add
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`).
+    pub sandwich_norms: bool,
+    /// Scale of the attention scores (`query_pre_attn_scalar ** -0.5`, else
+    /// `head_dim ** -0.5`).
+    pub query_scale: f64,
+    /// Per layer, whether it attends through `sliding_window` (Gemma's local
+    /// layers); `None`: every layer does when a window is set (Mistral).
+    pub sliding_layers: Option<Vec<bool>>,
+    /// RoPE base of the sliding-window layers, when it differs (Gemma 3: 10000).
+    pub rope_local_theta: Option<f64>,
+    /// Windows start with the BOS token (Gemma needs it).
+    pub add_bos: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
 }
@@ -124,8 +158,9 @@ pub struct RawHfConfig {
     vocab_size: Option<usize>,
     rope_theta: Option<f64>,
     rope_scaling: Option<RawRopeScaling>,
-    /// transformers 5 keeps `rope_theta` and the scaling here.
-    rope_parameters: Option<RawRopeScaling>,
+    /// transformers 5 keeps `rope_theta` and the scaling here; Gemma 3 nests
+    /// one such dict per layer type (`full_attention`, `sliding_attention`).
+    rope_parameters: Option<serde_json::Value>,
     rms_norm_eps: Option<f64>,
     tie_word_embeddings: Option<bool>,
     max_position_embeddings: Option<usize>,
@@ -135,7 +170,14 @@ pub struct RawHfConfig {
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     hidden_act: Option<String>,
+    hidden_activation: Option<String>,
     use_sliding_window: Option<bool>,
+    query_pre_attn_scalar: Option<f64>,
+    layer_types: Option<Vec<String>>,
+    sliding_window_pattern: Option<usize>,
+    rope_local_base_freq: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
 }
 
 impl RawHfConfig {
@@ -152,13 +194,23 @@ impl RawHfConfig {
             "MistralForCausalLM" | "mistral" => Family::Mistral,
             "Qwen2ForCausalLM" | "qwen2" => Family::Qwen2,
             "Qwen3ForCausalLM" | "qwen3" => Family::Qwen3,
+            "Gemma3ForCausalLM" | "gemma3_text" => Family::Gemma3,
             other => {
                 return Err(err(format!(
                     "unknown architecture `{other}` (supported: LlamaForCausalLM, \
-                     MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"
+                     MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM)"
                 )))
             }
         };
+        let gemma = family == Family::Gemma3;
+        for (key, v) in [
+            ("final_logit_softcapping", self.final_logit_softcapping),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+        ] {
+            if v.is_some() {
+                return Err(err(format!("`{key}` is not supported")));
+            }
+        }
         if self.mlp_bias == Some(true) {
             return Err(err("mlp_bias = true is not supported".into()));
         }
@@ -173,13 +225,20 @@ impl RawHfConfig {
         let attention_bias = self.attention_bias == Some(true);
         let qkv_bias = family == Family::Qwen2 || attention_bias;
         let o_bias = family != Family::Qwen2 && attention_bias;
-        if let Some(act) = &self.hidden_act {
-            if act != "silu" {
+        let activation = match self
+            .hidden_activation
+            .as_deref()
+            .or(self.hidden_act.as_deref())
+        {
+            None if gemma => Activation::GeluTanh,
+            None | Some("silu") => Activation::Silu,
+            Some("gelu_pytorch_tanh") => Activation::GeluTanh,
+            Some(other) => {
                 return Err(err(format!(
-                    "hidden_act `{act}` is not supported (only silu)"
-                )));
+                    "hidden activation `{other}` is not supported (silu, gelu_pytorch_tanh)"
+                )))
             }
-        }
+        };
         let need = |v: Option<usize>, key: &str| v.ok_or_else(|| err(format!("missing `{key}`")));
         let num_hidden_layers = need(self.num_hidden_layers, "num_hidden_layers")?;
         let hidden_size = need(self.hidden_size, "hidden_size")?;
@@ -195,12 +254,64 @@ impl RawHfConfig {
             )));
         }
         let head_dim = self.head_dim.unwrap_or(hidden_size / num_attention_heads);
-        // transformers 5 moves rope_theta and the scaling dict under rope_parameters.
-        let params = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
+        // transformers 5 moves rope_theta and the scaling dict under rope_parameters,
+        // per layer type for Gemma 3.
+        let rope_dict = |v: &serde_json::Value| -> Result<RawRopeScaling> {
+            serde_json::from_value(v.clone()).map_err(|e| err(format!("rope_parameters: {e}")))
+        };
+        let (global, local) = match &self.rope_parameters {
+            Some(v) if v.get("full_attention").is_some() => (
+                Some(rope_dict(&v["full_attention"])?),
+                v.get("sliding_attention").map(rope_dict).transpose()?,
+            ),
+            Some(v) => (Some(rope_dict(v)?), None),
+            None => (None, None),
+        };
+        let params = global.as_ref().or(self.rope_scaling.as_ref());
         let rope_theta = self
             .rope_theta
-            .or_else(|| self.rope_parameters.as_ref().and_then(|p| p.rope_theta))
+            .or_else(|| global.as_ref().and_then(|p| p.rope_theta))
             .unwrap_or(10000.0);
+        let rope_local_theta = local
+            .as_ref()
+            .and_then(|p| p.rope_theta)
+            .or(self.rope_local_base_freq)
+            .or(gemma.then_some(10000.0));
+        if let Some(kind) = local
+            .as_ref()
+            .and_then(|p| p.rope_type.as_deref())
+            .filter(|k| *k != "default")
+        {
+            return Err(err(format!(
+                "rope scaling `{kind}` of the sliding layers is not supported"
+            )));
+        }
+        let sliding_layers = match (&self.layer_types, self.sliding_window_pattern) {
+            (Some(types), _) => Some(
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "sliding_attention" => Ok(true),
+                        "full_attention" => Ok(false),
+                        other => Err(err(format!("layer type `{other}` is not supported"))),
+                    })
+                    .collect::<Result<Vec<bool>>>()?,
+            ),
+            (None, Some(p)) if gemma && p > 0 => {
+                Some((0..num_hidden_layers).map(|i| (i + 1) % p != 0).collect())
+            }
+            (None, _) if gemma => Some((0..num_hidden_layers).map(|i| (i + 1) % 6 != 0).collect()),
+            _ => None,
+        };
+        if sliding_layers
+            .as_ref()
+            .is_some_and(|s| s.len() != num_hidden_layers)
+        {
+            return Err(err(format!(
+                "layer_types lists {} layers, num_hidden_layers is {num_hidden_layers}",
+                sliding_layers.as_ref().map_or(0, Vec::len)
+            )));
+        }
         let rope_scaling = match params {
             None => RopeScaling::None,
             Some(p) => {
@@ -243,14 +354,25 @@ impl RawHfConfig {
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
             max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
-            sliding_window: if family == Family::Mistral {
+            sliding_window: if matches!(family, Family::Mistral | Family::Gemma3) {
                 self.sliding_window
             } else {
                 None
             },
             qkv_bias,
             o_bias,
-            qk_norm: family == Family::Qwen3,
+            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
+            activation,
+            embed_scale: gemma.then(|| (hidden_size as f64).sqrt() as f32),
+            norm_plus_one: gemma,
+            sandwich_norms: gemma,
+            query_scale: self
+                .query_pre_attn_scalar
+                .unwrap_or(head_dim as f64)
+                .powf(-0.5),
+            sliding_layers,
+            rope_local_theta: if gemma { rope_local_theta } else { None },
+            add_bos: gemma,
             bos_token_id: self.bos_token_id.as_ref().and_then(TokenIds::first),
             eos_token_id: self.eos_token_id.as_ref().and_then(TokenIds::first),
         };
@@ -319,9 +441,45 @@ impl ModelConfig {
 impl ModelConfig {
     /// A Hugging Face `config.json` describing this model (transformers 4.x
     /// layout with a top-level `rope_theta`, which transformers 5 also reads).
+    /// The attention window of layer `l`, if it has one.
+    pub fn window_of(&self, l: usize) -> Option<usize> {
+        match &self.sliding_layers {
+            Some(s) if !s[l] => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// The RoPE base of layer `l`.
+    pub fn rope_theta_of(&self, l: usize) -> f64 {
+        match (&self.sliding_layers, self.rope_local_theta) {
+            (Some(s), Some(local)) if s[l] => local,
+            _ => self.rope_theta,
+        }
+    }
+
     /// How each form of a parallel group stands for this family: whether it
     /// computes exactly the LP formula, and why.
     pub fn lp_forms(&self) -> Vec<FormSupport> {
+        if self.sandwich_norms {
+            return vec![
+                FormSupport {
+                    form: "fused",
+                    exact: false,
+                    why: "no exact fused form: each branch's output passes its own RMS norm \
+                          before the sum, and a norm of a sum is not the sum of norms, so the \
+                          o_proj and down_proj of a group cannot be stacked into one MatMul; \
+                          groups are emitted as branches"
+                        .into(),
+                },
+                FormSupport {
+                    form: "branches",
+                    exact: true,
+                    why: "each layer's sublayers run as written, its post-sublayer norm \
+                          included, and the normed outputs are summed into the residual"
+                        .into(),
+                },
+            ];
+        }
         let mut fused = vec!["input norms fold into one packed QKV and gate/up MatMul"];
         if self.qkv_bias {
             fused.push("q/k/v biases concatenate with their columns");
@@ -352,6 +510,7 @@ impl ModelConfig {
             Family::Mistral => ("MistralForCausalLM", "mistral"),
             Family::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
             Family::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+            Family::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
         };
         let rope_scaling = match &self.rope_scaling {
             RopeScaling::None => serde_json::Value::Null,
@@ -392,6 +551,24 @@ impl ModelConfig {
         });
         if let Some(w) = self.sliding_window {
             v["sliding_window"] = serde_json::json!(w);
+        }
+        if self.family == Family::Gemma3 {
+            v["hidden_activation"] = serde_json::json!("gelu_pytorch_tanh");
+            v["query_pre_attn_scalar"] = serde_json::json!(self.query_scale.powi(-2).round());
+            v["rope_local_base_freq"] = serde_json::json!(self.rope_local_theta);
+            if let Some(s) = &self.sliding_layers {
+                let types: Vec<&str> = s
+                    .iter()
+                    .map(|&w| {
+                        if w {
+                            "sliding_attention"
+                        } else {
+                            "full_attention"
+                        }
+                    })
+                    .collect();
+                v["layer_types"] = serde_json::json!(types);
+            }
         }
         v
     }

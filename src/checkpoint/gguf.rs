@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use super::config::{Family, ModelConfig, RopeScaling};
+use super::config::{Activation, Family, ModelConfig, RopeScaling};
 use super::tokenizer::Tokenizer;
 use super::{dequant, DType, TensorInfo, TensorSource};
 use crate::{Error, Result};
@@ -343,13 +343,15 @@ impl GgufFile {
         let arch = self.architecture()?.to_string();
         let family = match arch.as_str() {
             "llama" => Family::Llama,
+            "gemma3" => Family::Gemma3,
             other => {
                 return Err(Error::config(
                     &self.path,
-                    format!("unknown GGUF architecture `{other}` (supported: llama)"),
+                    format!("unknown GGUF architecture `{other}` (supported: llama, gemma3)"),
                 ))
             }
         };
+        let gemma = family == Family::Gemma3;
         let k = |s: &str| format!("{arch}.{s}");
         let hidden_size = self.meta_u64(&k("embedding_length"))?;
         let num_attention_heads = self.meta_u64(&k("attention.head_count"))?;
@@ -391,9 +393,11 @@ impl GgufFile {
             .metadata
             .get("tokenizer.ggml.eos_token_id")
             .and_then(Value::as_u64);
+        let num_hidden_layers = self.meta_u64(&k("block_count"))?;
+        let sliding_window = self.meta_u64(&k("attention.sliding_window")).ok();
         let config = ModelConfig {
             family,
-            num_hidden_layers: self.meta_u64(&k("block_count"))?,
+            num_hidden_layers,
             hidden_size,
             num_attention_heads,
             num_key_value_heads,
@@ -405,10 +409,25 @@ impl GgufFile {
             rms_norm_eps: get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             tie_word_embeddings: !self.tensors.iter().any(|t| t.name == "output.weight"),
             max_position_embeddings: self.meta_u64(&k("context_length")).unwrap_or(2048),
-            sliding_window: None,
+            // llama.cpp's gemma3: every 6th layer global, the others local with
+            // RoPE base 10000; the scores scaled by head_dim ** -0.5.
+            sliding_window: if gemma { sliding_window } else { None },
+            sliding_layers: gemma
+                .then(|| (0..num_hidden_layers).map(|i| (i + 1) % 6 != 0).collect()),
+            rope_local_theta: gemma.then_some(10000.0),
             qkv_bias: false,
             o_bias: false,
-            qk_norm: false,
+            qk_norm: gemma,
+            activation: if gemma {
+                Activation::GeluTanh
+            } else {
+                Activation::Silu
+            },
+            embed_scale: gemma.then(|| (hidden_size as f64).sqrt() as f32),
+            norm_plus_one: gemma,
+            sandwich_norms: gemma,
+            query_scale: (head_dim as f64).powf(-0.5),
+            add_bos: gemma,
             bos_token_id: bos.map(|v| v as u32),
             eos_token_id: eos.map(|v| v as u32),
         };
@@ -441,27 +460,39 @@ impl GgufFile {
                     )
                 })
         };
-        if model != "gpt2" {
-            return Err(Error::Tokenizer {
-                path: self.path.clone(),
-                msg: format!(
-                    "tokenizer.ggml.model `{model}` is not supported (gpt2 byte-level BPE)"
-                ),
-            });
-        }
         let tokens = strings("tokenizer.ggml.tokens")?;
-        // A vocabulary of single symbols needs no merges; writers may omit the key.
-        let merges = if self.metadata.contains_key("tokenizer.ggml.merges") {
-            strings("tokenizer.ggml.merges")?
-        } else {
-            Vec::new()
-        };
         let token_types: Vec<u64> = self
             .metadata
             .get("tokenizer.ggml.token_type")
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_u64).collect())
             .unwrap_or_default();
+        match model {
+            "gpt2" => {}
+            "llama" if self.metadata.contains_key("tokenizer.ggml.merges") => {
+                return Err(Error::Tokenizer {
+                    path: self.path.clone(),
+                    msg: "a SentencePiece (`llama`) tokenizer with stored merges is not supported"
+                        .into(),
+                })
+            }
+            "llama" => return Tokenizer::from_gguf_spm(&self.path, tokens, &token_types).map(Some),
+            _ => {
+                return Err(Error::Tokenizer {
+                    path: self.path.clone(),
+                    msg: format!(
+                        "tokenizer.ggml.model `{model}` is not supported (gpt2 byte-level BPE, \
+                         llama SentencePiece BPE)"
+                    ),
+                })
+            }
+        }
+        // A vocabulary of single symbols needs no merges; writers may omit the key.
+        let merges = if self.metadata.contains_key("tokenizer.ggml.merges") {
+            strings("tokenizer.ggml.merges")?
+        } else {
+            Vec::new()
+        };
         let pre = self
             .metadata
             .get("tokenizer.ggml.pre")
@@ -478,8 +509,8 @@ impl GgufFile {
     }
 }
 
-/// Hugging Face name of a GGUF llama tensor.
-fn hf_name(gguf: &str) -> Option<String> {
+/// Hugging Face name of a GGUF llama or gemma3 tensor.
+fn hf_name(gguf: &str, family: Family) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -492,9 +523,16 @@ fn hf_name(gguf: &str) -> Option<String> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, tail) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
+    let gemma = family == Family::Gemma3;
     let sub = match tail {
         "attn_norm.weight" => "input_layernorm.weight",
+        // Llama's MLP input norm; Gemma names its norms by their place.
+        "ffn_norm.weight" if gemma => "pre_feedforward_layernorm.weight",
         "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "post_attention_norm.weight" if gemma => "post_attention_layernorm.weight",
+        "post_ffw_norm.weight" if gemma => "post_feedforward_layernorm.weight",
+        "attn_q_norm.weight" => "self_attn.q_norm.weight",
+        "attn_k_norm.weight" => "self_attn.k_norm.weight",
         "attn_q.weight" => "self_attn.q_proj.weight",
         "attn_k.weight" => "self_attn.k_proj.weight",
         "attn_v.weight" => "self_attn.v_proj.weight",
@@ -513,6 +551,9 @@ struct Mapped {
     index: usize,
     /// Heads to un-permute the rows of (q: attention heads, k: KV heads).
     unpermute_heads: Option<usize>,
+    /// Gemma: llama.cpp stores the applied `1 + w` of a norm; Hugging Face
+    /// (and this source) give `w`.
+    minus_one: bool,
 }
 
 /// The tensors of a GGUF llama file under Hugging Face names.
@@ -528,7 +569,7 @@ impl GgufSource {
         let mut mapped = BTreeMap::new();
         let mut unsupported = BTreeMap::new();
         for (index, t) in file.tensors.iter().enumerate() {
-            let Some(name) = hf_name(&t.name) else {
+            let Some(name) = hf_name(&t.name, config.family) else {
                 continue;
             };
             let shape: Vec<usize> = t.dims.iter().rev().copied().collect();
@@ -539,7 +580,11 @@ impl GgufSource {
                 );
                 continue;
             };
-            let unpermute_heads = if name.ends_with("q_proj.weight") {
+            // llama.cpp permutes q/k rows for Llama's interleaved RoPE only.
+            let llama = config.family == Family::Llama;
+            let unpermute_heads = if !llama {
+                None
+            } else if name.ends_with("q_proj.weight") {
                 Some(config.num_attention_heads)
             } else if name.ends_with("k_proj.weight") {
                 Some(config.num_key_value_heads)
@@ -549,6 +594,7 @@ impl GgufSource {
             mapped.insert(
                 name.clone(),
                 Mapped {
+                    minus_one: config.norm_plus_one && name.ends_with("norm.weight"),
                     info: TensorInfo { name, dtype, shape },
                     index,
                     unpermute_heads,
@@ -612,6 +658,9 @@ impl TensorSource for GgufSource {
         dequant::to_f32(m.info.dtype, bytes, &mut out);
         let begin = self.file.data_start + t.offset;
         super::release_pages(&self.file.mmap, begin, begin + bytes.len());
+        if m.minus_one {
+            out.iter_mut().for_each(|v| *v -= 1.0);
+        }
         match (m.unpermute_heads, m.info.shape.as_slice()) {
             (Some(heads), &[rows, cols]) => {
                 if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
@@ -664,13 +713,13 @@ mod tests {
     #[test]
     fn names_map_to_hugging_face() {
         assert_eq!(
-            hf_name("blk.12.attn_output.weight").as_deref(),
+            hf_name("blk.12.attn_output.weight", Family::Llama).as_deref(),
             Some("model.layers.12.self_attn.o_proj.weight")
         );
         assert_eq!(
-            hf_name("token_embd.weight").as_deref(),
+            hf_name("token_embd.weight", Family::Llama).as_deref(),
             Some("model.embed_tokens.weight")
         );
-        assert_eq!(hf_name("rope_freqs.weight"), None);
+        assert_eq!(hf_name("rope_freqs.weight", Family::Llama), None);
     }
 }

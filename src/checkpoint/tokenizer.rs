@@ -114,6 +114,112 @@ impl Tokenizer {
         )
     }
 
+    /// SentencePiece BPE from a GGUF vocabulary (`tokenizer.ggml.model` `llama`,
+    /// Gemma's files: no merges stored). Built as transformers builds it from
+    /// the same file, so that both tokenize alike: a token of two or more
+    /// spaces is respelled with `▁`, merges are recovered from the vocabulary
+    /// (every split of a token into two tokens) and ranked by the token's
+    /// position in the file, text spaces become `▁`, unknown bytes fall back
+    /// to `<0xXX>` tokens.
+    pub fn from_gguf_spm(
+        path: &Path,
+        tokens: Vec<String>,
+        token_types: &[u64],
+    ) -> Result<Tokenizer> {
+        let spelled: Vec<String> = tokens
+            .iter()
+            .map(|t| {
+                if t.contains(' ') && t.trim().is_empty() {
+                    "\u{2581}".repeat(t.chars().count())
+                } else {
+                    t.clone()
+                }
+            })
+            .collect();
+        // Later duplicates win the id, as in a Python dict; order is first sight.
+        let mut id_of = std::collections::HashMap::with_capacity(spelled.len());
+        let mut order: Vec<&str> = Vec::with_capacity(spelled.len());
+        for (id, t) in spelled.iter().enumerate() {
+            if id_of.insert(t.as_str(), id).is_none() {
+                order.push(t);
+            }
+        }
+        // (left, right, rank of the merged token: its last position).
+        let mut merges: Vec<(&str, &str, usize)> = Vec::new();
+        for &merged in &order {
+            let start = merges.len();
+            for (at, _) in merged.char_indices().skip(1) {
+                let (l, r) = merged.split_at(at);
+                if id_of.contains_key(l) && id_of.contains_key(r) {
+                    merges.push((l, r, id_of[merged]));
+                }
+            }
+            merges[start..].sort_by_key(|&(l, r, _)| (id_of[l], id_of[r]));
+        }
+        // Best first: earlier tokens, then longer left and right pieces.
+        merges.sort_by(|a, b| {
+            (
+                a.2,
+                std::cmp::Reverse(a.0.chars().count()),
+                std::cmp::Reverse(a.1.chars().count()),
+            )
+                .cmp(&(
+                    b.2,
+                    std::cmp::Reverse(b.0.chars().count()),
+                    std::cmp::Reverse(b.1.chars().count()),
+                ))
+        });
+        let mut vocab = serde_json::Map::new();
+        for (t, &id) in &id_of {
+            vocab.insert(t.to_string(), json!(id));
+        }
+        let mut added = Vec::new();
+        for (id, (tok, ty)) in tokens.iter().zip(token_types).enumerate() {
+            let is_control = *ty == TOKEN_TYPE_CONTROL;
+            if is_control || (*ty == TOKEN_TYPE_USER_DEFINED && id_of.contains_key(tok.as_str())) {
+                added.push(json!({
+                    "id": id, "content": tok, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": is_control
+                }));
+            }
+        }
+        let merges: Vec<Value> = merges.iter().map(|(l, r, _)| json!([l, r])).collect();
+        let bos = tokens.iter().position(|t| t == "<bos>");
+        let post_processor = match bos {
+            Some(id) => json!({
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": "<bos>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<bos>": {"id": "<bos>", "ids": [id], "tokens": ["<bos>"]}}
+            }),
+            None => Value::Null,
+        };
+        let tokenizer_json = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+            "pre_tokenizer": {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": false},
+            "post_processor": post_processor,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}
+            ]},
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                "ignore_merges": false, "vocab": Value::Object(vocab), "merges": merges
+            }
+        });
+        Self::from_json(
+            path,
+            tokenizer_json.to_string(),
+            format!("GGUF SentencePiece BPE, {} tokens", tokens.len()),
+        )
+    }
+
     /// Token ids of `text`, no special tokens added (no BOS).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self

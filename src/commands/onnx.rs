@@ -39,10 +39,17 @@ pub fn emit(a: EmitArgs) -> Result<()> {
     )?;
     progress.finish_and_clear();
     let layers = model.config.num_hidden_layers;
+    let form = depthc::graph::written_form(&model, &plan, opts.form);
+    if form != opts.form {
+        println!(
+            "note: {} has no exact fused form (see `depthc inspect`): groups written as branches",
+            model.config.family.name()
+        );
+    }
     println!(
         "wrote {} ({} form, {}, plan `{plan}`, depth {} of {layers})",
         a.output.display(),
-        opts.form.name(),
+        form.name(),
         opts.float.name(),
         plan.depth()
     );

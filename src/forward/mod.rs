@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use crate::model::{Attention, DecoderLayer, Mlp, Model};
 use crate::plan::Plan;
 use crate::{Error, Result};
-use ops::{gemm_strided, matmul_t, rms_norm, silu, Rope};
+use ops::{activation, gemm_strided, matmul_t, rms_norm, Rope};
 
 /// Cached keys and values of one original layer: `len` rows of
 /// `[kv_heads * head_dim]`, RoPE already applied to the keys.
@@ -87,14 +87,31 @@ pub struct Output {
 /// The reference forward pass of one model.
 pub struct Forward<'m> {
     pub model: &'m Model,
-    rope: Rope,
+    /// Per layer (layers share one table when their RoPE base is the same).
+    ropes: Vec<std::sync::Arc<Rope>>,
 }
 
 impl<'m> Forward<'m> {
     pub fn new(model: &'m Model) -> Self {
         Forward {
             model,
-            rope: Rope::new(&model.config),
+            ropes: {
+                let cfg = &model.config;
+                let mut by_theta: Vec<(u64, std::sync::Arc<Rope>)> = Vec::new();
+                (0..cfg.num_hidden_layers)
+                    .map(|l| {
+                        let key = cfg.rope_theta_of(l).to_bits();
+                        match by_theta.iter().find(|(k, _)| *k == key) {
+                            Some((_, r)) => r.clone(),
+                            None => {
+                                let r = std::sync::Arc::new(Rope::of_layer(cfg, l));
+                                by_theta.push((key, r.clone()));
+                                r
+                            }
+                        }
+                    })
+                    .collect()
+            },
         }
     }
 
@@ -127,6 +144,9 @@ impl<'m> Forward<'m> {
         let mut x = vec![0f32; ids.len() * h];
         for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
             row.copy_from_slice(self.model.embed_tokens.row(id as usize));
+        }
+        if let Some(s) = cfg.embed_scale {
+            x.iter_mut().for_each(|v| *v *= s);
         }
         watch(&x, 0, "the token embedding it reads")?;
         self.run_steps(&plan.steps, x, ids.len(), cache, opts)
@@ -184,7 +204,10 @@ impl<'m> Forward<'m> {
             for &l in layers {
                 let layer = &self.model.layers[l];
                 let xn = rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps);
-                let a = self.attention(&layer.self_attn, &xn, t, start, &mut cache.layers[l]);
+                let mut a = self.attention(l, &xn, t, start, &mut cache.layers[l]);
+                if let Some(w) = &layer.attn_out_norm {
+                    a = rms_norm(&a, w, cfg.rms_norm_eps);
+                }
                 add_assign(&mut hsum, &a);
                 watch(&hsum, l, "self_attn")?;
             }
@@ -193,7 +216,11 @@ impl<'m> Forward<'m> {
             for &l in layers {
                 let layer: &DecoderLayer = &self.model.layers[l];
                 let hn = rms_norm(&hsum, &layer.post_attention_layernorm, cfg.rms_norm_eps);
-                add_assign(&mut y, &mlp(&layer.mlp, &hn, t));
+                let mut m = mlp(&layer.mlp, &hn, t, activation(cfg));
+                if let Some(w) = &layer.mlp_out_norm {
+                    m = rms_norm(&m, w, cfg.rms_norm_eps);
+                }
+                add_assign(&mut y, &m);
                 watch(&y, l, "mlp")?;
             }
             x = y;
@@ -220,13 +247,15 @@ impl<'m> Forward<'m> {
     /// Grouped-query causal attention of one layer on normed input `xn [T, H]`.
     fn attention(
         &self,
-        attn: &Attention,
+        l: usize,
         xn: &[f32],
         t: usize,
         start: usize,
         kv: &mut LayerKv,
     ) -> Vec<f32> {
         let cfg = &self.model.config;
+        let attn: &Attention = &self.model.layers[l].self_attn;
+        let rope = &self.ropes[l];
         let (nh, nkv, hd) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -242,15 +271,15 @@ impl<'m> Forward<'m> {
         if let Some(w) = &attn.k_norm {
             k = rms_norm(&k, w, cfg.rms_norm_eps);
         }
-        self.rope.apply(&mut q, nh, start);
-        self.rope.apply(&mut k, nkv, start);
+        rope.apply(&mut q, nh, start);
+        rope.apply(&mut k, nkv, start);
         kv.k.extend_from_slice(&k);
         kv.v.extend_from_slice(&v);
         let s = start + t;
         let (qw, kvw) = (nh * hd, nkv * hd);
         let group = nh / nkv;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let window = cfg.sliding_window;
+        let scale = cfg.query_scale as f32;
+        let window = cfg.window_of(l);
         let (keys, values) = (&kv.k, &kv.v);
         let heads: Vec<Vec<f32>> = (0..nh)
             .into_par_iter()
@@ -316,10 +345,11 @@ impl<'m> Forward<'m> {
     }
 }
 
-fn mlp(mlp: &Mlp, xn: &[f32], t: usize) -> Vec<f32> {
+/// `down(act(gate(x)) * up(x))`: SwiGLU or GeGLU.
+fn mlp(mlp: &Mlp, xn: &[f32], t: usize, act: fn(f32) -> f32) -> Vec<f32> {
     let gate = matmul_t(xn, t, &mlp.gate_proj.weight);
     let mut up = matmul_t(xn, t, &mlp.up_proj.weight);
-    up.iter_mut().zip(&gate).for_each(|(u, &g)| *u *= silu(g));
+    up.iter_mut().zip(&gate).for_each(|(u, &g)| *u *= act(g));
     matmul_t(&up, t, &mlp.down_proj.weight)
 }
 

@@ -124,6 +124,20 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// GELU, tanh approximation (`gelu_pytorch_tanh`).
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// The MLP gate activation of `cfg`.
+pub fn activation(cfg: &ModelConfig) -> fn(f32) -> f32 {
+    match cfg.activation {
+        crate::checkpoint::config::Activation::Silu => silu,
+        crate::checkpoint::config::Activation::GeluTanh => gelu_tanh,
+    }
+}
+
 /// Rotary position embedding: `inv_freq` per rotated pair, as transformers
 /// computes it (with Llama 3 scaling where configured).
 #[derive(Debug, Clone)]
@@ -132,10 +146,19 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// The rotation of layer `l` (its RoPE base: Gemma's local layers differ).
+    pub fn of_layer(cfg: &ModelConfig, l: usize) -> Rope {
+        Self::with_theta(cfg, cfg.rope_theta_of(l))
+    }
+
     pub fn new(cfg: &ModelConfig) -> Rope {
+        Self::with_theta(cfg, cfg.rope_theta)
+    }
+
+    fn with_theta(cfg: &ModelConfig, theta: f64) -> Rope {
         let dim = cfg.head_dim;
         let mut inv_freq: Vec<f64> = (0..dim / 2)
-            .map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / dim as f64))
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / dim as f64))
             .collect();
         if let RopeScaling::Llama3 {
             factor,

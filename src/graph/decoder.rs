@@ -15,6 +15,7 @@
 
 use super::contract::{self, ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS};
 use super::{Attr, Builder, ElemType, Graph};
+use crate::checkpoint::config::Activation;
 use crate::forward::ops::Rope;
 use crate::model::{Attention, DecoderLayer, Linear, Matrix, Model};
 use crate::plan::{Plan, Step};
@@ -46,6 +47,20 @@ fn mask_fill(float: ElemType) -> f32 {
     }
 }
 
+/// The form `build` writes: groups without an exact fused form (Gemma's
+/// post-sublayer norms, layers of different RoPE bases or windows) are
+/// written as branches; the model's metadata says which.
+pub fn written_form(model: &Model, plan: &Plan, form: Form) -> Form {
+    let d = Decoder {
+        model,
+        float: ElemType::F32,
+    };
+    match form {
+        Form::Fused if plan.groups().any(|g| !d.fusable(&g.layers)) => Form::Branches,
+        _ => form,
+    }
+}
+
 /// The whole decoder graph of `model` under `plan`.
 pub fn build<'m>(model: &'m Model, plan: &Plan, form: Form, float: ElemType) -> Graph<'m> {
     let cfg = &model.config;
@@ -56,25 +71,50 @@ pub fn build<'m>(model: &'m Model, plan: &Plan, form: Form, float: ElemType) -> 
     for v in contract::outputs(cfg, float) {
         b.output(v);
     }
+    let d = Decoder { model, float };
+    let form = written_form(model, plan, form);
     b.metadata("depthc.plan", plan.to_string());
     b.metadata("depthc.form", form.name());
     b.metadata("depthc.dtype", float.name());
 
-    let d = Decoder { model, float };
     let mut x = d.make_embedding(&mut b);
-    let (cos, sin) = d.make_rope_caches(&mut b);
-    let mask = d.make_attention_mask(&mut b);
+    // One RoPE table and one mask per kind of layer (Gemma 3: local and global).
+    let mut kinds: Vec<(u64, Option<usize>)> = Vec::new();
+    let mut kind_of = Vec::new();
+    for l in 0..cfg.num_hidden_layers {
+        let kind = (cfg.rope_theta_of(l).to_bits(), cfg.window_of(l));
+        kind_of.push(kinds.iter().position(|k| *k == kind).unwrap_or_else(|| {
+            kinds.push(kind);
+            kinds.len() - 1
+        }));
+    }
+    let per_kind: Vec<(String, String, String)> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, window))| {
+            let first = kind_of
+                .iter()
+                .position(|&k| k == i)
+                .expect("a layer of each kind");
+            let tag = if i == 0 {
+                String::new()
+            } else {
+                format!("_{i}")
+            };
+            let (cos, sin) = d.make_rope_caches(&mut b, first, &tag);
+            let mask = d.make_attention_mask(&mut b, window, &tag);
+            (cos, sin, mask)
+        })
+        .collect();
     let io = Shared {
-        cos: &cos,
-        sin: &sin,
-        mask: &mask,
+        layers: kind_of.iter().map(|&k| &per_kind[k]).collect(),
     };
     for step in &plan.steps {
         x = match step {
             Step::Layer(l) => d.make_layer(&mut b, *l, &x, &io),
             Step::Parallel(group) => match form {
-                Form::Branches => d.make_group_branches(&mut b, &group.layers, &x, &io),
                 Form::Fused => d.make_group_fused(&mut b, &group.layers, &x, &io),
+                Form::Branches => d.make_group_branches(&mut b, &group.layers, &x, &io),
             },
         };
     }
@@ -89,11 +129,21 @@ pub fn build<'m>(model: &'m Model, plan: &Plan, form: Form, float: ElemType) -> 
     b.finish()
 }
 
-/// Values every layer reads.
+/// Values the layers read: per layer, its RoPE `cos`, `sin` and its mask.
 struct Shared<'a> {
-    cos: &'a str,
-    sin: &'a str,
-    mask: &'a str,
+    layers: Vec<&'a (String, String, String)>,
+}
+
+impl Shared<'_> {
+    fn cos(&self, l: usize) -> &str {
+        &self.layers[l].0
+    }
+    fn sin(&self, l: usize) -> &str {
+        &self.layers[l].1
+    }
+    fn mask(&self, l: usize) -> &str {
+        &self.layers[l].2
+    }
 }
 
 enum Norm<'m> {
@@ -119,37 +169,56 @@ impl<'m> Decoder<'m> {
             vec![e.rows, e.cols],
             Box::new(move || e.data.clone()),
         );
-        b.node(
+        let x = b.node(
             "/model/embed_tokens/Gather",
             "Gather",
             &[&w, INPUT_IDS],
             vec![("axis", Attr::Int(0))],
-        )
+        );
+        match self.model.config.embed_scale {
+            None => x,
+            Some(s) => {
+                let s = b.scalar(s);
+                b.node("/model/embed_tokens/Mul", "Mul", &[&x, &s], vec![])
+            }
+        }
+    }
+
+    /// Whether a group can be written as one wider layer exactly: no
+    /// post-sublayer norms, and one RoPE base and window for all its layers.
+    fn fusable(&self, layers: &[usize]) -> bool {
+        let cfg = &self.model.config;
+        let same = |l: &usize| {
+            cfg.rope_theta_of(*l) == cfg.rope_theta_of(layers[0])
+                && cfg.window_of(*l) == cfg.window_of(layers[0])
+        };
+        !cfg.sandwich_norms && layers.iter().all(same)
     }
 
     /// `cos`/`sin` tables `[max_position, head_dim]` gathered by `position_ids`
     /// and unsqueezed to `[batch, 1, seq, head_dim]`.
-    fn make_rope_caches(&self, b: &mut Builder<'m>) -> (String, String) {
+    /// Of layer `l`'s RoPE base; `tag` tells the tables of each base apart.
+    fn make_rope_caches(&self, b: &mut Builder<'m>, l: usize, tag: &str) -> (String, String) {
         let cfg = &self.model.config;
         let (positions, hd) = (cfg.max_position_embeddings, cfg.head_dim);
-        let rope = Rope::new(cfg);
+        let rope = Rope::of_layer(cfg, l);
         let mut out = Vec::new();
         for (name, use_sin) in [("cos", false), ("sin", true)] {
             let rope = rope.clone();
             let w = b.weight(
-                &format!("{name}_cache"),
+                &format!("{name}_cache{tag}"),
                 vec![positions, hd],
                 Box::new(move || rope.table(positions, use_sin)),
             );
             let g = b.node(
-                &format!("/model/rotary_emb/{name}/Gather"),
+                &format!("/model/rotary_emb{tag}/{name}/Gather"),
                 "Gather",
                 &[&w, POSITION_IDS],
                 vec![("axis", Attr::Int(0))],
             );
             let axes = b.ints(&[1]);
             out.push(b.node(
-                &format!("/model/rotary_emb/{name}/Unsqueeze"),
+                &format!("/model/rotary_emb{tag}/{name}/Unsqueeze"),
                 "Unsqueeze",
                 &[&g, &axes],
                 vec![],
@@ -168,8 +237,8 @@ impl<'m> Decoder<'m> {
     /// Shape(input_ids)[1] = S, Shape(attention_mask)[1] = T
     /// Range(0,T) <= Unsqueeze(Range(T-S,T)) ─ And ─ And(Cast(attention_mask)) ─ Where(0, min)
     /// ```
-    fn make_attention_mask(&self, b: &mut Builder<'m>) -> String {
-        let p = "/model/attn_mask";
+    fn make_attention_mask(&self, b: &mut Builder<'m>, window: Option<usize>, tag: &str) -> String {
+        let p = format!("/model/attn_mask{tag}");
         let one_idx = b.const_i64(&[1], &[]);
         let zero = b.const_i64(&[0], &[]);
         let seq_len = |b: &mut Builder<'m>, name: &str, input: &str| {
@@ -209,7 +278,7 @@ impl<'m> Decoder<'m> {
             &[&key_pos, &query_col],
             vec![],
         );
-        if let Some(window) = self.model.config.sliding_window {
+        if let Some(window) = window {
             let w = b.const_i64(&[window as i64], &[]);
             let lowest = b.node(
                 &format!("{p}/sliding_window/Sub"),
@@ -359,7 +428,7 @@ impl<'m> Decoder<'m> {
 
     /// Rotary embedding in the `rotate_half` convention:
     /// `x * cos + Concat(-x2, x1) * sin`.
-    fn make_rope(&self, b: &mut Builder<'m>, p: &str, x: &str, io: &Shared) -> String {
+    fn make_rope(&self, b: &mut Builder<'m>, p: &str, x: &str, io: &Shared, l: usize) -> String {
         let half = (self.model.config.head_dim / 2) as i64;
         let split = b.ints(&[half, half]);
         let halves = b.node_n(
@@ -376,8 +445,8 @@ impl<'m> Decoder<'m> {
             &[&neg, &halves[0]],
             vec![("axis", Attr::Int(-1))],
         );
-        let a = b.node(&format!("{p}/Mul_cos"), "Mul", &[x, io.cos], vec![]);
-        let c = b.node(&format!("{p}/Mul_sin"), "Mul", &[&rot, io.sin], vec![]);
+        let a = b.node(&format!("{p}/Mul_cos"), "Mul", &[x, io.cos(l)], vec![]);
+        let c = b.node(&format!("{p}/Mul_sin"), "Mul", &[&rot, io.sin(l)], vec![]);
         b.node(&format!("{p}/Add"), "Add", &[&a, &c], vec![])
     }
 
@@ -415,7 +484,7 @@ impl<'m> Decoder<'m> {
         v: &str,
         hq: usize,
         hkv: usize,
-        io: &Shared,
+        mask: &str,
     ) -> String {
         let hd = self.model.config.head_dim;
         let group = hq / hkv;
@@ -454,9 +523,9 @@ impl<'m> Decoder<'m> {
             vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
         );
         let scores = b.node(&format!("{p}/qk/MatMul"), "MatMul", &[q, &kt], vec![]);
-        let scale = b.scalar(1.0 / (hd as f32).sqrt());
+        let scale = b.scalar(self.model.config.query_scale as f32);
         let scaled = b.node(&format!("{p}/qk/Mul"), "Mul", &[&scores, &scale], vec![]);
-        let masked = b.node(&format!("{p}/qk/Add"), "Add", &[&scaled, io.mask], vec![]);
+        let masked = b.node(&format!("{p}/qk/Add"), "Add", &[&scaled, mask], vec![]);
         let probs = b.node(
             &format!("{p}/Softmax"),
             "Softmax",
@@ -499,18 +568,38 @@ impl<'m> Decoder<'m> {
         let v = self.make_split_heads(b, &format!("{p}/attn/v_heads"), &v, nkv);
         let q = self.make_head_norm(b, &format!("{p}/attn/q_norm"), &q, &[a], nh, |a| &a.q_norm);
         let k = self.make_head_norm(b, &format!("{p}/attn/k_norm"), &k, &[a], nkv, |a| &a.k_norm);
-        let q = self.make_rope(b, &format!("{p}/attn/q_rotary"), &q, io);
-        let k = self.make_rope(b, &format!("{p}/attn/k_rotary"), &k, io);
+        let q = self.make_rope(b, &format!("{p}/attn/q_rotary"), &q, io, l);
+        let k = self.make_rope(b, &format!("{p}/attn/k_rotary"), &k, io, l);
         let k = self.make_present(b, l, "key", &k);
         let v = self.make_present(b, l, "value", &v);
-        let ctx = self.make_attend(b, &format!("{p}/attn"), &q, &k, &v, nh, nkv, io);
-        self.make_linear(
+        let ctx = self.make_attend(b, &format!("{p}/attn"), &q, &k, &v, nh, nkv, io.mask(l));
+        let o = self.make_linear(
             b,
             &format!("{p}/attn/o_proj"),
             &ctx,
             Packed::t(&a.o_proj.weight),
             a.o_proj.bias.clone(),
+        );
+        self.make_out_norm(
+            b,
+            &format!("{p}/post_attention_norm"),
+            &o,
+            &layer.attn_out_norm,
         )
+    }
+
+    /// Gemma's norm of a sublayer's output (nothing for other families).
+    fn make_out_norm(
+        &self,
+        b: &mut Builder<'m>,
+        p: &str,
+        x: &str,
+        norm: &'m Option<Vec<f32>>,
+    ) -> String {
+        match norm {
+            Some(w) => self.make_rms_norm(b, p, x, Norm::Weight(w)),
+            None => x.to_string(),
+        }
     }
 
     /// Qwen3's RMS norm over each head of `x [B, heads, S, hd]` (nothing for
@@ -536,7 +625,8 @@ impl<'m> Decoder<'m> {
         }
     }
 
-    /// SwiGLU `down(silu(gate(x)) * up(x))` on an already normed input.
+    /// SwiGLU `down(silu(gate(x)) * up(x))` (or GeGLU with tanh GELU) on an
+    /// already normed input.
     fn make_swiglu(
         &self,
         b: &mut Builder<'m>,
@@ -545,9 +635,19 @@ impl<'m> Decoder<'m> {
         up: &str,
         down: Packed<'m>,
     ) -> String {
-        let sig = b.node(&format!("{p}/act_fn/Sigmoid"), "Sigmoid", &[gate], vec![]);
-        let silu = b.node(&format!("{p}/act_fn/Mul"), "Mul", &[gate, &sig], vec![]);
-        let prod = b.node(&format!("{p}/Mul"), "Mul", &[&silu, up], vec![]);
+        let act = match self.model.config.activation {
+            Activation::Silu => {
+                let sig = b.node(&format!("{p}/act_fn/Sigmoid"), "Sigmoid", &[gate], vec![]);
+                b.node(&format!("{p}/act_fn/Mul"), "Mul", &[gate, &sig], vec![])
+            }
+            Activation::GeluTanh => b.node(
+                &format!("{p}/act_fn/Gelu"),
+                "Gelu",
+                &[gate],
+                vec![("approximate", Attr::Str("tanh".into()))],
+            ),
+        };
+        let prod = b.node(&format!("{p}/Mul"), "Mul", &[&act, up], vec![]);
         self.make_matmul(b, &format!("{p}/down_proj"), &prod, down)
     }
 
@@ -574,12 +674,18 @@ impl<'m> Decoder<'m> {
             &hn,
             Packed::t(&m.up_proj.weight),
         );
-        self.make_swiglu(
+        let down = self.make_swiglu(
             b,
             &format!("{p}/mlp"),
             &gate,
             &up,
             Packed::t(&m.down_proj.weight),
+        );
+        self.make_out_norm(
+            b,
+            &format!("{p}/post_feedforward_norm"),
+            &down,
+            &layer.mlp_out_norm,
         )
     }
 
@@ -697,8 +803,10 @@ impl<'m> Decoder<'m> {
         let k = self.make_head_norm(b, &format!("{p}/attn/k_norm"), &k, &attns, nkv, |a| {
             &a.k_norm
         });
-        let q = self.make_rope(b, &format!("{p}/attn/q_rotary"), &q, io);
-        let k = self.make_rope(b, &format!("{p}/attn/k_rotary"), &k, io);
+        // `fusable`: one RoPE base and one mask for the whole group.
+        let first = layers[0];
+        let q = self.make_rope(b, &format!("{p}/attn/q_rotary"), &q, io, first);
+        let k = self.make_rope(b, &format!("{p}/attn/k_rotary"), &k, io, first);
         let per_layer = b.ints(&vec![nkv as i64; n]);
         let cat = |b: &mut Builder<'m>, kind: &str, all: &str| -> String {
             let parts = b.node_n(
@@ -723,7 +831,8 @@ impl<'m> Decoder<'m> {
         };
         let k = cat(b, "key", &k);
         let v = cat(b, "value", &v);
-        let ctx = self.make_attend(b, &format!("{p}/attn"), &q, &k, &v, n * nh, n * nkv, io);
+        let mask = io.mask(first);
+        let ctx = self.make_attend(b, &format!("{p}/attn"), &q, &k, &v, n * nh, n * nkv, mask);
         let o_parts: Vec<&'m Matrix> = ls.iter().map(|l| &l.self_attn.o_proj.weight).collect();
         // Stacked o_proj sums the layers' products, so their biases add up.
         let o_bias = cfg.o_bias.then(|| {

@@ -12,7 +12,7 @@ pub mod decoder;
 
 use std::collections::HashSet;
 
-pub use decoder::{build, Form};
+pub use decoder::{build, written_form, Form};
 
 /// Element type of a graph value or initializer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +54,7 @@ pub enum Attr {
     Int(i64),
     Ints(Vec<i64>),
     Float(f32),
+    Str(String),
 }
 
 #[derive(Debug, Clone)]

@@ -51,13 +51,19 @@ pub struct Mlp {
     pub down_proj: Linear,
 }
 
-/// One pre-norm decoder block.
+/// One pre-norm decoder block. Norm weights are held as applied: Gemma's
+/// stored `w` is held as `1 + w`.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
     pub input_layernorm: Vec<f32>,
     pub self_attn: Attention,
+    /// The MLP's input norm (Llama's name; Gemma's `pre_feedforward_layernorm`).
     pub post_attention_layernorm: Vec<f32>,
     pub mlp: Mlp,
+    /// Gemma: the norm of the attention output (its `post_attention_layernorm`).
+    pub attn_out_norm: Option<Vec<f32>>,
+    /// Gemma: the norm of the MLP output (`post_feedforward_layernorm`).
+    pub mlp_out_norm: Option<Vec<f32>>,
 }
 
 /// A Llama / Mistral causal LM with f32 weights.
@@ -139,6 +145,16 @@ impl<'a> Weights<'a> {
         })
     }
 
+    /// An RMS norm weight of `len`, as applied (`1 + w` where the family
+    /// stores `w`).
+    pub fn norm(&self, name: &str, len: usize, plus_one: bool) -> Result<Vec<f32>> {
+        let mut w = self.get(name, &[len])?;
+        if plus_one {
+            w.iter_mut().for_each(|v| *v += 1.0);
+        }
+        Ok(w)
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.source.info(&self.full(name)).is_some()
     }
@@ -153,7 +169,7 @@ impl Attention {
         );
         let norm = |name: &str| -> Result<Option<Vec<f32>>> {
             cfg.qk_norm
-                .then(|| w.get(name, &[cfg.head_dim]))
+                .then(|| w.norm(name, cfg.head_dim, cfg.norm_plus_one))
                 .transpose()
         };
         Ok(Attention {
@@ -183,8 +199,21 @@ impl DecoderLayer {
         let h = cfg.hidden_size;
         let attn_prefix = format!("{}.self_attn", w.prefix);
         let mlp_prefix = format!("{}.mlp", w.prefix);
+        let norm = |name: &str| w.norm(name, h, cfg.norm_plus_one);
+        // Gemma: pre and post norms around each sublayer.
+        let (mlp_in, attn_out, mlp_out) = if cfg.sandwich_norms {
+            (
+                "pre_feedforward_layernorm.weight",
+                Some(norm("post_attention_layernorm.weight")?),
+                Some(norm("post_feedforward_layernorm.weight")?),
+            )
+        } else {
+            ("post_attention_layernorm.weight", None, None)
+        };
         Ok(DecoderLayer {
-            input_layernorm: w.get("input_layernorm.weight", &[h])?,
+            input_layernorm: norm("input_layernorm.weight")?,
+            attn_out_norm: attn_out,
+            mlp_out_norm: mlp_out,
             self_attn: Attention::load(
                 Weights {
                     prefix: &attn_prefix,
@@ -192,7 +221,7 @@ impl DecoderLayer {
                 },
                 cfg,
             )?,
-            post_attention_layernorm: w.get("post_attention_layernorm.weight", &[h])?,
+            post_attention_layernorm: norm(mlp_in)?,
             mlp: Mlp::load(
                 Weights {
                     prefix: &mlp_prefix,
@@ -223,7 +252,7 @@ impl Model {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let norm = w.get("model.norm.weight", &[h])?;
+        let norm = w.norm("model.norm.weight", h, config.norm_plus_one)?;
         let lm_head = if config.tie_word_embeddings && !w.contains("lm_head.weight") {
             None
         } else {
@@ -243,7 +272,8 @@ impl Model {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
-    /// Every weight under its Hugging Face name, for export.
+    /// Every weight under its Hugging Face name, norms as applied (see
+    /// [`Model::write_hf_dir`] for the stored `w` of Gemma).
     pub fn named_tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
         fn m(name: String, x: &Matrix) -> (String, Vec<usize>, &[f32]) {
             (name, vec![x.rows, x.cols], x.data.as_slice())
@@ -275,11 +305,24 @@ impl Model {
                     out.push((format!("{p}.self_attn.{name}.weight"), vec![w.len()], w));
                 }
             }
+            let mlp_in = if l.attn_out_norm.is_some() {
+                "pre_feedforward_layernorm"
+            } else {
+                "post_attention_layernorm"
+            };
             out.push((
-                format!("{p}.post_attention_layernorm.weight"),
+                format!("{p}.{mlp_in}.weight"),
                 vec![h],
                 &l.post_attention_layernorm,
             ));
+            for (name, norm) in [
+                ("post_attention_layernorm", &l.attn_out_norm),
+                ("post_feedforward_layernorm", &l.mlp_out_norm),
+            ] {
+                if let Some(w) = norm {
+                    out.push((format!("{p}.{name}.weight"), vec![h], w));
+                }
+            }
             out.push(m(
                 format!("{p}.mlp.gate_proj.weight"),
                 &l.mlp.gate_proj.weight,
@@ -321,7 +364,19 @@ impl Model {
                 let path = tmp.join("tokenizer.json");
                 std::fs::write(&path, t).map_err(|e| Error::io(&path, e))?;
             }
-            let tensors = self.named_tensors();
+            let mut tensors = self.named_tensors();
+            // Gemma stores `w` for a norm applied as `1 + w`.
+            let stored: Vec<Vec<f32>> = tensors
+                .iter()
+                .filter(|(n, _, _)| self.config.norm_plus_one && n.ends_with("norm.weight"))
+                .map(|(_, _, w)| w.iter().map(|v| v - 1.0).collect())
+                .collect();
+            let mut stored = stored.iter();
+            for (n, _, w) in tensors.iter_mut() {
+                if self.config.norm_plus_one && n.ends_with("norm.weight") {
+                    *w = stored.next().expect("one per norm");
+                }
+            }
             crate::checkpoint::safetensors::write(&tmp.join("model.safetensors"), &tensors, store)
         })
     }

@@ -85,6 +85,10 @@ fn attribute(name: &str, a: &Attr) -> AttributeProto {
             p.r#type = attribute_type::FLOAT;
             p.f = *f;
         }
+        Attr::Str(s) => {
+            p.r#type = attribute_type::STRING;
+            p.s = s.as_bytes().to_vec();
+        }
     }
     p
 }

@@ -148,8 +148,12 @@ fn genai_config(cfg: &ModelConfig) -> Value {
             },
             "eos_token_id": eos,
             "pad_token_id": eos,
-            // onnxruntime-genai's model types carry the family names.
-            "type": cfg.family.name(),
+            // onnxruntime-genai's model types carry the family names (its
+            // `gemma3` is the multimodal pipeline).
+            "type": match cfg.family {
+                crate::checkpoint::Family::Gemma3 => "gemma3_text",
+                f => f.name(),
+            },
             "vocab_size": cfg.vocab_size
         },
         "search": {

