@@ -1,0 +1,15 @@
+//! Any bytes as a `.gguf` file: the reader, the model config and tokenizer
+//! taken from its metadata, and loading the model must return, not crash.
+#![no_main]
+
+use depthc::checkpoint::Checkpoint;
+use depthc::model::Model;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let file = std::env::temp_dir().join(format!("depthc-fuzz-{}.gguf", std::process::id()));
+    std::fs::write(&file, data).unwrap();
+    if let Ok(ckpt) = Checkpoint::open(&file) {
+        let _ = Model::load(ckpt.source.as_ref(), &ckpt.config);
+    }
+});
