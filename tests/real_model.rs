@@ -129,7 +129,7 @@ fn perplexity_equals_transformers() {
     let seq_len = p["seq_len"].as_u64().unwrap() as usize;
     let max_windows = p["max_windows"].as_u64().unwrap() as usize;
     let ids = ids_of(&p["first_ids"]);
-    let windows = search::windows(&ids, seq_len, Some(max_windows)).unwrap();
+    let windows = search::windows(&ids, seq_len, Some(max_windows), None).unwrap();
     let report = search::evaluate(
         &Forward::new(&r.model),
         None,

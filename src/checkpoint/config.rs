@@ -441,6 +441,12 @@ impl ModelConfig {
 impl ModelConfig {
     /// A Hugging Face `config.json` describing this model (transformers 4.x
     /// layout with a top-level `rope_theta`, which transformers 5 also reads).
+    /// The token each calibration or evaluation window starts with, for the
+    /// families that need one (Gemma: `<bos>`).
+    pub fn window_bos(&self) -> Option<u32> {
+        self.bos_token_id.filter(|_| self.add_bos)
+    }
+
     /// The attention window of layer `l`, if it has one.
     pub fn window_of(&self, l: usize) -> Option<usize> {
         match &self.sliding_layers {

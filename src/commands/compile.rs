@@ -35,6 +35,7 @@ fn run_search(model_path: &Path, f: &SearchFlags) -> Result<Searched> {
     let calibration = calib::load(
         &f.calib,
         model_path,
+        cfg.window_bos(),
         ckpt.tokenizer.as_ref(),
         cfg.vocab_size,
         f.seq_len,
@@ -45,10 +46,8 @@ fn run_search(model_path: &Path, f: &SearchFlags) -> Result<Searched> {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("{}: cannot read --eval text", p.display()))?;
             let ids = ckpt.require_tokenizer()?.encode(&text)?;
-            let w: Vec<Vec<u32>> = search::windows(&ids, f.seq_len, Some(f.eval_windows))?
-                .into_iter()
-                .map(<[u32]>::to_vec)
-                .collect();
+            let bos = cfg.window_bos();
+            let w = search::windows(&ids, f.seq_len, Some(f.eval_windows), bos)?;
             Some((p.display().to_string(), w))
         }
         None => None,
@@ -116,8 +115,7 @@ fn run_search(model_path: &Path, f: &SearchFlags) -> Result<Searched> {
     let eval = match &eval_windows {
         Some((text, w)) => {
             let plan = Plan::parse(&outcome.chosen.plan, layers)?;
-            let refs: Vec<&[u32]> = w.iter().map(Vec::as_slice).collect();
-            let r = search::evaluate(&forward, Some(&plan), &refs, &ProgressBar::hidden())?;
+            let r = search::evaluate(&forward, Some(&plan), w, &ProgressBar::hidden())?;
             Some(EvalSection {
                 text: text.clone(),
                 windows: r.windows,

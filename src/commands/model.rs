@@ -99,7 +99,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         None => None,
     };
     let ids = ckpt.require_tokenizer()?.encode(&text)?;
-    let windows = search::windows(&ids, a.seq_len, a.max_windows)?;
+    let windows = search::windows(&ids, a.seq_len, a.max_windows, ckpt.config.window_bos())?;
     let pb = spinner(&format!("loading {}", a.model.display()));
     let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
     drop(ckpt);

@@ -151,6 +151,7 @@ fn npy_ids(path: &Path) -> Result<Vec<u32>> {
 pub fn load(
     inputs: &[PathBuf],
     model: &Path,
+    bos: Option<u32>,
     tokenizer: Option<&Tokenizer>,
     vocab_size: usize,
     seq_len: usize,
@@ -215,10 +216,11 @@ pub fn load(
     let mut windows = Vec::new();
     let mut sources = Vec::new();
     for (path, kind, ids) in documents {
+        // With `bos` (Gemma), each window is it and the next seq_len - 1 tokens.
         let take: Vec<Vec<u32>> = ids
-            .chunks_exact(seq_len)
+            .chunks_exact(seq_len - usize::from(bos.is_some()))
             .take(max_windows - windows.len())
-            .map(<[u32]>::to_vec)
+            .map(|c| bos.into_iter().chain(c.iter().copied()).collect())
             .collect();
         sources.push(CalibSource {
             path,

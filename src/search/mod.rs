@@ -18,16 +18,26 @@ use crate::{Error, Result};
 use metrics::{cosine, log_softmax, PlanComparison};
 
 /// The first `max_windows` non-overlapping windows of `seq_len` tokens, from
-/// the start of `ids` (a trailing partial window is dropped).
-pub fn windows(ids: &[u32], seq_len: usize, max_windows: Option<usize>) -> Result<Vec<&[u32]>> {
+/// the start of `ids` (a trailing partial window is dropped). With `bos`
+/// (models that need it, see [`ModelConfig::window_bos`]) each window is
+/// `bos` and the next `seq_len - 1` tokens.
+///
+/// [`ModelConfig::window_bos`]: crate::checkpoint::ModelConfig::window_bos
+pub fn windows(
+    ids: &[u32],
+    seq_len: usize,
+    max_windows: Option<usize>,
+    bos: Option<u32>,
+) -> Result<Vec<Vec<u32>>> {
     if seq_len < 2 {
         return Err(Error::Input(format!(
             "--seq-len {seq_len} is too short: at least 2 tokens are needed"
         )));
     }
-    let all: Vec<&[u32]> = ids
-        .chunks_exact(seq_len)
+    let all: Vec<Vec<u32>> = ids
+        .chunks_exact(seq_len - usize::from(bos.is_some()))
         .take(max_windows.unwrap_or(usize::MAX))
+        .map(|c| bos.into_iter().chain(c.iter().copied()).collect())
         .collect();
     if all.is_empty() {
         return Err(Error::Input(format!(
@@ -66,7 +76,7 @@ pub struct EvalReport {
 pub fn evaluate(
     forward: &Forward,
     plan: Option<&Plan>,
-    windows: &[&[u32]],
+    windows: &[Vec<u32>],
     progress: &ProgressBar,
 ) -> Result<EvalReport> {
     let cfg = &forward.model.config;
@@ -308,4 +318,23 @@ pub fn search(
         cache_memory_bytes: cache.memory_bytes,
         cache_disk_bytes: cache.disk_bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::windows;
+
+    #[test]
+    fn windows_start_with_bos_when_the_model_needs_it() {
+        let ids: Vec<u32> = (10..20).collect();
+        assert_eq!(
+            windows(&ids, 4, None, None).unwrap(),
+            [vec![10, 11, 12, 13], vec![14, 15, 16, 17]]
+        );
+        assert_eq!(
+            windows(&ids, 4, Some(2), Some(2)).unwrap(),
+            [vec![2, 10, 11, 12], vec![2, 13, 14, 15]]
+        );
+        assert!(windows(&ids[..2], 4, None, Some(2)).is_err());
+    }
 }
