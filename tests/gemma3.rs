@@ -155,3 +155,71 @@ fn onnx_runtime_and_genai_match_the_reference() {
         std::fs::remove_dir_all(&out).unwrap();
     }
 }
+
+/// Real tensors of every quantisation in the file (Q4_K, Q5_0, Q6_K, Q8_0)
+/// dequantised by depthc and by the `gguf` package: a strided sample of 512
+/// values and the sum of all of them.
+#[test]
+fn real_quantised_tensors_match_the_gguf_package() {
+    use depthc::checkpoint::Checkpoint;
+    let path = gemma_path();
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let tensors = [
+        (
+            "blk.0.attn_output.weight",
+            "model.layers.0.self_attn.o_proj.weight",
+        ),
+        (
+            "blk.0.attn_q.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+        ),
+        (
+            "blk.0.ffn_down.weight",
+            "model.layers.0.mlp.down_proj.weight",
+        ),
+        (
+            "blk.0.attn_v.weight",
+            "model.layers.0.self_attn.v_proj.weight",
+        ),
+    ];
+    let mut args = vec![path.to_str().unwrap()];
+    args.extend(tensors.iter().map(|(g, _)| *g));
+    let want = common::run_python("gguf_dequant.py", &args);
+    let mut types = Vec::new();
+    for (gguf, hf) in tensors {
+        let w = &want[gguf];
+        types.push(w["type"].as_str().unwrap().to_string());
+        let got = ckpt.source.load_f32(hf).unwrap();
+        assert_eq!(got.len() as u64, w["numel"].as_u64().unwrap(), "{gguf}");
+        let step = w["step"].as_u64().unwrap() as usize;
+        for (i, v) in w["sample"].as_array().unwrap().iter().enumerate() {
+            let (g, v) = (got[i * step], v.as_f64().unwrap() as f32);
+            assert!(
+                (g - v).abs() <= 1e-6 * v.abs().max(1.0),
+                "{gguf}[{}]: {g} vs {v}",
+                i * step
+            );
+        }
+        let sum: f64 = got.iter().map(|&v| v as f64).sum();
+        let want_sum = w["sum"].as_f64().unwrap();
+        assert!(
+            (sum - want_sum).abs() <= 1e-6 * want_sum.abs().max(1.0),
+            "{gguf}: sum {sum} vs {want_sum}"
+        );
+    }
+    types.sort();
+    assert_eq!(types, ["Q4_K", "Q5_0", "Q6_K", "Q8_0"]);
+}
+
+#[test]
+fn inspect_says_gemma_has_no_exact_fused_form() {
+    let (code, stdout, stderr) =
+        common::run_depthc(&["inspect", gemma_path().to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["family"], "gemma3");
+    assert_eq!(v["layers"], 18);
+    assert_eq!(v["lp_forms"][0]["form"], "fused");
+    assert_eq!(v["lp_forms"][0]["exact"], false);
+    assert_eq!(v["lp_forms"][1]["exact"], true);
+}

@@ -471,10 +471,10 @@ impl ModelConfig {
                 FormSupport {
                     form: "fused",
                     exact: false,
-                    why: "no exact fused form: each branch's output passes its own RMS norm \
-                          before the sum, and a norm of a sum is not the sum of norms, so the \
-                          o_proj and down_proj of a group cannot be stacked into one MatMul; \
-                          groups are emitted as branches"
+                    why: "each branch's output passes its own RMS norm before the sum, and a \
+                          norm of a sum is not the sum of the norms: a group's o_proj and \
+                          down_proj cannot be stacked into one MatMul, so groups are written \
+                          as branches"
                         .into(),
                 },
                 FormSupport {
