@@ -245,3 +245,124 @@ fn bad_calibration_and_impossible_budgets_are_refused() {
     assert!(stderr.contains("lower --min-similarity"), "{stderr}");
     assert!(!out.exists());
 }
+
+/// A checkpoint whose original forward is finite but whose pair 1-2 overflows:
+/// layer 1's MLP turns the residual from `e` (all ones) towards `d` (+-1);
+/// layer 2's MLP opens its gate for inputs along `e` (and then multiplies by
+/// 3e38) and shuts it along `d`. In sequence layer 2 reads `d`: finite; in
+/// parallel it reads `e`: infinite. The search must report the plan with the
+/// layer where it went non-finite, drop it, and choose another.
+#[test]
+fn a_candidate_that_goes_non_finite_is_reported_and_dropped() {
+    use depthc::checkpoint::safetensors::{self, StoreType};
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("m");
+    std::fs::create_dir(&model_dir).unwrap();
+    let config = fixture("tiny_llama/hf_f32/config.json");
+    std::fs::copy(&config, model_dir.join("config.json")).unwrap();
+    let (h, ffn, vocab, q, kv) = (64usize, 96usize, 64usize, 64usize, 32usize);
+    let e = vec![1f32; h];
+    let d: Vec<f32> = (0..h)
+        .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+        .collect();
+    let zeros = |n: usize| vec![0f32; n];
+    let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    t.push((
+        "model.embed_tokens.weight".into(),
+        vec![vocab, h],
+        e.repeat(vocab),
+    ));
+    t.push(("model.norm.weight".into(), vec![h], e.clone()));
+    t.push((
+        "lm_head.weight".into(),
+        vec![vocab, h],
+        (0..vocab * h)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3)
+            .collect(),
+    ));
+    for l in 0..4 {
+        let p = format!("model.layers.{l}");
+        for (name, shape) in [
+            ("self_attn.q_proj", [q, h]),
+            ("self_attn.k_proj", [kv, h]),
+            ("self_attn.v_proj", [kv, h]),
+            ("self_attn.o_proj", [h, q]),
+        ] {
+            t.push((
+                format!("{p}.{name}.weight"),
+                shape.to_vec(),
+                zeros(shape[0] * shape[1]),
+            ));
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            t.push((format!("{p}.{norm}.weight"), vec![h], e.clone()));
+        }
+        let (mut gate, mut up, mut down) = (zeros(ffn * h), zeros(ffn * h), zeros(h * ffn));
+        match l {
+            // gate 10, up 1 on input e; down writes 1e3 * d: the MLP adds 1e4 * d.
+            1 => {
+                gate[..h].iter_mut().for_each(|g| *g = 10.0 / h as f32);
+                up[..h].iter_mut().for_each(|u| *u = 1.0 / h as f32);
+                (0..h).for_each(|r| down[r * ffn] = 1e3 * d[r]);
+            }
+            // gate +100 along e, -100 along d; up 1 on both; down 3e38 into channel 0.
+            2 => {
+                (0..h).for_each(|i| gate[i] = 100.0 * (e[i] - d[i]) / h as f32);
+                (0..h).for_each(|i| up[i] = (e[i] + d[i]) / h as f32);
+                down[0] = 3e38;
+            }
+            _ => {}
+        }
+        t.push((format!("{p}.mlp.gate_proj.weight"), vec![ffn, h], gate));
+        t.push((format!("{p}.mlp.up_proj.weight"), vec![ffn, h], up));
+        t.push((format!("{p}.mlp.down_proj.weight"), vec![h, ffn], down));
+    }
+    let refs: Vec<(String, Vec<usize>, &[f32])> = t
+        .iter()
+        .map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice()))
+        .collect();
+    safetensors::write(&model_dir.join("model.safetensors"), &refs, StoreType::F32).unwrap();
+    let tokens =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/bad_inputs/cases/tokens.npy");
+    let out = dir.path().join("out");
+    let (code, _, stderr) = depthc(&[
+        "search",
+        s(&model_dir),
+        "-o",
+        s(&out),
+        "--calib",
+        s(&tokens),
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "256",
+        "--protect-first",
+        "0",
+        "--protect-last",
+        "0",
+        "--pairs",
+        "1",
+        "--strategy",
+        "contiguous",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(
+            "warning: plan `1-2` dropped: non-finite activations (NaN or Inf) first appear in \
+             layer 2 (mlp)"
+        ),
+        "{stderr}"
+    );
+    let report = read_json(&out.join("search-report.json"));
+    let plans: Vec<&str> = report["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["plan"].as_str().unwrap())
+        .collect();
+    assert!(
+        plans.contains(&"2-3") && !plans.contains(&"1-2"),
+        "{plans:?}"
+    );
+    assert_ne!(report["chosen_plan"], "1-2");
+}
