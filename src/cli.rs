@@ -179,6 +179,9 @@ pub struct CompileArgs {
     /// How parallel groups are written.
     #[arg(long, value_enum, default_value_t = FormArg::Fused)]
     pub form: FormArg,
+    /// Operators of the emitted graph.
+    #[arg(long, value_enum, default_value_t = OpsArg::Portable)]
+    pub ops: OpsArg,
     /// Element type of the emitted models.
     #[arg(long, value_enum, default_value_t = OnnxDtype::F32)]
     pub dtype: OnnxDtype,
@@ -238,6 +241,18 @@ pub struct BenchArgs {
 }
 
 /// How a parallel group is written in ONNX.
+/// Which operators the emitted graph uses.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OpsArg {
+    /// Plain ONNX operators (opset 21): ONNX Runtime, Optimum, transformers.js and
+    /// onnxruntime-genai all load it.
+    Portable,
+    /// ONNX Runtime's fused operators (SimplifiedLayerNormalization,
+    /// SkipSimplifiedLayerNormalization, GroupQueryAttention with RoPE, packed
+    /// QKV): faster in ONNX Runtime and onnxruntime-genai, loadable nowhere else.
+    Ort,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum FormArg {
     /// One wider layer per group: concatenated Q/K/V and gate/up, stacked o/down
@@ -273,6 +288,9 @@ pub struct EmitArgs {
     /// How parallel groups are written.
     #[arg(long, value_enum, default_value_t = FormArg::Fused)]
     pub form: FormArg,
+    /// Operators of the emitted graph.
+    #[arg(long, value_enum, default_value_t = OpsArg::Portable)]
+    pub ops: OpsArg,
     /// Element type of weights, activations and KV cache.
     #[arg(long, value_enum, default_value_t = OnnxDtype::F32)]
     pub dtype: OnnxDtype,

@@ -130,6 +130,7 @@ fn onnx_runtime_and_genai_match_the_reference() {
             &EmitOptions {
                 form: Form::Fused,
                 float: ElemType::F32,
+                ops: depthc::graph::Ops::Portable,
             },
             &out,
             &indicatif::ProgressBar::hidden(),

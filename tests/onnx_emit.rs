@@ -41,7 +41,11 @@ fn emit_to(
             path: &ckpt.path,
             tokenizer: ckpt.tokenizer.as_ref(),
         },
-        &EmitOptions { form, float },
+        &EmitOptions {
+            form,
+            float,
+            ops: depthc::graph::Ops::Portable,
+        },
         &out,
         &ProgressBar::hidden(),
     )
@@ -329,4 +333,76 @@ fn float16_model_matches_within_half_precision() {
     );
     assert!(v.failures.is_empty(), "{:?}", v.failures);
     assert!(v.tokens_agree);
+}
+
+/// `--ops ort` on the real model: ONNX Runtime's fused operators (one
+/// GroupQueryAttention per original layer, SkipSimplifiedLayerNormalization)
+/// match the reference like the portable graph, and onnxruntime-genai
+/// generates the reference's greedy tokens from it.
+#[test]
+fn ort_ops_match_the_reference_and_genai() {
+    use depthc::graph::Ops;
+    let (ckpt, model) = load(&real_model_path());
+    let tok = ckpt.tokenizer.as_ref().unwrap();
+    let layers = model.config.num_hidden_layers;
+    let text = std::fs::read_to_string(text_path("hamlet_gut.txt")).unwrap();
+    let prompt: Vec<u32> = tok.encode(&text[20000..22000]).unwrap()[..64].to_vec();
+    let dir = tempfile::tempdir().unwrap();
+    for (spec, form) in [
+        ("", Form::Fused),
+        ("20..24", Form::Fused),
+        ("10-11,20-21", Form::Branches),
+    ] {
+        let plan = Plan::parse(spec, layers).unwrap();
+        let out = dir
+            .path()
+            .join(format!("ort-{}-{spec}", form.name()).replace(',', "_"));
+        emit(
+            &model,
+            &plan,
+            &Source {
+                path: &ckpt.path,
+                tokenizer: ckpt.tokenizer.as_ref(),
+            },
+            &EmitOptions {
+                form,
+                float: ElemType::F32,
+                ops: Ops::Ort,
+            },
+            &out,
+            &ProgressBar::hidden(),
+        )
+        .unwrap();
+        let bytes = std::fs::read(out.join(MODEL_FILE)).unwrap();
+        let m = onnx_protobuf::ModelProto::parse_from_bytes(&bytes).unwrap();
+        assert!(m.opset_import.iter().any(|o| o.domain == "com.microsoft"));
+        let g = m.graph.as_ref().unwrap();
+        let gqa = g
+            .node
+            .iter()
+            .filter(|n| n.op_type == "GroupQueryAttention")
+            .count();
+        assert_eq!(gqa, layers, "one attention op and cache per original layer");
+        let v = run_validation(&out, &model, &plan, &prompt, 16);
+        let (logits, present) = report(&v, &format!("SmolLM2 ort `{spec}` {}", form.name()));
+        assert!(
+            logits <= 1e-3 && present <= 1e-3,
+            "`{spec}`: {logits} {present}"
+        );
+        assert!(v.tokens_agree, "`{spec}`: greedy tokens differ");
+        if spec == "20..24" {
+            let mut args = vec![out.to_str().unwrap().to_string(), "16".to_string()];
+            args.extend(prompt.iter().map(u32::to_string));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let r = run_python("genai_generate.py", &args);
+            let got: Vec<u32> = r["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(got, v.tokens_reference[..16], "onnxruntime-genai");
+        }
+        std::fs::remove_dir_all(&out).unwrap();
+    }
 }

@@ -223,7 +223,7 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
     let model = &searched.model;
     let layers = model.config.num_hidden_layers;
     let chosen = Plan::parse(&report.chosen_plan, layers)?;
-    let opts = emit_options(a.form, a.dtype);
+    let opts = emit_options(a.form, a.dtype, a.ops);
     let rt = runtime_options(&a.ort_lib, a.device, None);
     let source = Source {
         path: &a.model,

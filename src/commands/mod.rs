@@ -82,9 +82,17 @@ To sleep: perchance to dream: ay, there's the rub;\n\
 For in that sleep of death what dreams may come\n";
 
 /// The emission options of `--form` and `--dtype`.
-pub fn emit_options(form: FormArg, dtype: OnnxDtype) -> depthc::onnx::package::EmitOptions {
-    use depthc::graph::{ElemType, Form};
+pub fn emit_options(
+    form: FormArg,
+    dtype: OnnxDtype,
+    ops: OpsArg,
+) -> depthc::onnx::package::EmitOptions {
+    use depthc::graph::{ElemType, Form, Ops};
     depthc::onnx::package::EmitOptions {
+        ops: match ops {
+            OpsArg::Portable => Ops::Portable,
+            OpsArg::Ort => Ops::Ort,
+        },
         form: match form {
             FormArg::Fused => Form::Fused,
             FormArg::Branches => Form::Branches,

@@ -23,7 +23,7 @@ pub fn emit(a: EmitArgs) -> Result<()> {
     let pb = spinner(&format!("loading {}", a.model.display()));
     let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
     pb.finish_and_clear();
-    let opts = emit_options(a.form, a.dtype);
+    let opts = emit_options(a.form, a.dtype, a.ops);
     let progress = bar(0, "emit {bar:30} {pos}/{len} weights, {eta} left")?;
     let t0 = Instant::now();
     let written = package::emit(

@@ -39,6 +39,28 @@ impl Form {
     }
 }
 
+/// Which operators the graph is written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ops {
+    /// Plain ONNX operators (opset 21): every runtime loads it, ONNX Runtime's
+    /// optimiser fuses its norm and attention patterns.
+    Portable,
+    /// ONNX Runtime's fused operators (see [`ort`]): faster in ONNX Runtime,
+    /// not loadable elsewhere.
+    Ort,
+}
+
+impl Ops {
+    pub fn name(self) -> &'static str {
+        match self {
+            Ops::Portable => "portable",
+            Ops::Ort => "ort",
+        }
+    }
+}
+
+pub mod ort;
+
 /// Lowest finite value of the float type: the additive mask of hidden keys.
 fn mask_fill(float: ElemType) -> f32 {
     match float {
@@ -62,7 +84,13 @@ pub fn written_form(model: &Model, plan: &Plan, form: Form) -> Form {
 }
 
 /// The whole decoder graph of `model` under `plan`.
-pub fn build<'m>(model: &'m Model, plan: &Plan, form: Form, float: ElemType) -> Graph<'m> {
+pub fn build<'m>(
+    model: &'m Model,
+    plan: &Plan,
+    form: Form,
+    ops: Ops,
+    float: ElemType,
+) -> Graph<'m> {
     let cfg = &model.config;
     let mut b = Builder::new("depthc", float);
     for v in contract::inputs(cfg, float) {
@@ -76,50 +104,13 @@ pub fn build<'m>(model: &'m Model, plan: &Plan, form: Form, float: ElemType) -> 
     b.metadata("depthc.plan", plan.to_string());
     b.metadata("depthc.form", form.name());
     b.metadata("depthc.dtype", float.name());
-
-    let mut x = d.make_embedding(&mut b);
-    // One RoPE table and one mask per kind of layer (Gemma 3: local and global).
-    let mut kinds: Vec<(u64, Option<usize>)> = Vec::new();
-    let mut kind_of = Vec::new();
-    for l in 0..cfg.num_hidden_layers {
-        let kind = (cfg.rope_theta_of(l).to_bits(), cfg.window_of(l));
-        kind_of.push(kinds.iter().position(|k| *k == kind).unwrap_or_else(|| {
-            kinds.push(kind);
-            kinds.len() - 1
-        }));
-    }
-    let per_kind: Vec<(String, String, String)> = kinds
-        .iter()
-        .enumerate()
-        .map(|(i, &(_, window))| {
-            let first = kind_of
-                .iter()
-                .position(|&k| k == i)
-                .expect("a layer of each kind");
-            let tag = if i == 0 {
-                String::new()
-            } else {
-                format!("_{i}")
-            };
-            let (cos, sin) = d.make_rope_caches(&mut b, first, &tag);
-            let mask = d.make_attention_mask(&mut b, window, &tag);
-            (cos, sin, mask)
-        })
-        .collect();
-    let io = Shared {
-        layers: kind_of.iter().map(|&k| &per_kind[k]).collect(),
+    b.metadata("depthc.ops", ops.name());
+    let xn = match ops {
+        Ops::Ort => ort::build(&d, &mut b, plan, form),
+        Ops::Portable => d.make_portable(&mut b, plan, form),
     };
-    for step in &plan.steps {
-        x = match step {
-            Step::Layer(l) => d.make_layer(&mut b, *l, &x, &io),
-            Step::Parallel(group) => match form {
-                Form::Fused => d.make_group_fused(&mut b, &group.layers, &x, &io),
-                Form::Branches => d.make_group_branches(&mut b, &group.layers, &x, &io),
-            },
-        };
-    }
-    let xn = d.make_rms_norm(&mut b, "/model/norm", &x, Norm::Weight(&model.norm));
     let lm_head = model.lm_head();
+
     let w = b.weight(
         "lm_head.MatMul.weight",
         vec![lm_head.cols, lm_head.rows],
@@ -162,6 +153,54 @@ struct Decoder<'m> {
 }
 
 impl<'m> Decoder<'m> {
+    /// The decoder in plain operators, up to the final norm.
+    fn make_portable(&self, b: &mut Builder<'m>, plan: &Plan, form: Form) -> String {
+        let d = self;
+        let cfg = &self.model.config;
+        let mut x = d.make_embedding(b);
+        // One RoPE table and one mask per kind of layer (Gemma 3: local and global).
+        let mut kinds: Vec<(u64, Option<usize>)> = Vec::new();
+        let mut kind_of = Vec::new();
+        for l in 0..cfg.num_hidden_layers {
+            let kind = (cfg.rope_theta_of(l).to_bits(), cfg.window_of(l));
+            kind_of.push(kinds.iter().position(|k| *k == kind).unwrap_or_else(|| {
+                kinds.push(kind);
+                kinds.len() - 1
+            }));
+        }
+        let per_kind: Vec<(String, String, String)> = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, window))| {
+                let first = kind_of
+                    .iter()
+                    .position(|&k| k == i)
+                    .expect("a layer of each kind");
+                let tag = if i == 0 {
+                    String::new()
+                } else {
+                    format!("_{i}")
+                };
+                let (cos, sin) = d.make_rope_caches(b, first, &tag);
+                let mask = d.make_attention_mask(b, window, &tag);
+                (cos, sin, mask)
+            })
+            .collect();
+        let io = Shared {
+            layers: kind_of.iter().map(|&k| &per_kind[k]).collect(),
+        };
+        for step in &plan.steps {
+            x = match step {
+                Step::Layer(l) => d.make_layer(b, *l, &x, &io),
+                Step::Parallel(group) => match form {
+                    Form::Fused => d.make_group_fused(b, &group.layers, &x, &io),
+                    Form::Branches => d.make_group_branches(b, &group.layers, &x, &io),
+                },
+            };
+        }
+        d.make_rms_norm(b, "/model/norm", &x, Norm::Weight(&self.model.norm))
+    }
+
     fn make_embedding(&self, b: &mut Builder<'m>) -> String {
         let e = &self.model.embed_tokens;
         let w = b.weight(
@@ -654,7 +693,6 @@ impl<'m> Decoder<'m> {
     /// MLP sublayer of layer `l` on the residual `h`, without the residual add.
     fn make_mlp(&self, b: &mut Builder<'m>, l: usize, h: &str) -> String {
         let layer: &'m DecoderLayer = &self.model.layers[l];
-        let m = &layer.mlp;
         let p = format!("/model/layers.{l}");
         let hn = self.make_rms_norm(
             b,
@@ -662,25 +700,7 @@ impl<'m> Decoder<'m> {
             h,
             Norm::Weight(&layer.post_attention_layernorm),
         );
-        let gate = self.make_matmul(
-            b,
-            &format!("{p}/mlp/gate_proj"),
-            &hn,
-            Packed::t(&m.gate_proj.weight),
-        );
-        let up = self.make_matmul(
-            b,
-            &format!("{p}/mlp/up_proj"),
-            &hn,
-            Packed::t(&m.up_proj.weight),
-        );
-        let down = self.make_swiglu(
-            b,
-            &format!("{p}/mlp"),
-            &gate,
-            &up,
-            Packed::t(&m.down_proj.weight),
-        );
+        let down = self.make_mlp_normed(b, l, &hn);
         self.make_out_norm(
             b,
             &format!("{p}/post_feedforward_norm"),
@@ -834,15 +854,7 @@ impl<'m> Decoder<'m> {
         let mask = io.mask(first);
         let ctx = self.make_attend(b, &format!("{p}/attn"), &q, &k, &v, n * nh, n * nkv, mask);
         let o_parts: Vec<&'m Matrix> = ls.iter().map(|l| &l.self_attn.o_proj.weight).collect();
-        // Stacked o_proj sums the layers' products, so their biases add up.
-        let o_bias = cfg.o_bias.then(|| {
-            let mut sum = vec![0f32; cfg.hidden_size];
-            for l in &ls {
-                let bias = l.self_attn.o_proj.bias.as_deref().expect("o_bias");
-                sum.iter_mut().zip(bias).for_each(|(s, &v)| *s += v);
-            }
-            sum
-        });
+        let o_bias = o_bias_sum(cfg, &ls);
         let o = self.make_linear(
             b,
             &format!("{p}/attn/o_proj"),
@@ -858,21 +870,34 @@ impl<'m> Decoder<'m> {
             &h,
             Norm::Folded,
         );
+        let m = self.make_fused_mlp(b, &p, &ls, &hn);
+        b.node(&format!("{p}/residual_mlp/Add"), "Add", &[&h, &m], vec![])
+    }
+
+    /// The MLPs of a group on the weightless-normed `hn`: norm weights folded
+    /// into one `[gate_i gate_j | up_i up_j]` MatMul, SwiGLU, stacked down_proj.
+    fn make_fused_mlp(
+        &self,
+        b: &mut Builder<'m>,
+        p: &str,
+        ls: &[&'m DecoderLayer],
+        hn: &str,
+    ) -> String {
         let mut gu_parts = Vec::new();
         for pick in [0, 1] {
-            for layer in &ls {
+            for layer in ls {
                 let w = [&layer.mlp.gate_proj.weight, &layer.mlp.up_proj.weight][pick];
                 gu_parts.push((w, Some(layer.post_attention_layernorm.as_slice())));
             }
         }
-        let i = cfg.intermediate_size as i64;
+        let i = (ls.len() * self.model.config.intermediate_size) as i64;
         let gu = self.make_matmul(
             b,
             &format!("{p}/mlp/gate_up_proj"),
-            &hn,
+            hn,
             Packed::Columns(gu_parts),
         );
-        let sizes = b.ints(&[n as i64 * i, n as i64 * i]);
+        let sizes = b.ints(&[i, i]);
         let gu = b.node_n(
             &format!("{p}/mlp/gate_up_proj/Split"),
             "Split",
@@ -881,9 +906,35 @@ impl<'m> Decoder<'m> {
             vec![("axis", Attr::Int(-1))],
         );
         let down: Vec<&'m Matrix> = ls.iter().map(|l| &l.mlp.down_proj.weight).collect();
-        let m = self.make_swiglu(b, &format!("{p}/mlp"), &gu[0], &gu[1], Packed::Rows(down));
-        b.node(&format!("{p}/residual_mlp/Add"), "Add", &[&h, &m], vec![])
+        self.make_swiglu(b, &format!("{p}/mlp"), &gu[0], &gu[1], Packed::Rows(down))
     }
+
+    /// Layer `l`'s MLP on its already normed input `hn` (no output norm).
+    fn make_mlp_normed(&self, b: &mut Builder<'m>, l: usize, hn: &str) -> String {
+        let m = &self.model.layers[l].mlp;
+        let p = format!("/model/layers.{l}/mlp");
+        let gate = self.make_matmul(
+            b,
+            &format!("{p}/gate_proj"),
+            hn,
+            Packed::t(&m.gate_proj.weight),
+        );
+        let up = self.make_matmul(b, &format!("{p}/up_proj"), hn, Packed::t(&m.up_proj.weight));
+        self.make_swiglu(b, &p, &gate, &up, Packed::t(&m.down_proj.weight))
+    }
+}
+
+/// The stacked o_proj of a fused group sums the layers' products, so their
+/// biases add up.
+fn o_bias_sum(cfg: &crate::checkpoint::ModelConfig, ls: &[&DecoderLayer]) -> Option<Vec<f32>> {
+    cfg.o_bias.then(|| {
+        let mut sum = vec![0f32; cfg.hidden_size];
+        for l in ls {
+            let bias = l.self_attn.o_proj.bias.as_deref().expect("o_bias");
+            sum.iter_mut().zip(bias).for_each(|(s, &v)| *s += v);
+        }
+        sum
+    })
 }
 
 fn group_prefix(layers: &[usize]) -> String {

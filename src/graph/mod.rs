@@ -12,7 +12,7 @@ pub mod decoder;
 
 use std::collections::HashSet;
 
-pub use decoder::{build, written_form, Form};
+pub use decoder::{build, written_form, Form, Ops};
 
 /// Element type of a graph value or initializer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +56,10 @@ pub enum Attr {
     Float(f32),
     Str(String),
 }
+
+/// ONNX Runtime's contrib operators (domain `com.microsoft`) that `--ops ort`
+/// writes. `SimplifiedLayerNormalization` is registered in the default domain.
+pub const MS_DOMAIN_OPS: [&str; 2] = ["GroupQueryAttention", "SkipSimplifiedLayerNormalization"];
 
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -151,7 +155,7 @@ impl<'m> Builder<'m> {
         attrs: Vec<(&'static str, Attr)>,
     ) -> Vec<String> {
         let outs: Vec<String> = (0..outputs).map(|k| format!("{name}/output_{k}")).collect();
-        self.push(name, op_type, inputs, outs.clone(), attrs);
+        self.push_outputs(name, op_type, inputs, outs.clone(), attrs);
         outs
     }
 
@@ -166,6 +170,11 @@ impl<'m> Builder<'m> {
         self.node_n(name, op_type, inputs, 1, attrs).remove(0)
     }
 
+    /// Whether a node or initializer of this name exists.
+    pub fn has(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
     /// Add a node whose single output is a graph output named `output`.
     pub fn node_to(
         &mut self,
@@ -175,11 +184,12 @@ impl<'m> Builder<'m> {
         output: &str,
         attrs: Vec<(&'static str, Attr)>,
     ) -> String {
-        self.push(name, op_type, inputs, vec![output.to_string()], attrs);
+        self.push_outputs(name, op_type, inputs, vec![output.to_string()], attrs);
         output.to_string()
     }
 
-    fn push(
+    /// Add a node with outputs of the given names (graph outputs among them).
+    pub fn push_outputs(
         &mut self,
         name: &str,
         op_type: &'static str,

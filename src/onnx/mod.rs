@@ -22,6 +22,8 @@ use proto::*;
 
 pub const IR_VERSION: i64 = 10;
 pub const OPSET: i64 = 21;
+/// Domain of ONNX Runtime's contrib operators (`--ops ort`), opset 1.
+pub const MS_DOMAIN: &str = "com.microsoft";
 /// Offsets of external tensors are multiples of this.
 pub const ALIGNMENT: u64 = 4096;
 /// A protobuf file must stay below 2 GiB.
@@ -200,7 +202,7 @@ pub fn write(graph: &Graph, model_path: &Path, progress: &ProgressBar) -> Result
         .sync_all()
         .map_err(|e| Error::io(&data_path, e))?;
 
-    let node = graph
+    let node: Vec<NodeProto> = graph
         .nodes
         .iter()
         .map(|n| NodeProto {
@@ -208,10 +210,25 @@ pub fn write(graph: &Graph, model_path: &Path, progress: &ProgressBar) -> Result
             output: n.outputs.clone(),
             name: n.name.clone(),
             op_type: n.op_type.to_string(),
+            domain: if crate::graph::MS_DOMAIN_OPS.contains(&n.op_type) {
+                MS_DOMAIN.into()
+            } else {
+                String::new()
+            },
             attribute: n.attrs.iter().map(|(k, a)| attribute(k, a)).collect(),
             ..Default::default()
         })
         .collect();
+    let mut opset_import = vec![OperatorSetIdProto {
+        domain: String::new(),
+        version: OPSET,
+    }];
+    if node.iter().any(|n| n.domain == MS_DOMAIN) {
+        opset_import.push(OperatorSetIdProto {
+            domain: MS_DOMAIN.into(),
+            version: 1,
+        });
+    }
     let model = ModelProto {
         ir_version: IR_VERSION,
         producer_name: "depthc".into(),
@@ -225,10 +242,7 @@ pub fn write(graph: &Graph, model_path: &Path, progress: &ProgressBar) -> Result
             output: graph.outputs.iter().map(value_info).collect(),
             ..Default::default()
         }),
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: OPSET,
-        }],
+        opset_import,
         metadata_props: graph
             .metadata
             .iter()

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use super::{write, Written};
 use crate::checkpoint::tokenizer::Tokenizer;
 use crate::checkpoint::ModelConfig;
-use crate::graph::{self, ElemType, Form};
+use crate::graph::{self, ElemType, Form, Ops};
 use crate::model::Model;
 use crate::plan::Plan;
 use crate::{Error, Result};
@@ -32,6 +32,8 @@ const HF_TOKENIZER_FILES: &[&str] = &[
 pub struct EmitOptions {
     pub form: Form,
     pub float: ElemType,
+    /// Plain ONNX operators or ONNX Runtime's fused ones (`--ops`).
+    pub ops: Ops,
 }
 
 /// Where the model came from: its tokenizer files are copied or built.
@@ -61,7 +63,10 @@ fn fill(
     progress: &ProgressBar,
 ) -> Result<Written> {
     let cfg = &model.config;
-    let graph = graph::build(model, plan, opts.form, opts.float);
+    if opts.ops == Ops::Ort {
+        graph::decoder::ort::supported(cfg).map_err(Error::Input)?;
+    }
+    let graph = graph::build(model, plan, opts.form, opts.ops, opts.float);
     let written = write(&graph, &dir.join(MODEL_FILE), progress)?;
     drop(graph);
 

@@ -1,0 +1,387 @@
+//! `--ops ort`: the decoder written with ONNX Runtime's fused operators, the
+//! way the onnxruntime-genai model builder writes it, keeping the I/O contract
+//! and one KV cache per original layer:
+//!
+//! - `SimplifiedLayerNormalization` (default domain) for the first norm and
+//!   `SkipSimplifiedLayerNormalization` (`com.microsoft`) for every later one:
+//!   it adds the pending sublayer output to the residual and normalises the sum
+//!   in one op (output 0: the normed sum, output 3: the sum);
+//! - one packed QKV MatMul per layer (per group in the fused form) feeding
+//!   `GroupQueryAttention` (`com.microsoft`), which applies RoPE (`do_rotary`),
+//!   appends to the layer's cache and attends;
+//! - gate/up and down MatMuls with SwiGLU, packed across a group in the fused
+//!   form exactly as in the portable fused form.
+//!
+//! `position_ids` stays a graph input (the contract) but is not read:
+//! `GroupQueryAttention` takes positions from the cache length.
+
+use super::*;
+
+/// `GroupQueryAttention` input slots (ONNX Runtime contrib operator spec):
+/// `0 query` (packed `[B, S, (heads + 2 kv_heads) * head_dim]` when key and
+/// value are empty), `1 key`, `2 value` (empty), `3 past_key`, `4 past_value`
+/// (`[B, kv_heads, past, head_dim]`), `5 seqlens_k` (int32 `[B]`: valid
+/// tokens - 1), `6 total_sequence_length` (int32 scalar), `7 cos_cache`,
+/// `8 sin_cache` (`[max_position, head_dim / 2]`); the optional `9
+/// position_ids`, `10 attention_bias`, `11 head_sink` are left out. Outputs:
+/// `0 output [B, S, heads * head_dim]`, `1 present_key`, `2 present_value`.
+const GQA_INPUTS: usize = 9;
+
+/// The residual stream: its value and the sublayer output not yet added.
+struct Residual {
+    value: String,
+    pending: Option<String>,
+}
+
+/// What every layer reads: per layer, its RoPE caches; the GQA length inputs.
+struct Lengths {
+    seqlens_k: String,
+    total: String,
+}
+
+/// Families `--ops ort` writes: Llama-style blocks (biases allowed); not q/k
+/// head norms (Qwen3) nor Gemma's scaled embedding and sandwich norms.
+pub fn supported(cfg: &crate::checkpoint::ModelConfig) -> std::result::Result<(), String> {
+    if cfg.qk_norm || cfg.sandwich_norms || cfg.embed_scale.is_some() {
+        return Err(format!(
+            "--ops ort does not support {} (q/k head norms or Gemma's norms); use --ops portable",
+            cfg.family.name()
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn build<'m>(d: &Decoder<'m>, b: &mut Builder<'m>, plan: &Plan, form: Form) -> String {
+    let cfg = &d.model.config;
+    let x = d.make_embedding(b);
+    let lengths = make_lengths(b);
+    let ropes: Vec<(String, String)> = (0..cfg.num_hidden_layers)
+        .map(|l| make_half_caches(d, b, l))
+        .collect();
+    let mut r = Residual {
+        value: x,
+        pending: None,
+    };
+    for step in &plan.steps {
+        match step {
+            Step::Layer(l) => layer(d, b, &mut r, &[*l], false, &lengths, &ropes),
+            Step::Parallel(g) => {
+                let fused = form == Form::Fused && d.fusable(&g.layers);
+                layer(d, b, &mut r, &g.layers, fused, &lengths, &ropes)
+            }
+        }
+    }
+    norm(d, b, &mut r, "/model/norm", Some(&d.model.norm))
+}
+
+/// `seqlens_k = ReduceSum(attention_mask) - 1` and `total_sequence_length =
+/// Shape(attention_mask)[1]`, both int32.
+fn make_lengths(b: &mut Builder) -> Lengths {
+    let p = "/model/attn_mask_reformat";
+    let int32 = || vec![("to", Attr::Int(crate::onnx::proto::data_type::INT32 as i64))];
+    let axes = b.ints(&[1]);
+    let sum = b.node(
+        &format!("{p}/ReduceSum"),
+        "ReduceSum",
+        &[ATTENTION_MASK, &axes],
+        vec![("keepdims", Attr::Int(0))],
+    );
+    let one = b.ints(&[1]);
+    let last = b.node(&format!("{p}/Sub"), "Sub", &[&sum, &one], vec![]);
+    let seqlens_k = b.node(&format!("{p}/Sub/Cast"), "Cast", &[&last], int32());
+    let shape = b.node(&format!("{p}/Shape"), "Shape", &[ATTENTION_MASK], vec![]);
+    let index = b.const_i64(&[1], &[]);
+    let t = b.node(
+        &format!("{p}/Gather"),
+        "Gather",
+        &[&shape, &index],
+        vec![("axis", Attr::Int(0))],
+    );
+    let total = b.node(&format!("{p}/Gather/Cast"), "Cast", &[&t], int32());
+    Lengths { seqlens_k, total }
+}
+
+/// `cos` and `sin` of layer `l`'s RoPE base, `[max_position, head_dim / 2]`
+/// (one pair of tables per distinct base).
+fn make_half_caches<'m>(d: &Decoder<'m>, b: &mut Builder<'m>, l: usize) -> (String, String) {
+    let cfg = &d.model.config;
+    let theta = cfg.rope_theta_of(l);
+    let tag = if theta == cfg.rope_theta {
+        String::new()
+    } else {
+        format!("_{theta}")
+    };
+    let (positions, half) = (cfg.max_position_embeddings, cfg.head_dim / 2);
+    let rope = Rope::of_layer(cfg, l);
+    let mut out = Vec::new();
+    for (name, sin) in [("cos", false), ("sin", true)] {
+        let name = format!("{name}_cache{tag}");
+        if !b.has(&name) {
+            let rope = rope.clone();
+            let full = move || -> Vec<f32> {
+                rope.table(positions, sin)
+                    .chunks_exact(2 * half)
+                    .flat_map(|row| row[..half].to_vec())
+                    .collect()
+            };
+            b.weight(&name, vec![positions, half], Box::new(full));
+        }
+        out.push(name);
+    }
+    let sin = out.pop().expect("two tables");
+    (out.pop().expect("two tables"), sin)
+}
+
+/// The normed residual with `weight` (ones when `None`: folded into the next
+/// MatMul), adding the pending sublayer output first.
+fn norm<'m>(
+    d: &Decoder<'m>,
+    b: &mut Builder<'m>,
+    r: &mut Residual,
+    p: &str,
+    weight: Option<&'m [f32]>,
+) -> String {
+    let cfg = &d.model.config;
+    let h = cfg.hidden_size;
+    let name = format!("{}.weight", p.trim_start_matches('/').replace('/', "."));
+    let w = match weight {
+        Some(w) => b.weight(&name, vec![h], Box::new(move || w.to_vec())),
+        None => b.weight(&name, vec![h], Box::new(move || vec![1.0; h])),
+    };
+    let eps = Attr::Float(cfg.rms_norm_eps as f32);
+    match r.pending.take() {
+        None => b.node(
+            &format!("{p}/SimplifiedLayerNormalization"),
+            "SimplifiedLayerNormalization",
+            &[&r.value, &w],
+            vec![
+                ("epsilon", eps),
+                ("axis", Attr::Int(-1)),
+                ("stash_type", Attr::Int(1)),
+            ],
+        ),
+        Some(pending) => {
+            let outs = b.node_n(
+                &format!("{p}/SkipSimplifiedLayerNormalization"),
+                "SkipSimplifiedLayerNormalization",
+                &[&r.value, &pending, &w],
+                4,
+                vec![("epsilon", eps)],
+            );
+            r.value = outs[3].clone();
+            outs[0].clone()
+        }
+    }
+}
+
+/// One original layer (`layers` of one) or a parallel group, as branches
+/// (each layer its own norms and MatMuls, outputs summed) or fused (one
+/// normalisation, norm weights folded into packed MatMuls across the group).
+#[allow(clippy::too_many_arguments)]
+fn layer<'m>(
+    d: &Decoder<'m>,
+    b: &mut Builder<'m>,
+    r: &mut Residual,
+    layers: &[usize],
+    fused: bool,
+    lengths: &Lengths,
+    ropes: &[(String, String)],
+) {
+    let cfg = &d.model.config;
+    let model: &'m Model = d.model;
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let packed = (nh + 2 * nkv) * hd;
+    let p = if layers.len() == 1 {
+        format!("/model/layers.{}", layers[0])
+    } else {
+        group_prefix(layers)
+    };
+    let ls: Vec<&'m DecoderLayer> = layers.iter().map(|&l| &model.layers[l]).collect();
+    // Each layer's packed [q | k | v] columns and biases.
+    let qkv = |layer: &'m DecoderLayer, fold: bool| {
+        let a = &layer.self_attn;
+        let g = fold.then_some(layer.input_layernorm.as_slice());
+        let parts = vec![
+            (&a.q_proj.weight, g),
+            (&a.k_proj.weight, g),
+            (&a.v_proj.weight, g),
+        ];
+        let bias = cfg.qkv_bias.then(|| {
+            [&a.q_proj, &a.k_proj, &a.v_proj]
+                .iter()
+                .flat_map(|lin| lin.bias.as_deref().expect("qkv_bias").iter().copied())
+                .collect::<Vec<f32>>()
+        });
+        (parts, bias)
+    };
+    let attend = |b: &mut Builder<'m>, l: usize, qkv: &str| -> String {
+        let (cos, sin) = &ropes[l];
+        let past_k = contract::past_key(l);
+        let past_v = contract::past_value(l);
+        let inputs: [&str; GQA_INPUTS] = [
+            qkv,
+            "",
+            "",
+            &past_k,
+            &past_v,
+            &lengths.seqlens_k,
+            &lengths.total,
+            cos,
+            sin,
+        ];
+        let name = format!("/model/layers.{l}/attn/GroupQueryAttention");
+        // The same count as Hugging Face's `sliding_window` (checked against
+        // the reference on a Mistral with window 5: `w - 1` is off by one).
+        let window = cfg.window_of(l).map_or(-1, |w| w as i64);
+        b.push_outputs(
+            &name,
+            "GroupQueryAttention",
+            &inputs,
+            vec![
+                format!("{name}/output_0"),
+                contract::present_key(l),
+                contract::present_value(l),
+            ],
+            vec![
+                ("num_heads", Attr::Int(nh as i64)),
+                ("kv_num_heads", Attr::Int(nkv as i64)),
+                ("scale", Attr::Float(cfg.query_scale as f32)),
+                ("local_window_size", Attr::Int(window)),
+                ("do_rotary", Attr::Int(1)),
+                ("rotary_interleaved", Attr::Int(0)),
+            ],
+        );
+        format!("{name}/output_0")
+    };
+
+    // Attention sublayers, all reading the same residual.
+    let contexts: Vec<String> = if fused {
+        let xn = norm(d, b, r, &format!("{p}/input_layernorm"), None);
+        let mut parts = Vec::new();
+        let mut bias = Vec::new();
+        for &layer in &ls {
+            let (pa, bi) = qkv(layer, true);
+            parts.extend(pa);
+            bias.extend(bi.unwrap_or_default());
+        }
+        let bias = cfg.qkv_bias.then_some(bias);
+        let all = d.make_linear(
+            b,
+            &format!("{p}/attn/qkv_proj"),
+            &xn,
+            Packed::Columns(parts),
+            bias,
+        );
+        let sizes = b.ints(&vec![packed as i64; layers.len()]);
+        let per_layer = b.node_n(
+            &format!("{p}/attn/qkv_proj/Split"),
+            "Split",
+            &[&all, &sizes],
+            layers.len(),
+            vec![("axis", Attr::Int(-1))],
+        );
+        layers
+            .iter()
+            .zip(&per_layer)
+            .map(|(&l, part)| attend(b, l, part))
+            .collect()
+    } else {
+        let mut outs = Vec::new();
+        for (k, (&l, &layer)) in layers.iter().zip(&ls).enumerate() {
+            // The first norm adds the pending output; the others read the sum.
+            let xn = if k == 0 {
+                norm(
+                    d,
+                    b,
+                    r,
+                    &format!("/model/layers.{l}/input_layernorm"),
+                    Some(&layer.input_layernorm),
+                )
+            } else {
+                let mut side = Residual {
+                    value: r.value.clone(),
+                    pending: None,
+                };
+                norm(
+                    d,
+                    b,
+                    &mut side,
+                    &format!("/model/layers.{l}/input_layernorm"),
+                    Some(&layer.input_layernorm),
+                )
+            };
+            let (parts, bias) = qkv(layer, false);
+            let q = d.make_linear(
+                b,
+                &format!("/model/layers.{l}/attn/qkv_proj"),
+                &xn,
+                Packed::Columns(parts),
+                bias,
+            );
+            outs.push(attend(b, l, &q));
+        }
+        outs
+    };
+    let attn_out = if fused {
+        let refs: Vec<&str> = contexts.iter().map(String::as_str).collect();
+        let ctx = if refs.len() == 1 {
+            refs[0].to_string()
+        } else {
+            b.node(
+                &format!("{p}/attn/Concat"),
+                "Concat",
+                &refs,
+                vec![("axis", Attr::Int(-1))],
+            )
+        };
+        let o: Vec<&'m Matrix> = ls.iter().map(|l| &l.self_attn.o_proj.weight).collect();
+        let bias = o_bias_sum(cfg, &ls);
+        d.make_linear(b, &format!("{p}/attn/o_proj"), &ctx, Packed::Rows(o), bias)
+    } else {
+        let outs: Vec<String> = layers
+            .iter()
+            .zip(&ls)
+            .zip(&contexts)
+            .map(|((&l, layer), ctx)| {
+                let a = &layer.self_attn;
+                d.make_linear(
+                    b,
+                    &format!("/model/layers.{l}/attn/o_proj"),
+                    ctx,
+                    Packed::t(&a.o_proj.weight),
+                    a.o_proj.bias.clone(),
+                )
+            })
+            .collect();
+        d.make_sum(b, &format!("{p}/attn_branches"), &outs)
+    };
+    r.pending = Some(attn_out);
+
+    // MLP sublayers, all reading the same residual.
+    let mlp_out = if fused {
+        let hn = norm(d, b, r, &format!("{p}/post_attention_layernorm"), None);
+        d.make_fused_mlp(b, &p, &ls, &hn)
+    } else {
+        let mut outs = Vec::new();
+        for (k, (&l, &layer)) in layers.iter().zip(&ls).enumerate() {
+            let pn = format!("/model/layers.{l}/post_attention_layernorm");
+            let w = Some(layer.post_attention_layernorm.as_slice());
+            let hn = if k == 0 {
+                norm(d, b, r, &pn, w)
+            } else {
+                let mut side = Residual {
+                    value: r.value.clone(),
+                    pending: None,
+                };
+                norm(d, b, &mut side, &pn, w)
+            };
+            outs.push(d.make_mlp_normed(b, l, &hn));
+        }
+        d.make_sum(b, &format!("{p}/mlp_branches"), &outs)
+    };
+    r.pending = Some(mlp_out);
+}
