@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""depthc's ONNX exports against the onnxruntime-genai model builder's, on SmolLM2-135M.
+
+In one run, with alternating repetitions, ONNX Runtime (CPU, fp32, Python API, default
+threads) measures for each model:
+  prefill  latency of a 128-token prompt from an empty cache;
+  decode   tokens/s of 128 greedy steps after a 32-token prompt, each step feeding the
+           previous step's present.* back as past_key_values.* (batch 1 and batch 8).
+Models: the builder's export of the same weights (the baseline of every ratio), depthc's
+unmodified model in both operator modes (`--ops portable`, `--ops ort`), and depthc's
+compiled model (6 parallel pairs, fused form) in both modes.
+
+It also writes the portable baseline as ONNX Runtime optimises it
+(SessionOptions.optimized_model_filepath) and prints which ops the optimiser made, and
+(with --profile) a per-op time profile of the decode of each model.
+
+Run from the repository root after scripts/setup.sh and `cargo build --release`:
+    python3 benches/vs_genai_builder.py [--venv DIR] [--runs 3]
+The builder needs torch, transformers, onnx, onnx_ir and onnxruntime-genai: the script
+makes DIR (default .cache/builder-venv) and installs them from PyPI unless DIR already has
+them (any venv with them will do: --venv).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GGUF = os.path.join(ROOT, ".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+# The 6-pair plan the search chooses on SmolLM2 (README, Results).
+PLAN = "12-13,14-15,17-18,21-22,24-25,26-27"
+PACKAGES = ["torch", "transformers", "onnx==1.23.2", "onnx_ir", "onnxruntime==1.31.1",
+            "onnxruntime-genai==0.18.0", "numpy"]
+
+
+def venv_python(venv):
+    py = os.path.join(venv, "bin", "python")
+    probe = "import torch, transformers, onnx, onnx_ir, onnxruntime, onnxruntime_genai, numpy"
+    if not (os.path.exists(py) and subprocess.run([py, "-c", probe], capture_output=True).returncode == 0):
+        print(f"installing the builder's packages into {venv} (PyPI)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([py, "-m", "pip", "install", "--quiet", *PACKAGES], check=True)
+    return py
+
+
+def run(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
+    return r.stdout
+
+
+def export(work, depthc, py):
+    hf = os.path.join(work, "hf")
+    run([depthc, "convert", GGUF, "-o", hf])
+    models = {"builder": os.path.join(work, "builder")}
+    run([py, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", models["builder"],
+         "-p", "fp32", "-e", "cpu", "-c", os.path.join(work, "builder-cache")])
+    for ops in ["portable", "ort"]:
+        for name, plan in [("baseline", ""), ("compiled", PLAN)]:
+            out = os.path.join(work, f"{name}-{ops}")
+            run([depthc, "emit", GGUF, "--plan", plan, "--ops", ops, "--form", "fused", "-o", out])
+            models[f"depthc {name} {ops}"] = out
+    return models
+
+
+MEASURE = r'''
+import json, sys, time
+import numpy as np
+import onnxruntime as ort
+
+spec = json.loads(sys.argv[1])
+sessions, layouts = {}, {}
+
+def open_session(name, profile):
+    d = spec["models"][name]
+    so = ort.SessionOptions()
+    if name == "depthc baseline portable" and not profile:
+        so.optimized_model_filepath = spec["optimized"]
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = spec["profile_dir"] + "/" + name.replace(" ", "_")
+    s = ort.InferenceSession(d + "/model.onnx", so, providers=["CPUExecutionProvider"])
+    with open(d + "/genai_config.json") as f:
+        dec = json.load(f)["model"]["decoder"]
+    names = [i.name for i in s.get_inputs()]
+    past = [i.name for i in s.get_inputs() if i.name.startswith("past_key_values")]
+    layouts[name] = (names, past, dec["num_key_value_heads"], dec["head_size"])
+    return s
+
+for name in spec["models"]:
+    sessions[name] = open_session(name, False)
+
+vocab = 49152
+rng = np.random.default_rng(0)
+prompt_ids = rng.integers(100, vocab, (1, 128))
+
+def feed(name, ids, past, past_len):
+    names, past_names, kv, hd = layouts[name]
+    b, s = ids.shape
+    f = {"input_ids": ids, "attention_mask": np.ones((b, past_len + s), np.int64)}
+    if "position_ids" in names:
+        f["position_ids"] = np.tile(np.arange(past_len, past_len + s), (b, 1))
+    for i, p in enumerate(past_names):
+        f[p] = np.zeros((b, kv, 0, hd), np.float32) if past is None else past[i]
+    return f
+
+def step(name, ids, past, past_len):
+    s = sessions[name]
+    outs = s.run(None, feed(name, ids, past, past_len))
+    return outs[0], outs[1:]
+
+def prefill(name, batch):
+    ids = np.tile(prompt_ids, (batch, 1))
+    t = time.perf_counter()
+    step(name, ids, None, 0)
+    return (time.perf_counter() - t) * 1000
+
+def decode(name, batch, prompt=32, new=128):
+    ids = np.tile(prompt_ids[:, :prompt], (batch, 1))
+    logits, past = step(name, ids, None, 0)
+    length = prompt
+    t = time.perf_counter()
+    for _ in range(new):
+        nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        logits, past = step(name, nxt, past, length)
+        length += 1
+    return batch * new / (time.perf_counter() - t)
+
+results = {n: {"prefill_ms": [], "decode_b1": [], "decode_b8": []} for n in sessions}
+for n in sessions:  # warm-up
+    prefill(n, 1); decode(n, 1, new=8)
+for r in range(spec["runs"]):
+    for n in sessions:  # alternating: every model once per round
+        results[n]["prefill_ms"].append(prefill(n, 1))
+        results[n]["decode_b1"].append(decode(n, 1))
+        results[n]["decode_b8"].append(decode(n, 8))
+if spec["profile"]:  # separate sessions: profiling slows every node down
+    for n in list(sessions):
+        sessions[n] = open_session(n, True)
+        prefill(n, 1); decode(n, 1, new=32)
+        results[n]["profile"] = sessions[n].end_profiling()
+print(json.dumps(results))
+'''
+
+
+def op_histogram(path, py):
+    code = ("import onnx, sys, collections, json; m = onnx.load(sys.argv[1], load_external_data=False);"
+            "print(json.dumps(collections.Counter(n.op_type for n in m.graph.node).most_common()))")
+    return json.loads(run([py, "-c", code, path]))
+
+
+def profile_summary(path):
+    with open(path) as f:
+        events = json.load(f)
+    by_op = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e["args"].get("op_name", "?")
+            by_op[op] = by_op.get(op, 0) + e["dur"]
+    total = sum(by_op.values()) or 1
+    return sorted(((op, us / total) for op, us in by_op.items()), key=lambda x: -x[1])[:8]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--venv", default=os.path.join(ROOT, ".cache/builder-venv"))
+    ap.add_argument("--depthc", default=os.path.join(ROOT, "target/release/depthc"))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--keep", help="keep the exported models in this folder")
+    a = ap.parse_args()
+    py = venv_python(a.venv)
+    work = a.keep or tempfile.mkdtemp(prefix="depthc-vs-builder-")
+    os.makedirs(work, exist_ok=True)
+    try:
+        t0 = time.time()
+        models = export(work, a.depthc, py)
+        print(f"exported {len(models)} models in {time.time() - t0:.0f} s", flush=True)
+        optimized = os.path.join(work, "portable-optimized.onnx")
+        spec = {"models": models, "runs": a.runs, "optimized": optimized,
+                "profile": a.profile, "profile_dir": work}
+        res = json.loads(run([py, "-c", MEASURE, json.dumps(spec)]))
+        med = {n: {k: statistics.median(v) for k, v in r.items() if k != "profile"} for n, r in res.items()}
+        base = med["builder"]
+        print(f"\nSmolLM2-135M, ONNX Runtime CPU fp32, median of {a.runs} alternating runs; "
+              "ratios against the onnxruntime-genai builder's export (>1 is faster)")
+        print(f"{'model':28} {'prefill ms':>10} {'x':>6} {'decode b1 tok/s':>16} {'x':>6} "
+              f"{'decode b8 tok/s':>16} {'x':>6}")
+        for n, m in med.items():
+            print(f"{n:28} {m['prefill_ms']:10.1f} {base['prefill_ms'] / m['prefill_ms']:6.2f} "
+                  f"{m['decode_b1']:16.1f} {m['decode_b1'] / base['decode_b1']:6.2f} "
+                  f"{m['decode_b8']:16.1f} {m['decode_b8'] / base['decode_b8']:6.2f}")
+        print("\nportable baseline as ONNX Runtime optimises it (op counts):")
+        print("  " + ", ".join(f"{op} {c}" for op, c in op_histogram(optimized, py)))
+        if a.profile:
+            print("\ndecode + prefill time by op (share of kernel time):")
+            for n, r in res.items():
+                print(f"  {n}: " + ", ".join(f"{op} {s:.0%}" for op, s in profile_summary(r["profile"])))
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
