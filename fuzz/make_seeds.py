@@ -2,7 +2,7 @@
 """Small, valid seed inputs for the fuzz targets (fuzz/seeds/TARGET/), kept
 small so that what the fuzzer derives from them stays small too:
 nano Llama GGUF files (F32, F16, Q8_0/Q4_0/Q5_0, and Q4_K/Q6_K blocks of
-random bytes), safetensors files of every dtype depthc reads, the config.json
+random bytes), a nano Gemma 3 GGUF with a SentencePiece vocabulary, safetensors files of every dtype depthc reads, the config.json
 files of the test fixtures, and plan strings.
 Run: pip install numpy gguf==0.19.0 && python fuzz/make_seeds.py
 """
@@ -70,6 +70,45 @@ def gguf(name, hidden, ffn, vocab, qtype=None, down_raw=None):
     w.close()
 
 
+def gemma3(name, hidden=16, ffn=32, vocab=24):
+    """A nano `gemma3` GGUF with a SentencePiece (`llama`) vocabulary."""
+    path = os.path.join(SEEDS, "gguf", name)
+    w = GGUFWriter(path, "gemma3")
+    w.add_block_count(2)
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_key_length(8)
+    w.add_value_length(8)
+    w.add_sliding_window(4)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("llama")
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{i:02X}>" for i in range(4)]
+    pieces += ["\u2581", "a", "b", "ab", "\u2581a", "  ", "c", "abc", "\u2581ab"]
+    pieces += [f"t{i}" for i in range(vocab - len(pieces))]
+    w.add_token_list(pieces)
+    w.add_token_types([3, 3, 3, 2] + [6] * 4 + [1] * (vocab - 8))
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    f32 = lambda *shape: rng.normal(0, 0.1, shape).astype(np.float32)
+    w.add_tensor("token_embd.weight", f32(vocab, hidden))
+    w.add_tensor("output_norm.weight", f32(hidden) + 1)
+    for i in range(2):
+        for n, shape in [("attn_q", (16, hidden)), ("attn_k", (8, hidden)), ("attn_v", (8, hidden)),
+                         ("attn_output", (hidden, 16)), ("ffn_gate", (ffn, hidden)),
+                         ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn))]:
+            w.add_tensor(f"blk.{i}.{n}.weight", f32(*shape))
+        for n, size in [("attn_norm", hidden), ("post_attention_norm", hidden), ("ffn_norm", hidden),
+                        ("post_ffw_norm", hidden), ("attn_q_norm", 8), ("attn_k_norm", 8)]:
+            w.add_tensor(f"blk.{i}.{n}.weight", f32(size) + 1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def safetensors(name, tensors):
     header, blobs, at = {"__metadata__": {"format": "pt"}}, [], 0
     for n, (dtype, shape) in tensors.items():
@@ -92,6 +131,7 @@ gguf("q4_0", 32, 32, 16, T.Q4_0)
 gguf("q5_0", 32, 32, 16, T.Q5_0)
 gguf("q4_k", 32, 256, 16, T.Q8_0, down_raw=T.Q4_K)
 gguf("q6_k", 32, 256, 16, T.Q8_0, down_raw=T.Q6_K)
+gemma3("gemma3")
 safetensors("f32", {"a": ("F32", [2, 3]), "b": ("F32", [3])})
 safetensors("f16_bf16", {"x.weight": ("F16", [4, 2]), "y.weight": ("BF16", [2, 4])})
 safetensors("empty_tensor", {"z": ("F32", [0, 4]), "w": ("F16", [1])})

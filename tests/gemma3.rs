@@ -224,3 +224,42 @@ fn inspect_says_gemma_has_no_exact_fused_form() {
     assert_eq!(v["lp_forms"][0]["exact"], false);
     assert_eq!(v["lp_forms"][1]["exact"], true);
 }
+
+/// `depthc convert` writes Gemma as a Hugging Face directory (`gemma3_text`
+/// config with its layer types and local RoPE base, norms stored as `w`, the
+/// tokenizer as `tokenizer.json`); read back, it tokenizes and computes as the
+/// GGUF does.
+#[test]
+fn hugging_face_directory_round_trip() {
+    let g = gemma();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    let (code, _, stderr) = common::run_depthc(&[
+        "convert",
+        gemma_path().to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "gemma3_text");
+    let (ckpt, model) = load(&out);
+    let (a, b) = (&g.model.config, &model.config);
+    assert_eq!(b.family, a.family);
+    assert_eq!(b.sliding_layers, a.sliding_layers);
+    assert_eq!(b.sliding_window, a.sliding_window);
+    assert_eq!(b.rope_local_theta, a.rope_local_theta);
+    assert_eq!(b.query_scale, a.query_scale);
+    assert_eq!(b.activation, a.activation);
+    let golden = golden();
+    let text = &golden["texts"][1];
+    let tokenizer = ckpt.tokenizer.as_ref().expect("tokenizer.json written");
+    assert_eq!(tokenizer.encode(&span(text)).unwrap(), ids_of(&text["ids"]));
+    let mut ids = vec![a.bos_token_id.unwrap()];
+    ids.extend(ids_of(&text["ids"]));
+    let plan = Plan::sequential(a.num_hidden_layers);
+    let d = common::max_abs_diff(&logits(&g.model, &plan, &ids), &logits(&model, &plan, &ids));
+    eprintln!("GGUF vs converted HF directory: logits max abs diff {d:e}");
+    assert!(d <= 1e-5, "{d}");
+}

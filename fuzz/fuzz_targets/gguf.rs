@@ -1,5 +1,6 @@
 //! Any bytes as a `.gguf` file: the reader, the model config and tokenizer
-//! taken from its metadata, and loading the model must return, not crash.
+//! taken from its metadata (and encoding a text with it), and loading the
+//! model must return, not crash.
 #![no_main]
 
 use depthc::checkpoint::Checkpoint;
@@ -10,6 +11,9 @@ fuzz_target!(|data: &[u8]| {
     let file = std::env::temp_dir().join(format!("depthc-fuzz-{}.gguf", std::process::id()));
     std::fs::write(&file, data).unwrap();
     if let Ok(ckpt) = Checkpoint::open(&file) {
+        if let Some(tokenizer) = &ckpt.tokenizer {
+            let _ = tokenizer.encode("To be, or not to be: 1234 ab  abc");
+        }
         let _ = Model::load(ckpt.source.as_ref(), &ckpt.config);
     }
 });

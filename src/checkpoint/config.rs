@@ -548,7 +548,10 @@ impl ModelConfig {
             "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
-            "hidden_act": "silu",
+            "hidden_act": match self.activation {
+                Activation::Silu => "silu",
+                Activation::GeluTanh => "gelu_pytorch_tanh",
+            },
             "attention_bias": self.o_bias,
             "mlp_bias": false,
             "torch_dtype": "float32",
@@ -559,7 +562,7 @@ impl ModelConfig {
             v["sliding_window"] = serde_json::json!(w);
         }
         if self.family == Family::Gemma3 {
-            v["hidden_activation"] = serde_json::json!("gelu_pytorch_tanh");
+            v["hidden_activation"] = v["hidden_act"].clone();
             v["query_pre_attn_scalar"] = serde_json::json!(self.query_scale.powi(-2).round());
             v["rope_local_base_freq"] = serde_json::json!(self.rope_local_theta);
             if let Some(s) = &self.sliding_layers {
