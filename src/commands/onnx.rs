@@ -109,9 +109,14 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
+        let plan = if v.plan.is_empty() {
+            "the original model".to_string()
+        } else {
+            format!("plan `{}`", v.plan)
+        };
         println!(
-            "plan `{}`: prefill {} tokens + {} decode steps, tolerance {}",
-            v.plan, v.prompt_tokens, v.steps, v.tolerance
+            "{plan}: prefill {} tokens + {} decode steps, tolerance {}",
+            v.prompt_tokens, v.steps, v.tolerance
         );
         let worst_present = v
             .outputs
