@@ -6,6 +6,8 @@ threads) measures for each model:
   prefill  latency of a 128-token prompt from an empty cache;
   decode   tokens/s of 128 greedy steps after a 32-token prompt, each step feeding the
            previous step's present.* back as past_key_values.* (batch 1 and batch 8).
+  genai    tokens/s of the same decode through onnxruntime-genai (batch 1), as a
+           serving user runs it.
 Models: the builder's export of the same weights (the baseline of every ratio), depthc's
 unmodified model in both operator modes (`--ops portable`, `--ops ort`), and depthc's
 compiled model (6 parallel pairs, fused form) in both modes.
@@ -133,7 +135,21 @@ def decode(name, batch, prompt=32, new=128):
         length += 1
     return batch * new / (time.perf_counter() - t)
 
-results = {n: {"prefill_ms": [], "decode_b1": [], "decode_b8": []} for n in sessions}
+import onnxruntime_genai as og
+
+def genai_decode(name, prompt=32, new=128):
+    """Greedy decode through onnxruntime-genai (how the builder's export is served)."""
+    model = og.Model(spec["models"][name])
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=prompt + new, min_length=prompt + new)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt_ids[0, :prompt].tolist())
+    t = time.perf_counter()
+    for _ in range(new):
+        gen.generate_next_token()
+    return new / (time.perf_counter() - t)
+
+results = {n: {"prefill_ms": [], "decode_b1": [], "decode_b8": [], "genai_b1": []} for n in sessions}
 for n in sessions:  # warm-up
     prefill(n, 1); decode(n, 1, new=8)
 for r in range(spec["runs"]):
@@ -141,6 +157,7 @@ for r in range(spec["runs"]):
         results[n]["prefill_ms"].append(prefill(n, 1))
         results[n]["decode_b1"].append(decode(n, 1))
         results[n]["decode_b8"].append(decode(n, 8))
+        results[n]["genai_b1"].append(genai_decode(n))
 if spec["profile"]:  # separate sessions: profiling slows every node down
     for n in list(sessions):
         sessions[n] = open_session(n, True)
@@ -192,11 +209,12 @@ def main():
         print(f"\nSmolLM2-135M, ONNX Runtime CPU fp32, median of {a.runs} alternating runs; "
               "ratios against the onnxruntime-genai builder's export (>1 is faster)")
         print(f"{'model':28} {'prefill ms':>10} {'x':>6} {'decode b1 tok/s':>16} {'x':>6} "
-              f"{'decode b8 tok/s':>16} {'x':>6}")
+              f"{'decode b8 tok/s':>16} {'x':>6} {'genai b1 tok/s':>15} {'x':>6}")
         for n, m in med.items():
             print(f"{n:28} {m['prefill_ms']:10.1f} {base['prefill_ms'] / m['prefill_ms']:6.2f} "
                   f"{m['decode_b1']:16.1f} {m['decode_b1'] / base['decode_b1']:6.2f} "
-                  f"{m['decode_b8']:16.1f} {m['decode_b8'] / base['decode_b8']:6.2f}")
+                  f"{m['decode_b8']:16.1f} {m['decode_b8'] / base['decode_b8']:6.2f} "
+                  f"{m['genai_b1']:15.1f} {m['genai_b1'] / base['genai_b1']:6.2f}")
         print("\nportable baseline as ONNX Runtime optimises it (op counts):")
         print("  " + ", ".join(f"{op} {c}" for op, c in op_histogram(optimized, py)))
         if a.profile:

@@ -390,6 +390,10 @@ fn ort_ops_match_the_reference_and_genai() {
             "`{spec}`: {logits} {present}"
         );
         assert!(v.tokens_agree, "`{spec}`: greedy tokens differ");
+        let genai: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("genai_config.json")).unwrap())
+                .unwrap();
+        assert_eq!(genai["search"]["past_present_share_buffer"], true);
         if spec == "20..24" {
             let mut args = vec![out.to_str().unwrap().to_string(), "16".to_string()];
             args.extend(prompt.iter().map(u32::to_string));

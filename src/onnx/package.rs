@@ -1,7 +1,8 @@
 //! The emitted directory: `model.onnx` + `model.onnx.data`, and beside them
 //! what onnxruntime-genai and Optimum's `ORTModelForCausalLM` read:
-//! `genai_config.json` (KV cache by Concat, so `past_present_share_buffer:
-//! false`), `config.json`, `generation_config.json` and the tokenizer files.
+//! `genai_config.json` (`past_present_share_buffer` false for the portable
+//! graph's KV cache by Concat, true for GroupQueryAttention's), `config.json`,
+//! `generation_config.json` and the tokenizer files.
 //!
 //! The directory is written under a temporary name beside its destination and
 //! renamed when complete: an error never leaves a half-written directory.
@@ -77,7 +78,7 @@ fn fill(
         "float32"
     });
     write_json(&dir.join("config.json"), &config)?;
-    write_json(&dir.join("genai_config.json"), &genai_config(cfg))?;
+    write_json(&dir.join("genai_config.json"), &genai_config(cfg, opts.ops))?;
 
     let mut copied = Vec::new();
     if source.path.is_dir() {
@@ -120,8 +121,11 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
     std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
 }
 
-/// onnxruntime-genai's configuration of a decoder-only model.
-fn genai_config(cfg: &ModelConfig) -> Value {
+/// onnxruntime-genai's configuration of a decoder-only model. The portable
+/// graph grows its cache by `Concat` (`past_present_share_buffer: false`);
+/// GroupQueryAttention (`--ops ort`) also writes into a cache preallocated to
+/// the maximum length, which spares genai a copy of every cache each step.
+fn genai_config(cfg: &ModelConfig, ops: Ops) -> Value {
     let eos = cfg.eos_token_id.unwrap_or(0);
     json!({
         "model": {
@@ -171,7 +175,7 @@ fn genai_config(cfg: &ModelConfig) -> Value {
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": false,
+            "past_present_share_buffer": ops == Ops::Ort,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
