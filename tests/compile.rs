@@ -146,3 +146,22 @@ fn bench_prints_both_sides_and_ratios_as_json() {
     assert!((v["prefill_speedup"].as_f64().unwrap() - ratio).abs() < 1e-9);
     assert_eq!(v["options"]["batch"], 2);
 }
+
+/// `compile --ops ort`: both models written with ONNX Runtime's fused
+/// operators, validated against the reference (compile fails otherwise).
+#[test]
+fn compile_with_ort_ops() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny_llama/tiny.q8_0.gguf");
+    let out = dir.path().join("out");
+    let mut args = compile_args(model.to_str().unwrap(), out.to_str().unwrap());
+    args.extend(["--ops", "ort"]);
+    let (code, _, stderr) = depthc(&args);
+    assert_eq!(code, 0, "{stderr}");
+    for part in ["baseline", "compiled"] {
+        let onnx = std::fs::read(out.join(part).join("model.onnx")).unwrap();
+        let text = String::from_utf8_lossy(&onnx);
+        assert!(text.contains("GroupQueryAttention"), "{part}");
+        assert!(text.contains("com.microsoft"), "{part}");
+    }
+}
