@@ -73,14 +73,20 @@ fn mask_fill(float: ElemType) -> f32 {
 /// post-sublayer norms, layers of different RoPE bases or windows) are
 /// written as branches; the model's metadata says which.
 pub fn written_form(model: &Model, plan: &Plan, form: Form) -> Form {
-    let d = Decoder {
-        model,
-        float: ElemType::F32,
-    };
     match form {
-        Form::Fused if plan.groups().any(|g| !d.fusable(&g.layers)) => Form::Branches,
+        Form::Fused if plan.groups().any(|g| !fusable(&model.config, &g.layers)) => Form::Branches,
         _ => form,
     }
+}
+
+/// Whether a group can be written as one wider layer exactly: no
+/// post-sublayer norms, and one RoPE base and window for all its layers.
+fn fusable(cfg: &crate::checkpoint::ModelConfig, layers: &[usize]) -> bool {
+    let same = |l: &usize| {
+        cfg.rope_theta_of(*l) == cfg.rope_theta_of(layers[0])
+            && cfg.window_of(*l) == cfg.window_of(layers[0])
+    };
+    !cfg.sandwich_norms && layers.iter().all(same)
 }
 
 /// The whole decoder graph of `model` under `plan`.
@@ -221,17 +227,6 @@ impl<'m> Decoder<'m> {
                 b.node("/model/embed_tokens/Mul", "Mul", &[&x, &s], vec![])
             }
         }
-    }
-
-    /// Whether a group can be written as one wider layer exactly: no
-    /// post-sublayer norms, and one RoPE base and window for all its layers.
-    fn fusable(&self, layers: &[usize]) -> bool {
-        let cfg = &self.model.config;
-        let same = |l: &usize| {
-            cfg.rope_theta_of(*l) == cfg.rope_theta_of(layers[0])
-                && cfg.window_of(*l) == cfg.window_of(layers[0])
-        };
-        !cfg.sandwich_norms && layers.iter().all(same)
     }
 
     /// `cos`/`sin` tables `[max_position, head_dim]` gathered by `position_ids`

@@ -364,19 +364,20 @@ impl Model {
                 let path = tmp.join("tokenizer.json");
                 std::fs::write(&path, t).map_err(|e| Error::io(&path, e))?;
             }
-            let mut tensors = self.named_tensors();
+            let tensors = self.named_tensors();
             // Gemma stores `w` for a norm applied as `1 + w`.
-            let stored: Vec<Vec<f32>> = tensors
+            let stored: Vec<Option<Vec<f32>>> = tensors
                 .iter()
-                .filter(|(n, _, _)| self.config.norm_plus_one && n.ends_with("norm.weight"))
-                .map(|(_, _, w)| w.iter().map(|v| v - 1.0).collect())
+                .map(|(n, _, w)| {
+                    (self.config.norm_plus_one && n.ends_with("norm.weight"))
+                        .then(|| w.iter().map(|v| v - 1.0).collect())
+                })
                 .collect();
-            let mut stored = stored.iter();
-            for (n, _, w) in tensors.iter_mut() {
-                if self.config.norm_plus_one && n.ends_with("norm.weight") {
-                    *w = stored.next().expect("one per norm");
-                }
-            }
+            let tensors: Vec<(String, Vec<usize>, &[f32])> = tensors
+                .into_iter()
+                .zip(&stored)
+                .map(|((n, shape, w), s)| (n, shape, s.as_deref().unwrap_or(w)))
+                .collect();
             crate::checkpoint::safetensors::write(&tmp.join("model.safetensors"), &tensors, store)
         })
     }

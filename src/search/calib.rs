@@ -216,11 +216,8 @@ pub fn load(
     let mut windows = Vec::new();
     let mut sources = Vec::new();
     for (path, kind, ids) in documents {
-        // With `bos` (Gemma), each window is it and the next seq_len - 1 tokens.
-        let take: Vec<Vec<u32>> = ids
-            .chunks_exact(seq_len - usize::from(bos.is_some()))
+        let take: Vec<Vec<u32>> = super::chunks(&ids, seq_len, bos)
             .take(max_windows - windows.len())
-            .map(|c| bos.into_iter().chain(c.iter().copied()).collect())
             .collect();
         sources.push(CalibSource {
             path,

@@ -34,10 +34,8 @@ pub fn windows(
             "--seq-len {seq_len} is too short: at least 2 tokens are needed"
         )));
     }
-    let all: Vec<Vec<u32>> = ids
-        .chunks_exact(seq_len - usize::from(bos.is_some()))
+    let all: Vec<Vec<u32>> = chunks(ids, seq_len, bos)
         .take(max_windows.unwrap_or(usize::MAX))
-        .map(|c| bos.into_iter().chain(c.iter().copied()).collect())
         .collect();
     if all.is_empty() {
         return Err(Error::Input(format!(
@@ -46,6 +44,17 @@ pub fn windows(
         )));
     }
     Ok(all)
+}
+
+/// Non-overlapping windows of `seq_len` tokens from the start of `ids`, each
+/// starting with `bos` when given (then `seq_len - 1` tokens of `ids` each).
+pub(crate) fn chunks(
+    ids: &[u32],
+    seq_len: usize,
+    bos: Option<u32>,
+) -> impl Iterator<Item = Vec<u32>> + '_ {
+    ids.chunks_exact(seq_len - usize::from(bos.is_some()))
+        .map(move |c| bos.into_iter().chain(c.iter().copied()).collect())
 }
 
 /// Result of `depthc eval`.

@@ -65,8 +65,9 @@ pub(super) fn build<'m>(d: &Decoder<'m>, b: &mut Builder<'m>, plan: &Plan, form:
     for step in &plan.steps {
         match step {
             Step::Layer(l) => layer(d, b, &mut r, &[*l], false, &lengths, &ropes),
+            // `form` is already what `written_form` allows.
             Step::Parallel(g) => {
-                let fused = form == Form::Fused && d.fusable(&g.layers);
+                let fused = form == Form::Fused;
                 layer(d, b, &mut r, &g.layers, fused, &lengths, &ropes)
             }
         }
@@ -172,6 +173,27 @@ fn norm<'m>(
             outs[0].clone()
         }
     }
+}
+
+/// Each branch's own norm of the residual, `weight(layer)` and named
+/// `/model/layers.{l}/{name}`: the first adds the pending sublayer output, the
+/// others read the sum it leaves in `r`.
+fn branch_norms<'m>(
+    d: &Decoder<'m>,
+    b: &mut Builder<'m>,
+    r: &mut Residual,
+    layers: &[usize],
+    name: &str,
+    weight: impl Fn(&'m DecoderLayer) -> &'m [f32],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for &l in layers {
+        let p = format!("/model/layers.{l}/{name}");
+        let w = Some(weight(&d.model.layers[l]));
+        out.push(norm(d, b, r, &p, w));
+        // `norm` has cleared `r.pending`: the next branch norms the same sum.
+    }
+    out
 }
 
 /// One original layer (`layers` of one) or a parallel group, as branches
@@ -290,35 +312,14 @@ fn layer<'m>(
             .map(|(&l, part)| attend(b, l, part))
             .collect()
     } else {
+        let normed = branch_norms(d, b, r, layers, "input_layernorm", |l| &l.input_layernorm);
         let mut outs = Vec::new();
-        for (k, (&l, &layer)) in layers.iter().zip(&ls).enumerate() {
-            // The first norm adds the pending output; the others read the sum.
-            let xn = if k == 0 {
-                norm(
-                    d,
-                    b,
-                    r,
-                    &format!("/model/layers.{l}/input_layernorm"),
-                    Some(&layer.input_layernorm),
-                )
-            } else {
-                let mut side = Residual {
-                    value: r.value.clone(),
-                    pending: None,
-                };
-                norm(
-                    d,
-                    b,
-                    &mut side,
-                    &format!("/model/layers.{l}/input_layernorm"),
-                    Some(&layer.input_layernorm),
-                )
-            };
+        for ((&l, &layer), xn) in layers.iter().zip(&ls).zip(&normed) {
             let (parts, bias) = qkv(layer, false);
             let q = d.make_linear(
                 b,
                 &format!("/model/layers.{l}/attn/qkv_proj"),
-                &xn,
+                xn,
                 Packed::Columns(parts),
                 bias,
             );
@@ -328,16 +329,12 @@ fn layer<'m>(
     };
     let attn_out = if fused {
         let refs: Vec<&str> = contexts.iter().map(String::as_str).collect();
-        let ctx = if refs.len() == 1 {
-            refs[0].to_string()
-        } else {
-            b.node(
-                &format!("{p}/attn/Concat"),
-                "Concat",
-                &refs,
-                vec![("axis", Attr::Int(-1))],
-            )
-        };
+        let ctx = b.node(
+            &format!("{p}/attn/Concat"),
+            "Concat",
+            &refs,
+            vec![("axis", Attr::Int(-1))],
+        );
         let o: Vec<&'m Matrix> = ls.iter().map(|l| &l.self_attn.o_proj.weight).collect();
         let bias = o_bias_sum(cfg, &ls);
         d.make_linear(b, &format!("{p}/attn/o_proj"), &ctx, Packed::Rows(o), bias)
@@ -366,21 +363,14 @@ fn layer<'m>(
         let hn = norm(d, b, r, &format!("{p}/post_attention_layernorm"), None);
         d.make_fused_mlp(b, &p, &ls, &hn)
     } else {
-        let mut outs = Vec::new();
-        for (k, (&l, &layer)) in layers.iter().zip(&ls).enumerate() {
-            let pn = format!("/model/layers.{l}/post_attention_layernorm");
-            let w = Some(layer.post_attention_layernorm.as_slice());
-            let hn = if k == 0 {
-                norm(d, b, r, &pn, w)
-            } else {
-                let mut side = Residual {
-                    value: r.value.clone(),
-                    pending: None,
-                };
-                norm(d, b, &mut side, &pn, w)
-            };
-            outs.push(d.make_mlp_normed(b, l, &hn));
-        }
+        let normed = branch_norms(d, b, r, layers, "post_attention_layernorm", |l| {
+            &l.post_attention_layernorm
+        });
+        let outs: Vec<String> = layers
+            .iter()
+            .zip(&normed)
+            .map(|(&l, hn)| d.make_mlp_normed(b, l, hn))
+            .collect();
         d.make_sum(b, &format!("{p}/mlp_branches"), &outs)
     };
     r.pending = Some(mlp_out);
