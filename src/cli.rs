@@ -240,7 +240,6 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-/// How a parallel group is written in ONNX.
 /// Which operators the emitted graph uses.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum OpsArg {
@@ -253,6 +252,7 @@ pub enum OpsArg {
     Ort,
 }
 
+/// How a parallel group is written in ONNX.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum FormArg {
     /// One wider layer per group: concatenated Q/K/V and gate/up, stacked o/down

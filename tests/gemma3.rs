@@ -93,11 +93,14 @@ fn logits_match_transformers() {
 /// a 24-token prefill and 8 decode steps cross it: local layers (window, RoPE
 /// base 10000) and global ones (RoPE base 1e6) each get their own mask and
 /// tables. The pairs 4-5 (local with global) and 8-9 are written as branches:
-/// Gemma has no exact fused form. onnxruntime-genai then generates the
-/// reference's greedy tokens from the unmodified window.
+/// Gemma has no exact fused form. Each in plain operators and in ONNX
+/// Runtime's (`--ops ort`: head norms before GroupQueryAttention, its
+/// `local_window_size` and per-layer RoPE caches, output norms before the
+/// residual add). onnxruntime-genai then generates the reference's greedy
+/// tokens from the unmodified window.
 #[test]
 fn onnx_runtime_and_genai_match_the_reference() {
-    use depthc::graph::{ElemType, Form};
+    use depthc::graph::{ElemType, Form, Ops};
     use depthc::onnx::package::{emit, EmitOptions, Source};
     let (ckpt, mut model) = load(&gemma_path());
     let tokenizer = ckpt.tokenizer.as_ref().unwrap();
@@ -111,15 +114,21 @@ fn onnx_runtime_and_genai_match_the_reference() {
     let mut prompt = vec![model.config.bos_token_id.unwrap()];
     prompt.extend(&ids_of(&golden["texts"][0]["ids"])[..23]);
     let dir = tempfile::tempdir().unwrap();
-    for window in [None, Some(16)] {
-        if window.is_some() {
+    let cases = [
+        (None, Ops::Portable),
+        (None, Ops::Ort),
+        (Some(16), Ops::Portable),
+        (Some(16), Ops::Ort),
+    ];
+    for (window, ops) in cases {
+        if window.is_some() && model.config.sliding_window != window {
             // The shorter window must change the local layers' outputs.
             let before = logits(&model, &plan, &prompt);
             model.config.sliding_window = window;
             let d = common::max_abs_diff(&before, &logits(&model, &plan, &prompt));
             assert!(d > 1e-2, "window 16 left the logits as they were ({d})");
         }
-        let out = dir.path().join(format!("window-{window:?}"));
+        let out = dir.path().join(format!("window-{window:?}-{}", ops.name()));
         emit(
             &model,
             &plan,
@@ -130,7 +139,7 @@ fn onnx_runtime_and_genai_match_the_reference() {
             &EmitOptions {
                 form: Form::Fused,
                 float: ElemType::F32,
-                ops: depthc::graph::Ops::Portable,
+                ops,
             },
             &out,
             &indicatif::ProgressBar::hidden(),
@@ -138,9 +147,10 @@ fn onnx_runtime_and_genai_match_the_reference() {
         .unwrap();
         let v = common::validate_emitted(&out, &model, &plan, &prompt, 8);
         let worst = v.outputs.iter().map(|o| o.max_abs).fold(0f32, f32::max);
-        eprintln!("gemma3 `{plan}` window {window:?}: max abs {worst:e}");
+        let ops = ops.name();
+        eprintln!("gemma3 {ops} `{plan}` window {window:?}: max abs {worst:e}");
         // Gemma's logits reach +-30: 1e-3 is a relative 3e-5.
-        assert!(worst <= 1e-3, "window {window:?}: {worst}");
+        assert!(worst <= 1e-3, "{ops} window {window:?}: {worst}");
         assert!(v.tokens_agree);
         if window.is_none() {
             let mut args = vec![out.to_str().unwrap().to_string(), "8".to_string()];
@@ -150,7 +160,7 @@ fn onnx_runtime_and_genai_match_the_reference() {
             assert_eq!(
                 ids_of(&r["tokens"]),
                 v.tokens_reference[..8],
-                "onnxruntime-genai"
+                "onnxruntime-genai ({ops})"
             );
         }
         std::fs::remove_dir_all(&out).unwrap();

@@ -64,9 +64,6 @@ fn fill(
     progress: &ProgressBar,
 ) -> Result<Written> {
     let cfg = &model.config;
-    if opts.ops == Ops::Ort {
-        graph::decoder::ort::supported(cfg).map_err(Error::Input)?;
-    }
     let graph = graph::build(model, plan, opts.form, opts.ops, opts.float);
     let written = write(&graph, &dir.join(MODEL_FILE), progress)?;
     drop(graph);

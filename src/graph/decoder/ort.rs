@@ -9,8 +9,13 @@
 //! - one packed QKV MatMul per layer (per group in the fused form) feeding
 //!   `GroupQueryAttention` (`com.microsoft`), which applies RoPE (`do_rotary`),
 //!   appends to the layer's cache and attends;
-//! - gate/up and down MatMuls with SwiGLU, packed across a group in the fused
-//!   form exactly as in the portable fused form.
+//! - gate/up and down MatMuls with SwiGLU (GeGLU for Gemma), packed across a
+//!   group in the fused form exactly as in the portable fused form;
+//! - Qwen3's and Gemma's per-head q/k norms as `SimplifiedLayerNormalization`
+//!   over `[B, S, heads, head_dim]` between the QKV MatMul and
+//!   `GroupQueryAttention` (which then takes query, key and value apart and
+//!   rotates the normed heads), and Gemma's norms of each sublayer's output as
+//!   `SimplifiedLayerNormalization` before the residual add.
 //!
 //! `position_ids` stays a graph input (the contract) but is not read:
 //! `GroupQueryAttention` takes positions from the cache length.
@@ -37,18 +42,6 @@ struct Residual {
 struct Lengths {
     seqlens_k: String,
     total: String,
-}
-
-/// Families `--ops ort` writes: Llama-style blocks (biases allowed); not q/k
-/// head norms (Qwen3) nor Gemma's scaled embedding and sandwich norms.
-pub fn supported(cfg: &crate::checkpoint::ModelConfig) -> std::result::Result<(), String> {
-    if cfg.qk_norm || cfg.sandwich_norms || cfg.embed_scale.is_some() {
-        return Err(format!(
-            "--ops ort does not support {} (q/k head norms or Gemma's norms); use --ops portable",
-            cfg.family.name()
-        ));
-    }
-    Ok(())
 }
 
 pub(super) fn build<'m>(d: &Decoder<'m>, b: &mut Builder<'m>, plan: &Plan, form: Form) -> String {
@@ -149,19 +142,10 @@ fn norm<'m>(
         Some(w) => b.weight(&name, vec![h], Box::new(move || w.to_vec())),
         None => b.weight(&name, vec![h], Box::new(move || vec![1.0; h])),
     };
-    let eps = Attr::Float(cfg.rms_norm_eps as f32);
     match r.pending.take() {
-        None => b.node(
-            &format!("{p}/SimplifiedLayerNormalization"),
-            "SimplifiedLayerNormalization",
-            &[&r.value, &w],
-            vec![
-                ("epsilon", eps),
-                ("axis", Attr::Int(-1)),
-                ("stash_type", Attr::Int(1)),
-            ],
-        ),
+        None => simplified_norm(d, b, p, &r.value, &w),
         Some(pending) => {
+            let eps = Attr::Float(cfg.rms_norm_eps as f32);
             let outs = b.node_n(
                 &format!("{p}/SkipSimplifiedLayerNormalization"),
                 "SkipSimplifiedLayerNormalization",
@@ -173,6 +157,93 @@ fn norm<'m>(
             outs[0].clone()
         }
     }
+}
+
+/// `SimplifiedLayerNormalization` of `x` over its last axis with the
+/// initializer `w`.
+fn simplified_norm(d: &Decoder, b: &mut Builder, p: &str, x: &str, w: &str) -> String {
+    b.node(
+        &format!("{p}/SimplifiedLayerNormalization"),
+        "SimplifiedLayerNormalization",
+        &[x, w],
+        vec![
+            ("epsilon", Attr::Float(d.model.config.rms_norm_eps as f32)),
+            ("axis", Attr::Int(-1)),
+            ("stash_type", Attr::Int(1)),
+        ],
+    )
+}
+
+/// Gemma's norm of a sublayer's output `x` (nothing for other families).
+fn out_norm<'m>(
+    d: &Decoder<'m>,
+    b: &mut Builder<'m>,
+    p: &str,
+    x: String,
+    weight: &'m Option<Vec<f32>>,
+) -> String {
+    match weight {
+        None => x,
+        Some(w) => {
+            let name = format!("{}.weight", p.trim_start_matches('/').replace('/', "."));
+            let w = b.weight(&name, vec![w.len()], Box::new(move || w.clone()));
+            simplified_norm(d, b, p, &x, &w)
+        }
+    }
+}
+
+/// `GroupQueryAttention`'s query, key and value inputs for layer `l` from its
+/// packed `[q | k | v]` projection: the packed tensor itself (key and value
+/// empty), or, with per-head q/k norms, the three parts with q and k normed
+/// over each head (`[B, S, heads, head_dim]`, one `[head_dim]` weight).
+fn attention_inputs<'m>(
+    d: &Decoder<'m>,
+    b: &mut Builder<'m>,
+    l: usize,
+    packed: &str,
+) -> [String; 3] {
+    let cfg = &d.model.config;
+    let a = &d.model.layers[l].self_attn;
+    let (Some(q_norm), Some(k_norm)) = (&a.q_norm, &a.k_norm) else {
+        return [packed.to_string(), String::new(), String::new()];
+    };
+    let (nh, nkv, hd) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let p = format!("/model/layers.{l}/attn");
+    let sizes = b.ints(&[(nh * hd) as i64, (nkv * hd) as i64, (nkv * hd) as i64]);
+    let mut qkv = b.node_n(
+        &format!("{p}/qkv_proj/Split"),
+        "Split",
+        &[packed, &sizes],
+        3,
+        vec![("axis", Attr::Int(-1))],
+    );
+    for (i, name, heads, w) in [(0, "q_norm", nh, q_norm), (1, "k_norm", nkv, k_norm)] {
+        let pn = format!("{p}/{name}");
+        let split = b.ints(&[0, 0, heads as i64, hd as i64]);
+        let x = b.node(
+            &format!("{pn}/Reshape"),
+            "Reshape",
+            &[&qkv[i], &split],
+            vec![],
+        );
+        let wname = format!("{}.weight", pn.trim_start_matches('/').replace('/', "."));
+        let w = b.weight(&wname, vec![hd], Box::new(move || w.clone()));
+        let normed = simplified_norm(d, b, &pn, &x, &w);
+        let merge = b.ints(&[0, 0, (heads * hd) as i64]);
+        qkv[i] = b.node(
+            &format!("{pn}/Reshape_1"),
+            "Reshape",
+            &[&normed, &merge],
+            vec![],
+        );
+    }
+    let v = qkv.pop().expect("three parts");
+    let k = qkv.pop().expect("three parts");
+    [qkv.pop().expect("three parts"), k, v]
 }
 
 /// Each branch's own norm of the residual, `weight(layer)` and named
@@ -244,10 +315,11 @@ fn layer<'m>(
         let (cos, sin) = &ropes[l];
         let past_k = contract::past_key(l);
         let past_v = contract::past_value(l);
+        let [q, k, v] = attention_inputs(d, b, l, qkv);
         let inputs: [&str; GQA_INPUTS] = [
-            qkv,
-            "",
-            "",
+            &q,
+            &k,
+            &v,
             &past_k,
             &past_v,
             &lengths.seqlens_k,
@@ -345,13 +417,15 @@ fn layer<'m>(
             .zip(&contexts)
             .map(|((&l, layer), ctx)| {
                 let a = &layer.self_attn;
-                d.make_linear(
+                let o = d.make_linear(
                     b,
                     &format!("/model/layers.{l}/attn/o_proj"),
                     ctx,
                     Packed::t(&a.o_proj.weight),
                     a.o_proj.bias.clone(),
-                )
+                );
+                let p = format!("/model/layers.{l}/post_attention_norm");
+                out_norm(d, b, &p, o, &layer.attn_out_norm)
             })
             .collect();
         d.make_sum(b, &format!("{p}/attn_branches"), &outs)
@@ -368,8 +442,13 @@ fn layer<'m>(
         });
         let outs: Vec<String> = layers
             .iter()
+            .zip(&ls)
             .zip(&normed)
-            .map(|(&l, hn)| d.make_mlp_normed(b, l, hn))
+            .map(|((&l, layer), hn)| {
+                let m = d.make_mlp_normed(b, l, hn);
+                let p = format!("/model/layers.{l}/post_feedforward_norm");
+                out_norm(d, b, &p, m, &layer.mlp_out_norm)
+            })
             .collect();
         d.make_sum(b, &format!("{p}/mlp_branches"), &outs)
     };
