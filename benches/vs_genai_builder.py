@@ -3,7 +3,7 @@
 
 In one run, with alternating repetitions, ONNX Runtime (CPU, fp32, Python API, default
 threads) measures for each model:
-  prefill  latency of a 128-token prompt from an empty cache;
+  prefill  latency of a 128-token prompt from an empty cache (the fastest of 3 calls);
   decode   tokens/s of 128 greedy steps after a 32-token prompt, each step feeding the
            previous step's present.* back as past_key_values.* (batch 1 and batch 8).
   genai    tokens/s of the same decode through onnxruntime-genai (batch 1), as a
@@ -12,12 +12,17 @@ Models: the builder's export of the same weights (the baseline of every ratio), 
 unmodified model in both operator modes (`--ops portable`, `--ops ort`), and depthc's
 compiled model (6 parallel pairs, fused form) in both modes.
 
+Ratios are taken per round (each model against the builder's run of the same round) and
+summarised as median [min-max]. Batch-1 decode is weight-bandwidth bound: the script
+measures how many weight bytes/s one large MatMul streams here and how many each model's
+decode streams.
+
 It also writes the portable baseline as ONNX Runtime optimises it
 (SessionOptions.optimized_model_filepath) and prints which ops the optimiser made, and
 (with --profile) a per-op time profile of the decode of each model.
 
 Run from the repository root after scripts/setup.sh and `cargo build --release`:
-    python3 benches/vs_genai_builder.py [--venv DIR] [--runs 3]
+    python3 benches/vs_genai_builder.py [--venv DIR] [--runs 7]
 The builder needs torch, transformers, onnx, onnx_ir and onnxruntime-genai: the script
 makes DIR (default .cache/builder-venv) and installs them from PyPI unless DIR already has
 them (any venv with them will do: --venv).
@@ -60,6 +65,8 @@ def run(cmd, **kw):
 
 def export(work, depthc, py):
     hf = os.path.join(work, "hf")
+    for d in os.listdir(work):  # a kept folder from an earlier run: export afresh
+        shutil.rmtree(os.path.join(work, d), ignore_errors=True)
     run([depthc, "convert", GGUF, "-o", hf])
     models = {"builder": os.path.join(work, "builder")}
     run([py, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", models["builder"],
@@ -118,11 +125,15 @@ def step(name, ids, past, past_len):
     outs = s.run(None, feed(name, ids, past, past_len))
     return outs[0], outs[1:]
 
-def prefill(name, batch):
+def prefill(name, batch, calls=3):
+    """The fastest of `calls` prefills (one alone is at the mercy of the machine)."""
     ids = np.tile(prompt_ids, (batch, 1))
-    t = time.perf_counter()
-    step(name, ids, None, 0)
-    return (time.perf_counter() - t) * 1000
+    best = float("inf")
+    for _ in range(calls):
+        t = time.perf_counter()
+        step(name, ids, None, 0)
+        best = min(best, time.perf_counter() - t)
+    return best * 1000
 
 def decode(name, batch, prompt=32, new=128):
     ids = np.tile(prompt_ids[:, :prompt], (batch, 1))
@@ -149,11 +160,33 @@ def genai_decode(name, prompt=32, new=128):
         gen.generate_next_token()
     return new / (time.perf_counter() - t)
 
+def gemv_gb_per_s(k=576, n=245760):
+    """Weight bytes/s of one [1, k] x [k, n] MatMul (566 MB of float32 weights, far
+    past the caches): the most a batch-1 decode step can stream on this machine."""
+    from onnx import helper, numpy_helper, TensorProto
+    w = np.random.default_rng(1).random((k, n), np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                          [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = {"x": np.ones((1, k), np.float32)}
+    for _ in range(3):
+        s.run(None, x)
+    t = time.perf_counter()
+    for _ in range(10):
+        s.run(None, x)
+    return w.nbytes * 10 / (time.perf_counter() - t) / 1e9
+
 results = {n: {"prefill_ms": [], "decode_b1": [], "decode_b8": [], "genai_b1": []} for n in sessions}
 for n in sessions:  # warm-up
     prefill(n, 1); decode(n, 1, new=8)
+gemv = gemv_gb_per_s()
 for r in range(spec["runs"]):
-    for n in sessions:  # alternating: every model once per round
+    # alternating: every model once per round, the order reversed every other round
+    for n in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):
         results[n]["prefill_ms"].append(prefill(n, 1))
         results[n]["decode_b1"].append(decode(n, 1))
         results[n]["decode_b8"].append(decode(n, 8))
@@ -163,7 +196,7 @@ if spec["profile"]:  # separate sessions: profiling slows every node down
         sessions[n] = open_session(n, True)
         prefill(n, 1); decode(n, 1, new=32)
         results[n]["profile"] = sessions[n].end_profiling()
-print(json.dumps(results))
+print(json.dumps({"models": results, "gemv_gb_per_s": gemv}))
 '''
 
 
@@ -189,7 +222,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--venv", default=os.path.join(ROOT, ".cache/builder-venv"))
     ap.add_argument("--depthc", default=os.path.join(ROOT, "target/release/depthc"))
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--keep", help="keep the exported models in this folder")
     a = ap.parse_args()
@@ -203,18 +236,37 @@ def main():
         optimized = os.path.join(work, "portable-optimized.onnx")
         spec = {"models": models, "runs": a.runs, "optimized": optimized,
                 "profile": a.profile, "profile_dir": work}
-        res = json.loads(run([py, "-c", MEASURE, json.dumps(spec)]))
-        med = {n: {k: statistics.median(v) for k, v in r.items() if k != "profile"} for n, r in res.items()}
-        base = med["builder"]
-        print(f"\nSmolLM2-135M, ONNX Runtime CPU fp32, median of {a.runs} alternating runs; "
-              "ratios against the onnxruntime-genai builder's export (>1 is faster)")
-        print(f"{'model':28} {'prefill ms':>10} {'x':>6} {'decode b1 tok/s':>16} {'x':>6} "
-              f"{'decode b8 tok/s':>16} {'x':>6} {'genai b1 tok/s':>15} {'x':>6}")
+        out = json.loads(run([py, "-c", MEASURE, json.dumps(spec)]))
+        res = out["models"]
+        metrics = ["prefill_ms", "decode_b1", "decode_b8", "genai_b1"]
+        med = {n: {k: statistics.median(r[k]) for k in metrics} for n, r in res.items()}
+        # Each round's ratio against the builder's run of the same round (>1 is faster),
+        # so that the machine's drift between rounds cancels.
+        ratios = {n: {k: [(b / x if k == "prefill_ms" else x / b)
+                          for x, b in zip(r[k], res["builder"][k])] for k in metrics}
+                  for n, r in res.items()}
+        print(f"\nSmolLM2-135M, ONNX Runtime CPU fp32, {a.runs} alternating rounds. Each cell: "
+              "median over rounds, then the median [min-max] of the per-round ratio against "
+              "the onnxruntime-genai builder's export of the same round (>1 is faster)")
+        heads = ["prefill ms", "decode b1 tok/s", "decode b8 tok/s", "genai b1 tok/s"]
+        print(f"{'model':28} " + " ".join(f"{h:>30}" for h in heads))
+        for n in res:
+            cells = []
+            for k in metrics:
+                q = ratios[n][k]
+                cells.append(f"{med[n][k]:8.1f} x{statistics.median(q):.2f} "
+                             f"[{min(q):.2f}-{max(q):.2f}]")
+            print(f"{n:28} " + " ".join(f"{c:>30}" for c in cells))
+        # Every model multiplies by the same weights each decode step (pairing regroups
+        # them, never drops any): all of depthc's weights but the embedding table, whose
+        # Gather reads one row per token.
+        streamed = os.path.getsize(os.path.join(models["depthc baseline ort"], "model.onnx.data"))
+        streamed -= 49152 * 576 * 4
+        print(f"\none [1, 576] x [576, 245760] MatMul streams {out['gemv_gb_per_s']:.1f} GB/s of "
+              f"weights; batch-1 decode streams {streamed / 1e6:.0f} MB a step:")
         for n, m in med.items():
-            print(f"{n:28} {m['prefill_ms']:10.1f} {base['prefill_ms'] / m['prefill_ms']:6.2f} "
-                  f"{m['decode_b1']:16.1f} {m['decode_b1'] / base['decode_b1']:6.2f} "
-                  f"{m['decode_b8']:16.1f} {m['decode_b8'] / base['decode_b8']:6.2f} "
-                  f"{m['genai_b1']:15.1f} {m['genai_b1'] / base['genai_b1']:6.2f}")
+            gbs = streamed * m["decode_b1"] / 1e9
+            print(f"  {n:28} {gbs:5.1f} GB/s ({gbs / out['gemv_gb_per_s']:.0%} of the MatMul's)")
         print("\nportable baseline as ONNX Runtime optimises it (op counts):")
         print("  " + ", ".join(f"{op} {c}" for op, c in op_histogram(optimized, py)))
         if a.profile:
