@@ -17,7 +17,7 @@ use super::contract::{self, ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS};
 use super::{Attr, Builder, ElemType, Graph};
 use crate::checkpoint::config::Activation;
 use crate::forward::ops::Rope;
-use crate::model::{Attention, DecoderLayer, Linear, Matrix, Model};
+use crate::model::{Attention, DecoderLayer, Matrix, Model};
 use crate::plan::{Plan, Step};
 
 /// How a parallel group is written.
@@ -263,13 +263,15 @@ impl<'m> Decoder<'m> {
         (cos, sin)
     }
 
-    /// Additive mask `[batch, 1, seq, total_seq]`: 0 where query `i` (at
-    /// absolute index `past + i`) may see key `j`, the lowest float elsewhere.
-    /// Causal, padding from `attention_mask`, and the sliding window if any.
+    /// Additive mask `[batch, 1, group * seq, total_seq]`: 0 where query `i`
+    /// (at absolute index `past + i`) may see key `j`, the lowest float
+    /// elsewhere; repeated for the `group` query heads that share a KV head
+    /// (see `make_attend`). Causal, padding from `attention_mask`, and the
+    /// sliding window if any.
     ///
     /// ```text
     /// Shape(input_ids)[1] = S, Shape(attention_mask)[1] = T
-    /// Range(0,T) <= Unsqueeze(Range(T-S,T)) ─ And ─ And(Cast(attention_mask)) ─ Where(0, min)
+    /// Range(0,T) <= Unsqueeze(Range(T-S,T)) ─ And ─ Tile(group, 1) ─ And(Cast(attention_mask)) ─ Where(0, min)
     /// ```
     fn make_attention_mask(&self, b: &mut Builder<'m>, window: Option<usize>, tag: &str) -> String {
         let p = format!("/model/attn_mask{tag}");
@@ -330,6 +332,17 @@ impl<'m> Decoder<'m> {
                 &format!("{p}/sliding_window/And"),
                 "And",
                 &[&allowed, &inside],
+                vec![],
+            );
+        }
+        let cfg = &self.model.config;
+        let group = cfg.num_attention_heads / cfg.num_key_value_heads;
+        if group > 1 {
+            let repeats = b.ints(&[group as i64, 1]);
+            allowed = b.node(
+                &format!("{p}/query_groups/Tile"),
+                "Tile",
+                &[&allowed, &repeats],
                 vec![],
             );
         }
@@ -502,11 +515,13 @@ impl<'m> Decoder<'m> {
     }
 
     /// Grouped-query attention of `q [B, hq, S, hd]` over `k, v [B, hkv, T, hd]`,
-    /// returning `[B, S, hq*hd]`.
+    /// returning `[B, S, hq*hd]`. Query head `h` reads KV head `h / group`:
+    /// the `group` heads of each KV head are laid end to end as one longer
+    /// query (`[B, hkv, group*S, hd]`), so the cache is read as it is, never
+    /// repeated per query head; the mask is already `group*S` rows.
     ///
     /// ```text
-    /// k, v ─ Unsqueeze ─ Expand(group) ─ Reshape    (query head h reads KV head h / group)
-    /// Softmax(q @ k^T * scale + mask) @ v ─ Transpose ─ Reshape
+    /// Softmax(Reshape(q) @ k^T * scale + mask) @ v ─ Reshape ─ Transpose ─ Reshape
     /// ```
     #[allow(clippy::too_many_arguments)]
     fn make_attend(
@@ -520,43 +535,21 @@ impl<'m> Decoder<'m> {
         hkv: usize,
         mask: &str,
     ) -> String {
-        let hd = self.model.config.head_dim;
-        let group = hq / hkv;
-        let repeat = |b: &mut Builder<'m>, name: &str, x: &str| -> String {
-            if group == 1 {
-                return x.to_string();
-            }
-            let axes = b.ints(&[2]);
-            let u = b.node(
-                &format!("{p}/repeat_kv/{name}/Unsqueeze"),
-                "Unsqueeze",
-                &[x, &axes],
-                vec![],
-            );
-            let shape = b.ints(&[1, 1, group as i64, 1, 1]);
-            let e = b.node(
-                &format!("{p}/repeat_kv/{name}/Expand"),
-                "Expand",
-                &[&u, &shape],
-                vec![],
-            );
-            let flat = b.ints(&[0, hq as i64, -1, hd as i64]);
-            b.node(
-                &format!("{p}/repeat_kv/{name}/Reshape"),
-                "Reshape",
-                &[&e, &flat],
-                vec![],
-            )
-        };
-        let k = repeat(b, "key", k);
-        let v = repeat(b, "value", v);
+        let hd = self.model.config.head_dim as i64;
+        let grouped = b.ints(&[0, hkv as i64, -1, hd]);
+        let q = b.node(
+            &format!("{p}/query_groups/Reshape"),
+            "Reshape",
+            &[q, &grouped],
+            vec![],
+        );
         let kt = b.node(
             &format!("{p}/key/Transpose"),
             "Transpose",
-            &[&k],
+            &[k],
             vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
         );
-        let scores = b.node(&format!("{p}/qk/MatMul"), "MatMul", &[q, &kt], vec![]);
+        let scores = b.node(&format!("{p}/qk/MatMul"), "MatMul", &[&q, &kt], vec![]);
         let scale = b.scalar(self.model.config.query_scale as f32);
         let scaled = b.node(&format!("{p}/qk/Mul"), "Mul", &[&scores, &scale], vec![]);
         let masked = b.node(&format!("{p}/qk/Add"), "Add", &[&scaled, mask], vec![]);
@@ -566,14 +559,21 @@ impl<'m> Decoder<'m> {
             &[&masked],
             vec![("axis", Attr::Int(-1))],
         );
-        let ctx = b.node(&format!("{p}/pv/MatMul"), "MatMul", &[&probs, &v], vec![]);
+        let ctx = b.node(&format!("{p}/pv/MatMul"), "MatMul", &[&probs, v], vec![]);
+        let heads = b.ints(&[0, hq as i64, -1, hd]);
+        let ctx = b.node(
+            &format!("{p}/pv/heads/Reshape"),
+            "Reshape",
+            &[&ctx, &heads],
+            vec![],
+        );
         let t = b.node(
             &format!("{p}/pv/Transpose"),
             "Transpose",
             &[&ctx],
             vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
         );
-        let shape = b.ints(&[0, 0, (hq * hd) as i64]);
+        let shape = b.ints(&[0, 0, hq as i64 * hd]);
         b.node(&format!("{p}/pv/Reshape"), "Reshape", &[&t, &shape], vec![])
     }
 
@@ -589,17 +589,32 @@ impl<'m> Decoder<'m> {
             x,
             Norm::Weight(&layer.input_layernorm),
         );
-        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let proj = |b: &mut Builder<'m>, name: &str, lin: &'m Linear| {
-            let p = format!("{p}/attn/{name}");
-            self.make_linear(b, &p, &xn, Packed::t(&lin.weight), lin.bias.clone())
-        };
-        let q = proj(b, "q_proj", &a.q_proj);
-        let k = proj(b, "k_proj", &a.k_proj);
-        let v = proj(b, "v_proj", &a.v_proj);
-        let q = self.make_split_heads(b, &format!("{p}/attn/q_heads"), &q, nh);
-        let k = self.make_split_heads(b, &format!("{p}/attn/k_heads"), &k, nkv);
-        let v = self.make_split_heads(b, &format!("{p}/attn/v_heads"), &v, nkv);
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        // One packed [q | k | v] MatMul, split after it.
+        let lins = [&a.q_proj, &a.k_proj, &a.v_proj];
+        let parts = lins.iter().map(|lin| (&lin.weight, None)).collect();
+        let bias = cfg.qkv_bias.then(|| {
+            lins.iter()
+                .flat_map(|lin| lin.bias.as_deref().expect("qkv_bias").iter().copied())
+                .collect()
+        });
+        let p_qkv = format!("{p}/attn/qkv_proj");
+        let qkv = self.make_linear(b, &p_qkv, &xn, Packed::Columns(parts), bias);
+        let sizes = b.ints(&[(nh * hd) as i64, (nkv * hd) as i64, (nkv * hd) as i64]);
+        let qkv = b.node_n(
+            &format!("{p_qkv}/Split"),
+            "Split",
+            &[&qkv, &sizes],
+            3,
+            vec![("axis", Attr::Int(-1))],
+        );
+        let q = self.make_split_heads(b, &format!("{p}/attn/q_heads"), &qkv[0], nh);
+        let k = self.make_split_heads(b, &format!("{p}/attn/k_heads"), &qkv[1], nkv);
+        let v = self.make_split_heads(b, &format!("{p}/attn/v_heads"), &qkv[2], nkv);
         let q = self.make_head_norm(b, &format!("{p}/attn/q_norm"), &q, &[a], nh, |a| &a.q_norm);
         let k = self.make_head_norm(b, &format!("{p}/attn/k_norm"), &k, &[a], nkv, |a| &a.k_norm);
         let q = self.make_rope(b, &format!("{p}/attn/q_rotary"), &q, io, l);
