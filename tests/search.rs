@@ -24,25 +24,6 @@ fn tiny() -> PathBuf {
     fixture("tiny_llama/tiny.q8_0.gguf")
 }
 
-/// `depthc search MODEL -o OUT` on 16-token windows, at most 256 tokens, no
-/// protected layers.
-fn search_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
-    vec![
-        "search",
-        model,
-        "-o",
-        out,
-        "--seq-len",
-        "16",
-        "--max-tokens",
-        "256",
-        "--protect-first",
-        "0",
-        "--protect-last",
-        "0",
-    ]
-}
-
 /// Search the tiny model on a text file with every strategy.
 fn tiny_search(out: &Path, calib: &Path, extra: &[&str]) -> Value {
     let model = tiny();
@@ -242,7 +223,7 @@ fn bad_calibration_and_impossible_budgets_are_refused() {
         assert!(!out.exists());
     }
     // A threshold nothing meets.
-    let mut args = search_args(s(&model), s(&out));
+    let mut args = common::fast_search_args("search", s(&model), s(&out));
     args.extend(["--metric", "cosine", "--min-similarity", "0.99999"]);
     let (code, _, stderr) = depthc(&args);
     assert_eq!(code, 1);
@@ -329,7 +310,7 @@ fn a_candidate_that_goes_non_finite_is_reported_and_dropped() {
     let tokens =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/bad_inputs/cases/tokens.npy");
     let out = dir.path().join("out");
-    let mut args = search_args(s(&model_dir), s(&out));
+    let mut args = common::fast_search_args("search", s(&model_dir), s(&out));
     args.extend([
         "--calib",
         s(&tokens),

@@ -412,7 +412,7 @@ impl<'m> Decoder<'m> {
                 )],
             );
         }
-        let weight_name = format!("{}.weight", p.trim_start_matches('/').replace('/', "."));
+        let weight_name = param_name(p, "weight");
         let w = match norm {
             Norm::Weight(w) => b.weight(&weight_name, vec![h], Box::new(move || w.to_vec())),
             Norm::Folded => b.weight(&weight_name, vec![h], Box::new(move || vec![1.0; h])),
@@ -433,7 +433,7 @@ impl<'m> Decoder<'m> {
 
     /// `x @ W` for a weight written `[in, out]`.
     fn make_matmul(&self, b: &mut Builder<'m>, p: &str, x: &str, weight: Packed<'m>) -> String {
-        let name = format!("{}.weight", p.trim_start_matches('/').replace('/', "."));
+        let name = param_name(p, "weight");
         let dims = vec![weight.rows(), weight.cols()];
         let w = b.weight(&name, dims, Box::new(move || weight.values()));
         b.node(&format!("{p}/MatMul"), "MatMul", &[x, &w], vec![])
@@ -453,11 +453,49 @@ impl<'m> Decoder<'m> {
         match bias {
             None => y,
             Some(bias) => {
-                let name = format!("{}.bias", p.trim_start_matches('/').replace('/', "."));
+                let name = param_name(p, "bias");
                 let bias = b.weight(&name, vec![bias.len()], Box::new(move || bias.clone()));
                 b.node(&format!("{p}/Add"), "Add", &[&y, &bias], vec![])
             }
         }
+    }
+
+    /// Layer `layer`'s `[q | k | v]` projection columns (with its input norm
+    /// folded in when `fold`) and their biases, if the family has them.
+    #[allow(clippy::type_complexity)]
+    fn qkv_columns(
+        &self,
+        layer: &'m DecoderLayer,
+        fold: bool,
+    ) -> (Vec<(&'m Matrix, Option<&'m [f32]>)>, Option<Vec<f32>>) {
+        let a = &layer.self_attn;
+        let g = fold.then_some(layer.input_layernorm.as_slice());
+        let lins = [&a.q_proj, &a.k_proj, &a.v_proj];
+        let parts = lins.iter().map(|lin| (&lin.weight, g)).collect();
+        let bias = self.model.config.qkv_bias.then(|| {
+            lins.iter()
+                .flat_map(|lin| lin.bias.as_deref().expect("qkv_bias").iter().copied())
+                .collect()
+        });
+        (parts, bias)
+    }
+
+    /// Split a packed projection `[B, S, n * (heads + 2 kv_heads) * hd]` laid
+    /// out `[q.. | k.. | v..]` (`n` layers' each) into its q, k and v parts.
+    fn make_qkv_split(&self, b: &mut Builder<'m>, p: &str, packed: &str, n: usize) -> Vec<String> {
+        let cfg = &self.model.config;
+        let (q, kv) = (
+            n * cfg.num_attention_heads * cfg.head_dim,
+            n * cfg.num_key_value_heads * cfg.head_dim,
+        );
+        let sizes = b.ints(&[q as i64, kv as i64, kv as i64]);
+        b.node_n(
+            &format!("{p}/Split"),
+            "Split",
+            &[packed, &sizes],
+            3,
+            vec![("axis", Attr::Int(-1))],
+        )
     }
 
     /// `[B, S, heads*hd] -> [B, heads, S, hd]`.
@@ -589,29 +627,12 @@ impl<'m> Decoder<'m> {
             x,
             Norm::Weight(&layer.input_layernorm),
         );
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         // One packed [q | k | v] MatMul, split after it.
-        let lins = [&a.q_proj, &a.k_proj, &a.v_proj];
-        let parts = lins.iter().map(|lin| (&lin.weight, None)).collect();
-        let bias = cfg.qkv_bias.then(|| {
-            lins.iter()
-                .flat_map(|lin| lin.bias.as_deref().expect("qkv_bias").iter().copied())
-                .collect()
-        });
+        let (parts, bias) = self.qkv_columns(layer, false);
         let p_qkv = format!("{p}/attn/qkv_proj");
         let qkv = self.make_linear(b, &p_qkv, &xn, Packed::Columns(parts), bias);
-        let sizes = b.ints(&[(nh * hd) as i64, (nkv * hd) as i64, (nkv * hd) as i64]);
-        let qkv = b.node_n(
-            &format!("{p_qkv}/Split"),
-            "Split",
-            &[&qkv, &sizes],
-            3,
-            vec![("axis", Attr::Int(-1))],
-        );
+        let qkv = self.make_qkv_split(b, &p_qkv, &qkv, 1);
         let q = self.make_split_heads(b, &format!("{p}/attn/q_heads"), &qkv[0], nh);
         let k = self.make_split_heads(b, &format!("{p}/attn/k_heads"), &qkv[1], nkv);
         let v = self.make_split_heads(b, &format!("{p}/attn/v_heads"), &qkv[2], nkv);
@@ -775,11 +796,7 @@ impl<'m> Decoder<'m> {
         let cfg = &self.model.config;
         let model = self.model;
         let n = layers.len();
-        let (nh, nkv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let p = group_prefix(layers);
         let ls: Vec<&'m DecoderLayer> = layers.iter().map(|&l| &model.layers[l]).collect();
 
@@ -811,18 +828,7 @@ impl<'m> Decoder<'m> {
             Packed::Columns(qkv_parts),
             qkv_bias,
         );
-        let sizes = b.ints(&[
-            (n * nh * hd) as i64,
-            (n * nkv * hd) as i64,
-            (n * nkv * hd) as i64,
-        ]);
-        let qkv = b.node_n(
-            &format!("{p}/attn/qkv_proj/Split"),
-            "Split",
-            &[&qkv, &sizes],
-            3,
-            vec![("axis", Attr::Int(-1))],
-        );
+        let qkv = self.make_qkv_split(b, &format!("{p}/attn/qkv_proj"), &qkv, n);
         let q = self.make_split_heads(b, &format!("{p}/attn/q_heads"), &qkv[0], n * nh);
         let k = self.make_split_heads(b, &format!("{p}/attn/k_heads"), &qkv[1], n * nkv);
         let v = self.make_split_heads(b, &format!("{p}/attn/v_heads"), &qkv[2], n * nkv);
@@ -945,6 +951,12 @@ fn o_bias_sum(cfg: &crate::checkpoint::ModelConfig, ls: &[&DecoderLayer]) -> Opt
         }
         sum
     })
+}
+
+/// The initializer name of node prefix `p`'s `kind` (`weight`, `bias`):
+/// `/model/layers.3/attn/qkv_proj` -> `model.layers.3.attn.qkv_proj.weight`.
+fn param_name(p: &str, kind: &str) -> String {
+    format!("{}.{kind}", p.trim_start_matches('/').replace('/', "."))
 }
 
 fn group_prefix(layers: &[usize]) -> String {

@@ -154,11 +154,11 @@ pub fn run_python(script: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("one JSON object")
 }
 
-/// `depthc compile MODEL -o OUT` with flags that make it take seconds on the
-/// synthetic fixtures (16-token windows, one pair, one benchmark run).
-pub fn fast_compile_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
+/// `depthc COMMAND MODEL -o OUT` (`search` or `compile`) with the search on
+/// 16-token windows, at most 256 tokens, no protected layers.
+pub fn fast_search_args<'a>(command: &'a str, model: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
-        "compile",
+        command,
         model,
         "-o",
         out,
@@ -170,13 +170,15 @@ pub fn fast_compile_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
         "0",
         "--protect-last",
         "0",
-        "--pairs",
-        "1",
-        "--runs",
-        "1",
-        "--steps",
-        "4",
     ]
+}
+
+/// `depthc compile MODEL -o OUT` with flags that make it take seconds on the
+/// synthetic fixtures (16-token windows, one pair, one benchmark run).
+pub fn fast_compile_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
+    let mut args = fast_search_args("compile", model, out);
+    args.extend(["--pairs", "1", "--runs", "1", "--steps", "4"]);
+    args
 }
 
 /// Open `dir`'s model.onnx (f32) in ONNX Runtime and validate it against the

@@ -137,7 +137,7 @@ fn norm<'m>(
 ) -> String {
     let cfg = &d.model.config;
     let h = cfg.hidden_size;
-    let name = format!("{}.weight", p.trim_start_matches('/').replace('/', "."));
+    let name = param_name(p, "weight");
     let w = match weight {
         Some(w) => b.weight(&name, vec![h], Box::new(move || w.to_vec())),
         None => b.weight(&name, vec![h], Box::new(move || vec![1.0; h])),
@@ -185,8 +185,11 @@ fn out_norm<'m>(
     match weight {
         None => x,
         Some(w) => {
-            let name = format!("{}.weight", p.trim_start_matches('/').replace('/', "."));
-            let w = b.weight(&name, vec![w.len()], Box::new(move || w.clone()));
+            let w = b.weight(
+                &param_name(p, "weight"),
+                vec![w.len()],
+                Box::new(move || w.clone()),
+            );
             simplified_norm(d, b, p, &x, &w)
         }
     }
@@ -213,14 +216,7 @@ fn attention_inputs<'m>(
         cfg.head_dim,
     );
     let p = format!("/model/layers.{l}/attn");
-    let sizes = b.ints(&[(nh * hd) as i64, (nkv * hd) as i64, (nkv * hd) as i64]);
-    let mut qkv = b.node_n(
-        &format!("{p}/qkv_proj/Split"),
-        "Split",
-        &[packed, &sizes],
-        3,
-        vec![("axis", Attr::Int(-1))],
-    );
+    let mut qkv = d.make_qkv_split(b, &format!("{p}/qkv_proj"), packed, 1);
     for (i, name, heads, w) in [(0, "q_norm", nh, q_norm), (1, "k_norm", nkv, k_norm)] {
         let pn = format!("{p}/{name}");
         let split = b.ints(&[0, 0, heads as i64, hd as i64]);
@@ -230,8 +226,11 @@ fn attention_inputs<'m>(
             &[&qkv[i], &split],
             vec![],
         );
-        let wname = format!("{}.weight", pn.trim_start_matches('/').replace('/', "."));
-        let w = b.weight(&wname, vec![hd], Box::new(move || w.clone()));
+        let w = b.weight(
+            &param_name(&pn, "weight"),
+            vec![hd],
+            Box::new(move || w.clone()),
+        );
         let normed = simplified_norm(d, b, &pn, &x, &w);
         let merge = b.ints(&[0, 0, (heads * hd) as i64]);
         qkv[i] = b.node(
@@ -294,23 +293,6 @@ fn layer<'m>(
         group_prefix(layers)
     };
     let ls: Vec<&'m DecoderLayer> = layers.iter().map(|&l| &model.layers[l]).collect();
-    // Each layer's packed [q | k | v] columns and biases.
-    let qkv = |layer: &'m DecoderLayer, fold: bool| {
-        let a = &layer.self_attn;
-        let g = fold.then_some(layer.input_layernorm.as_slice());
-        let parts = vec![
-            (&a.q_proj.weight, g),
-            (&a.k_proj.weight, g),
-            (&a.v_proj.weight, g),
-        ];
-        let bias = cfg.qkv_bias.then(|| {
-            [&a.q_proj, &a.k_proj, &a.v_proj]
-                .iter()
-                .flat_map(|lin| lin.bias.as_deref().expect("qkv_bias").iter().copied())
-                .collect::<Vec<f32>>()
-        });
-        (parts, bias)
-    };
     let attend = |b: &mut Builder<'m>, l: usize, qkv: &str| -> String {
         let (cos, sin) = &ropes[l];
         let past_k = contract::past_key(l);
@@ -358,7 +340,7 @@ fn layer<'m>(
         let mut parts = Vec::new();
         let mut bias = Vec::new();
         for &layer in &ls {
-            let (pa, bi) = qkv(layer, true);
+            let (pa, bi) = d.qkv_columns(layer, true);
             parts.extend(pa);
             bias.extend(bi.unwrap_or_default());
         }
@@ -387,7 +369,7 @@ fn layer<'m>(
         let normed = branch_norms(d, b, r, layers, "input_layernorm", |l| &l.input_layernorm);
         let mut outs = Vec::new();
         for ((&l, &layer), xn) in layers.iter().zip(&ls).zip(&normed) {
-            let (parts, bias) = qkv(layer, false);
+            let (parts, bias) = d.qkv_columns(layer, false);
             let q = d.make_linear(
                 b,
                 &format!("/model/layers.{l}/attn/qkv_proj"),
