@@ -14,10 +14,11 @@ pub mod ops;
 
 use rayon::prelude::*;
 
+use crate::model::Rope;
 use crate::model::{Attention, DecoderLayer, Mlp, Model};
 use crate::plan::Plan;
 use crate::{Error, Result};
-use ops::{activation, gemm_strided, matmul_t, rms_norm, Rope};
+use ops::{activation, gemm_strided, matmul_t, rms_norm};
 
 /// Cached keys and values of one original layer: `len` rows of
 /// `[kv_heads * head_dim]`, RoPE already applied to the keys.

@@ -1,18 +1,27 @@
-//! An ONNX-independent graph of the rewritten model: named values, nodes with
+//! The rewritten model as a graph of its own: named values, nodes with
 //! attributes, and initializers whose weights are computed only when the
 //! writer streams them to disk (so a fused weight never exists next to a
-//! second copy of every other one).
+//! second copy of every other one). Nothing here knows ONNX's encoding
+//! ([`crate::onnx`] writes it) or runs a model.
 //!
-//! Stages: [`contract`] (the I/O names, dtypes and symbolic dims of DESIGN.md
-//! section 3), [`decoder`] (one `make_*` function per subgraph of a Llama
-//! decoder, with the `branches` and `fused` forms of a parallel group).
+//! - [`contract`]: the I/O names, dtypes and symbolic dims serving stacks read;
+//! - [`lp`]: Layer Parallelism as a rewrite: the step loop over a plan, the
+//!   branches and fused forms of a group, which groups can be fused exactly,
+//!   group naming, driving an op set;
+//! - [`decoder`]: the subgraphs both op sets write alike (embedding, packed
+//!   projections, gated MLP, branch sums, LM head);
+//! - [`portable`] and [`ort`]: the two op sets (plain ONNX; ONNX Runtime's
+//!   fused operators).
 
 pub mod contract;
-pub mod decoder;
+mod decoder;
+pub mod lp;
+mod ort;
+mod portable;
 
 use std::collections::HashSet;
 
-pub use decoder::{build, written_form, Form, Ops};
+pub use lp::{build, forms, fusable, written_form, Form, FormSupport, Ops};
 
 /// Element type of a graph value or initializer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +29,7 @@ pub enum ElemType {
     F32,
     F16,
     I64,
+    I32,
     Bool,
 }
 
@@ -29,6 +39,7 @@ impl ElemType {
             ElemType::F32 => "float32",
             ElemType::F16 => "float16",
             ElemType::I64 => "int64",
+            ElemType::I32 => "int32",
             ElemType::Bool => "bool",
         }
     }
@@ -55,6 +66,8 @@ pub enum Attr {
     Ints(Vec<i64>),
     Float(f32),
     Str(String),
+    /// An element type (`Cast`'s `to`), written as the ONNX data type number.
+    Type(ElemType),
 }
 
 /// ONNX Runtime's contrib operators (domain `com.microsoft`) that `--ops ort`

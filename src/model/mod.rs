@@ -5,7 +5,11 @@
 //! Biases, q/k norms or extra sublayer norms of other families belong here as
 //! optional fields of [`Attention`], [`Mlp`] and [`DecoderLayer`].
 
+pub mod rope;
+
 use rayon::prelude::*;
+
+pub use rope::Rope;
 
 use crate::checkpoint::{ModelConfig, TensorSource};
 use crate::{Error, Result};

@@ -42,6 +42,7 @@ fn elem_type(e: ElemType) -> i32 {
         ElemType::F32 => data_type::FLOAT,
         ElemType::F16 => data_type::FLOAT16,
         ElemType::I64 => data_type::INT64,
+        ElemType::I32 => data_type::INT32,
         ElemType::Bool => data_type::BOOL,
     }
 }
@@ -78,6 +79,10 @@ fn attribute(name: &str, a: &Attr) -> AttributeProto {
         Attr::Int(i) => {
             p.r#type = attribute_type::INT;
             p.i = *i;
+        }
+        Attr::Type(e) => {
+            p.r#type = attribute_type::INT;
+            p.i = elem_type(*e) as i64;
         }
         Attr::Ints(v) => {
             p.r#type = attribute_type::INTS;

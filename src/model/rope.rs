@@ -1,0 +1,105 @@
+//! Rotary position embedding (RoPE) of a layer, as part of the model
+//! description: the reference forward rotates with it and the graph writes its
+//! `cos`/`sin` tables. Hugging Face's `rotate_half` convention: a head's first
+//! and second halves form the rotated pairs.
+
+use crate::checkpoint::{ModelConfig, RopeScaling};
+
+/// Rotary position embedding: `inv_freq` per rotated pair, as transformers
+/// computes it (with Llama 3 scaling where configured).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    /// The rotation of layer `l` (its RoPE base: Gemma's local layers differ).
+    pub fn of_layer(cfg: &ModelConfig, l: usize) -> Rope {
+        Self::with_theta(cfg, cfg.rope_theta_of(l))
+    }
+
+    pub fn new(cfg: &ModelConfig) -> Rope {
+        Self::with_theta(cfg, cfg.rope_theta)
+    }
+
+    fn with_theta(cfg: &ModelConfig, theta: f64) -> Rope {
+        let dim = cfg.head_dim;
+        let mut inv_freq: Vec<f64> = (0..dim / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / dim as f64))
+            .collect();
+        if let RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old,
+        } = cfg.rope_scaling
+        {
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            for f in inv_freq.iter_mut() {
+                let wavelen = 2.0 * std::f64::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                }
+            }
+        }
+        Rope {
+            inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(),
+        }
+    }
+
+    /// `cos` (or `sin`) of every position below `positions`, `[positions,
+    /// head_dim]` with the two halves equal, as `apply` computes them.
+    pub fn table(&self, positions: usize, sin: bool) -> Vec<f32> {
+        let half = self.inv_freq.len();
+        let mut out = Vec::with_capacity(positions * 2 * half);
+        for pos in 0..positions {
+            let row: Vec<f32> = self
+                .inv_freq
+                .iter()
+                .map(|&f| {
+                    let angle = pos as f32 * f;
+                    if sin {
+                        angle.sin()
+                    } else {
+                        angle.cos()
+                    }
+                })
+                .collect();
+            out.extend_from_slice(&row);
+            out.extend_from_slice(&row);
+        }
+        out
+    }
+
+    /// Rotate every head of `x [T, heads*head_dim]` in place; row `t` is at
+    /// position `start + t`.
+    pub fn apply(&self, x: &mut [f32], heads: usize, start: usize) {
+        let half = self.inv_freq.len();
+        let head_dim = 2 * half;
+        let width = heads * head_dim;
+        let mut cos = vec![0f32; half];
+        let mut sin = vec![0f32; half];
+        for (t, row) in x.chunks_exact_mut(width).enumerate() {
+            let pos = (start + t) as f32;
+            for i in 0..half {
+                // f32 product then cos/sin, as transformers does in float32.
+                let angle = pos * self.inv_freq[i];
+                cos[i] = angle.cos();
+                sin[i] = angle.sin();
+            }
+            for head in row.chunks_exact_mut(head_dim) {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * cos[i] - x2 * sin[i];
+                    b[i] = x2 * cos[i] + x1 * sin[i];
+                }
+            }
+        }
+    }
+}
