@@ -60,14 +60,15 @@ impl Plan {
 
     /// A plan from parallel groups (each ascending, consecutive, at least two layers);
     /// every other layer runs on its own.
-    pub fn from_groups(num_layers: usize, mut groups: Vec<Vec<usize>>, spec: &str) -> Result<Plan> {
+    pub fn from_groups(num_layers: usize, mut groups: Vec<Vec<usize>>) -> Result<Plan> {
+        groups.sort();
         let err = |msg: String| {
+            let spec: Vec<String> = groups.iter().map(|g| group_name(g)).collect();
             Err(Error::Plan {
-                spec: spec.to_string(),
+                spec: spec.join(","),
                 msg,
             })
         };
-        groups.sort();
         let mut owner = vec![None; num_layers];
         for (g, layers) in groups.iter().enumerate() {
             if layers.len() < 2 {
@@ -186,7 +187,16 @@ impl Plan {
                 )));
             }
         }
-        Plan::from_groups(num_layers, groups, spec)
+        Plan::from_groups(num_layers, groups).map_err(|e| match e {
+            Error::Plan { msg, .. } => err(msg),
+            e => e,
+        })
+    }
+
+    /// A plan of adjacent pairs `(i, i + 1)`, as the search builds them.
+    pub fn from_pairs(num_layers: usize, pairs: &[(usize, usize)]) -> Result<Plan> {
+        let groups = pairs.iter().map(|&(a, b)| (a..=b).collect()).collect();
+        Plan::from_groups(num_layers, groups)
     }
 
     pub fn groups(&self) -> impl Iterator<Item = &ParallelGroup> {
@@ -203,6 +213,14 @@ impl Plan {
     /// Effective depth: the number of steps.
     pub fn depth(&self) -> usize {
         self.steps.len()
+    }
+}
+
+/// Plans travel between stages as values; reports and model metadata hold
+/// their canonical text.
+impl serde::Serialize for Plan {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 

@@ -107,15 +107,6 @@ pub struct ModelConfig {
     pub eos_token_id: Option<u32>,
 }
 
-/// Whether a form of a parallel group is exact for a family (see
-/// [`ModelConfig::lp_forms`]).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct FormSupport {
-    pub form: &'static str,
-    pub exact: bool,
-    pub why: String,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum TokenIds {
@@ -461,53 +452,6 @@ impl ModelConfig {
             (Some(s), Some(local)) if s[l] => local,
             _ => self.rope_theta,
         }
-    }
-
-    /// How each form of a parallel group stands for this family: whether it
-    /// computes exactly the LP formula, and why.
-    pub fn lp_forms(&self) -> Vec<FormSupport> {
-        if self.sandwich_norms {
-            return vec![
-                FormSupport {
-                    form: "fused",
-                    exact: false,
-                    why: "each branch's output passes its own RMS norm before the sum, and a \
-                          norm of a sum is not the sum of the norms: a group's o_proj and \
-                          down_proj cannot be stacked into one MatMul, so groups are written \
-                          as branches"
-                        .into(),
-                },
-                FormSupport {
-                    form: "branches",
-                    exact: true,
-                    why: "each layer's sublayers run as written, its post-sublayer norm \
-                          included, and the normed outputs are summed into the residual"
-                        .into(),
-                },
-            ];
-        }
-        let mut fused = vec!["input norms fold into one packed QKV and gate/up MatMul"];
-        if self.qkv_bias {
-            fused.push("q/k/v biases concatenate with their columns");
-        }
-        if self.o_bias {
-            fused.push("o_proj biases add up under the stacked o_proj");
-        }
-        if self.qk_norm {
-            fused.push("each layer's q/k head norms stay on its own heads");
-        }
-        vec![
-            FormSupport {
-                form: "fused",
-                exact: true,
-                why: fused.join("; "),
-            },
-            FormSupport {
-                form: "branches",
-                exact: true,
-                why: "each layer's sublayers run as written, summed into the residual".into(),
-            },
-        ]
     }
 
     pub fn to_hf_json(&self) -> serde_json::Value {

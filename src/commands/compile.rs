@@ -114,7 +114,7 @@ fn run_search(model_path: &Path, f: &SearchFlags) -> Result<Searched> {
     let t_eval = Instant::now();
     let eval = match &eval_windows {
         Some((text, w)) => {
-            let plan = Plan::parse(&outcome.chosen.plan, layers)?;
+            let plan = outcome.chosen.plan.clone();
             let r = search::evaluate(&forward, Some(&plan), w, &ProgressBar::hidden())?;
             Some(EvalSection {
                 text: text.clone(),
@@ -222,7 +222,7 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
     let mut report = searched.report.clone();
     let model = &searched.model;
     let layers = model.config.num_hidden_layers;
-    let chosen = Plan::parse(&report.chosen_plan, layers)?;
+    let chosen = report.chosen_plan.clone();
     let opts = emit_options(a.form, a.dtype, a.ops);
     let rt = runtime_options(&a.ort_lib, a.device, None);
     let source = Source {

@@ -56,7 +56,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             "parameters": params,
             "dtypes": dtypes,
             "tokenizer": tokenizer,
-            "lp_forms": c.lp_forms(),
+            "lp_forms": depthc::graph::forms(c),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -82,7 +82,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         "tokenizer      {}",
         tokenizer.unwrap_or_else(|| "none".into())
     );
-    for f in c.lp_forms() {
+    for f in depthc::graph::forms(c) {
         let exact = if f.exact { "exact" } else { "not exact" };
         println!("form {:<10}{exact}: {}", f.form, f.why);
     }

@@ -72,7 +72,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     let emitted = Emitted::open(&a.dir)?;
     let float = emitted.float;
     let ckpt = Checkpoint::open(&a.model)?;
-    let plan = Plan::parse(&emitted.plan, ckpt.config.num_hidden_layers)?;
+    let plan = emitted.plan.clone();
     let text = match &a.text {
         Some(p) => std::fs::read_to_string(p)
             .with_context(|| format!("{}: cannot read text", p.display()))?,
@@ -109,7 +109,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        let plan = if v.plan.is_empty() {
+        let plan = if v.plan.is_sequential() {
             "the original model".to_string()
         } else {
             format!("plan `{}`", v.plan)

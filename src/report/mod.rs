@@ -11,6 +11,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde::Serialize;
 
+use crate::plan::Plan;
 use crate::search::calib::Calibration;
 use crate::search::strategy::{Budget, Candidate, Metric, Strategy};
 use crate::search::{BestAtPairs, SearchOutcome};
@@ -81,7 +82,7 @@ pub struct SearchReport {
     pub protect_last: usize,
     pub candidates: Vec<Candidate>,
     pub best_by_pairs: Vec<BestAtPairs>,
-    pub chosen_plan: String,
+    pub chosen_plan: Plan,
     pub chosen: Candidate,
     pub reason: String,
     pub depth_before: usize,

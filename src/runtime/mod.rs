@@ -17,6 +17,7 @@ use ort::value::Tensor;
 
 use crate::checkpoint::ModelConfig;
 use crate::graph::{contract, ElemType};
+use crate::plan::Plan;
 use crate::{Error, Result};
 use half::f16;
 
@@ -120,7 +121,7 @@ pub struct Emitted {
     pub model_path: PathBuf,
     pub config: ModelConfig,
     /// The plan recorded in the model's `depthc.plan` metadata.
-    pub plan: String,
+    pub plan: Plan,
     pub float: ElemType,
 }
 
@@ -152,6 +153,7 @@ impl Emitted {
             _ => ElemType::F32,
         };
         let config = ModelConfig::from_hf_dir(dir)?;
+        let plan = Plan::parse(&plan, config.num_hidden_layers)?;
         Ok(Emitted {
             model_path,
             config,

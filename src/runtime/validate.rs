@@ -67,7 +67,7 @@ impl std::fmt::Display for Tolerance {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Validation {
-    pub plan: String,
+    pub plan: Plan,
     pub prompt_tokens: usize,
     pub steps: usize,
     pub tolerance: Tolerance,
@@ -225,7 +225,7 @@ pub fn validate(
         }
     }
     Ok(Validation {
-        plan: plan.to_string(),
+        plan: plan.clone(),
         prompt_tokens: prompt.len(),
         steps,
         tolerance,

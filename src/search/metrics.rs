@@ -8,15 +8,6 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
     logits.iter().map(|&v| v as f64 - log_z).collect()
 }
 
-/// `KL(p || q)` from log-probabilities.
-pub fn kl_divergence(log_p: &[f64], log_q: &[f64]) -> f64 {
-    log_p
-        .iter()
-        .zip(log_q)
-        .map(|(&lp, &lq)| lp.exp() * (lp - lq))
-        .sum()
-}
-
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
     for (&x, &y) in a.iter().zip(b) {
@@ -33,32 +24,102 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 pub use crate::forward::ops::argmax;
 
-/// Running means of the plan-vs-original metrics over positions.
-#[derive(Debug, Default, Clone)]
-pub struct PlanComparison {
-    positions: usize,
-    cosine_sum: f64,
-    kl_sum: f64,
-    top1_same: usize,
+/// `log sum exp` of a row, accumulated in f64.
+fn log_sum_exp(row: &[f32]) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    max as f64 + sum.ln()
 }
 
-impl PlanComparison {
-    /// Add one position: original and plan log-probabilities, and the cosine of
-    /// their final hidden states.
-    pub fn add(&mut self, log_original: &[f64], log_plan: &[f64], hidden_cosine: f64) {
-        self.positions += 1;
-        self.cosine_sum += hidden_cosine;
-        self.kl_sum += kl_divergence(log_original, log_plan);
-        self.top1_same += usize::from(argmax(log_original) == argmax(log_plan));
+/// Sums of a plan's metrics against the original over positions: cosine of
+/// final hidden states, KL(original || plan) of next-token distributions,
+/// top-1 agreement.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Similarity {
+    pub cosine: f64,
+    pub kl: f64,
+    pub top1: usize,
+    pub positions: usize,
+}
+
+impl Similarity {
+    pub fn add(&mut self, other: &Similarity) {
+        self.cosine += other.cosine;
+        self.kl += other.kl;
+        self.top1 += other.top1;
+        self.positions += other.positions;
     }
     pub fn mean_cosine(&self) -> f64 {
-        self.cosine_sum / self.positions.max(1) as f64
+        self.cosine / self.positions.max(1) as f64
     }
     pub fn mean_kl(&self) -> f64 {
-        self.kl_sum / self.positions.max(1) as f64
+        self.kl / self.positions.max(1) as f64
     }
     pub fn top1_agreement(&self) -> f64 {
-        self.top1_same as f64 / self.positions.max(1) as f64
+        self.top1 as f64 / self.positions.max(1) as f64
+    }
+}
+
+/// The original model on one window, kept to compare plans with: its
+/// next-token probabilities, `sum_v p log p` and argmax per position, and its
+/// final hidden states (after the final norm).
+pub struct Reference {
+    /// Probabilities `[T, V]`.
+    probs: Vec<f32>,
+    neg_entropy: Vec<f64>,
+    argmax: Vec<usize>,
+    final_hidden: Vec<f32>,
+    vocab: usize,
+}
+
+impl Reference {
+    /// From the original's `logits [T, vocab]` and `final_hidden [T, hidden]`.
+    pub fn new(logits: &[f32], final_hidden: Vec<f32>, vocab: usize) -> Reference {
+        let t = logits.len() / vocab;
+        let mut probs = vec![0f32; logits.len()];
+        let mut neg_entropy = Vec::with_capacity(t);
+        let mut arg = Vec::with_capacity(t);
+        for (row, p) in logits
+            .chunks_exact(vocab)
+            .zip(probs.chunks_exact_mut(vocab))
+        {
+            let lse = log_sum_exp(row);
+            let mut ne = 0f64;
+            for (pv, &l) in p.iter_mut().zip(row) {
+                let lp = l as f64 - lse;
+                let pr = lp.exp();
+                *pv = pr as f32;
+                ne += pr * lp;
+            }
+            neg_entropy.push(ne);
+            arg.push(argmax(row));
+        }
+        Reference {
+            probs,
+            neg_entropy,
+            argmax: arg,
+            final_hidden,
+            vocab,
+        }
+    }
+
+    /// A plan's final hidden states and logits on the same window, against
+    /// the original, summed over positions.
+    pub fn compare(&self, hidden: &[f32], logits: &[f32]) -> Similarity {
+        let vocab = self.vocab;
+        let width = self.final_hidden.len() / self.neg_entropy.len().max(1);
+        let mut s = Similarity::default();
+        for (pos, row) in logits.chunks_exact(vocab).enumerate() {
+            let p = &self.probs[pos * vocab..(pos + 1) * vocab];
+            // KL(p || q) = sum p log p - sum p l + logsumexp(l)
+            let dot: f64 = p.iter().zip(row).map(|(&a, &b)| a as f64 * b as f64).sum();
+            s.kl += self.neg_entropy[pos] - dot + log_sum_exp(row);
+            s.top1 += usize::from(argmax(row) == self.argmax[pos]);
+            let span = pos * width..(pos + 1) * width;
+            s.cosine += cosine(&hidden[span.clone()], &self.final_hidden[span]);
+            s.positions += 1;
+        }
+        s
     }
 }
 
@@ -67,13 +128,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kl_of_known_distributions() {
-        // p = (1/2, 1/2), q = (1/4, 3/4): KL = 1/2 ln 2 + 1/2 ln(2/3)
-        let p = [0.5f64.ln(), 0.5f64.ln()];
-        let q = [0.25f64.ln(), 0.75f64.ln()];
+    fn kl_and_top1_of_known_distributions() {
+        // p = (1/2, 1/2), q = (1/4, 3/4): KL = 1/2 ln 2 + 1/2 ln(2/3).
+        let p = [0.0f32, 0.0];
+        let q = [0.25f32.ln(), 0.75f32.ln()];
         let want = 0.5 * 2f64.ln() + 0.5 * (2.0f64 / 3.0).ln();
-        assert!((kl_divergence(&p, &q) - want).abs() < 1e-12);
-        assert_eq!(kl_divergence(&p, &p), 0.0);
+        let reference = Reference::new(&p, vec![1.0, 0.0], 2);
+        let s = reference.compare(&[1.0, 0.0], &q);
+        assert!((s.mean_kl() - want).abs() < 1e-7, "{}", s.mean_kl());
+        assert_eq!(s.positions, 1);
+        assert!(reference.compare(&[1.0, 0.0], &p).mean_kl().abs() < 1e-12);
+        // argmax of p is 0 (first of equals), of q is 1.
+        assert_eq!(s.top1, 0);
+        assert!((s.mean_cosine() - 1.0).abs() < 1e-12);
     }
 
     #[test]

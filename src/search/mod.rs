@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::forward::{Forward, KvCache, Logits, Options};
 use crate::plan::Plan;
 use crate::{Error, Result};
-use metrics::{cosine, log_softmax, PlanComparison};
+use metrics::{log_softmax, Reference, Similarity};
 
 /// The first `max_windows` non-overlapping windows of `seq_len` tokens, from
 /// the start of `ids` (a trailing partial window is dropped). With `bos`
@@ -67,7 +67,7 @@ pub struct EvalReport {
     /// Next-token predictions scored: `windows * (seq_len - 1)`.
     pub predictions: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub plan: Option<String>,
+    pub plan: Option<Plan>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub depth: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -90,14 +90,14 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     let cfg = &forward.model.config;
     let original = Plan::sequential(cfg.num_hidden_layers);
-    let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
+    let vocab = cfg.vocab_size;
     let opts = Options {
         logits: Logits::All,
         capture_residuals: false,
     };
     let mut nll_original = 0f64;
     let mut nll_plan = 0f64;
-    let mut comparison = PlanComparison::default();
+    let mut comparison = Similarity::default();
     let mut predictions = 0usize;
     for window in windows {
         let reference = forward.run(
@@ -113,24 +113,19 @@ pub fn evaluate(
             None => None,
         };
         for pos in 0..window.len() {
-            let lp_o = log_softmax(&reference.logits[pos * vocab..(pos + 1) * vocab]);
             let next = window.get(pos + 1).map(|&id| id as usize);
             if let Some(target) = next {
-                nll_original -= lp_o[target];
+                let row = |logits: &[f32]| log_softmax(&logits[pos * vocab..(pos + 1) * vocab]);
+                nll_original -= row(&reference.logits)[target];
+                if let Some(r) = &rewritten {
+                    nll_plan -= row(&r.logits)[target];
+                }
                 predictions += 1;
             }
-            if let Some(r) = &rewritten {
-                let lp_p = log_softmax(&r.logits[pos * vocab..(pos + 1) * vocab]);
-                if let Some(target) = next {
-                    nll_plan -= lp_p[target];
-                }
-                let span = pos * hidden..(pos + 1) * hidden;
-                comparison.add(
-                    &lp_o,
-                    &lp_p,
-                    cosine(&reference.final_hidden[span.clone()], &r.final_hidden[span]),
-                );
-            }
+        }
+        if let Some(r) = &rewritten {
+            let original = Reference::new(&reference.logits, reference.final_hidden, vocab);
+            comparison.add(&original.compare(&r.final_hidden, &r.logits));
         }
         progress.inc(1);
     }
@@ -154,7 +149,7 @@ pub fn evaluate(
             windows: windows.len(),
             seq_len,
             predictions,
-            plan: Some(p.to_string()),
+            plan: Some(p.clone()),
             depth: Some(p.depth()),
             perplexity_original: Some(ppl(nll_original)),
             cosine: Some(comparison.mean_cosine()),
@@ -180,7 +175,7 @@ pub struct SearchOptions {
 pub struct BestAtPairs {
     pub pairs: usize,
     pub strategy: strategy::Strategy,
-    pub plan: String,
+    pub plan: Plan,
     pub value: f64,
 }
 

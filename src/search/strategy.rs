@@ -16,8 +16,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::cache::ActivationCache;
-use super::metrics::cosine;
-use crate::forward::ops::{argmax, matmul_t, rms_norm};
+use super::metrics::{Reference, Similarity};
+use crate::forward::ops::{matmul_t, rms_norm};
 use crate::forward::{Forward, Logits, Options};
 use crate::plan::Plan;
 use crate::{Error, Result};
@@ -113,7 +113,7 @@ pub struct Scores {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Candidate {
-    pub plan: String,
+    pub plan: Plan,
     pub strategy: Strategy,
     pub pairs: usize,
     pub depth: usize,
@@ -150,86 +150,18 @@ impl SearchSpace {
 /// Sums of one candidate's metrics over positions.
 #[derive(Debug, Clone, Copy, Default)]
 struct Sums {
-    cosine: f64,
-    kl: f64,
-    top1: usize,
-    positions: usize,
+    similarity: Similarity,
     /// Where the NaN/Inf watch stopped this candidate: (layer, sublayer).
     non_finite: Option<(usize, &'static str)>,
 }
 
-/// The original's next-token statistics on one window.
-struct Original {
-    /// Probabilities `[T, V]`.
-    probs: Vec<f32>,
-    /// `sum_v p log p` per position.
-    neg_entropy: Vec<f64>,
-    argmax: Vec<usize>,
-    final_hidden: Vec<f32>,
-}
-
-/// `log sum exp` of a row, accumulated in f64.
-fn log_sum_exp(row: &[f32]) -> f64 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-    max as f64 + sum.ln()
-}
-
-impl Original {
-    fn new(forward: &Forward, last_residual: &[f32]) -> Original {
-        let cfg = &forward.model.config;
-        let vocab = cfg.vocab_size;
-        let final_hidden = rms_norm(last_residual, &forward.model.norm, cfg.rms_norm_eps);
-        let t = final_hidden.len() / cfg.hidden_size;
-        let logits = matmul_t(&final_hidden, t, forward.model.lm_head());
-        let mut probs = vec![0f32; logits.len()];
-        let mut neg_entropy = Vec::with_capacity(t);
-        let mut arg = Vec::with_capacity(t);
-        for (row, p) in logits
-            .chunks_exact(vocab)
-            .zip(probs.chunks_exact_mut(vocab))
-        {
-            let lse = log_sum_exp(row);
-            let mut ne = 0f64;
-            for (pv, &l) in p.iter_mut().zip(row) {
-                let lp = l as f64 - lse;
-                let pr = lp.exp();
-                *pv = pr as f32;
-                ne += pr * lp;
-            }
-            neg_entropy.push(ne);
-            arg.push(argmax(row));
-        }
-        Original {
-            probs,
-            neg_entropy,
-            argmax: arg,
-            final_hidden,
-        }
-    }
-
-    /// Compare a candidate's final hidden states and logits with the original.
-    fn compare(&self, hidden: &[f32], logits: &[f32], width: usize, vocab: usize) -> Sums {
-        let mut s = Sums::default();
-        for (pos, row) in logits.chunks_exact(vocab).enumerate() {
-            let p = &self.probs[pos * vocab..(pos + 1) * vocab];
-            // KL(p || q) = sum p log p - sum p l + logsumexp(l)
-            let dot: f64 = p.iter().zip(row).map(|(&a, &b)| a as f64 * b as f64).sum();
-            s.kl += self.neg_entropy[pos] - dot + log_sum_exp(row);
-            s.top1 += usize::from(argmax(row) == self.argmax[pos]);
-            let span = pos * width..(pos + 1) * width;
-            s.cosine += cosine(&hidden[span.clone()], &self.final_hidden[span]);
-            s.positions += 1;
-        }
-        s
-    }
-}
-
-fn plan_of(groups: &[(usize, usize)], num_layers: usize) -> Result<Plan> {
-    let mut g: Vec<Vec<usize>> = groups.iter().map(|&(a, b)| (a..=b).collect()).collect();
-    g.sort();
-    let spec: Vec<String> = groups.iter().map(|(a, b)| format!("{a}-{b}")).collect();
-    Plan::from_groups(num_layers, g, &spec.join(","))
+/// The original on window `w` of the cache, from its last residual.
+fn reference(forward: &Forward, last_residual: &[f32]) -> Reference {
+    let cfg = &forward.model.config;
+    let final_hidden = rms_norm(last_residual, &forward.model.norm, cfg.rms_norm_eps);
+    let t = final_hidden.len() / cfg.hidden_size;
+    let logits = matmul_t(&final_hidden, t, forward.model.lm_head());
+    Reference::new(&logits, final_hidden, cfg.vocab_size)
 }
 
 /// One set's racing result.
@@ -258,9 +190,9 @@ impl Scorer<'_> {
         sums: &mut [Sums],
     ) -> Result<()> {
         let cfg = &self.forward.model.config;
-        let (vocab, width, layers) = (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers);
+        let layers = cfg.num_hidden_layers;
         for w in range {
-            let original = Original::new(self.forward, &self.cache.residual(w, layers)?);
+            let original = reference(self.forward, &self.cache.residual(w, layers)?);
             let per: Vec<Sums> = alive
                 .par_iter()
                 .map(|&i| -> Result<Sums> {
@@ -277,9 +209,10 @@ impl Scorer<'_> {
                     );
                     self.progress.inc(1);
                     match out {
-                        Ok(out) => {
-                            Ok(original.compare(&out.final_hidden, &out.logits, width, vocab))
-                        }
+                        Ok(out) => Ok(Sums {
+                            similarity: original.compare(&out.final_hidden, &out.logits),
+                            non_finite: None,
+                        }),
                         Err(Error::NonFinite { layer, sublayer }) => Ok(Sums {
                             non_finite: Some((layer, sublayer)),
                             ..Sums::default()
@@ -291,10 +224,7 @@ impl Scorer<'_> {
             for (&i, s) in alive.iter().zip(per) {
                 let acc = &mut sums[i];
                 acc.non_finite = acc.non_finite.or(s.non_finite);
-                acc.cosine += s.cosine;
-                acc.kl += s.kl;
-                acc.top1 += s.top1;
-                acc.positions += s.positions;
+                acc.similarity.add(&s.similarity);
             }
         }
         Ok(())
@@ -309,7 +239,7 @@ impl Scorer<'_> {
             .iter()
             .map(|g| {
                 let first = g.iter().map(|p| p.0).min().unwrap_or(layers);
-                plan_of(g, layers).map(|p| (p, first))
+                Plan::from_pairs(layers, g).map(|p| (p, first))
             })
             .collect::<Result<_>>()?;
         let total = self.cache.len();
@@ -319,13 +249,10 @@ impl Scorer<'_> {
         let mut used = vec![0usize; plans.len()];
         let mut alive: Vec<usize> = (0..plans.len()).collect();
         let mut done = 0;
-        let mean = |s: &Sums| {
-            let n = s.positions.max(1) as f64;
-            Scores {
-                cosine: s.cosine / n,
-                kl: s.kl / n,
-                top1_agreement: s.top1 as f64 / n,
-            }
+        let mean = |s: &Sums| Scores {
+            cosine: s.similarity.mean_cosine(),
+            kl: s.similarity.mean_kl(),
+            top1_agreement: s.similarity.top1_agreement(),
         };
         for (stage, &upto) in schedule.iter().enumerate() {
             if stage > 0 {
@@ -378,7 +305,7 @@ impl Scorer<'_> {
         let mut out = Vec::new();
         for (mut groups, scored) in sets.into_iter().zip(scores) {
             groups.sort();
-            let plan = plan_of(&groups, layers)?;
+            let plan = Plan::from_pairs(layers, &groups)?;
             if let Some((layer, sublayer)) = scored.non_finite {
                 // Reported, never chosen.
                 self.progress.suspend(|| {
@@ -393,10 +320,10 @@ impl Scorer<'_> {
                 scores, windows, ..
             } = scored;
             out.push(Candidate {
-                plan: plan.to_string(),
+                depth: plan.depth(),
+                plan,
                 strategy,
                 pairs: groups.len(),
-                depth: plan.depth(),
                 first_changed_layer: groups.first().map_or(layers, |g| g.0),
                 windows,
                 scores,
@@ -468,7 +395,7 @@ impl Scorer<'_> {
                 (b.windows == full)
                     .cmp(&(a.windows == full))
                     .then(metric.order(x, y))
-                    .then(a.plan.cmp(&b.plan))
+                    .then_with(|| a.plan.to_string().cmp(&b.plan.to_string()))
             });
             let best = metric.of(&round[0].scores);
             beam = round
