@@ -3,8 +3,10 @@
 //!
 //! The pipeline, one module per stage, data flowing one way:
 //! checkpoint -> model -> forward -> search (calibration windows, metrics)
-//! -> graph (the rewritten decoder) -> onnx (protobuf, external data, package).
-//! [`plan`] describes which layers run in parallel and is shared by all stages.
+//! -> graph (the LP rewrite, [`graph::lp`]) -> onnx (protobuf, external data,
+//! package) -> runtime (validation, benchmark) -> report. [`plan`] describes which
+//! layers run in parallel and travels between the stages as a value;
+//! [`pipeline`] runs them in order (`depthc search`, `depthc compile`).
 
 pub mod checkpoint;
 pub mod error;
@@ -13,6 +15,7 @@ pub mod graph;
 pub mod model;
 pub mod onnx;
 pub mod output;
+pub mod pipeline;
 pub mod plan;
 pub mod report;
 pub mod runtime;

@@ -1,4 +1,4 @@
-//! The Layer Parallelism plan (arXiv 2502.02790, section 3; DESIGN.md section 1):
+//! The Layer Parallelism plan (arXiv 2502.02790, section 3; docs/DESIGN.md section 1):
 //! an ordered list of steps, each a single layer or a [`ParallelGroup`] of
 //! consecutive layers whose attentions read the same residual, then whose MLPs
 //! read the same residual. The original model is the plan of single layers.

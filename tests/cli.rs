@@ -90,7 +90,7 @@ fn inspect_json_describes_the_model() {
     let r = depthc(&["inspect", s(&real_model_path()), "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v: Value = serde_json::from_str(&r.stdout).unwrap();
-    // SmolLM2-135M as DESIGN.md section 2 describes it.
+    // SmolLM2-135M as docs/DESIGN.md section 3 describes it.
     assert_eq!(v["layers"], 30);
     assert_eq!(v["hidden_size"], 576);
     assert_eq!(

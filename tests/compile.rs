@@ -165,3 +165,63 @@ fn compile_with_ort_ops() {
         assert!(text.contains("com.microsoft"), "{part}");
     }
 }
+
+/// The library's compile entry point, called directly, does what the binary
+/// does: the same chosen plan, the same validated models byte for byte, and
+/// a typed result that agrees with the report it wrote.
+#[test]
+fn library_compile_matches_the_binary() {
+    use depthc::pipeline::{compile, CompileOptions, SearchConfig, Silent};
+    use depthc::search::strategy::Budget;
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny_llama/tiny.q8_0.gguf");
+    let (lib_out, bin_out) = (dir.path().join("lib"), dir.path().join("bin"));
+    let opts = CompileOptions {
+        search: SearchConfig {
+            seq_len: 16,
+            max_tokens: 256,
+            protect_first: 0,
+            protect_last: 0,
+            budget: Some(Budget::Pairs(1)),
+            ..SearchConfig::default()
+        },
+        steps: 4,
+        runs: 1,
+        ..CompileOptions::default()
+    };
+    let compiled = compile(&model, &lib_out, &opts, &Silent).expect("library compile");
+    let (code, _, stderr) = depthc(&compile_args(
+        model.to_str().unwrap(),
+        bin_out.to_str().unwrap(),
+    ));
+    assert_eq!(code, 0, "{stderr}");
+
+    assert_eq!(compiled.plan.groups().count(), 1);
+    assert_eq!(compiled.report.chosen_plan, compiled.plan);
+    assert_eq!(compiled.compiled, lib_out.join("compiled"));
+    for (name, v) in &compiled.validations {
+        assert!(v.passed(), "{name}: {:?}", v.failures);
+    }
+    assert_eq!(compiled.validations[1].1.plan, compiled.plan);
+    assert!(compiled.benchmark.a.decode_tokens_per_s > 0.0);
+    let json: Value = serde_json::from_str(
+        &std::fs::read_to_string(compiled.report_dir.join("search-report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json["chosen_plan"], compiled.plan.to_string());
+    let bin_json: Value = serde_json::from_str(
+        &std::fs::read_to_string(bin_out.join("report/search-report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json["chosen_plan"], bin_json["chosen_plan"]);
+    for part in ["baseline", "compiled"] {
+        for f in ["model.onnx", "model.onnx.data"] {
+            let a = std::fs::read(lib_out.join(part).join(f)).unwrap();
+            let b = std::fs::read(bin_out.join(part).join(f)).unwrap();
+            assert!(
+                a == b,
+                "{part}/{f} differs between the library and the binary"
+            );
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! data section aligned to `general.alignment`. Tensors are exposed under
 //! Hugging Face names and shapes: GGUF lists dims fastest-first (reversed
 //! here), and llama.cpp permutes the rows of `attn_q` / `attn_k` for its
-//! interleaved RoPE, undone here (DESIGN.md section 2).
+//! interleaved RoPE, undone here (docs/DESIGN.md section 3).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,159 +1,49 @@
-//! `search` and `compile` (search, emit, validate, benchmark, report).
+//! `search` and `compile`: flags to [`depthc::pipeline`] options, the call,
+//! the summary.
 
-use std::path::Path;
-use std::time::Instant;
-
-use anyhow::{Context, Result};
-use indicatif::ProgressBar;
+use anyhow::Result;
 use serde_json::json;
 
 use crate::cli::*;
-use depthc::checkpoint::Checkpoint;
-use depthc::forward::Forward;
-use depthc::model::Model;
-use depthc::plan::Plan;
-use depthc::search;
+use depthc::pipeline::{self, CompileOptions, SearchConfig};
+use depthc::search::strategy::{Budget, Metric, Strategy};
 
 use super::onnx::print_bench;
-use super::{bar, emit_options, runtime_options, spinner, summary_json, DEFAULT_PROMPT};
+use super::{emit_options, runtime_options, summary_json, Terminal};
 
-/// The model and its search report (not yet written).
-struct Searched {
-    model: Model,
-    tokenizer: Option<depthc::checkpoint::tokenizer::Tokenizer>,
-    report: depthc::report::SearchReport,
-}
-
-fn run_search(model_path: &Path, f: &SearchFlags) -> Result<Searched> {
-    use depthc::report::{EvalSection, ModelIdentity, SearchReport, Timings};
-    use depthc::search::strategy::{Budget, Metric, SearchSpace, Strategy};
-    use depthc::search::{calib, SearchOptions};
-    let t0 = Instant::now();
-    let ckpt = Checkpoint::open(model_path)?;
-    let cfg = ckpt.config.clone();
-    let layers = cfg.num_hidden_layers;
-    let calibration = calib::load(
-        &f.calib,
-        model_path,
-        cfg.window_bos(),
-        ckpt.tokenizer.as_ref(),
-        cfg.vocab_size,
-        f.seq_len,
-        f.max_tokens,
-    )?;
-    let eval_windows = match &f.eval {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("{}: cannot read --eval text", p.display()))?;
-            let ids = ckpt.require_tokenizer()?.encode(&text)?;
-            let bos = cfg.window_bos();
-            let w = search::windows(&ids, f.seq_len, Some(f.eval_windows), bos)?;
-            Some((p.display().to_string(), w))
-        }
-        None => None,
-    };
-    let budget = match (f.pairs, f.min_similarity, f.max_depth) {
-        (Some(k), _, _) => Budget::Pairs(k),
-        (_, Some(x), _) => Budget::MinSimilarity(x),
-        (_, _, Some(d)) => Budget::MaxDepth(d),
-        _ => Budget::Pairs((layers / 8).max(1)),
-    };
-    let space = SearchSpace {
-        num_layers: layers,
+/// The search flags as the library's options.
+fn search_config(f: &SearchFlags) -> SearchConfig {
+    SearchConfig {
+        calib: f.calib.clone(),
+        seq_len: f.seq_len,
+        max_tokens: f.max_tokens,
+        budget: match (f.pairs, f.min_similarity, f.max_depth) {
+            (Some(k), _, _) => Some(Budget::Pairs(k)),
+            (_, Some(x), _) => Some(Budget::MinSimilarity(x)),
+            (_, _, Some(d)) => Some(Budget::MaxDepth(d)),
+            _ => None,
+        },
         protect_first: f.protect_first,
         protect_last: f.protect_last,
-    };
-    depthc::search::strategy::pairs_for(budget, &space)?;
-    let metric = match f.metric {
-        MetricArg::Cosine => Metric::Cosine,
-        MetricArg::Kl => Metric::Kl,
-        MetricArg::Top1 => Metric::Top1,
-    };
-    let mut strategies: Vec<Strategy> = Vec::new();
-    for s in &f.strategy {
-        let s = match s {
-            StrategyArg::Contiguous => Strategy::Contiguous,
-            StrategyArg::Greedy => Strategy::Greedy,
-            StrategyArg::Beam => Strategy::Beam,
-        };
-        if !strategies.contains(&s) {
-            strategies.push(s);
-        }
-    }
-    let content_hash = calib::content_hash(model_path)?;
-    let pb = spinner(&format!("loading {}", model_path.display()));
-    let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
-    let identity = ModelIdentity {
-        path: model_path.display().to_string(),
-        format: format!("{:?}", ckpt.format).to_lowercase(),
-        family: cfg.family.name().to_string(),
-        layers,
-        hidden_size: cfg.hidden_size,
-        content_hash,
-    };
-    let tokenizer = ckpt.tokenizer;
-    drop(ckpt.source);
-    pb.finish_and_clear();
-    let load_s = t0.elapsed().as_secs_f64();
-    let forward = Forward::new(&model);
-    let progress = bar(
-        0,
-        "search {msg:>12} {bar:30} {pos}/{len} window runs, {eta} left",
-    )?;
-    let opts = SearchOptions {
-        strategies: strategies.clone(),
-        beam_width: f.beam_width,
-        budget,
-        space,
-        metric,
-        memory_budget_bytes: f.memory_budget_mib * 1024 * 1024,
-    };
-    let outcome = search::search(&forward, &calibration.windows, &opts, &progress)
-        .with_context(|| model_path.display().to_string())?;
-    progress.finish_and_clear();
-    let t_eval = Instant::now();
-    let eval = match &eval_windows {
-        Some((text, w)) => {
-            let plan = outcome.chosen.plan.clone();
-            let r = search::evaluate(&forward, Some(&plan), w, &ProgressBar::hidden())?;
-            Some(EvalSection {
-                text: text.clone(),
-                windows: r.windows,
-                seq_len: r.seq_len,
-                perplexity_before: r.perplexity_original.unwrap_or(r.perplexity),
-                perplexity_after: r.perplexity,
+        metric: match f.metric {
+            MetricArg::Cosine => Metric::Cosine,
+            MetricArg::Kl => Metric::Kl,
+            MetricArg::Top1 => Metric::Top1,
+        },
+        strategies: f
+            .strategy
+            .iter()
+            .map(|s| match s {
+                StrategyArg::Contiguous => Strategy::Contiguous,
+                StrategyArg::Greedy => Strategy::Greedy,
+                StrategyArg::Beam => Strategy::Beam,
             })
-        }
-        None => None,
-    };
-    let eval_s = t_eval.elapsed().as_secs_f64();
-    let timings = Timings {
-        load_s,
-        one_forward_s: outcome.timings.one_forward_s,
-        search_s: outcome.timings.search_s,
-        search_forward_multiple: outcome.timings.search_s / outcome.timings.one_forward_s,
-        strategy_forward_multiples: outcome.timings.strategy_forward_multiples.clone(),
-        eval_s,
-        total_s: t0.elapsed().as_secs_f64(),
-    };
-    let report = SearchReport::new(
-        identity,
-        &calibration,
-        &outcome,
-        metric,
-        &strategies,
-        f.beam_width,
-        budget,
-        (f.protect_first, f.protect_last),
-        eval,
-        timings,
-    );
-    drop(forward);
-    Ok(Searched {
-        model,
-        tokenizer,
-        report,
-    })
+            .collect(),
+        beam_width: f.beam_width,
+        memory_budget_mib: f.memory_budget_mib,
+        eval: f.eval.clone(),
+        eval_windows: f.eval_windows,
+    }
 }
 
 fn print_search_summary(report: &depthc::report::SearchReport) {
@@ -191,7 +81,7 @@ fn print_search_summary(report: &depthc::report::SearchReport) {
 
 pub fn search_command(a: SearchArgs) -> Result<()> {
     depthc::output::check_output(&a.output, false, false)?;
-    let searched = run_search(&a.model, &a.flags)?;
+    let searched = pipeline::search(&a.model, &search_config(&a.flags), &Terminal)?;
     let report = &searched.report;
     depthc::output::new_directory(&a.output, |dir| report.write(dir))?;
     if a.json {
@@ -211,93 +101,24 @@ pub fn search_command(a: SearchArgs) -> Result<()> {
 }
 
 pub fn compile_command(a: CompileArgs) -> Result<()> {
-    use depthc::onnx::package::{self, Source};
-    use depthc::runtime::bench::{bench, BenchOptions};
-    use depthc::runtime::validate::{validate, Tolerance};
-    use depthc::runtime::Emitted;
-    depthc::output::check_output(&a.output, a.force, true)?;
-    // Fail before the search, not after it, when ONNX Runtime is missing.
-    depthc::runtime::find_library(a.ort_lib.as_deref())?;
-    let searched = run_search(&a.model, &a.search)?;
-    let mut report = searched.report.clone();
-    let model = &searched.model;
-    let layers = model.config.num_hidden_layers;
-    let chosen = report.chosen_plan.clone();
-    let opts = emit_options(a.form, a.dtype, a.ops);
-    let rt = runtime_options(&a.ort_lib, a.device, None);
-    let source = Source {
-        path: &a.model,
-        tokenizer: searched.tokenizer.as_ref(),
+    let opts = CompileOptions {
+        search: search_config(&a.search),
+        emit: emit_options(a.form, a.dtype, a.ops),
+        runtime: runtime_options(&a.ort_lib, a.device, None),
+        steps: a.steps,
+        batch: a.batch,
+        runs: a.runs,
+        force: a.force,
     };
-    let prompt: Vec<u32> = match &searched.tokenizer {
-        Some(t) => {
-            let mut ids = t.encode(DEFAULT_PROMPT)?;
-            ids.truncate(64);
-            ids
-        }
-        None => (0..32)
-            .map(|i| (i * 7919 + 13) % model.config.vocab_size as u32)
-            .collect(),
-    };
-    let (bench_result, validations) = depthc::output::write_directory(&a.output, a.force, |dir| {
-        let mut validations = Vec::new();
-        let mut sessions = Vec::new();
-        for (name, plan) in [
-            ("baseline", Plan::sequential(layers)),
-            ("compiled", chosen.clone()),
-        ] {
-            let out = dir.join(name);
-            let pb = bar(
-                0,
-                &format!("emit {name:<9} {{bar:30}} {{pos}}/{{len}} weights"),
-            )
-            .map_err(|e| depthc::Error::Input(e.to_string()))?;
-            package::emit(model, &plan, &source, &opts, &out, &pb)?;
-            pb.finish_and_clear();
-            let emitted = Emitted::open(&out)?;
-            let mut session = emitted.session(&rt)?;
-            let sp = spinner(&format!("validate {name}"));
-            let v = validate(
-                &mut session,
-                &Forward::new(model),
-                &plan,
-                &prompt,
-                a.steps,
-                Tolerance::default_for(opts.float),
-            )?;
-            sp.finish_and_clear();
-            if !v.passed() {
-                return Err(depthc::Error::Input(format!(
-                    "{name} model failed validation: {}",
-                    v.failures.join("; ")
-                )));
-            }
-            validations.push((name.to_string(), v));
-            sessions.push(session);
-        }
-        // The validated sessions are the ones benchmarked: baseline (A), compiled (B).
-        let (sa, sb) = sessions.split_at_mut(1);
-        let bo = BenchOptions {
-            batch: a.batch.max(1),
-            runs: a.runs.max(1),
-            ..BenchOptions::default()
-        };
-        let pb = bar(0, "bench {bar:30} {pos}/{len} runs, {eta} left")
-            .map_err(|e| depthc::Error::Input(e.to_string()))?;
-        let r = bench(&mut sa[0], &mut sb[0], model.config.vocab_size, &bo, &pb)?;
-        pb.finish_and_clear();
-        report.validation = Some(validations.iter().cloned().collect());
-        report.benchmark = Some(r.clone());
-        let report_dir = dir.join("report");
-        std::fs::create_dir(&report_dir).map_err(|e| depthc::Error::io(&report_dir, e))?;
-        report.write(&report_dir)?;
-        Ok((r, validations))
-    })?;
+    let compiled = pipeline::compile(&a.model, &a.output, &opts, &Terminal)?;
+    let report = &compiled.report;
+    let validations = &compiled.validations;
+    let bench_result = &compiled.benchmark;
     if a.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&{
-                let mut v = summary_json(&report);
+                let mut v = summary_json(report);
                 v["validation"] = validations
                     .iter()
                     .map(|(n, v)| {
@@ -314,15 +135,15 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
         );
         return Ok(());
     }
-    print_search_summary(&report);
-    for (name, v) in &validations {
+    print_search_summary(report);
+    for (name, v) in validations {
         println!(
             "validated      {name}: logits max abs {:.2e}, greedy tokens {}",
             v.outputs[0].max_abs,
             if v.tokens_agree { "agree" } else { "differ" }
         );
     }
-    print_bench(&bench_result, "baseline", "compiled");
+    print_bench(bench_result, "baseline", "compiled");
     println!(
         "output         {}/{{baseline,compiled,report}}",
         a.output.display()

@@ -68,18 +68,19 @@ pub fn runtime_options(
     }
 }
 
-/// A public-domain passage (Hamlet, Act III, Scene 1) for the default prefill.
-pub const DEFAULT_PROMPT: &str = "To be, or not to be, that is the question:\n\
-Whether 'tis nobler in the mind to suffer\n\
-The slings and arrows of outrageous fortune,\n\
-Or to take arms against a sea of troubles\n\
-And by opposing end them. To die: to sleep;\n\
-No more; and by a sleep to say we end\n\
-The heart-ache and the thousand natural shocks\n\
-That flesh is heir to, 'tis a consummation\n\
-Devoutly to be wish'd. To die, to sleep;\n\
-To sleep: perchance to dream: ay, there's the rub;\n\
-For in that sleep of death what dreams may come\n";
+pub use depthc::pipeline::DEFAULT_PROMPT;
+
+/// Progress on the terminal: bars and spinners on stderr when it is one.
+pub struct Terminal;
+
+impl depthc::pipeline::Progress for Terminal {
+    fn bar(&self, template: &str) -> ProgressBar {
+        bar(0, template).unwrap_or_else(|_| ProgressBar::hidden())
+    }
+    fn spinner(&self, msg: &str) -> ProgressBar {
+        spinner(msg)
+    }
+}
 
 /// The emission options of `--form` and `--dtype`.
 pub fn emit_options(

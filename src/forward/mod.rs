@@ -1,5 +1,5 @@
 //! Reference forward pass in f32 that executes a [`Plan`]
-//! (DESIGN.md section 1). For a parallel group `G` with input residual `x`:
+//! (docs/DESIGN.md section 1). For a parallel group `G` with input residual `x`:
 //!
 //! ```text
 //! h = x + sum_{i in G} Attn_i(RMSNorm_in_i(x))

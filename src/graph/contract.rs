@@ -1,4 +1,4 @@
-//! The I/O contract of an emitted decoder (DESIGN.md section 3), in one table.
+//! The I/O contract of an emitted decoder (docs/DESIGN.md section 4), in one table.
 //! Serving stacks (ONNX Runtime, onnxruntime-genai, Optimum, transformers.js)
 //! find the model's inputs and outputs by exactly these names.
 //!

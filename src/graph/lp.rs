@@ -294,16 +294,32 @@ fn rewrite<'m, O: OpSet<'m>>(
     ops.residual_norm(b, "/model/norm", &mut r, Some(&d.model.norm))
 }
 
-/// `(stage, branch)` in the op set's order.
-fn branch_order(order: BranchOrder, branches: usize, stages: usize) -> Vec<(usize, usize)> {
-    match order {
-        BranchOrder::WholeBranches => (0..branches)
+/// The branches of a group, one per layer, each a chain of `stages` steps
+/// (`stage(ops, b, stage, layer, previous value)`), written in the op set's
+/// [`BranchOrder`] and summed under `sum`.
+fn sum_of_branches<'m, O: OpSet<'m>>(
+    ops: &mut O,
+    d: Decoder<'m>,
+    b: &mut Builder<'m>,
+    sum: &str,
+    layers: &[usize],
+    stages: usize,
+    mut stage: impl FnMut(&mut O, &mut Builder<'m>, usize, usize, &str) -> String,
+) -> String {
+    let n = layers.len();
+    let order: Vec<(usize, usize)> = match O::BRANCH_ORDER {
+        BranchOrder::WholeBranches => (0..n)
             .flat_map(|k| (0..stages).map(move |s| (s, k)))
             .collect(),
         BranchOrder::StageByStage => (0..stages)
-            .flat_map(|s| (0..branches).map(move |k| (s, k)))
+            .flat_map(|s| (0..n).map(move |k| (s, k)))
             .collect(),
+    };
+    let mut values = vec![String::new(); n];
+    for (s, k) in order {
+        values[k] = stage(ops, b, s, layers[k], &values[k]);
     }
+    d.make_sum(b, sum, &values)
 }
 
 /// `sum_i Attn_i(RMSNorm_in_i(x))`: every layer's own input norm of the same
@@ -316,25 +332,24 @@ fn attention_branches<'m, O: OpSet<'m>>(
     layers: &[usize],
     r: &mut O::Residual,
 ) -> String {
-    let mut values = vec![String::new(); layers.len()];
-    for (stage, k) in branch_order(O::BRANCH_ORDER, layers.len(), 3) {
-        let l = layers[k];
+    let sum = format!("{p}/attn_branches");
+    sum_of_branches(ops, d, b, &sum, layers, 3, |ops, b, stage, l, input| {
         let layer: &'m DecoderLayer = &d.model.layers[l];
         let lp = step_prefix(&[l]);
-        values[k] = match stage {
+        match stage {
             0 => ops.residual_norm(
                 b,
                 &format!("{lp}/input_layernorm"),
                 r,
                 Some(&layer.input_layernorm),
             ),
-            1 => ops.attention(b, &lp, &[l], &values[k]),
+            1 => ops.attention(b, &lp, &[l], input),
             _ => {
                 let o_proj = &layer.self_attn.o_proj;
                 let o = d.make_linear(
                     b,
                     &format!("{lp}/attn/o_proj"),
-                    &values[k],
+                    input,
                     Packed::t(&o_proj.weight),
                     o_proj.bias.clone(),
                 );
@@ -343,9 +358,8 @@ fn attention_branches<'m, O: OpSet<'m>>(
                     None => o,
                 }
             }
-        };
-    }
-    d.make_sum(b, &format!("{p}/attn_branches"), &values)
+        }
+    })
 }
 
 /// `sum_i MLP_i(RMSNorm_post_i(h))`, each layer's own norm of the same `h`.
@@ -357,12 +371,11 @@ fn mlp_branches<'m, O: OpSet<'m>>(
     layers: &[usize],
     r: &mut O::Residual,
 ) -> String {
-    let mut values = vec![String::new(); layers.len()];
-    for (stage, k) in branch_order(O::BRANCH_ORDER, layers.len(), 2) {
-        let l = layers[k];
+    let sum = format!("{p}/mlp_branches");
+    sum_of_branches(ops, d, b, &sum, layers, 2, |ops, b, stage, l, input| {
         let layer: &'m DecoderLayer = &d.model.layers[l];
         let lp = step_prefix(&[l]);
-        values[k] = match stage {
+        match stage {
             0 => ops.residual_norm(
                 b,
                 &format!("{lp}/post_attention_layernorm"),
@@ -370,15 +383,14 @@ fn mlp_branches<'m, O: OpSet<'m>>(
                 Some(&layer.post_attention_layernorm),
             ),
             _ => {
-                let m = d.make_mlp_normed(b, l, &values[k]);
+                let m = d.make_mlp_normed(b, l, input);
                 match &layer.mlp_out_norm {
                     Some(w) => ops.output_norm(b, &format!("{lp}/post_feedforward_norm"), &m, w),
                     None => m,
                 }
             }
-        };
-    }
-    d.make_sum(b, &format!("{p}/mlp_branches"), &values)
+        }
+    })
 }
 
 /// The attentions of a fused group: one weightless norm of `x`, the op set's

@@ -1,5 +1,5 @@
 //! ONNX Runtime sessions through the `ort` crate, loading the library at run
-//! time (DESIGN.md section 4): `--ort-lib`, `ORT_DYLIB_PATH`, or the copy
+//! time (docs/DESIGN.md section 6): `--ort-lib`, `ORT_DYLIB_PATH`, or the copy
 //! `scripts/setup.sh` extracts from the PyPI `onnxruntime==1.31.1` wheel.
 //! Any ONNX Runtime 1.31 or newer works (the C API version 31 is required).
 

@@ -1,0 +1,380 @@
+//! The whole pipeline as a library call, what `depthc search` and
+//! `depthc compile` do: load a checkpoint, search the plan on calibration
+//! text ([`search`]), then emit the original and the chosen plan as ONNX,
+//! validate both in ONNX Runtime against the reference forward, benchmark
+//! the compiled model against the original, and write the report
+//! ([`compile`]). The binary parses arguments, calls these and prints.
+//!
+//! Progress is reported through [`Progress`], so that a terminal shows bars
+//! and a library caller or a test shows nothing ([`Silent`]).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::ProgressBar;
+
+use crate::checkpoint::tokenizer::Tokenizer;
+use crate::checkpoint::Checkpoint;
+use crate::forward::Forward;
+use crate::graph::ElemType;
+use crate::model::Model;
+use crate::onnx::package::{self, EmitOptions, Source};
+use crate::plan::Plan;
+use crate::report::{EvalSection, ModelIdentity, SearchReport, Timings};
+use crate::runtime::bench::{bench, BenchOptions, BenchResult};
+use crate::runtime::validate::{validate, Tolerance, Validation};
+use crate::runtime::{Emitted, RuntimeOptions};
+use crate::search::strategy::{Budget, Metric, SearchSpace, Strategy};
+use crate::search::{self, calib, SearchOptions};
+use crate::{Error, Result};
+
+/// A public-domain passage (Hamlet, Act III, Scene 1): the default prefill
+/// of validation.
+pub const DEFAULT_PROMPT: &str = "To be, or not to be, that is the question:\n\
+Whether 'tis nobler in the mind to suffer\n\
+The slings and arrows of outrageous fortune,\n\
+Or to take arms against a sea of troubles\n\
+And by opposing end them. To die: to sleep;\n\
+No more; and by a sleep to say we end\n\
+The heart-ache and the thousand natural shocks\n\
+That flesh is heir to, 'tis a consummation\n\
+Devoutly to be wish'd. To die, to sleep;\n\
+To sleep: perchance to dream: ay, there's the rub;\n\
+For in that sleep of death what dreams may come\n";
+
+/// Where long stages report their progress.
+pub trait Progress {
+    /// A bar in indicatif's template syntax; its length is set by the stage.
+    fn bar(&self, template: &str) -> ProgressBar;
+    /// A spinner with a message, for stages of unknown length.
+    fn spinner(&self, msg: &str) -> ProgressBar;
+}
+
+/// No progress output.
+pub struct Silent;
+
+impl Progress for Silent {
+    fn bar(&self, _template: &str) -> ProgressBar {
+        ProgressBar::hidden()
+    }
+    fn spinner(&self, _msg: &str) -> ProgressBar {
+        ProgressBar::hidden()
+    }
+}
+
+/// What the search reads and looks for (`depthc search`'s flags).
+#[derive(Debug, Clone)]
+pub struct SearchConfig {
+    /// Calibration files or folders (text, `.json` or `.npy` token ids);
+    /// empty: the built-in calibration text.
+    pub calib: Vec<PathBuf>,
+    /// Window length in tokens.
+    pub seq_len: usize,
+    /// Calibration tokens at most.
+    pub max_tokens: usize,
+    /// `None`: one pair per 8 layers.
+    pub budget: Option<Budget>,
+    pub protect_first: usize,
+    pub protect_last: usize,
+    pub metric: Metric,
+    /// In the order they run; duplicates are ignored.
+    pub strategies: Vec<Strategy>,
+    pub beam_width: usize,
+    /// Residuals kept in memory before spilling to disk.
+    pub memory_budget_mib: u64,
+    /// Held-out text for perplexity before and after, and its windows at most.
+    pub eval: Option<PathBuf>,
+    pub eval_windows: usize,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        SearchConfig {
+            calib: Vec::new(),
+            seq_len: 256,
+            max_tokens: 16384,
+            budget: None,
+            protect_first: 2,
+            protect_last: 2,
+            metric: Metric::Kl,
+            strategies: vec![Strategy::Contiguous, Strategy::Greedy],
+            beam_width: 4,
+            memory_budget_mib: 2048,
+            eval: None,
+            eval_windows: 16,
+        }
+    }
+}
+
+/// The model, its tokenizer and its search report (not yet written).
+pub struct Searched {
+    pub model: Model,
+    pub tokenizer: Option<Tokenizer>,
+    pub report: SearchReport,
+}
+
+/// Load the checkpoint at `model_path` and search its plan.
+pub fn search(
+    model_path: &Path,
+    config: &SearchConfig,
+    progress: &dyn Progress,
+) -> Result<Searched> {
+    let f = config;
+    let t0 = Instant::now();
+    let ckpt = Checkpoint::open(model_path)?;
+    let cfg = ckpt.config.clone();
+    let layers = cfg.num_hidden_layers;
+    let calibration = calib::load(
+        &f.calib,
+        model_path,
+        cfg.window_bos(),
+        ckpt.tokenizer.as_ref(),
+        cfg.vocab_size,
+        f.seq_len,
+        f.max_tokens,
+    )?;
+    let eval_windows = match &f.eval {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                Error::Input(format!("{}: cannot read --eval text: {e}", p.display()))
+            })?;
+            let ids = ckpt.require_tokenizer()?.encode(&text)?;
+            let w = search::windows(&ids, f.seq_len, Some(f.eval_windows), cfg.window_bos())?;
+            Some((p.display().to_string(), w))
+        }
+        None => None,
+    };
+    let budget = f.budget.unwrap_or(Budget::Pairs((layers / 8).max(1)));
+    let space = SearchSpace {
+        num_layers: layers,
+        protect_first: f.protect_first,
+        protect_last: f.protect_last,
+    };
+    search::strategy::pairs_for(budget, &space)?;
+    let mut strategies: Vec<Strategy> = Vec::new();
+    for &s in &f.strategies {
+        if !strategies.contains(&s) {
+            strategies.push(s);
+        }
+    }
+    let content_hash = calib::content_hash(model_path)?;
+    let pb = progress.spinner(&format!("loading {}", model_path.display()));
+    let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
+    let identity = ModelIdentity {
+        path: model_path.display().to_string(),
+        format: format!("{:?}", ckpt.format).to_lowercase(),
+        family: cfg.family.name().to_string(),
+        layers,
+        hidden_size: cfg.hidden_size,
+        content_hash,
+    };
+    let tokenizer = ckpt.tokenizer;
+    drop(ckpt.source);
+    pb.finish_and_clear();
+    let load_s = t0.elapsed().as_secs_f64();
+    let forward = Forward::new(&model);
+    let bar = progress.bar("search {msg:>12} {bar:30} {pos}/{len} window runs, {eta} left");
+    let opts = SearchOptions {
+        strategies: strategies.clone(),
+        beam_width: f.beam_width,
+        budget,
+        space,
+        metric: f.metric,
+        memory_budget_bytes: f.memory_budget_mib * 1024 * 1024,
+    };
+    let outcome = search::search(&forward, &calibration.windows, &opts, &bar)
+        .map_err(|e| Error::Input(format!("{}: {e}", model_path.display())))?;
+    bar.finish_and_clear();
+    let t_eval = Instant::now();
+    let eval = match &eval_windows {
+        Some((text, w)) => {
+            let r = search::evaluate(
+                &forward,
+                Some(&outcome.chosen.plan),
+                w,
+                &ProgressBar::hidden(),
+            )?;
+            Some(EvalSection {
+                text: text.clone(),
+                windows: r.windows,
+                seq_len: r.seq_len,
+                perplexity_before: r.perplexity_original.unwrap_or(r.perplexity),
+                perplexity_after: r.perplexity,
+            })
+        }
+        None => None,
+    };
+    let eval_s = t_eval.elapsed().as_secs_f64();
+    let timings = Timings {
+        load_s,
+        one_forward_s: outcome.timings.one_forward_s,
+        search_s: outcome.timings.search_s,
+        search_forward_multiple: outcome.timings.search_s / outcome.timings.one_forward_s,
+        strategy_forward_multiples: outcome.timings.strategy_forward_multiples.clone(),
+        eval_s,
+        total_s: t0.elapsed().as_secs_f64(),
+    };
+    let report = SearchReport::new(
+        identity,
+        &calibration,
+        &outcome,
+        f.metric,
+        &strategies,
+        f.beam_width,
+        budget,
+        (f.protect_first, f.protect_last),
+        eval,
+        timings,
+    );
+    drop(forward);
+    Ok(Searched {
+        model,
+        tokenizer,
+        report,
+    })
+}
+
+/// What `compile` does besides the search.
+pub struct CompileOptions {
+    pub search: SearchConfig,
+    pub emit: EmitOptions,
+    pub runtime: RuntimeOptions,
+    /// Greedy decode steps of the validation.
+    pub steps: usize,
+    /// Batch size and measured runs of the benchmark.
+    pub batch: usize,
+    pub runs: usize,
+    /// Replace an existing output directory (once the new one is complete).
+    pub force: bool,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions {
+            search: SearchConfig::default(),
+            emit: EmitOptions {
+                form: crate::graph::Form::Fused,
+                float: ElemType::F32,
+                ops: crate::graph::Ops::Portable,
+            },
+            runtime: RuntimeOptions {
+                library: None,
+                device: crate::runtime::Device::Cpu,
+                strict: false,
+                threads: None,
+            },
+            steps: 16,
+            batch: 1,
+            runs: 3,
+            force: false,
+        }
+    }
+}
+
+/// What `compile` made: the chosen plan, the three directories, and what
+/// validation and the benchmark measured (also in `report`).
+pub struct Compiled {
+    pub plan: Plan,
+    /// The search report with its validation and benchmark sections.
+    pub report: SearchReport,
+    /// The unmodified model, the chosen plan, and the report's directory.
+    pub baseline: PathBuf,
+    pub compiled: PathBuf,
+    pub report_dir: PathBuf,
+    /// `("baseline", ..)` and `("compiled", ..)`.
+    pub validations: Vec<(String, Validation)>,
+    /// Baseline (A) against compiled (B).
+    pub benchmark: BenchResult,
+}
+
+/// Search `model_path`, then write `out/baseline`, `out/compiled` (each
+/// validated in ONNX Runtime) and `out/report` (with the benchmark). `out`
+/// is written under a temporary name and appears only when complete.
+pub fn compile(
+    model_path: &Path,
+    out: &Path,
+    opts: &CompileOptions,
+    progress: &dyn Progress,
+) -> Result<Compiled> {
+    crate::output::check_output(out, opts.force, true)?;
+    // Fail before the search, not after it, when ONNX Runtime is missing.
+    crate::runtime::find_library(opts.runtime.library.as_deref())?;
+    let searched = search(model_path, &opts.search, progress)?;
+    let mut report = searched.report.clone();
+    let model = &searched.model;
+    let layers = model.config.num_hidden_layers;
+    let chosen = report.chosen_plan.clone();
+    let source = Source {
+        path: model_path,
+        tokenizer: searched.tokenizer.as_ref(),
+    };
+    let prompt: Vec<u32> = match &searched.tokenizer {
+        Some(t) => {
+            let mut ids = t.encode(DEFAULT_PROMPT)?;
+            ids.truncate(64);
+            ids
+        }
+        None => (0..32)
+            .map(|i| (i * 7919 + 13) % model.config.vocab_size as u32)
+            .collect(),
+    };
+    let (benchmark, validations) = crate::output::write_directory(out, opts.force, |dir| {
+        let mut validations = Vec::new();
+        let mut sessions = Vec::new();
+        for (name, plan) in [
+            ("baseline", Plan::sequential(layers)),
+            ("compiled", chosen.clone()),
+        ] {
+            let pb = progress.bar(&format!(
+                "emit {name:<9} {{bar:30}} {{pos}}/{{len}} weights"
+            ));
+            let path = dir.join(name);
+            package::emit(model, &plan, &source, &opts.emit, &path, &pb)?;
+            pb.finish_and_clear();
+            let mut session = Emitted::open(&path)?.session(&opts.runtime)?;
+            let sp = progress.spinner(&format!("validate {name}"));
+            let v = validate(
+                &mut session,
+                &Forward::new(model),
+                &plan,
+                &prompt,
+                opts.steps,
+                Tolerance::default_for(opts.emit.float),
+            )?;
+            sp.finish_and_clear();
+            if !v.passed() {
+                return Err(Error::Input(format!(
+                    "{name} model failed validation: {}",
+                    v.failures.join("; ")
+                )));
+            }
+            validations.push((name.to_string(), v));
+            sessions.push(session);
+        }
+        // The validated sessions are the ones benchmarked: baseline (A), compiled (B).
+        let (sa, sb) = sessions.split_at_mut(1);
+        let bo = BenchOptions {
+            batch: opts.batch.max(1),
+            runs: opts.runs.max(1),
+            ..BenchOptions::default()
+        };
+        let pb = progress.bar("bench {bar:30} {pos}/{len} runs, {eta} left");
+        let r = bench(&mut sa[0], &mut sb[0], model.config.vocab_size, &bo, &pb)?;
+        pb.finish_and_clear();
+        report.validation = Some(validations.iter().cloned().collect());
+        report.benchmark = Some(r.clone());
+        let report_dir = dir.join("report");
+        std::fs::create_dir(&report_dir).map_err(|e| Error::io(&report_dir, e))?;
+        report.write(&report_dir)?;
+        Ok((r, validations))
+    })?;
+    Ok(Compiled {
+        plan: chosen,
+        report,
+        baseline: out.join("baseline"),
+        compiled: out.join("compiled"),
+        report_dir: out.join("report"),
+        validations,
+        benchmark,
+    })
+}
