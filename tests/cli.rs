@@ -397,7 +397,7 @@ fn emit_then_validate_succeeds_on_the_command_line() {
     assert!(r.stdout.contains("branches form"), "{}", r.stdout);
     for f in [
         "model.onnx",
-        "model.onnx.data",
+        "model.onnx_data",
         "genai_config.json",
         "config.json",
         "tokenizer.json",

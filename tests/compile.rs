@@ -38,10 +38,10 @@ fn compile_writes_validated_baseline_compiled_and_report() {
     );
     for f in [
         "baseline/model.onnx",
-        "baseline/model.onnx.data",
+        "baseline/model.onnx_data",
         "baseline/genai_config.json",
         "compiled/model.onnx",
-        "compiled/model.onnx.data",
+        "compiled/model.onnx_data",
         "compiled/tokenizer.json",
         "report/search-report.json",
         "report/search-report.md",
@@ -215,7 +215,7 @@ fn library_compile_matches_the_binary() {
     .unwrap();
     assert_eq!(json["chosen_plan"], bin_json["chosen_plan"]);
     for part in ["baseline", "compiled"] {
-        for f in ["model.onnx", "model.onnx.data"] {
+        for f in ["model.onnx", "model.onnx_data"] {
             let a = std::fs::read(lib_out.join(part).join(f)).unwrap();
             let b = std::fs::read(bin_out.join(part).join(f)).unwrap();
             assert!(

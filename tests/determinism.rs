@@ -61,7 +61,7 @@ fn compile_is_byte_identical_across_thread_counts() {
         outputs.push(files(&out));
     }
     let first = &outputs[0];
-    assert!(first.contains_key("compiled/model.onnx.data"));
+    assert!(first.contains_key("compiled/model.onnx_data"));
     for other in &outputs[1..] {
         assert_eq!(
             first.keys().collect::<Vec<_>>(),

@@ -7,9 +7,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fixture, load, real_model_path, text_path};
+use common::{fixture, load, real_model_path, reference_greedy, text_path};
 use depthc::checkpoint::Checkpoint;
-use depthc::forward::{Forward, KvCache, Logits, Options};
+use depthc::forward::Forward;
 use depthc::graph::{ElemType, Form};
 use depthc::model::Model;
 use depthc::onnx::package::{emit, EmitOptions, Source, MODEL_FILE};
@@ -96,7 +96,7 @@ fn check_with_independent_decoder(out: &Path, layers: usize, float_bytes: i64) {
         assert!(inputs.contains(&format!("past_key_values.{l}.key").as_str()));
         assert!(outputs.contains(&format!("present.{l}.value").as_str()));
     }
-    let data_len = std::fs::metadata(out.join("model.onnx.data"))
+    let data_len = std::fs::metadata(out.join("model.onnx_data"))
         .unwrap()
         .len();
     let mut external = 0;
@@ -113,7 +113,7 @@ fn check_with_independent_decoder(out: &Path, layers: usize, float_bytes: i64) {
                 .map(|e| e.value.clone())
                 .unwrap_or_else(|| panic!("{} lacks `{k}`", t.name))
         };
-        assert_eq!(get("location"), "model.onnx.data");
+        assert_eq!(get("location"), "model.onnx_data");
         let offset: u64 = get("offset").parse().unwrap();
         let length: u64 = get("length").parse().unwrap();
         assert_eq!(offset % 4096, 0, "{} is not 4096-aligned", t.name);
@@ -189,24 +189,6 @@ fn onnx_checker_accepts_emitted_models() {
 }
 
 /// Greedy tokens of the reference forward: prefill `prompt`, then `n` steps.
-fn reference_greedy(model: &Model, plan: &Plan, prompt: &[u32], n: usize) -> Vec<u32> {
-    let f = Forward::new(model);
-    let mut cache = KvCache::new(model.config.num_hidden_layers);
-    let opts = Options {
-        logits: Logits::Last,
-        capture_residuals: false,
-    };
-    let mut ids = prompt.to_vec();
-    let mut out = Vec::new();
-    while out.len() < n {
-        let logits = f.run(plan, &ids, &mut cache, opts).unwrap().logits;
-        let next = depthc::forward::ops::argmax(&logits) as u32;
-        out.push(next);
-        ids = vec![next];
-    }
-    out
-}
-
 #[test]
 fn real_model_plans_in_both_forms_match_the_reference() {
     let path = real_model_path();

@@ -115,7 +115,7 @@ fn external_data_beyond_2_gib_is_written_and_loads() {
         String::from_utf8_lossy(&emit.stderr)
     );
     eprintln!("{stdout}");
-    let data_len = std::fs::metadata(out.join("model.onnx.data"))
+    let data_len = std::fs::metadata(out.join("model.onnx_data"))
         .unwrap()
         .len();
     assert!(data_len > 1 << 31, "external data is only {data_len} bytes");

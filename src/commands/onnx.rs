@@ -54,7 +54,7 @@ pub fn emit(a: EmitArgs) -> Result<()> {
         plan.depth()
     );
     println!(
-        "  model.onnx {:.1} KiB, model.onnx.data {:.1} MiB ({} weights) in {:.1} s",
+        "  model.onnx {:.1} KiB, model.onnx_data {:.1} MiB ({} weights) in {:.1} s",
         written.model_bytes as f64 / 1024.0,
         written.data_bytes as f64 / 1048576.0,
         written.weights,

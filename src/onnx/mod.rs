@@ -1,5 +1,5 @@
 //! ONNX encoding of a [`Graph`]: protobuf messages ([`proto`]), weights
-//! streamed one by one into external data (`model.onnx.data`, large tensors
+//! streamed one by one into external data (`model.onnx_data`, large tensors
 //! 4096-aligned, shape tensors inline), and the directory serving stacks load
 //! ([`package`]: `genai_config.json`, `config.json`, tokenizer files).
 //!
@@ -123,14 +123,15 @@ fn write_floats(out: &mut impl Write, values: &[f32], float: ElemType) -> std::i
     Ok(written)
 }
 
-/// Write `graph` as `model_path` plus its external data `{model_path}.data`,
+/// Write `graph` as `model_path` plus its external data `{model_path}_data`
+/// (the name Optimum and transformers.js fetch from a model hub),
 /// computing each weight only when it is written.
 pub fn write(graph: &Graph, model_path: &Path, progress: &ProgressBar) -> Result<Written> {
     let file_name = model_path
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| Error::output(model_path, "the model file needs a UTF-8 name"))?;
-    let data_name = format!("{file_name}.data");
+    let data_name = format!("{file_name}_data");
     let data_path = model_path.with_file_name(&data_name);
     let mut data = BufWriter::with_capacity(
         1 << 20,

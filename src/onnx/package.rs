@@ -1,8 +1,20 @@
-//! The emitted directory: `model.onnx` + `model.onnx.data`, and beside them
-//! what onnxruntime-genai and Optimum's `ORTModelForCausalLM` read:
-//! `genai_config.json` (`past_present_share_buffer` false for the portable
-//! graph's KV cache by Concat, true for GroupQueryAttention's), `config.json`,
-//! `generation_config.json` and the tokenizer files.
+//! The emitted directory, laid out so that every serving client loads it with
+//! no option:
+//!
+//! ```text
+//! model.onnx, model.onnx_data    ONNX Runtime, Optimum, onnxruntime-genai
+//! onnx/model.onnx, onnx/model.onnx_data
+//!                                transformers.js (relative symbolic links to the two
+//!                                above: the weights are stored once)
+//! genai_config.json              onnxruntime-genai (`past_present_share_buffer` false for
+//!                                the portable graph's KV cache by Concat, true for
+//!                                GroupQueryAttention's)
+//! config.json                    the Hugging Face config, with `transformers.js_config`
+//! generation_config.json, tokenizer.json, tokenizer_config.json
+//! ```
+//!
+//! `model.onnx_data` is the name Optimum and transformers.js fetch the
+//! external weights under from a model hub.
 //!
 //! The directory is written under a temporary name beside its destination and
 //! renamed when complete: an error never leaves a half-written directory.
@@ -21,6 +33,8 @@ use crate::plan::Plan;
 use crate::{Error, Result};
 
 pub const MODEL_FILE: &str = "model.onnx";
+/// Where transformers.js looks for the model (`onnx/model.onnx`).
+pub const TRANSFORMERS_JS_DIR: &str = "onnx";
 
 /// Tokenizer files of a Hugging Face checkpoint copied as they are.
 const HF_TOKENIZER_FILES: &[&str] = &[
@@ -67,6 +81,7 @@ fn fill(
     let graph = graph::build(model, plan, opts.form, opts.ops, opts.float);
     let written = write(&graph, &dir.join(MODEL_FILE), progress)?;
     drop(graph);
+    link_for_transformers_js(dir)?;
 
     let mut config = cfg.to_hf_json();
     config["torch_dtype"] = json!(if opts.float == ElemType::F16 {
@@ -74,6 +89,9 @@ fn fill(
     } else {
         "float32"
     });
+    // transformers.js fetches `onnx/model.onnx_data` beside the graph from a
+    // hub only when told to; a local path finds it through ONNX Runtime.
+    config["transformers.js_config"] = json!({ "use_external_data_format": true });
     write_json(&dir.join("config.json"), &config)?;
     write_json(&dir.join("genai_config.json"), &genai_config(cfg, opts.ops))?;
 
@@ -111,6 +129,25 @@ fn fill(
         )?;
     }
     Ok(written)
+}
+
+/// `onnx/model.onnx` and `onnx/model.onnx_data` as relative symbolic links
+/// to the files above them: a pair, so that ONNX Runtime finds the data next
+/// to the graph it opens. Not hard links: the ONNX checker refuses external
+/// data with several hard links, and the files at the top must pass it.
+fn link_for_transformers_js(dir: &Path) -> Result<()> {
+    let sub = dir.join(TRANSFORMERS_JS_DIR);
+    std::fs::create_dir(&sub).map_err(|e| Error::io(&sub, e))?;
+    let data = format!("{MODEL_FILE}_data");
+    for name in [MODEL_FILE, data.as_str()] {
+        let link = sub.join(name);
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(Path::new("..").join(name), &link)
+            .map_err(|e| Error::io(&link, e))?;
+        #[cfg(not(unix))]
+        std::fs::copy(dir.join(name), &link).map_err(|e| Error::io(&link, e))?;
+    }
+    Ok(())
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {
