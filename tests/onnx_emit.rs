@@ -392,3 +392,51 @@ fn ort_ops_match_the_reference_and_genai() {
         std::fs::remove_dir_all(&out).unwrap();
     }
 }
+
+/// The benchmark's decode loop (`DecoderSession::greedy_bound`: KV cache kept
+/// where the execution provider wrote it, bound as the next step's past)
+/// generates the reference's greedy tokens in every row, in both op modes.
+#[test]
+fn bound_decode_generates_the_reference_tokens() {
+    use depthc::graph::Ops;
+    let path = real_model_path();
+    let (ckpt, model) = load(&path);
+    let layers = model.config.num_hidden_layers;
+    let plan = Plan::parse("12-13,14-15,17-18,21-22,24-25,26-27", layers).unwrap();
+    let prompt = ckpt
+        .tokenizer
+        .as_ref()
+        .unwrap()
+        .encode("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind")
+        .unwrap();
+    let want = reference_greedy(&model, &plan, &prompt, 9);
+    let dir = tempfile::tempdir().unwrap();
+    for ops in [Ops::Portable, Ops::Ort] {
+        let out = dir.path().join(ops.name());
+        let opts = EmitOptions {
+            form: Form::Fused,
+            float: ElemType::F32,
+            ops,
+        };
+        let source = Source {
+            path: &ckpt.path,
+            tokenizer: ckpt.tokenizer.as_ref(),
+        };
+        emit(&model, &plan, &source, &opts, &out, &ProgressBar::hidden()).unwrap();
+        let mut session = DecoderSession::open(
+            &out.join(MODEL_FILE),
+            &model.config,
+            ElemType::F32,
+            &RuntimeOptions::default(),
+        )
+        .unwrap();
+        let rows: Vec<u32> = [prompt.clone(), prompt.clone()].concat();
+        let r = session.greedy_bound(&rows, 2, 8).unwrap();
+        for (k, got) in r.tokens.iter().enumerate() {
+            assert_eq!(got, &want, "{} row {k}", ops.name());
+        }
+        assert!(r.prefill_s > 0.0 && r.decode_s > 0.0);
+        let prefill_only = session.greedy_bound(&prompt, 1, 0).unwrap();
+        assert!(prefill_only.tokens[0].is_empty() && prefill_only.prefill_s > 0.0);
+    }
+}

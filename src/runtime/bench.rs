@@ -2,14 +2,14 @@
 //! the same run: prefill latency of `prefill_tokens`, and greedy decode
 //! throughput of `decode_tokens` new tokens after a `prompt_tokens` prompt
 //! with the KV cache; medians over runs and the B/A ratios. Same batch,
-//! dtype and threads for both.
-
-use std::time::Instant;
+//! dtype, threads and execution provider for both. Both are timed through an
+//! I/O binding ([`DecoderSession::greedy_bound`]): the KV cache stays on the
+//! device between decode steps, and only ids and the last logits cross to
+//! the host, so a GPU run measures the model, not host copies.
 
 use serde::Serialize;
 
 use super::DecoderSession;
-use crate::forward::ops::argmax;
 use crate::Result;
 
 #[derive(Debug, Clone, Serialize)]
@@ -74,28 +74,17 @@ fn ids(n: usize, batch: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
+/// One prefill, its outputs left where the execution provider wrote them.
 fn prefill_ms(s: &mut DecoderSession, opts: &BenchOptions, vocab: usize) -> Result<f64> {
     let input = ids(opts.prefill_tokens, opts.batch, vocab);
-    let t0 = Instant::now();
-    s.step_batch(&input, opts.batch, None)?;
-    Ok(t0.elapsed().as_secs_f64() * 1e3)
+    Ok(s.greedy_bound(&input, opts.batch, 0)?.prefill_s * 1e3)
 }
 
+/// Greedy decode with the KV cache kept on the device between steps.
 fn decode_tokens_per_s(s: &mut DecoderSession, opts: &BenchOptions, vocab: usize) -> Result<f64> {
     let prompt = ids(opts.prompt_tokens, opts.batch, vocab);
-    let mut out = s.step_batch(&prompt, opts.batch, None)?;
-    let t0 = Instant::now();
-    for _ in 0..opts.decode_tokens {
-        // Greedy on the last position of each row.
-        let rows = out.logits.len() / vocab;
-        let per_row = rows / opts.batch;
-        let next: Vec<u32> = (0..opts.batch)
-            .map(|b| argmax(&out.logits[(b * per_row + per_row - 1) * vocab..][..vocab]) as u32)
-            .collect();
-        out = s.step_batch(&next, opts.batch, Some(&out))?;
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    Ok((opts.batch * opts.decode_tokens) as f64 / secs)
+    let r = s.greedy_bound(&prompt, opts.batch, opts.decode_tokens)?;
+    Ok((opts.batch * opts.decode_tokens) as f64 / r.decode_s)
 }
 
 /// Run A and B alternately (one warm-up each, then `runs` measured).

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ort::environment::Environment;
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
-use ort::value::Tensor;
+use ort::value::{DynValue, Tensor};
 
 use crate::checkpoint::ModelConfig;
 use crate::graph::{contract, ElemType};
@@ -186,6 +187,18 @@ pub struct DecoderSession {
     kv_heads: usize,
     head_dim: usize,
     vocab: usize,
+    device: Device,
+}
+
+/// What [`DecoderSession::greedy_bound`] measured.
+#[derive(Debug, Clone)]
+pub struct BoundDecode {
+    /// Per row, the greedy token after the prefill and after each step.
+    pub tokens: Vec<Vec<u32>>,
+    /// Seconds of the prefill run (the last position's logits copied out).
+    pub prefill_s: f64,
+    /// Seconds of the decode steps, each with its logits copied out.
+    pub decode_s: f64,
 }
 
 fn ort_err(context: &str) -> impl Fn(ort::Error) -> Error + '_ {
@@ -230,6 +243,164 @@ impl DecoderSession {
             kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
             vocab: cfg.vocab_size,
+            device: opts.device,
+        })
+    }
+
+    /// Where the execution provider keeps its outputs.
+    fn device_memory(&self) -> Result<MemoryInfo<'static>> {
+        let device = match self.device {
+            Device::Cpu => AllocationDevice::CPU,
+            Device::Cuda => AllocationDevice::CUDA,
+        };
+        MemoryInfo::new(device, 0, AllocatorType::Device, MemoryType::Default)
+            .map_err(ort_err("memory info"))
+    }
+
+    /// An empty `[batch, kv_heads, 0, head_dim]` cache in the model's float type.
+    fn empty_cache(&self, batch: usize) -> Result<DynValue> {
+        let shape = vec![batch as i64, self.kv_heads as i64, 0, self.head_dim as i64];
+        Ok(if self.float == ElemType::F16 {
+            Tensor::from_array((shape, Vec::<f16>::new()))
+                .map_err(ort_err("input"))?
+                .into_dyn()
+        } else {
+            Tensor::from_array((shape, Vec::<f32>::new()))
+                .map_err(ort_err("input"))?
+                .into_dyn()
+        })
+    }
+
+    /// Prefill `prompt` (`batch` rows of `prompt.len() / batch` ids), then
+    /// `steps` greedy decode steps, through an I/O binding, as
+    /// onnxruntime-genai decodes: each step's `present.*` stay where the
+    /// execution provider wrote them (GPU memory with CUDA) and are bound as
+    /// the next step's `past_key_values.*`; only the new ids go in, and the
+    /// logits come out for the argmax. The timings include that copy and
+    /// nothing else from the host side. With `steps == 0` (a timed prefill)
+    /// the logits stay on the device too and no token is read.
+    pub fn greedy_bound(
+        &mut self,
+        prompt: &[u32],
+        batch: usize,
+        steps: usize,
+    ) -> Result<BoundDecode> {
+        let batch = batch.max(1);
+        let device = self.device_memory()?;
+        let host = MemoryInfo::new(
+            AllocationDevice::CPU,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(ort_err("memory info"))?;
+        let mut binding = self
+            .session
+            .create_binding()
+            .map_err(ort_err("I/O binding"))?;
+        let mut past: Vec<DynValue> = Vec::with_capacity(2 * self.layers);
+        for _ in 0..2 * self.layers {
+            past.push(self.empty_cache(batch)?);
+        }
+        let mut ids: Vec<u32> = prompt.to_vec();
+        let (mut total, mut tokens) = (0usize, vec![Vec::new(); batch]);
+        let (mut prefill_s, mut decode_s) = (0.0, 0.0);
+        let bind_err = ort_err("I/O binding");
+        for step in 0..=steps {
+            let seq = ids.len() / batch;
+            let past_len = total;
+            total += seq;
+            let i64_tensor = |v: Vec<i64>| {
+                let cols = (v.len() / batch) as i64;
+                Tensor::from_array((vec![batch as i64, cols], v)).map_err(ort_err("input"))
+            };
+            let positions = (0..batch)
+                .flat_map(|_| past_len as i64..total as i64)
+                .collect();
+            let inputs = [
+                (contract::INPUT_IDS, ids.iter().map(|&i| i as i64).collect()),
+                (contract::ATTENTION_MASK, vec![1i64; batch * total]),
+                (contract::POSITION_IDS, positions),
+            ];
+            let t0 = std::time::Instant::now();
+            for (name, values) in inputs {
+                binding
+                    .bind_input(name, &i64_tensor(values)?)
+                    .map_err(&bind_err)?;
+            }
+            for l in 0..self.layers {
+                binding
+                    .bind_input(contract::past_key(l), &past[2 * l])
+                    .map_err(&bind_err)?;
+                binding
+                    .bind_input(contract::past_value(l), &past[2 * l + 1])
+                    .map_err(&bind_err)?;
+                // Bound anew each step: the cache grows, a new buffer each time.
+                for name in [contract::present_key(l), contract::present_value(l)] {
+                    binding
+                        .bind_output_to_device(name, &device)
+                        .map_err(&bind_err)?;
+                }
+            }
+            let logits_at = if steps == 0 { &device } else { &host };
+            binding
+                .bind_output_to_device(contract::LOGITS, logits_at)
+                .map_err(&bind_err)?;
+            let mut out = self.session.run_binding(&binding).map_err(ort_err("run"))?;
+            if steps == 0 {
+                prefill_s = t0.elapsed().as_secs_f64();
+                break;
+            }
+            let logits = out
+                .remove(contract::LOGITS)
+                .ok_or_else(|| Error::Runtime("the model has no output `logits`".into()))?;
+            let vocab = self.vocab;
+            let last_rows: Vec<f32> = if self.float == ElemType::F16 {
+                let (_, data) = logits
+                    .try_extract_tensor::<f16>()
+                    .map_err(ort_err("logits"))?;
+                (0..batch)
+                    .flat_map(|b| {
+                        data[((b + 1) * seq - 1) * vocab..][..vocab]
+                            .iter()
+                            .map(|x| x.to_f32())
+                    })
+                    .collect()
+            } else {
+                let (_, data) = logits
+                    .try_extract_tensor::<f32>()
+                    .map_err(ort_err("logits"))?;
+                (0..batch)
+                    .flat_map(|b| data[((b + 1) * seq - 1) * vocab..][..vocab].to_vec())
+                    .collect()
+            };
+            past.clear();
+            for l in 0..self.layers {
+                for name in [contract::present_key(l), contract::present_value(l)] {
+                    past.push(out.remove(&name).ok_or_else(|| {
+                        Error::Runtime(format!("the model has no output `{name}`"))
+                    })?);
+                }
+            }
+            drop(out);
+            let secs = t0.elapsed().as_secs_f64();
+            if step == 0 {
+                prefill_s = secs;
+            } else {
+                decode_s += secs;
+            }
+            ids = last_rows
+                .chunks_exact(vocab)
+                .map(|row| crate::forward::ops::argmax(row) as u32)
+                .collect();
+            for (row, &t) in tokens.iter_mut().zip(&ids) {
+                row.push(t);
+            }
+        }
+        Ok(BoundDecode {
+            tokens,
+            prefill_s,
+            decode_s,
         })
     }
 
