@@ -59,10 +59,10 @@ def main():
                "--steps", "4")
         folders = [(os.path.join(compiled, p), TINY, f"tiny compile/{p}")
                    for p in ("baseline", "compiled")]
-        for plan in ("", "20..24"):
-            out = os.path.join(tmp, f"smollm2-{plan or 'original'}")
-            depthc("emit", SMOLLM2, "--plan", plan, "-o", out)
-            folders.append((out, SMOLLM2, f"SmolLM2 plan `{plan}`"))
+        for plan, dtype in (("", "f32"), ("20..24", "f32"), ("20..24", "f16")):
+            out = os.path.join(tmp, f"smollm2-{plan or 'original'}-{dtype}")
+            depthc("emit", SMOLLM2, "--plan", plan, "--dtype", dtype, "-o", out)
+            folders.append((out, SMOLLM2, f"SmolLM2 plan `{plan}` {dtype}"))
         for folder, model, name in folders:
             want, v = reference(folder, model, prompt_file)
             got = optimum(folder)

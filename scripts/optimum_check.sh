@@ -3,7 +3,7 @@
 # pulls torch: a ~6 GB virtual environment). Makes .cache/optimum-venv
 # (optimum-onnx 0.1.0, onnxruntime 1.31.1) once, then runs
 # scripts/optimum_check.py: folders from `depthc compile` (tiny fixture) and
-# `depthc emit` (SmolLM2, no plan and a plan) loaded with no option, 16 greedy
+# `depthc emit` (SmolLM2: no plan, a plan, the plan in float16) loaded with no option, 16 greedy
 # tokens each compared with the reference forward's (`depthc validate`).
 #
 #   scripts/optimum_check.sh            # after scripts/setup.sh and cargo build --release

@@ -143,22 +143,28 @@ fn compile_output_loads_in_transformers_js_and_genai() {
     }
 }
 
+/// SmolLM2 with a plan, in float32 and float16 (whose greedy tokens on this
+/// prompt are the float32 reference's).
 #[test]
 fn smollm2_plan_loads_in_transformers_js_and_genai() {
     let path = real_model_path();
     let (ckpt, model) = load(&path);
     let plan = Plan::parse("20..24", model.config.num_hidden_layers).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("smollm2-lp");
-    let (code, _, stderr) = common::run_depthc(&[
-        "emit",
-        path.to_str().unwrap(),
-        "--plan",
-        &plan.to_string(),
-        "-o",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{stderr}");
     let prompt = ckpt.tokenizer.as_ref().unwrap().encode(PROMPT).unwrap();
-    check_clients(&out, &model, &plan, &prompt, 16);
+    for dtype in ["f32", "f16"] {
+        let out = dir.path().join(format!("smollm2-lp-{dtype}"));
+        let (code, _, stderr) = common::run_depthc(&[
+            "emit",
+            path.to_str().unwrap(),
+            "--plan",
+            &plan.to_string(),
+            "--dtype",
+            dtype,
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        check_clients(&out, &model, &plan, &prompt, 16);
+    }
 }
