@@ -145,6 +145,43 @@ fn bench_prints_both_sides_and_ratios_as_json() {
     let ratio = v["a"]["prefill_ms"].as_f64().unwrap() / v["b"]["prefill_ms"].as_f64().unwrap();
     assert!((v["prefill_speedup"].as_f64().unwrap() - ratio).abs() < 1e-9);
     assert_eq!(v["options"]["batch"], 2);
+    // Per-round ratios (2 rounds), their range and a verdict that follows from it.
+    for (name, num, den) in [("prefill", "a", "b"), ("decode", "b", "a")] {
+        let c = &v[name];
+        let ratios: Vec<f64> = c["ratios"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(ratios.len(), 2, "{name}");
+        let runs = |side: &str, key: &str| -> Vec<f64> {
+            v[side][key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let key = if name == "prefill" {
+            "prefill_runs_ms"
+        } else {
+            "decode_runs_tokens_per_s"
+        };
+        let (top, bottom) = (runs(num, key), runs(den, key));
+        for (k, r) in ratios.iter().enumerate() {
+            assert!((r - top[k] / bottom[k]).abs() < 1e-9, "{name} round {k}");
+        }
+        let (min, max) = (c["min"].as_f64().unwrap(), c["max"].as_f64().unwrap());
+        let want = if min > 1.0 {
+            "faster"
+        } else if max < 1.0 {
+            "slower"
+        } else {
+            "no_measurable_difference"
+        };
+        assert_eq!(c["verdict"], want, "{name}");
+    }
 }
 
 /// `compile --ops ort`: both models written with ONNX Runtime's fused

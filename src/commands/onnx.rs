@@ -198,6 +198,14 @@ pub fn print_bench(r: &depthc::runtime::bench::BenchResult, a: &str, b: &str) {
         "  speedup    prefill x{:.3}, decode x{:.3}",
         r.prefill_speedup, r.decode_speedup
     );
+    for (name, c) in [("prefill", &r.prefill), ("decode", &r.decode)] {
+        println!(
+            "  {name:<10} per round x{:.3}..x{:.3}: {}",
+            c.min,
+            c.max,
+            c.verdict.name()
+        );
+    }
 }
 
 pub fn bench_command(a: BenchArgs) -> Result<()> {

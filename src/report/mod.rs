@@ -315,7 +315,7 @@ impl SearchReport {
             let o = &b.options;
             let _ = writeln!(
                 s,
-                "\n## Benchmark in ONNX Runtime\n\nBatch {}, prefill {} tokens, decode {} tokens after a {}-token prompt, median of {} runs, baseline and compiled alternating.\n\n| model | prefill ms | decode tokens/s |\n|---|---|---|\n| baseline | {:.2} | {:.1} |\n| compiled | {:.2} | {:.1} |\n\nSpeed-up: prefill x{:.3}, decode x{:.3}.",
+                "\n## Benchmark in ONNX Runtime\n\nBatch {}, prefill {} tokens, decode {} tokens after a {}-token prompt, median of {} runs, baseline and compiled alternating.\n\n| model | prefill ms | decode tokens/s |\n|---|---|---|\n| baseline | {:.2} | {:.1} |\n| compiled | {:.2} | {:.1} |\n\nSpeed-up: prefill x{:.3} (rounds x{:.3}..x{:.3}: {}), decode x{:.3} (rounds x{:.3}..x{:.3}: {}).",
                 o.batch,
                 o.prefill_tokens,
                 o.decode_tokens,
@@ -326,7 +326,13 @@ impl SearchReport {
                 b.b.prefill_ms,
                 b.b.decode_tokens_per_s,
                 b.prefill_speedup,
-                b.decode_speedup
+                b.prefill.min,
+                b.prefill.max,
+                b.prefill.verdict.name(),
+                b.decode_speedup,
+                b.decode.min,
+                b.decode.max,
+                b.decode.verdict.name()
             );
         }
         s

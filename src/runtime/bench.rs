@@ -43,15 +43,72 @@ pub struct BenchSide {
     pub decode_runs_tokens_per_s: Vec<f64>,
 }
 
+/// What the rounds say about B against A on one measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// B was faster in every round.
+    Faster,
+    /// B was slower in every round.
+    Slower,
+    /// The rounds disagree: the difference is within this run's noise.
+    NoMeasurableDifference,
+}
+
+impl Verdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Faster => "faster",
+            Verdict::Slower => "slower",
+            Verdict::NoMeasurableDifference => "no measurable difference",
+        }
+    }
+}
+
+/// B's speed over A's in each round (A and B measured back to back), their
+/// range, and the verdict that range supports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// Per round, above 1 when B was faster.
+    pub ratios: Vec<f64>,
+    pub min: f64,
+    pub max: f64,
+    pub verdict: Verdict,
+}
+
+impl Comparison {
+    fn of(ratios: Vec<f64>) -> Comparison {
+        let min = ratios.iter().cloned().fold(f64::INFINITY, f64::min);
+        let max = ratios.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let verdict = if min > 1.0 {
+            Verdict::Faster
+        } else if max < 1.0 {
+            Verdict::Slower
+        } else {
+            Verdict::NoMeasurableDifference
+        };
+        Comparison {
+            ratios,
+            min,
+            max,
+            verdict,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
     pub options: BenchOptions,
     pub a: BenchSide,
     pub b: BenchSide,
-    /// `a.prefill_ms / b.prefill_ms`: above 1 when B is faster.
+    /// `a.prefill_ms / b.prefill_ms` (medians): above 1 when B is faster.
     pub prefill_speedup: f64,
-    /// `b.decode_tokens_per_s / a.decode_tokens_per_s`.
+    /// `b.decode_tokens_per_s / a.decode_tokens_per_s` (medians).
     pub decode_speedup: f64,
+    /// Per-round prefill ratios (A's latency over B's) and their verdict.
+    pub prefill: Comparison,
+    /// Per-round decode ratios (B's tokens/s over A's) and their verdict.
+    pub decode: Comparison,
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -87,7 +144,9 @@ fn decode_tokens_per_s(s: &mut DecoderSession, opts: &BenchOptions, vocab: usize
     Ok((opts.batch * opts.decode_tokens) as f64 / r.decode_s)
 }
 
-/// Run A and B alternately (one warm-up each, then `runs` measured).
+/// Run A and B alternately (one warm-up each, then `runs` measured rounds;
+/// every other round measures B first, so that drift of the machine during a
+/// round does not favour one side).
 pub fn bench(
     a: &mut DecoderSession,
     b: &mut DecoderSession,
@@ -98,7 +157,10 @@ pub fn bench(
     let mut sides = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
     progress.set_length((opts.runs + 1) as u64);
     for run in 0..=opts.runs {
-        for (k, s) in [&mut *a, &mut *b].into_iter().enumerate() {
+        let pair = [&mut *a, &mut *b];
+        let order = if run % 2 == 0 { [1, 0] } else { [0, 1] };
+        for k in order {
+            let s = &mut *pair[k];
             let p = prefill_ms(s, opts, vocab)?;
             let d = decode_tokens_per_s(s, opts, vocab)?;
             if run > 0 {
@@ -108,6 +170,22 @@ pub fn bench(
         }
         progress.inc(1);
     }
+    let prefill = Comparison::of(
+        sides[0]
+            .0
+            .iter()
+            .zip(&sides[1].0)
+            .map(|(a, b)| a / b)
+            .collect(),
+    );
+    let decode = Comparison::of(
+        sides[0]
+            .1
+            .iter()
+            .zip(&sides[1].1)
+            .map(|(a, b)| b / a)
+            .collect(),
+    );
     let side = |(p, d): &(Vec<f64>, Vec<f64>)| BenchSide {
         prefill_ms: median(p),
         decode_tokens_per_s: median(d),
@@ -121,5 +199,27 @@ pub fn bench(
         decode_speedup: sb.decode_tokens_per_s / sa.decode_tokens_per_s,
         a: sa,
         b: sb,
+        prefill,
+        decode,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Comparison, Verdict};
+
+    #[test]
+    fn verdict_needs_every_round_to_agree() {
+        assert_eq!(
+            Comparison::of(vec![1.02, 1.10, 1.05]).verdict,
+            Verdict::Faster
+        );
+        assert_eq!(
+            Comparison::of(vec![0.97, 0.99, 0.90]).verdict,
+            Verdict::Slower
+        );
+        let mixed = Comparison::of(vec![1.20, 0.98, 1.05]);
+        assert_eq!(mixed.verdict, Verdict::NoMeasurableDifference);
+        assert_eq!((mixed.min, mixed.max), (0.98, 1.20));
+    }
 }
