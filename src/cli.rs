@@ -177,12 +177,22 @@ pub struct CompileArgs {
     pub force: bool,
     #[command(flatten)]
     pub search: SearchFlags,
-    /// How parallel groups are written.
-    #[arg(long, value_enum, default_value_t = FormArg::Fused)]
-    pub form: FormArg,
-    /// Operators of the emitted graph.
-    #[arg(long, value_enum, default_value_t = OpsArg::Portable)]
-    pub ops: OpsArg,
+    /// How parallel groups are written; `auto` emits both, benchmarks each against
+    /// the unmodified model and keeps the faster on --workload.
+    #[arg(long, value_enum, default_value_t = AutoFormArg::Auto)]
+    pub form: AutoFormArg,
+    /// Operators of the emitted graph; `auto` tries every op set --target loads.
+    #[arg(long, value_enum, default_value_t = AutoOpsArg::Auto)]
+    pub ops: AutoOpsArg,
+    /// The serving stack the output must load in: `portable` (every client:
+    /// ONNX Runtime, onnxruntime-genai, Optimum, transformers.js) limits --ops
+    /// auto to plain operators; `ort` and `genai` also allow ONNX Runtime's fused ones.
+    #[arg(long, value_enum, default_value_t = TargetArg::Portable)]
+    pub target: TargetArg,
+    /// What the kept candidate must be fastest at: prompt processing, token
+    /// generation, or both (per round, the geometric mean of the two ratios).
+    #[arg(long, value_enum, default_value_t = WorkloadArg::Mixed)]
+    pub workload: WorkloadArg,
     /// Element type of the emitted models.
     #[arg(long, value_enum, default_value_t = OnnxDtype::F32)]
     pub dtype: OnnxDtype,
@@ -251,6 +261,42 @@ pub enum OpsArg {
     /// SkipSimplifiedLayerNormalization, GroupQueryAttention with RoPE, packed
     /// QKV): faster in ONNX Runtime and onnxruntime-genai, loadable nowhere else.
     Ort,
+}
+
+/// `compile --form`: a form, or every form (`auto`).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AutoFormArg {
+    /// Both forms, the faster kept.
+    Auto,
+    Fused,
+    Branches,
+}
+
+/// `compile --ops`: an op set, or every op set --target loads (`auto`).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum AutoOpsArg {
+    Auto,
+    Portable,
+    Ort,
+}
+
+/// The serving stack `compile`'s output must load in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TargetArg {
+    /// Every client (plain operators only).
+    Portable,
+    /// ONNX Runtime (plain or fused operators).
+    Ort,
+    /// onnxruntime-genai (plain or fused operators).
+    Genai,
+}
+
+/// What `compile` optimises for.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum WorkloadArg {
+    Prefill,
+    Decode,
+    Mixed,
 }
 
 /// How a parallel group is written in ONNX.

@@ -16,12 +16,14 @@ use indicatif::ProgressBar;
 use crate::checkpoint::tokenizer::Tokenizer;
 use crate::checkpoint::Checkpoint;
 use crate::forward::Forward;
-use crate::graph::ElemType;
+use crate::graph::{ElemType, Form, Ops};
 use crate::model::Model;
 use crate::onnx::package::{self, EmitOptions, Source};
 use crate::plan::Plan;
 use crate::report::{EvalSection, ModelIdentity, SearchReport, Timings};
-use crate::runtime::bench::{bench, BenchOptions, BenchResult};
+use crate::runtime::bench::{
+    bench, BenchOptions, BenchResult, CandidateSpeed, SpeedChoice, Workload,
+};
 use crate::runtime::validate::{validate, Tolerance, Validation};
 use crate::runtime::{Emitted, RuntimeOptions};
 use crate::search::strategy::{Budget, Metric, SearchSpace, Strategy};
@@ -237,11 +239,18 @@ pub fn search(
 /// What `compile` does besides the search.
 pub struct CompileOptions {
     pub search: SearchConfig,
-    pub emit: EmitOptions,
+    /// Element type of the emitted models.
+    pub float: ElemType,
+    /// The forms and op sets to try: every pair is emitted, validated and
+    /// benchmarked against the unmodified model of its op set, and the
+    /// fastest on `workload` is kept.
+    pub forms: Vec<Form>,
+    pub ops: Vec<Ops>,
+    pub workload: Workload,
     pub runtime: RuntimeOptions,
     /// Greedy decode steps of the validation.
     pub steps: usize,
-    /// Batch size and measured runs of the benchmark.
+    /// Batch size and measured rounds of the benchmark.
     pub batch: usize,
     pub runs: usize,
     /// Replace an existing output directory (once the new one is complete).
@@ -252,11 +261,10 @@ impl Default for CompileOptions {
     fn default() -> Self {
         CompileOptions {
             search: SearchConfig::default(),
-            emit: EmitOptions {
-                form: crate::graph::Form::Fused,
-                float: ElemType::F32,
-                ops: crate::graph::Ops::Portable,
-            },
+            float: ElemType::F32,
+            forms: vec![Form::Fused, Form::Branches],
+            ops: vec![Ops::Portable],
+            workload: Workload::Mixed,
             runtime: RuntimeOptions {
                 library: None,
                 device: crate::runtime::Device::Cpu,
@@ -275,21 +283,24 @@ impl Default for CompileOptions {
 /// validation and the benchmark measured (also in `report`).
 pub struct Compiled {
     pub plan: Plan,
-    /// The search report with its validation and benchmark sections.
+    /// The search report with its validation, benchmark and speed sections.
     pub report: SearchReport,
     /// The unmodified model, the chosen plan, and the report's directory.
     pub baseline: PathBuf,
     pub compiled: PathBuf,
     pub report_dir: PathBuf,
-    /// `("baseline", ..)` and `("compiled", ..)`.
+    /// `("baseline", ..)` and `("compiled", ..)` of the kept candidate.
     pub validations: Vec<(String, Validation)>,
-    /// Baseline (A) against compiled (B).
+    /// Baseline (A) against compiled (B), of the kept candidate.
     pub benchmark: BenchResult,
+    /// Every candidate's ratios and why the kept one was kept.
+    pub speed: SpeedChoice,
 }
 
-/// Search `model_path`, then write `out/baseline`, `out/compiled` (each
-/// validated in ONNX Runtime) and `out/report` (with the benchmark). `out`
-/// is written under a temporary name and appears only when complete.
+/// Search `model_path`, then emit, validate and benchmark every candidate
+/// form and op set, keep the fastest as `out/compiled` with the unmodified
+/// model of its op set as `out/baseline`, and write `out/report`. `out` is
+/// written under a temporary name and appears only when complete.
 pub fn compile(
     model_path: &Path,
     out: &Path,
@@ -297,6 +308,11 @@ pub fn compile(
     progress: &dyn Progress,
 ) -> Result<Compiled> {
     crate::output::check_output(out, opts.force, true)?;
+    if opts.forms.is_empty() || opts.ops.is_empty() {
+        return Err(Error::Input(
+            "compile needs at least one form and one op set".into(),
+        ));
+    }
     // Fail before the search, not after it, when ONNX Runtime is missing.
     crate::runtime::find_library(opts.runtime.library.as_deref())?;
     let searched = search(model_path, &opts.search, progress)?;
@@ -318,55 +334,108 @@ pub fn compile(
             .map(|i| (i * 7919 + 13) % model.config.vocab_size as u32)
             .collect(),
     };
-    let (benchmark, validations) = crate::output::write_directory(out, opts.force, |dir| {
-        let mut validations = Vec::new();
-        let mut sessions = Vec::new();
-        for (name, plan) in [
-            ("baseline", Plan::sequential(layers)),
-            ("compiled", chosen.clone()),
-        ] {
-            let pb = progress.bar(&format!(
-                "emit {name:<9} {{bar:30}} {{pos}}/{{len}} weights"
-            ));
-            let path = dir.join(name);
-            package::emit(model, &plan, &source, &opts.emit, &path, &pb)?;
-            pb.finish_and_clear();
-            let mut session = Emitted::open(&path)?.session(&opts.runtime)?;
-            let sp = progress.spinner(&format!("validate {name}"));
-            let v = validate(
-                &mut session,
-                &Forward::new(model),
-                &plan,
-                &prompt,
-                opts.steps,
-                Tolerance::default_for(opts.emit.float),
-            )?;
-            sp.finish_and_clear();
-            if !v.passed() {
-                return Err(Error::Input(format!(
-                    "{name} model failed validation: {}",
-                    v.failures.join("; ")
-                )));
-            }
-            validations.push((name.to_string(), v));
-            sessions.push(session);
-        }
-        // The validated sessions are the ones benchmarked: baseline (A), compiled (B).
-        let (sa, sb) = sessions.split_at_mut(1);
-        let bo = BenchOptions {
-            batch: opts.batch.max(1),
-            runs: opts.runs.max(1),
-            ..BenchOptions::default()
+    let bench_options = BenchOptions {
+        batch: opts.batch.max(1),
+        runs: opts.runs.max(1),
+        ..BenchOptions::default()
+    };
+    // Emit one model and check it against the reference forward.
+    let emit_checked = |path: &Path, plan: &Plan, form: Form, ops: Ops, label: &str| {
+        let pb = progress.bar(&format!(
+            "emit {label:<18} {{bar:30}} {{pos}}/{{len}} weights"
+        ));
+        let emit = EmitOptions {
+            form,
+            float: opts.float,
+            ops,
         };
-        let pb = progress.bar("bench {bar:30} {pos}/{len} runs, {eta} left");
-        let r = bench(&mut sa[0], &mut sb[0], model.config.vocab_size, &bo, &pb)?;
+        package::emit(model, plan, &source, &emit, path, &pb)?;
         pb.finish_and_clear();
+        let mut session = Emitted::open(path)?.session(&opts.runtime)?;
+        let sp = progress.spinner(&format!("validate {label}"));
+        let v = validate(
+            &mut session,
+            &Forward::new(model),
+            plan,
+            &prompt,
+            opts.steps,
+            Tolerance::default_for(opts.float),
+        )?;
+        sp.finish_and_clear();
+        if !v.passed() {
+            return Err(Error::Input(format!(
+                "{label} model failed validation: {}",
+                v.failures.join("; ")
+            )));
+        }
+        Ok((session, v))
+    };
+    let (benchmark, validations, speed) = crate::output::write_directory(out, opts.force, |dir| {
+        let work = dir.join(".candidates");
+        std::fs::create_dir(&work).map_err(|e| Error::io(&work, e))?;
+        let mut ops_list = opts.ops.clone();
+        ops_list.dedup();
+        let mut candidates = Vec::new();
+        let mut checked = Vec::new();
+        for &ops in &ops_list {
+            let base_dir = work.join(format!("baseline-{}", ops.name()));
+            let label = format!("baseline {}", ops.name());
+            let (mut base, base_v) = emit_checked(
+                &base_dir,
+                &Plan::sequential(layers),
+                Form::Fused,
+                ops,
+                &label,
+            )?;
+            let mut written = Vec::new();
+            for &form in &opts.forms {
+                // A group without an exact fused form is written as branches.
+                let form = crate::graph::written_form(model, &chosen, form);
+                if written.contains(&form) {
+                    continue;
+                }
+                written.push(form);
+                let name = format!("{}-{}", ops.name(), form.name());
+                let (mut session, v) = emit_checked(&work.join(&name), &chosen, form, ops, &name)?;
+                let pb = progress.bar(&format!(
+                    "bench {name:<16} {{bar:30}} {{pos}}/{{len}} rounds, {{eta}} left"
+                ));
+                let r = bench(
+                    &mut base,
+                    &mut session,
+                    model.config.vocab_size,
+                    &bench_options,
+                    &pb,
+                )?;
+                pb.finish_and_clear();
+                candidates.push(CandidateSpeed {
+                    form: form.name().to_string(),
+                    ops: ops.name().to_string(),
+                    workload: opts.workload.of(&r),
+                    benchmark: r,
+                });
+                checked.push((base_dir.clone(), base_v.clone(), work.join(&name), v));
+            }
+        }
+        let speed = SpeedChoice::choose(opts.workload, candidates);
+        let (base_dir, base_v, compiled_dir, compiled_v) = checked.swap_remove(speed.chosen);
+        let rename =
+            |from: &Path, to: &Path| std::fs::rename(from, to).map_err(|e| Error::io(to, e));
+        rename(&base_dir, &dir.join("baseline"))?;
+        rename(&compiled_dir, &dir.join("compiled"))?;
+        std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+        let validations = vec![
+            ("baseline".to_string(), base_v),
+            ("compiled".to_string(), compiled_v),
+        ];
+        let r = speed.candidates[speed.chosen].benchmark.clone();
         report.validation = Some(validations.iter().cloned().collect());
         report.benchmark = Some(r.clone());
+        report.speed = Some(speed.clone());
         let report_dir = dir.join("report");
         std::fs::create_dir(&report_dir).map_err(|e| Error::io(&report_dir, e))?;
         report.write(&report_dir)?;
-        Ok((r, validations))
+        Ok((r, validations, speed))
     })?;
     Ok(Compiled {
         plan: chosen,
@@ -376,5 +445,6 @@ pub fn compile(
         report_dir: out.join("report"),
         validations,
         benchmark,
+        speed,
     })
 }

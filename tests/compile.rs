@@ -192,7 +192,7 @@ fn compile_with_ort_ops() {
     let model = fixture("tiny_llama/tiny.q8_0.gguf");
     let out = dir.path().join("out");
     let mut args = compile_args(model.to_str().unwrap(), out.to_str().unwrap());
-    args.extend(["--ops", "ort"]);
+    args.extend(["--ops", "ort", "--target", "ort"]);
     let (code, _, stderr) = depthc(&args);
     assert_eq!(code, 0, "{stderr}");
     for part in ["baseline", "compiled"] {
@@ -222,6 +222,7 @@ fn library_compile_matches_the_binary() {
             budget: Some(Budget::Pairs(1)),
             ..SearchConfig::default()
         },
+        forms: vec![depthc::graph::Form::Fused],
         steps: 4,
         runs: 1,
         ..CompileOptions::default()
@@ -261,4 +262,96 @@ fn library_compile_matches_the_binary() {
             );
         }
     }
+}
+
+/// `--form auto --ops auto --target ort` (the form default, every op set):
+/// four candidates emitted, validated and benchmarked against the unmodified
+/// model of their op set; the one with the best median workload ratio is kept
+/// as compiled/ with its op set's baseline, the others are gone, and the
+/// report says why. `--ops ort` with `--target portable` is refused.
+#[test]
+fn compile_auto_keeps_the_fastest_candidate() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny_llama/tiny.q8_0.gguf");
+    let out = dir.path().join("out");
+    let mut args =
+        common::fast_search_args("compile", model.to_str().unwrap(), out.to_str().unwrap());
+    args.extend([
+        "--pairs", "1", "--runs", "3", "--steps", "4", "--target", "ort", "--json",
+    ]);
+    let (code, stdout, stderr) = depthc(&args);
+    assert_eq!(code, 0, "{stderr}");
+    let summary: Value = serde_json::from_str(&stdout).unwrap();
+    let speed = &summary["speed"];
+    let candidates = speed["candidates"].as_array().unwrap();
+    let mut seen: Vec<(String, String)> = candidates
+        .iter()
+        .map(|c| {
+            (
+                c["ops"].as_str().unwrap().into(),
+                c["form"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let want: Vec<(String, String)> = [
+        ("ort", "branches"),
+        ("ort", "fused"),
+        ("portable", "branches"),
+        ("portable", "fused"),
+    ]
+    .iter()
+    .map(|(o, f)| (o.to_string(), f.to_string()))
+    .collect();
+    assert_eq!(seen, want);
+    let median = |c: &Value| {
+        let mut r: Vec<f64> = c["workload"]["ratios"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        r.sort_by(f64::total_cmp);
+        r[r.len() / 2]
+    };
+    let chosen = speed["chosen"].as_u64().unwrap() as usize;
+    for c in candidates {
+        assert!(median(&candidates[chosen]) >= median(c));
+    }
+    let kept = &candidates[chosen];
+    assert_eq!(speed["faster"], kept["workload"]["verdict"] == "faster");
+    let entries: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(entries.len(), 3, "{entries:?}");
+    let onnx = std::fs::read(out.join("compiled/model.onnx")).unwrap();
+    let text = String::from_utf8_lossy(&onnx);
+    assert_eq!(text.contains("GroupQueryAttention"), kept["ops"] == "ort");
+    let base = std::fs::read(out.join("baseline/model.onnx")).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&base).contains("GroupQueryAttention"),
+        kept["ops"] == "ort"
+    );
+    let report = python(
+        "check_report.py",
+        &[
+            &out.join("report"),
+            &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas/search-report.schema.json"),
+        ],
+    );
+    assert_eq!(report["chosen_plan"], summary["chosen_plan"]);
+    let md = std::fs::read_to_string(out.join("report/search-report.md")).unwrap();
+    assert!(
+        md.contains("## Candidates (mixed workload)") && md.contains("(kept)"),
+        "{md}"
+    );
+
+    let refused = dir.path().join("x");
+    let mut args = common::fast_compile_args(model.to_str().unwrap(), refused.to_str().unwrap());
+    args.extend(["--ops", "ort"]);
+    let (code, _, stderr) = depthc(&args);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--target portable"), "{stderr}");
+    assert!(!refused.exists());
 }

@@ -34,6 +34,7 @@ fn untimed(report: &[u8]) -> Value {
     let o = v.as_object_mut().unwrap();
     o.remove("timings");
     o.remove("benchmark");
+    o.remove("speed");
     v
 }
 

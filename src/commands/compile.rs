@@ -9,7 +9,7 @@ use depthc::pipeline::{self, CompileOptions, SearchConfig};
 use depthc::search::strategy::{Budget, Metric, Strategy};
 
 use super::onnx::print_bench;
-use super::{emit_options, runtime_options, summary_json, Terminal};
+use super::{float_of, runtime_options, summary_json, Terminal};
 
 /// The search flags as the library's options.
 fn search_config(f: &SearchFlags) -> SearchConfig {
@@ -101,9 +101,33 @@ pub fn search_command(a: SearchArgs) -> Result<()> {
 }
 
 pub fn compile_command(a: CompileArgs) -> Result<()> {
+    use depthc::graph::{Form, Ops};
+    use depthc::runtime::bench::Workload;
+    let forms = match a.form {
+        AutoFormArg::Auto => vec![Form::Fused, Form::Branches],
+        AutoFormArg::Fused => vec![Form::Fused],
+        AutoFormArg::Branches => vec![Form::Branches],
+    };
+    let ops = match (a.ops, a.target) {
+        (AutoOpsArg::Auto, TargetArg::Portable) => vec![Ops::Portable],
+        (AutoOpsArg::Auto, _) => vec![Ops::Portable, Ops::Ort],
+        (AutoOpsArg::Portable, _) => vec![Ops::Portable],
+        (AutoOpsArg::Ort, TargetArg::Portable) => anyhow::bail!(
+            "--ops ort writes ONNX Runtime's own operators, which --target portable excludes: \
+             pass --target ort (or genai), or --ops portable"
+        ),
+        (AutoOpsArg::Ort, _) => vec![Ops::Ort],
+    };
     let opts = CompileOptions {
         search: search_config(&a.search),
-        emit: emit_options(a.form, a.dtype, a.ops),
+        float: float_of(a.dtype),
+        forms,
+        ops,
+        workload: match a.workload {
+            WorkloadArg::Prefill => Workload::Prefill,
+            WorkloadArg::Decode => Workload::Decode,
+            WorkloadArg::Mixed => Workload::Mixed,
+        },
         runtime: runtime_options(&a.ort_lib, a.device, None),
         steps: a.steps,
         batch: a.batch,
@@ -114,6 +138,7 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
     let report = &compiled.report;
     let validations = &compiled.validations;
     let bench_result = &compiled.benchmark;
+    let speed = &compiled.speed;
     if a.json {
         println!(
             "{}",
@@ -129,6 +154,7 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
                     })
                     .collect();
                 v["benchmark"] = json!(bench_result);
+                v["speed"] = json!(speed);
                 v["output"] = json!(a.output);
                 v
             })?
@@ -143,6 +169,19 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
             if v.tokens_agree { "agree" } else { "differ" }
         );
     }
+    for (k, c) in speed.candidates.iter().enumerate() {
+        println!(
+            "candidate      {:<8} {:<8} prefill x{:.3} ({}), decode x{:.3} ({}){}",
+            c.form,
+            c.ops,
+            c.benchmark.prefill_speedup,
+            c.benchmark.prefill.verdict.name(),
+            c.benchmark.decode_speedup,
+            c.benchmark.decode.verdict.name(),
+            if k == speed.chosen { "  <- kept" } else { "" }
+        );
+    }
+    println!("kept           {}", speed.why);
     print_bench(bench_result, "baseline", "compiled");
     println!(
         "output         {}/{{baseline,compiled,report}}",

@@ -88,7 +88,7 @@ pub fn emit_options(
     dtype: OnnxDtype,
     ops: OpsArg,
 ) -> depthc::onnx::package::EmitOptions {
-    use depthc::graph::{ElemType, Form, Ops};
+    use depthc::graph::{Form, Ops};
     depthc::onnx::package::EmitOptions {
         ops: match ops {
             OpsArg::Portable => Ops::Portable,
@@ -98,10 +98,15 @@ pub fn emit_options(
             FormArg::Fused => Form::Fused,
             FormArg::Branches => Form::Branches,
         },
-        float: match dtype {
-            OnnxDtype::F32 => ElemType::F32,
-            OnnxDtype::F16 => ElemType::F16,
-        },
+        float: float_of(dtype),
+    }
+}
+
+/// The element type of `--dtype`.
+pub fn float_of(dtype: OnnxDtype) -> depthc::graph::ElemType {
+    match dtype {
+        OnnxDtype::F32 => depthc::graph::ElemType::F32,
+        OnnxDtype::F16 => depthc::graph::ElemType::F16,
     }
 }
 

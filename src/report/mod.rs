@@ -97,6 +97,9 @@ pub struct SearchReport {
     /// `depthc compile`: baseline (A) against compiled (B) in ONNX Runtime.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub benchmark: Option<crate::runtime::bench::BenchResult>,
+    /// `compile`: every candidate form and op set, and which was kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speed: Option<crate::runtime::bench::SpeedChoice>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -160,6 +163,7 @@ impl SearchReport {
             timings,
             validation: None,
             benchmark: None,
+            speed: None,
         }
     }
 
@@ -334,6 +338,32 @@ impl SearchReport {
                 b.decode.max,
                 b.decode.verdict.name()
             );
+        }
+        if let Some(sp) = &self.speed {
+            let _ = writeln!(
+                s,
+                "\n## Candidates ({} workload)\n\nEach against the unmodified model of its op set, per-round ratios (> 1: faster).\n\n| form | ops | prefill | decode | {} |\n|---|---|---|---|---|",
+                sp.workload.name(),
+                sp.workload.name()
+            );
+            for (k, c) in sp.candidates.iter().enumerate() {
+                let b = &c.benchmark;
+                let _ = writeln!(
+                    s,
+                    "| {}{} | {} | x{:.3} ({}) | x{:.3} ({}) | x{:.3}..x{:.3} ({}) |",
+                    c.form,
+                    if k == sp.chosen { " (kept)" } else { "" },
+                    c.ops,
+                    b.prefill_speedup,
+                    b.prefill.verdict.name(),
+                    b.decode_speedup,
+                    b.decode.verdict.name(),
+                    c.workload.min,
+                    c.workload.max,
+                    c.workload.verdict.name()
+                );
+            }
+            let _ = writeln!(s, "\n{}", sp.why);
         }
         s
     }

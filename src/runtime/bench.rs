@@ -204,6 +204,109 @@ pub fn bench(
     })
 }
 
+/// What the user's serving runs most, which `compile` optimises for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Workload {
+    /// Prompt processing: the prefill ratio.
+    Prefill,
+    /// Token generation: the decode ratio.
+    Decode,
+    /// Both: per round, the geometric mean of the two ratios.
+    Mixed,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Prefill => "prefill",
+            Workload::Decode => "decode",
+            Workload::Mixed => "mixed",
+        }
+    }
+
+    /// The per-round ratios of this workload in `r`, their range and verdict.
+    pub fn of(self, r: &BenchResult) -> Comparison {
+        match self {
+            Workload::Prefill => r.prefill.clone(),
+            Workload::Decode => r.decode.clone(),
+            Workload::Mixed => Comparison::of(
+                r.prefill
+                    .ratios
+                    .iter()
+                    .zip(&r.decode.ratios)
+                    .map(|(p, d)| (p * d).sqrt())
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// One emitted candidate against the unmodified model of the same op set.
+#[derive(Debug, Clone, Serialize)]
+pub struct CandidateSpeed {
+    /// The form as written (a group without an exact fused form is branches).
+    pub form: String,
+    pub ops: String,
+    pub benchmark: BenchResult,
+    /// The workload's per-round ratios, range and verdict.
+    pub workload: Comparison,
+}
+
+/// Which candidate `compile` kept, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpeedChoice {
+    pub workload: Workload,
+    pub candidates: Vec<CandidateSpeed>,
+    /// Index into `candidates`.
+    pub chosen: usize,
+    /// Whether the chosen one is faster than the unmodified model in every round.
+    pub faster: bool,
+    pub why: String,
+}
+
+impl SpeedChoice {
+    /// Keep the candidate with the best median workload ratio.
+    pub fn choose(workload: Workload, candidates: Vec<CandidateSpeed>) -> SpeedChoice {
+        let median_of = |c: &CandidateSpeed| median(&c.workload.ratios);
+        let chosen = (0..candidates.len())
+            .max_by(|&a, &b| median_of(&candidates[a]).total_cmp(&median_of(&candidates[b])))
+            .expect("at least one candidate");
+        let c = &candidates[chosen];
+        let faster = c.workload.verdict == Verdict::Faster;
+        let what = format!(
+            "{} form, {} ops: {} x{:.3} (rounds x{:.3}..x{:.3})",
+            c.form,
+            c.ops,
+            workload.name(),
+            median_of(c),
+            c.workload.min,
+            c.workload.max
+        );
+        let why = if faster {
+            format!(
+                "{what}, the best of {} candidates, faster than the unmodified model in every round",
+                candidates.len()
+            )
+        } else {
+            format!(
+                "no candidate is faster than the unmodified model beyond this run's noise on the {} \
+                 workload; the best of {} is {what}: {}",
+                workload.name(),
+                candidates.len(),
+                c.workload.verdict.name()
+            )
+        };
+        SpeedChoice {
+            workload,
+            candidates,
+            chosen,
+            faster,
+            why,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Comparison, Verdict};

@@ -174,10 +174,14 @@ pub fn fast_search_args<'a>(command: &'a str, model: &'a str, out: &'a str) -> V
 }
 
 /// `depthc compile MODEL -o OUT` with flags that make it take seconds on the
-/// synthetic fixtures (16-token windows, one pair, one benchmark run).
+/// synthetic fixtures (16-token windows, one pair, one benchmark round) and
+/// its output independent of timing (the fused form only: `--form auto`
+/// keeps whichever candidate measures faster).
 pub fn fast_compile_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
     let mut args = fast_search_args("compile", model, out);
-    args.extend(["--pairs", "1", "--runs", "1", "--steps", "4"]);
+    args.extend([
+        "--pairs", "1", "--runs", "1", "--steps", "4", "--form", "fused",
+    ]);
     args
 }
 
