@@ -197,6 +197,25 @@ fn unsupported_quant_type_names_the_tensor_and_type() {
     let gguf = dir.path().join("q2k.gguf");
     std::fs::copy(fixture("tiny_llama/tiny.q8_0.gguf"), &gguf).unwrap();
     patch_gguf_type(&gguf, "blk.1.ffn_up.weight", 10); // Q2_K
+                                                       // `inspect` names it up front, before anything loads it.
+    let r = depthc(&["inspect", s(&gguf), "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        v["unsupported"][0]["tensor"],
+        "model.layers.1.mlp.up_proj.weight"
+    );
+    assert!(v["unsupported"][0]["why"]
+        .as_str()
+        .unwrap()
+        .contains("Q2_K"));
+    let r = depthc(&["inspect", s(&gguf)]);
+    assert!(
+        r.stdout
+            .contains("unsupported    model.layers.1.mlp.up_proj.weight"),
+        "{}",
+        r.stdout
+    );
     let out = dir.path().join("out");
     fails_with(
         &["convert", s(&gguf), "-o", s(&out)],

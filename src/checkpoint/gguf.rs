@@ -649,6 +649,12 @@ impl TensorSource for GgufSource {
     fn info(&self, name: &str) -> Option<&TensorInfo> {
         self.mapped.get(name).map(|m| &m.info)
     }
+    fn unsupported_tensors(&self) -> Vec<(String, String)> {
+        self.unsupported
+            .keys()
+            .filter_map(|name| Some((name.clone(), self.unsupported(name)?)))
+            .collect()
+    }
     fn unsupported(&self, name: &str) -> Option<String> {
         self.unsupported.get(name).map(|ty| {
             format!("quantisation {ty} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)")

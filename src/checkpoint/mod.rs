@@ -79,6 +79,11 @@ pub trait TensorSource: Send + Sync {
     fn unsupported(&self, _name: &str) -> Option<String> {
         None
     }
+    /// Every tensor the file lists that cannot be read, with why (what
+    /// `inspect` reports before any load fails on it).
+    fn unsupported_tensors(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// Drop the resident pages of `mmap[begin..end]` once a tensor has been

@@ -33,6 +33,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             serde_json::to_string(s)?
         ),
     };
+    let unsupported = ckpt.source.unsupported_tensors();
     let tokenizer = ckpt
         .tokenizer
         .as_ref()
@@ -57,6 +58,10 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
             "dtypes": dtypes,
             "tokenizer": tokenizer,
             "lp_forms": depthc::graph::forms(c),
+            "unsupported": unsupported
+                .iter()
+                .map(|(name, why)| json!({"tensor": name, "why": why}))
+                .collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -82,6 +87,9 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
         "tokenizer      {}",
         tokenizer.unwrap_or_else(|| "none".into())
     );
+    for (name, why) in &unsupported {
+        println!("unsupported    {name}: {why}");
+    }
     for f in depthc::graph::forms(c) {
         let exact = if f.exact { "exact" } else { "not exact" };
         println!("form {:<10}{exact}: {}", f.form, f.why);
