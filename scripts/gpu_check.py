@@ -228,8 +228,9 @@ def run(args):
     env = dict(os.environ)
     if local:
         binary = args.depthc or os.path.join(ROOT, "target", "release", "depthc")
+        cache = os.environ.get("DEPTHC_CACHE") or os.path.join(ROOT, ".cache")
         lib = args.ort_lib or (os.path.join(ORT_DIR, ORT_LIB) if os.path.isfile(os.path.join(ORT_DIR, ORT_LIB))
-                               else os.path.join(ROOT, ".cache", "onnxruntime", ORT_LIB))
+                               else os.path.join(cache, "onnxruntime", ORT_LIB))
     else:
         binary = os.path.join(ORT_DIR, "depthc")
         if not os.path.isfile(binary):
