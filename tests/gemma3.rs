@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::ids_of;
+
 use std::sync::OnceLock;
 
 use common::{fixture, gemma_path, load, logits, text_path};
@@ -34,14 +36,6 @@ fn golden() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("gemma3/golden.json")).unwrap()).unwrap()
 }
 
-fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 fn span(t: &Value) -> String {
     let text = std::fs::read_to_string(text_path(t["file"].as_str().unwrap())).unwrap();
     let start = t["start"].as_u64().unwrap() as usize;
@@ -69,15 +63,7 @@ fn logits_match_transformers() {
         let mut ids = vec![bos];
         ids.extend(ids_of(&t["ids"]));
         let all = logits(&g.model, &Plan::sequential(18), &ids);
-        let row: Vec<f64> = all[all.len() - vocab..].iter().map(|&v| v as f64).collect();
-        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
-        let mut worst = (lse - t["logsumexp"].as_f64().unwrap()).abs();
-        for (ids, vals) in [("top_ids", "top_logits"), ("random_ids", "random_logits")] {
-            for (id, want) in ids_of(&t[ids]).iter().zip(t[vals].as_array().unwrap()) {
-                worst = worst.max((row[*id as usize] - want.as_f64().unwrap()).abs());
-            }
-        }
+        let worst = common::compact_logits_diff(&all[all.len() - vocab..], t);
         let argmax = depthc::forward::ops::argmax(&all[all.len() - vocab..]);
         eprintln!(
             "{}: {} tokens, max abs diff vs transformers {worst:e}",

@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::ids_of;
+
 use std::sync::{Mutex, OnceLock};
 
 use common::{fixture, load, logits, reference_greedy, run_python, text_path};
@@ -54,14 +56,6 @@ fn qwen() -> &'static Qwen {
 
 fn golden() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("qwen2.5/golden.json")).unwrap()).unwrap()
-}
-
-fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 fn read(name: &str) -> String {
@@ -114,15 +108,7 @@ fn shape_tokens_logits_and_perplexity_match_transformers() {
     for t in golden["texts"].as_array().unwrap() {
         let ids = ids_of(&t["ids"]);
         let all = logits(&q.model, &Plan::sequential(28), &ids);
-        let row: Vec<f64> = all[all.len() - vocab..].iter().map(|&v| v as f64).collect();
-        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
-        let mut worst = (lse - t["logsumexp"].as_f64().unwrap()).abs();
-        for (ids, vals) in [("top_ids", "top_logits"), ("random_ids", "random_logits")] {
-            for (id, want) in ids_of(&t[ids]).iter().zip(t[vals].as_array().unwrap()) {
-                worst = worst.max((row[*id as usize] - want.as_f64().unwrap()).abs());
-            }
-        }
+        let worst = common::compact_logits_diff(&all[all.len() - vocab..], t);
         eprintln!(
             "{}: {} tokens, max abs diff vs transformers {worst:e}",
             t["file"],

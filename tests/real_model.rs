@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::ids_of;
+
 use std::sync::OnceLock;
 
 use common::{
@@ -45,14 +47,6 @@ fn golden_logits() -> Vec<f32> {
         .expect("golden_logits.f32")
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
-fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id list")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
         .collect()
 }
 

@@ -242,3 +242,31 @@ pub fn reference_greedy(model: &Model, plan: &Plan, prompt: &[u32], n: usize) ->
     }
     out
 }
+
+/// Token ids of a golden fixture's JSON array.
+pub fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("an array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("an id") as u32)
+        .collect()
+}
+
+/// The largest absolute difference between a logits `row` and a golden
+/// fixture's compact form of transformers' row: its log-sum-exp over the whole
+/// vocabulary, and its values at the top ids and at fixed random ids.
+pub fn compact_logits_diff(row: &[f32], golden: &serde_json::Value) -> f64 {
+    let row: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+    let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+    let mut worst = (lse - golden["logsumexp"].as_f64().unwrap()).abs();
+    for (ids, vals) in [("top_ids", "top_logits"), ("random_ids", "random_logits")] {
+        for (id, want) in ids_of(&golden[ids])
+            .iter()
+            .zip(golden[vals].as_array().unwrap())
+        {
+            worst = worst.max((row[*id as usize] - want.as_f64().unwrap()).abs());
+        }
+    }
+    worst
+}
