@@ -196,6 +196,8 @@ pub struct CompileArgs {
     /// Element type of the emitted models.
     #[arg(long, value_enum, default_value_t = OnnxDtype::F32)]
     pub dtype: OnnxDtype,
+    #[command(flatten)]
+    pub int4: Int4Args,
     /// Execution provider for validation and the benchmark.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
@@ -309,10 +311,38 @@ pub enum FormArg {
     Branches,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OnnxDtype {
+    /// float32 weights, activations and KV cache.
     F32,
+    /// float16 weights, activations and KV cache.
     F16,
+    /// 4-bit linear weights (ONNX Runtime's `MatMulNBits`, symmetric blocks as
+    /// the onnxruntime-genai builder's `-p int4`), float32 activations and KV
+    /// cache; the token embedding stays float32.
+    Int4,
+}
+
+fn block_size(s: &str) -> Result<usize, String> {
+    use depthc::model::int4::BLOCK_SIZES;
+    s.parse::<usize>()
+        .ok()
+        .filter(|n| BLOCK_SIZES.contains(n))
+        .ok_or_else(|| format!("`{s}` is not one of {BLOCK_SIZES:?}"))
+}
+
+/// The 4-bit settings of `--dtype int4`.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct Int4Args {
+    /// int4: weights per quantisation block (one scale each) along a row's inputs.
+    #[arg(long, default_value_t = depthc::model::int4::DEFAULT_BLOCK_SIZE, value_parser = block_size)]
+    pub block_size: usize,
+    /// int4: `MatMulNBits` accuracy level; 4 (the builder's CPU default) computes
+    /// in int8, fastest on CPU; 0 computes in float32, bit-for-bit the
+    /// dequantised weights.
+    #[arg(long, default_value_t = depthc::model::int4::DEFAULT_ACCURACY_LEVEL,
+          value_parser = clap::value_parser!(u8).range(0..=4))]
+    pub accuracy_level: u8,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -341,6 +371,8 @@ pub struct EmitArgs {
     /// Element type of weights, activations and KV cache.
     #[arg(long, value_enum, default_value_t = OnnxDtype::F32)]
     pub dtype: OnnxDtype,
+    #[command(flatten)]
+    pub int4: Int4Args,
 }
 
 #[derive(Debug, Args)]

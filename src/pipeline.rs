@@ -17,14 +17,14 @@ use crate::checkpoint::tokenizer::Tokenizer;
 use crate::checkpoint::Checkpoint;
 use crate::forward::Forward;
 use crate::graph::{ElemType, Form, Ops};
-use crate::model::Model;
+use crate::model::{Int4, Model};
 use crate::onnx::package::{self, EmitOptions, Source};
 use crate::plan::Plan;
 use crate::report::{EvalSection, ModelIdentity, SearchReport, Timings};
 use crate::runtime::bench::{
     bench, BenchOptions, BenchResult, CandidateSpeed, SpeedChoice, Workload,
 };
-use crate::runtime::validate::{validate, Tolerance, Validation};
+use crate::runtime::validate::{validate_emitted, Validation};
 use crate::runtime::{Emitted, RuntimeOptions};
 use crate::search::strategy::{Budget, Metric, SearchSpace, Strategy};
 use crate::search::{self, calib, SearchOptions};
@@ -239,8 +239,10 @@ pub fn search(
 /// What `compile` does besides the search.
 pub struct CompileOptions {
     pub search: SearchConfig,
-    /// Element type of the emitted models.
+    /// Element type of the emitted models' activations.
     pub float: ElemType,
+    /// 4-bit linear weights in every emitted model (the baseline too).
+    pub int4: Option<Int4>,
     /// The forms and op sets to try: every pair is emitted, validated and
     /// benchmarked against the unmodified model of its op set, and the
     /// fastest on `workload` is kept.
@@ -262,6 +264,7 @@ impl Default for CompileOptions {
         CompileOptions {
             search: SearchConfig::default(),
             float: ElemType::F32,
+            int4: None,
             forms: vec![Form::Fused, Form::Branches],
             ops: vec![Ops::Portable],
             workload: Workload::Mixed,
@@ -289,7 +292,8 @@ pub struct Compiled {
     pub baseline: PathBuf,
     pub compiled: PathBuf,
     pub report_dir: PathBuf,
-    /// `("baseline", ..)` and `("compiled", ..)` of the kept candidate.
+    /// `("baseline", ..)` and `("compiled", ..)` of the kept candidate (and,
+    /// for int4 at accuracy level 4, both again at level 0).
     pub validations: Vec<(String, Validation)>,
     /// Baseline (A) against compiled (B), of the kept candidate.
     pub benchmark: BenchResult,
@@ -348,26 +352,42 @@ pub fn compile(
             form,
             float: opts.float,
             ops,
+            int4: opts.int4,
         };
         package::emit(model, plan, &source, &emit, path, &pb)?;
         pb.finish_and_clear();
-        let mut session = Emitted::open(path)?.session(&opts.runtime)?;
+        let emitted = Emitted::open(path)?;
+        let mut session = emitted.session(&opts.runtime)?;
         let sp = progress.spinner(&format!("validate {label}"));
-        let v = validate(
+        let results = validate_emitted(
+            &emitted,
             &mut session,
-            &Forward::new(model),
-            plan,
+            model,
             &prompt,
             opts.steps,
-            Tolerance::default_for(opts.float),
+            None,
+            &opts.runtime,
         )?;
         sp.finish_and_clear();
-        if !v.passed() {
-            return Err(Error::Input(format!(
-                "{label} model failed validation: {}",
-                v.failures.join("; ")
-            )));
+        for (what, v) in &results {
+            if !v.passed() {
+                let what = if what.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({what})")
+                };
+                return Err(Error::Input(format!(
+                    "{label} model{what} failed validation: {}{}",
+                    v.failures.join("; "),
+                    if v.tokens_agree {
+                        ""
+                    } else {
+                        "; greedy tokens differ"
+                    }
+                )));
+            }
         }
+        let v = results.into_iter().map(|(_, v)| v).collect::<Vec<_>>();
         Ok((session, v))
     };
     let (benchmark, validations, speed) = crate::output::write_directory(out, opts.force, |dir| {
@@ -424,10 +444,19 @@ pub fn compile(
         rename(&base_dir, &dir.join("baseline"))?;
         rename(&compiled_dir, &dir.join("compiled"))?;
         std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-        let validations = vec![
-            ("baseline".to_string(), base_v),
-            ("compiled".to_string(), compiled_v),
-        ];
+        // Each model as written; an int4 model at accuracy level 4 also at
+        // level 0 (the same graph and weights, checked to float rounding).
+        let mut validations = Vec::new();
+        for (name, vs) in [("baseline", base_v), ("compiled", compiled_v)] {
+            for (k, v) in vs.into_iter().enumerate() {
+                let label = if k == 0 {
+                    name.to_string()
+                } else {
+                    format!("{name} at accuracy level 0")
+                };
+                validations.push((label, v));
+            }
+        }
         let r = speed.candidates[speed.chosen].benchmark.clone();
         report.validation = Some(validations.iter().cloned().collect());
         report.benchmark = Some(r.clone());

@@ -111,6 +111,7 @@ fn onnx_runtime_matches_the_reference_in_both_forms() {
                         form,
                         float: ElemType::F32,
                         ops,
+                        int4: None,
                     },
                     &out,
                     &ProgressBar::hidden(),

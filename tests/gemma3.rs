@@ -126,6 +126,7 @@ fn onnx_runtime_and_genai_match_the_reference() {
                 form: Form::Fused,
                 float: ElemType::F32,
                 ops,
+                int4: None,
             },
             &out,
             &indicatif::ProgressBar::hidden(),

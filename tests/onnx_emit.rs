@@ -45,6 +45,7 @@ fn emit_to(
             form,
             float,
             ops: depthc::graph::Ops::Portable,
+            int4: None,
         },
         &out,
         &ProgressBar::hidden(),
@@ -306,7 +307,7 @@ fn float16_model_matches_within_half_precision() {
         .unwrap()
         .encode("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind")
         .unwrap();
-    let tol = Tolerance::default_for(ElemType::F16);
+    let tol = Tolerance::default_for(ElemType::F16, None);
     let v = validate(&mut session, &Forward::new(&model), &plan, &prompt, 8, tol).unwrap();
     let worst = v.outputs.iter().map(|o| o.max_rel).fold(0f32, f32::max);
     eprintln!(
@@ -350,6 +351,7 @@ fn ort_ops_match_the_reference_and_genai() {
                 form,
                 float: ElemType::F32,
                 ops: Ops::Ort,
+                int4: None,
             },
             &out,
             &ProgressBar::hidden(),
@@ -417,6 +419,7 @@ fn bound_decode_generates_the_reference_tokens() {
             form: Form::Fused,
             float: ElemType::F32,
             ops,
+            int4: None,
         };
         let source = Source {
             path: &ckpt.path,

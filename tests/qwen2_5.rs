@@ -160,6 +160,7 @@ fn two_pairs_validate_in_onnx_runtime_and_generate_in_genai() {
             form,
             float: ElemType::F16,
             ops: depthc::graph::Ops::Portable,
+            int4: None,
         };
         emit(
             &q.model,
@@ -183,7 +184,7 @@ fn two_pairs_validate_in_onnx_runtime_and_generate_in_genai() {
             &plan,
             &prompt,
             8,
-            Tolerance::default_for(ElemType::F16),
+            Tolerance::default_for(ElemType::F16, None),
         )
         .unwrap();
         eprintln!(

@@ -9,7 +9,7 @@ use depthc::pipeline::{self, CompileOptions, SearchConfig};
 use depthc::search::strategy::{Budget, Metric, Strategy};
 
 use super::onnx::print_bench;
-use super::{float_of, runtime_options, summary_json, Terminal};
+use super::{float_of, int4_of, runtime_options, summary_json, Terminal};
 
 /// The search flags as the library's options.
 fn search_config(f: &SearchFlags) -> SearchConfig {
@@ -121,6 +121,7 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
     let opts = CompileOptions {
         search: search_config(&a.search),
         float: float_of(a.dtype),
+        int4: int4_of(a.dtype, a.int4),
         forms,
         ops,
         workload: match a.workload {
@@ -166,7 +167,7 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
         println!(
             "validated      {name}: logits max abs {:.2e}, greedy tokens {}",
             v.outputs[0].max_abs,
-            if v.tokens_agree { "agree" } else { "differ" }
+            v.tokens_word()
         );
     }
     for (k, c) in speed.candidates.iter().enumerate() {

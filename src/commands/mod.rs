@@ -82,10 +82,11 @@ impl depthc::pipeline::Progress for Terminal {
     }
 }
 
-/// The emission options of `--form` and `--dtype`.
+/// The emission options of `--form`, `--dtype` and `--ops`.
 pub fn emit_options(
     form: FormArg,
     dtype: OnnxDtype,
+    int4: Int4Args,
     ops: OpsArg,
 ) -> depthc::onnx::package::EmitOptions {
     use depthc::graph::{Form, Ops};
@@ -99,15 +100,24 @@ pub fn emit_options(
             FormArg::Branches => Form::Branches,
         },
         float: float_of(dtype),
+        int4: int4_of(dtype, int4),
     }
 }
 
-/// The element type of `--dtype`.
+/// The activations' element type of `--dtype`.
 pub fn float_of(dtype: OnnxDtype) -> depthc::graph::ElemType {
     match dtype {
-        OnnxDtype::F32 => depthc::graph::ElemType::F32,
+        OnnxDtype::F32 | OnnxDtype::Int4 => depthc::graph::ElemType::F32,
         OnnxDtype::F16 => depthc::graph::ElemType::F16,
     }
+}
+
+/// The 4-bit settings of `--dtype int4`, `None` for a float dtype.
+pub fn int4_of(dtype: OnnxDtype, a: Int4Args) -> Option<depthc::model::Int4> {
+    (dtype == OnnxDtype::Int4).then_some(depthc::model::Int4 {
+        block_size: a.block_size,
+        accuracy_level: a.accuracy_level,
+    })
 }
 
 /// The chosen plan and its similarity, as `search` and `compile` print with `--json`.

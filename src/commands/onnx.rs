@@ -6,7 +6,6 @@ use anyhow::{bail, Context, Result};
 
 use crate::cli::*;
 use depthc::checkpoint::Checkpoint;
-use depthc::forward::Forward;
 use depthc::model::Model;
 use depthc::plan::Plan;
 
@@ -23,7 +22,7 @@ pub fn emit(a: EmitArgs) -> Result<()> {
     let pb = spinner(&format!("loading {}", a.model.display()));
     let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
     pb.finish_and_clear();
-    let opts = emit_options(a.form, a.dtype, a.ops);
+    let opts = emit_options(a.form, a.dtype, a.int4, a.ops);
     let progress = bar(0, "emit {bar:30} {pos}/{len} weights, {eta} left")?;
     let t0 = Instant::now();
     let written = package::emit(
@@ -46,11 +45,19 @@ pub fn emit(a: EmitArgs) -> Result<()> {
             model.config.family.name()
         );
     }
+    let dtype = match opts.int4 {
+        Some(q) => format!(
+            "int4 weights (block {}, accuracy level {}), {} activations",
+            q.block_size,
+            q.accuracy_level,
+            opts.float.name()
+        ),
+        None => opts.float.name().to_string(),
+    };
     println!(
-        "wrote {} ({} form, {}, plan `{plan}`, depth {} of {layers})",
+        "wrote {} ({} form, {dtype}, plan `{plan}`, depth {} of {layers})",
         a.output.display(),
         form.name(),
-        opts.float.name(),
         plan.depth()
     );
     println!(
@@ -67,12 +74,10 @@ pub fn emit(a: EmitArgs) -> Result<()> {
 }
 
 pub fn validate(a: ValidateArgs) -> Result<()> {
-    use depthc::runtime::validate::{validate, Tolerance};
+    use depthc::runtime::validate::{validate_emitted, Tolerance};
     use depthc::runtime::{Device, Emitted, RuntimeOptions};
     let emitted = Emitted::open(&a.dir)?;
-    let float = emitted.float;
     let ckpt = Checkpoint::open(&a.model)?;
-    let plan = emitted.plan.clone();
     let text = match &a.text {
         Some(p) => std::fs::read_to_string(p)
             .with_context(|| format!("{}: cannot read text", p.display()))?,
@@ -95,85 +100,114 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     pb.set_message(format!("loading {}", emitted.model_path.display()));
     let mut session = emitted.session(&opts)?;
     pb.set_message("validating");
-    let forward = Forward::new(&model);
-    let tolerance = if a.tolerance.is_some() || a.rel_tolerance.is_some() {
-        Tolerance {
-            abs: a.tolerance,
-            rel: a.rel_tolerance,
-        }
-    } else {
-        Tolerance::default_for(float)
-    };
-    let v = validate(&mut session, &forward, &plan, &prompt, a.steps, tolerance)?;
+    let tolerance = (a.tolerance.is_some() || a.rel_tolerance.is_some()).then_some(Tolerance {
+        abs: a.tolerance,
+        rel: a.rel_tolerance,
+    });
+    // The reference runs the weights the emitted model holds (int4: the
+    // same quantisation, after the same norm folding).
+    let results = validate_emitted(
+        &emitted,
+        &mut session,
+        &model,
+        &prompt,
+        a.steps,
+        tolerance,
+        &opts,
+    )?;
     pb.finish_and_clear();
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        let mut out = serde_json::to_value(&results[0].1)?;
+        if let Some((_, twin)) = results.get(1) {
+            out["at_accuracy_level_0"] = serde_json::to_value(twin)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        let plan = if v.plan.is_sequential() {
-            "the original model".to_string()
-        } else {
-            format!("plan `{}`", v.plan)
-        };
-        println!(
-            "{plan}: prefill {} tokens + {} decode steps, tolerance {}",
-            v.prompt_tokens, v.steps, v.tolerance
-        );
-        let worst_present = v
-            .outputs
-            .iter()
-            .skip(1)
-            .max_by(|x, y| x.max_abs.total_cmp(&y.max_abs));
-        for o in v.outputs.iter().take(1).chain(worst_present) {
-            println!(
-                "  {:<24} max abs {:.3e}  max rel {:.3e}  ({}{})",
-                o.name,
-                o.max_abs,
-                o.max_rel,
-                o.worst_at,
-                if o.passed { "" } else { ", FAILED" }
-            );
-        }
-        println!(
-            "  {} present outputs checked, {} over tolerance",
-            v.outputs.len() - 1,
-            v.outputs.iter().skip(1).filter(|o| !o.passed).count()
-        );
-        println!(
-            "  greedy tokens {}",
-            if v.tokens_agree { "agree" } else { "DIFFER" }
-        );
-        for f in &v.failures {
-            println!("  FAILED {f}");
-        }
-        if !v.tokens_agree {
-            println!(
-                "  FAILED greedy tokens: reference {:?}, onnx {:?}",
-                v.tokens_reference, v.tokens_onnx
-            );
+        for (label, v) in &results {
+            print_validation(label, v);
         }
     }
-    if !v.passed() {
-        let worst = v
-            .outputs
-            .iter()
-            .filter(|o| !o.passed)
-            .max_by(|x, y| x.max_rel.total_cmp(&y.max_rel));
-        bail!(
-            "validation failed: {} of {} outputs over tolerance{}{}",
-            v.failures.len(),
-            v.outputs.len(),
-            worst.map_or(String::new(), |o| format!(
-                " (worst {}: max abs {:.3e}, max rel {:.3e})",
-                o.name, o.max_abs, o.max_rel
-            )),
-            if v.tokens_agree {
-                ""
-            } else {
-                "; greedy tokens differ"
-            }
-        );
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|(_, v)| !v.passed())
+        .map(|(label, v)| {
+            let worst = v
+                .outputs
+                .iter()
+                .filter(|o| !o.passed)
+                .max_by(|x, y| x.max_rel.total_cmp(&y.max_rel));
+            format!(
+                "{}{} of {} outputs over tolerance{}{}",
+                if label.is_empty() {
+                    String::new()
+                } else {
+                    format!("{label}: ")
+                },
+                v.failures.len(),
+                v.outputs.len(),
+                worst.map_or(String::new(), |o| format!(
+                    " (worst {}: max abs {:.3e}, max rel {:.3e})",
+                    o.name, o.max_abs, o.max_rel
+                )),
+                if v.tokens_agree {
+                    ""
+                } else {
+                    "; greedy tokens differ"
+                }
+            )
+        })
+        .collect();
+    if !failed.is_empty() {
+        bail!("validation failed: {}", failed.join("; "));
     }
     Ok(())
+}
+
+fn print_validation(label: &str, v: &depthc::runtime::validate::Validation) {
+    let plan = if v.plan.is_sequential() {
+        "the original model".to_string()
+    } else {
+        format!("plan `{}`", v.plan)
+    };
+    let label = if label.is_empty() {
+        String::new()
+    } else {
+        format!(" ({label})")
+    };
+    println!(
+        "{plan}{label}: prefill {} tokens + {} decode steps, tolerance {}",
+        v.prompt_tokens, v.steps, v.tolerance
+    );
+    let worst_present = v
+        .outputs
+        .iter()
+        .skip(1)
+        .max_by(|x, y| x.max_abs.total_cmp(&y.max_abs));
+    for o in v.outputs.iter().take(1).chain(worst_present) {
+        println!(
+            "  {:<24} max abs {:.3e}  max rel {:.3e}  ({}{})",
+            o.name,
+            o.max_abs,
+            o.max_rel,
+            o.worst_at,
+            if o.passed { "" } else { ", FAILED" }
+        );
+    }
+    println!(
+        "  {} present outputs checked, {} over tolerance",
+        v.outputs.len() - 1,
+        v.outputs.iter().skip(1).filter(|o| !o.passed).count()
+    );
+    println!("  greedy tokens {}", v.tokens_word());
+    for f in &v.failures {
+        println!("  FAILED {f}");
+    }
+    if !v.tokens_agree {
+        println!(
+            "  FAILED greedy tokens: reference {:?}, onnx {:?}",
+            v.tokens_reference, v.tokens_onnx
+        );
+    }
 }
 
 pub fn print_bench(r: &depthc::runtime::bench::BenchResult, a: &str, b: &str) {

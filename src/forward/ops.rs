@@ -7,10 +7,15 @@ use gemm::Parallelism;
 use crate::checkpoint::ModelConfig;
 use crate::model::Matrix;
 
-/// `x [rows, w.cols] @ w^T -> [rows, w.rows]`.
+/// `x [rows, w.cols] @ w^T -> [rows, w.rows]`. A 4-bit weight written at
+/// an accuracy level that rounds its activations has them rounded first, as
+/// `MatMulNBits` does ([`crate::model::Q4::round_activations`]).
 pub fn matmul_t(x: &[f32], rows: usize, w: &Matrix) -> Vec<f32> {
     let mut out = vec![0f32; rows * w.rows];
-    gemm_into(&mut out, x, rows, w, true);
+    match w.int4.as_deref().filter(|q| q.rounds_activations()) {
+        Some(q) => gemm_into(&mut out, &q.round_activations(x), rows, w, true),
+        None => gemm_into(&mut out, x, rows, w, true),
+    }
     out
 }
 

@@ -9,13 +9,15 @@
 use super::contract::{INPUT_IDS, LOGITS};
 use super::{Attr, Builder, ElemType};
 use crate::checkpoint::config::Activation;
-use crate::model::{DecoderLayer, Matrix, Model};
+use crate::model::{DecoderLayer, Int4, Matrix, Model, Q4};
 
-/// The model a graph is written for, and the float type of its values.
+/// The model a graph is written for, the float type of its values, and
+/// whether its projections are written as 4-bit `MatMulNBits`.
 #[derive(Clone, Copy)]
 pub(super) struct Decoder<'m> {
     pub model: &'m Model,
     pub float: ElemType,
+    pub int4: Option<Int4>,
 }
 
 /// A packed projection's columns: each matrix with the RMSNorm weight folded
@@ -47,10 +49,57 @@ impl<'m> Decoder<'m> {
 
     /// `x @ W` for a weight written `[in, out]`.
     pub fn make_matmul(&self, b: &mut Builder<'m>, p: &str, x: &str, weight: Packed<'m>) -> String {
+        self.matmul_to(b, p, x, weight, None)
+    }
+
+    /// `x @ W` as `MatMul` (float weights `[in, out]`) or, in int4,
+    /// `MatMulNBits` (codes `[out, blocks, block/2]`, scales `[out * blocks]`);
+    /// into the graph output `output` when given.
+    fn matmul_to(
+        &self,
+        b: &mut Builder<'m>,
+        p: &str,
+        x: &str,
+        weight: Packed<'m>,
+        output: Option<&str>,
+    ) -> String {
         let name = param_name(p, "weight");
-        let dims = vec![weight.rows(), weight.cols()];
-        let w = b.weight(&name, dims, Box::new(move || weight.values()));
-        b.node(&format!("{p}/MatMul"), "MatMul", &[x, &w], vec![])
+        let (k, n) = (weight.rows(), weight.cols());
+        let (node, op, inputs, attrs) = match self.int4 {
+            None => {
+                let w = b.weight(&name, vec![k, n], Box::new(move || weight.values()));
+                (format!("{p}/MatMul"), "MatMul", vec![w], vec![])
+            }
+            Some(int4) => {
+                let bs = int4.block_size;
+                let weight = std::sync::Arc::new(weight);
+                let codes = weight.clone();
+                let q = b.bytes(
+                    &format!("{name}_Q4"),
+                    vec![n, k.div_ceil(bs), bs / 2],
+                    Box::new(move || codes.q4().packed),
+                );
+                let s = b.weight(
+                    &format!("{name}_scales"),
+                    vec![n * k.div_ceil(bs)],
+                    Box::new(move || weight.q4().scales),
+                );
+                let attrs = vec![
+                    ("K", Attr::Int(k as i64)),
+                    ("N", Attr::Int(n as i64)),
+                    ("bits", Attr::Int(4)),
+                    ("block_size", Attr::Int(bs as i64)),
+                    ("accuracy_level", Attr::Int(int4.accuracy_level as i64)),
+                ];
+                (format!("{p}/MatMulNBits"), "MatMulNBits", vec![q, s], attrs)
+            }
+        };
+        let mut ins = vec![x];
+        ins.extend(inputs.iter().map(String::as_str));
+        match output {
+            None => b.node(&node, op, &ins, attrs),
+            Some(out) => b.node_to(&node, op, &ins, out, attrs),
+        }
     }
 
     /// `x @ W (+ bias)`: the bias (`[out]`, when the projection has one) is
@@ -168,6 +217,9 @@ impl<'m> Decoder<'m> {
     /// `logits = x @ lm_head^T`, the graph output.
     pub fn make_lm_head(&self, b: &mut Builder<'m>, x: &str) -> String {
         let lm_head = self.model.lm_head();
+        if self.int4.is_some() {
+            return self.matmul_to(b, "/lm_head", x, Packed::t(lm_head), Some(LOGITS));
+        }
         let w = b.weight(
             "lm_head.MatMul.weight",
             vec![lm_head.cols, lm_head.rows],
@@ -225,6 +277,27 @@ impl<'m> Packed<'m> {
             Packed::Rows(parts) => parts[0].rows,
         }
     }
+    /// The 4-bit codes of the packed weight, from each matrix's own
+    /// ([`Model::to_int4`] has already folded any norm weight into them).
+    fn q4(&self) -> Q4 {
+        fn codes(m: &Matrix) -> &Q4 {
+            m.int4
+                .as_deref()
+                .expect("an int4 graph of a model without 4-bit weights")
+        }
+        match self {
+            Packed::Columns(parts) => {
+                debug_assert!(parts
+                    .iter()
+                    .all(|(_, g)| g.is_none_or(|g| g.iter().all(|&v| v == 1.0))));
+                Q4::concat_outputs(&parts.iter().map(|(m, _)| codes(m)).collect::<Vec<_>>())
+            }
+            Packed::Rows(parts) => {
+                Q4::concat_inputs(&parts.iter().map(|m| codes(m)).collect::<Vec<_>>())
+            }
+        }
+    }
+
     fn values(&self) -> Vec<f32> {
         match self {
             Packed::Columns(parts) => {

@@ -30,7 +30,7 @@ use super::ort::Ort;
 use super::portable::Portable;
 use super::{Builder, ElemType, Graph};
 use crate::checkpoint::ModelConfig;
-use crate::model::{DecoderLayer, Matrix, Model};
+use crate::model::{DecoderLayer, Int4, Matrix, Model};
 use crate::plan::Plan;
 
 /// How a parallel group is written.
@@ -180,6 +180,19 @@ pub fn written_form(model: &Model, plan: &Plan, form: Form) -> Form {
     }
 }
 
+/// The layers whose norm weights the written graph folds into their
+/// projections (every layer of a group written in the fused form): what
+/// [`Model::to_int4`] must fold before it quantises.
+pub fn folded_layers(model: &Model, plan: &Plan, form: Form) -> Vec<usize> {
+    match written_form(model, plan, form) {
+        Form::Fused => plan
+            .groups()
+            .flat_map(|g| g.layers.iter().copied())
+            .collect(),
+        Form::Branches => Vec::new(),
+    }
+}
+
 /// The whole decoder graph of `model` under `plan`, with the I/O contract of
 /// [`contract`] and the plan, form, dtype and op set in its metadata.
 pub fn build<'m>(
@@ -188,7 +201,12 @@ pub fn build<'m>(
     form: Form,
     ops: Ops,
     float: ElemType,
+    int4: Option<Int4>,
 ) -> Graph<'m> {
+    assert!(
+        int4.is_none() || model.int4_block_size() == int4.map(|q| q.block_size),
+        "an int4 graph needs the model from Model::to_int4 with the same block size"
+    );
     let cfg = &model.config;
     let mut b = Builder::new("depthc", float);
     for v in contract::inputs(cfg, float) {
@@ -202,7 +220,12 @@ pub fn build<'m>(
     b.metadata("depthc.form", form.name());
     b.metadata("depthc.dtype", float.name());
     b.metadata("depthc.ops", ops.name());
-    let d = Decoder { model, float };
+    if let Some(q) = int4 {
+        b.metadata("depthc.weights", "int4");
+        b.metadata("depthc.int4.block_size", q.block_size.to_string());
+        b.metadata("depthc.int4.accuracy_level", q.accuracy_level.to_string());
+    }
+    let d = Decoder { model, float, int4 };
     let xn = match ops {
         Ops::Portable => rewrite::<Portable>(d, &mut b, plan, form),
         Ops::Ort => rewrite::<Ort>(d, &mut b, plan, form),

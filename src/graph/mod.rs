@@ -72,7 +72,12 @@ pub enum Attr {
 
 /// ONNX Runtime's contrib operators (domain `com.microsoft`) that `--ops ort`
 /// writes. `SimplifiedLayerNormalization` is registered in the default domain.
-pub const MS_DOMAIN_OPS: [&str; 2] = ["GroupQueryAttention", "SkipSimplifiedLayerNormalization"];
+/// `MatMulNBits` (4-bit weights) is written in both op modes.
+pub const MS_DOMAIN_OPS: [&str; 3] = [
+    "GroupQueryAttention",
+    "SkipSimplifiedLayerNormalization",
+    "MatMulNBits",
+];
 
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -86,6 +91,9 @@ pub struct Node {
 /// Produces a weight's f32 values, row-major in the initializer's dims.
 pub type WeightFn<'m> = Box<dyn Fn() -> Vec<f32> + Send + Sync + 'm>;
 
+/// Produces a uint8 initializer's bytes (packed 4-bit codes).
+pub type BytesFn<'m> = Box<dyn Fn() -> Vec<u8> + Send + Sync + 'm>;
+
 /// The values of an initializer.
 pub enum InitData<'m> {
     /// Shape, axes and index constants: always stored inline.
@@ -98,6 +106,8 @@ pub enum InitData<'m> {
     ScalarF32(f32),
     /// Model weights, computed when written, stored in the model's float type.
     Weight(WeightFn<'m>),
+    /// uint8 weights (4-bit codes two a byte), computed when written.
+    Bytes(BytesFn<'m>),
 }
 
 pub struct Initializer<'m> {
@@ -277,6 +287,15 @@ impl<'m> Builder<'m> {
 
     /// A weight, computed when written.
     pub fn weight(&mut self, name: &str, dims: Vec<usize>, values: WeightFn<'m>) -> String {
+        self.initializer(name, dims, InitData::Weight(values))
+    }
+
+    /// A uint8 weight, computed when written.
+    pub fn bytes(&mut self, name: &str, dims: Vec<usize>, values: BytesFn<'m>) -> String {
+        self.initializer(name, dims, InitData::Bytes(values))
+    }
+
+    fn initializer(&mut self, name: &str, dims: Vec<usize>, data: InitData<'m>) -> String {
         assert!(
             self.names.insert(name.to_string()),
             "graph builder: initializer `{name}` added twice"
@@ -284,7 +303,7 @@ impl<'m> Builder<'m> {
         self.graph.initializers.push(Initializer {
             name: name.to_string(),
             dims,
-            data: InitData::Weight(values),
+            data,
         });
         name.to_string()
     }

@@ -5,10 +5,12 @@
 //! Biases, q/k norms or extra sublayer norms of other families belong here as
 //! optional fields of [`Attention`], [`Mlp`] and [`DecoderLayer`].
 
+pub mod int4;
 pub mod rope;
 
 use rayon::prelude::*;
 
+pub use int4::{Int4, Q4};
 pub use rope::Rope;
 
 use crate::checkpoint::{ModelConfig, TensorSource};
@@ -20,9 +22,25 @@ pub struct Matrix {
     pub rows: usize,
     pub cols: usize,
     pub data: Vec<f32>,
+    /// The 4-bit codes `data` was dequantised from ([`Model::to_int4`]).
+    pub int4: Option<std::sync::Arc<Q4>>,
 }
 
 impl Matrix {
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Matrix {
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "matrix data does not match its shape"
+        );
+        Matrix {
+            rows,
+            cols,
+            data,
+            int4: None,
+        }
+    }
+
     pub fn row(&self, r: usize) -> &[f32] {
         &self.data[r * self.cols..(r + 1) * self.cols]
     }
@@ -71,6 +89,7 @@ pub struct DecoderLayer {
 }
 
 /// A Llama / Mistral causal LM with f32 weights.
+#[derive(Clone)]
 pub struct Model {
     pub config: ModelConfig,
     pub embed_tokens: Matrix,
@@ -125,11 +144,7 @@ impl<'a> Weights<'a> {
     }
 
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        Ok(Matrix {
-            rows,
-            cols,
-            data: self.get(name, &[rows, cols])?,
-        })
+        Ok(Matrix::new(rows, cols, self.get(name, &[rows, cols])?))
     }
 
     pub fn linear(

@@ -142,7 +142,7 @@ pub fn write(graph: &Graph, model_path: &Path, progress: &ProgressBar) -> Result
     let weights = graph
         .initializers
         .iter()
-        .filter(|i| matches!(i.data, InitData::Weight(_)))
+        .filter(|i| matches!(i.data, InitData::Weight(_) | InitData::Bytes(_)))
         .count();
     progress.set_length(weights as u64);
     for init in &graph.initializers {
@@ -166,27 +166,36 @@ pub fn write(graph: &Graph, model_path: &Path, progress: &ProgressBar) -> Result
                 t.data_type = data_type::FLOAT;
                 t.raw_data = v.to_le_bytes().to_vec();
             }
-            InitData::Weight(values) => {
-                let values = values();
-                if values.len() != numel {
-                    return Err(Error::output(
-                        model_path,
-                        format!(
-                            "weight `{}` has {} values for dims {:?}",
-                            init.name,
-                            values.len(),
-                            init.dims
-                        ),
-                    ));
-                }
+            InitData::Weight(_) | InitData::Bytes(_) => {
                 let pad = offset.next_multiple_of(ALIGNMENT) - offset;
                 data.write_all(&vec![0u8; pad as usize])
                     .map_err(|e| Error::io(&data_path, e))?;
                 offset += pad;
-                let length = write_floats(&mut data, &values, graph.float)
-                    .map_err(|e| Error::io(&data_path, e))?;
-                drop(values);
-                t.data_type = elem_type(graph.float);
+                let (count, length, data_type) = match &init.data {
+                    InitData::Weight(values) => {
+                        let values = values();
+                        let length = write_floats(&mut data, &values, graph.float)
+                            .map_err(|e| Error::io(&data_path, e))?;
+                        (values.len(), length, elem_type(graph.float))
+                    }
+                    InitData::Bytes(values) => {
+                        let bytes = values();
+                        data.write_all(&bytes)
+                            .map_err(|e| Error::io(&data_path, e))?;
+                        (bytes.len(), bytes.len() as u64, data_type::UINT8)
+                    }
+                    _ => unreachable!("inline initializers are written above"),
+                };
+                if count != numel {
+                    return Err(Error::output(
+                        model_path,
+                        format!(
+                            "weight `{}` has {count} values for dims {:?}",
+                            init.name, init.dims
+                        ),
+                    ));
+                }
+                t.data_type = data_type;
                 t.data_location = DATA_LOCATION_EXTERNAL;
                 let entry = |k: &str, v: String| StringStringEntryProto {
                     key: k.to_string(),
@@ -287,4 +296,36 @@ pub fn read_metadata(model_path: &Path) -> Result<Vec<(String, String)>> {
         .into_iter()
         .map(|e| (e.key, e.value))
         .collect())
+}
+
+/// The graph at `model_path` with every `MatMulNBits` computing in float32
+/// (`accuracy_level` 0): the same weights and structure, whose results the
+/// reference forward matches to float rounding. Written beside the original
+/// as `.{name}.accuracy0` so that its external data resolves to the same
+/// `model.onnx_data` (ONNX Runtime refuses data outside the model's
+/// directory, links included); the caller removes it once loaded.
+pub fn at_accuracy_level_zero(model_path: &Path) -> Result<std::path::PathBuf> {
+    let bytes = std::fs::read(model_path).map_err(|e| Error::io(model_path, e))?;
+    let mut model = ModelProto::decode(bytes.as_slice())
+        .map_err(|e| Error::format(model_path, format!("not an ONNX model: {e}")))?;
+    let graph = model
+        .graph
+        .as_mut()
+        .ok_or_else(|| Error::format(model_path, "the model has no graph"))?;
+    for node in graph.node.iter_mut().filter(|n| n.op_type == "MatMulNBits") {
+        for a in node
+            .attribute
+            .iter_mut()
+            .filter(|a| a.name == "accuracy_level")
+        {
+            a.i = 0;
+        }
+    }
+    let name = model_path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model.onnx");
+    let out = model_path.with_file_name(format!(".{name}.accuracy0"));
+    std::fs::write(&out, model.encode_to_vec()).map_err(|e| Error::io(&out, e))?;
+    Ok(out)
 }

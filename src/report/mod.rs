@@ -311,7 +311,7 @@ impl SearchReport {
                     v.plan,
                     v.outputs[0].max_abs,
                     present,
-                    if v.tokens_agree { "agree" } else { "differ" }
+                    v.tokens_word()
                 );
             }
         }

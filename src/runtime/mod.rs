@@ -17,7 +17,8 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
 
 use crate::checkpoint::ModelConfig;
-use crate::graph::{contract, ElemType};
+use crate::graph::{contract, ElemType, Form};
+use crate::model::Int4;
 use crate::plan::Plan;
 use crate::{Error, Result};
 use half::f16;
@@ -123,7 +124,11 @@ pub struct Emitted {
     pub config: ModelConfig,
     /// The plan recorded in the model's `depthc.plan` metadata.
     pub plan: Plan,
+    /// The form its groups were written in (`depthc.form`).
+    pub form: Form,
     pub float: ElemType,
+    /// Its 4-bit weight settings (`depthc.weights` = `int4`), if any.
+    pub int4: Option<Int4>,
 }
 
 impl Emitted {
@@ -153,18 +158,51 @@ impl Emitted {
             Some("float16") => ElemType::F16,
             _ => ElemType::F32,
         };
+        let form = match get("depthc.form").as_deref() {
+            Some("branches") => Form::Branches,
+            _ => Form::Fused,
+        };
+        let int4 = match get("depthc.weights").as_deref() {
+            Some("int4") => {
+                let number = |k: &str| {
+                    get(k).and_then(|v| v.parse::<usize>().ok()).ok_or_else(|| {
+                        Error::Input(format!(
+                            "{}: int4 model without a numeric `{k}` in its metadata",
+                            model_path.display()
+                        ))
+                    })
+                };
+                Some(Int4 {
+                    block_size: number("depthc.int4.block_size")?,
+                    accuracy_level: number("depthc.int4.accuracy_level")? as u8,
+                })
+            }
+            _ => None,
+        };
         let config = ModelConfig::from_hf_dir(dir)?;
         let plan = Plan::parse(&plan, config.num_hidden_layers)?;
         Ok(Emitted {
             model_path,
             config,
             plan,
+            form,
             float,
+            int4,
         })
     }
 
     pub fn session(&self, opts: &RuntimeOptions) -> Result<DecoderSession> {
         DecoderSession::open(&self.model_path, &self.config, self.float, opts)
+    }
+
+    /// A session of this graph with its `MatMulNBits` at accuracy level 0
+    /// (float32; see [`crate::onnx::at_accuracy_level_zero`]). The graph file
+    /// it loads is removed again once the session holds it.
+    pub fn session_at_accuracy_level_zero(&self, opts: &RuntimeOptions) -> Result<DecoderSession> {
+        let path = crate::onnx::at_accuracy_level_zero(&self.model_path)?;
+        let session = DecoderSession::open(&path, &self.config, self.float, opts);
+        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        session
     }
 }
 
