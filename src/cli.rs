@@ -442,6 +442,18 @@ pub struct EvalArgs {
     /// Use at most this many windows (default: all whole windows of the text).
     #[arg(long)]
     pub max_windows: Option<usize>,
+    /// Score the weights an emitted model of this dtype holds: `int4` compares
+    /// the 4-bit model (with --plan, the 4-bit model running the plan) against
+    /// the float original, so it shows what int4 alone costs and what int4
+    /// plus a plan costs.
+    #[arg(long, value_enum, default_value_t = OnnxDtype::F32)]
+    pub dtype: OnnxDtype,
+    #[command(flatten)]
+    pub int4: Int4Args,
+    /// With --dtype int4: the form the emitted model writes groups in (the
+    /// fused form quantises norm-folded weights).
+    #[arg(long, value_enum, default_value_t = FormArg::Fused)]
+    pub form: FormArg,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,

@@ -122,8 +122,20 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     } else {
         ProgressBar::hidden()
     };
-    let plan = plan.filter(|p| !p.is_sequential());
-    let report = search::evaluate(&forward, plan.as_ref(), &windows, &progress)?;
+    let report = match int4_of(a.dtype, a.int4) {
+        // The candidate: the weights `emit --dtype int4` writes for the plan.
+        Some(q) => {
+            let plan = plan.unwrap_or_else(|| Plan::sequential(layers));
+            let form = emit_options(a.form, a.dtype, a.int4, OpsArg::Portable).form;
+            let int4 = depthc::onnx::package::weights_as_emitted(&model, &plan, form, Some(q))?;
+            let candidate = Forward::new(&int4);
+            search::evaluate_against(&forward, Some((&candidate, &plan)), &windows, &progress)?
+        }
+        None => {
+            let plan = plan.filter(|p| !p.is_sequential());
+            search::evaluate(&forward, plan.as_ref(), &windows, &progress)?
+        }
+    };
     progress.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -133,6 +145,12 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         "windows        {} x {} tokens ({} predictions)",
         report.windows, report.seq_len, report.predictions
     );
+    if let Some(q) = int4_of(a.dtype, a.int4) {
+        println!(
+            "weights        int4 (block {}, accuracy level {}) against the float original",
+            q.block_size, q.accuracy_level
+        );
+    }
     match (&report.plan, report.perplexity_original) {
         (Some(p), Some(orig)) => {
             println!(

@@ -88,6 +88,21 @@ pub fn evaluate(
     windows: &[Vec<u32>],
     progress: &ProgressBar,
 ) -> Result<EvalReport> {
+    evaluate_against(forward, plan.map(|p| (forward, p)), windows, progress)
+}
+
+/// Perplexity of `reference` (the original model, run sequentially) over
+/// `windows`; with a `candidate` (a model and the plan it runs: the same
+/// model with an LP plan, or its int4 weights with or without one), also
+/// the candidate's perplexity and its similarity to the reference.
+pub fn evaluate_against(
+    reference: &Forward,
+    candidate: Option<(&Forward, &Plan)>,
+    windows: &[Vec<u32>],
+    progress: &ProgressBar,
+) -> Result<EvalReport> {
+    let forward = reference;
+    let plan = candidate.map(|(_, p)| p);
     let cfg = &forward.model.config;
     let original = Plan::sequential(cfg.num_hidden_layers);
     let vocab = cfg.vocab_size;
@@ -106,9 +121,9 @@ pub fn evaluate(
             &mut KvCache::new(cfg.num_hidden_layers),
             opts,
         )?;
-        let rewritten = match plan {
-            Some(p) => {
-                Some(forward.run(p, window, &mut KvCache::new(cfg.num_hidden_layers), opts)?)
+        let rewritten = match candidate {
+            Some((f, p)) => {
+                Some(f.run(p, window, &mut KvCache::new(cfg.num_hidden_layers), opts)?)
             }
             None => None,
         };
