@@ -21,8 +21,13 @@ It also writes the portable baseline as ONNX Runtime optimises it
 (SessionOptions.optimized_model_filepath) and prints which ops the optimiser made, and
 (with --profile) a per-op time profile of the decode of each model.
 
+With --precision int4 every model holds 4-bit weights: the builder's `-p int4` export
+(MatMulNBits, symmetric blocks of 32, accuracy level 4: its CPU defaults) against
+depthc's `--dtype int4` (the same settings, the same quantiser), and each model's size
+on disk is printed.
+
 Run from the repository root after scripts/setup.sh and `cargo build --release`:
-    python3 benches/vs_genai_builder.py [--venv DIR] [--runs 7]
+    python3 benches/vs_genai_builder.py [--venv DIR] [--runs 7] [--precision int4]
 The builder needs torch, transformers, onnx, onnx_ir and onnxruntime-genai: the script
 makes DIR (default .cache/builder-venv) and installs them from PyPI unless DIR already has
 them (any venv with them will do: --venv).
@@ -63,20 +68,30 @@ def run(cmd, **kw):
     return r.stdout
 
 
-def export(work, depthc, py):
+def export(work, depthc, py, precision):
     hf = os.path.join(work, "hf")
     for d in os.listdir(work):  # a kept folder from an earlier run: export afresh
         shutil.rmtree(os.path.join(work, d), ignore_errors=True)
     run([depthc, "convert", GGUF, "-o", hf])
     models = {"builder": os.path.join(work, "builder")}
+    # int4: the builder's CPU defaults (symmetric blocks of 32, accuracy level 4),
+    # which are depthc's --dtype int4 defaults.
     run([py, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", models["builder"],
-         "-p", "fp32", "-e", "cpu", "-c", os.path.join(work, "builder-cache")])
+         "-p", precision, "-e", "cpu", "-c", os.path.join(work, "builder-cache")])
+    dtype = {"fp32": "f32", "int4": "int4"}[precision]
     for ops in ["portable", "ort"]:
         for name, plan in [("baseline", ""), ("compiled", PLAN)]:
             out = os.path.join(work, f"{name}-{ops}")
-            run([depthc, "emit", GGUF, "--plan", plan, "--ops", ops, "--form", "fused", "-o", out])
+            run([depthc, "emit", GGUF, "--plan", plan, "--ops", ops, "--form", "fused",
+                 "--dtype", dtype, "-o", out])
             models[f"depthc {name} {ops}"] = out
     return models
+
+
+def size_mb(folder):
+    """Bytes of the model files on disk (graph and weights), in MB."""
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+               if f.endswith((".onnx", ".onnx.data", ".onnx_data"))) / 1e6
 
 
 MEASURE = r'''
@@ -223,6 +238,8 @@ def main():
     ap.add_argument("--venv", default=os.path.join(ROOT, ".cache/builder-venv"))
     ap.add_argument("--depthc", default=os.path.join(ROOT, "target/release/depthc"))
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--precision", choices=["fp32", "int4"], default="fp32",
+                    help="fp32, or int4 (the builder's -p int4; depthc's --dtype int4)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--keep", help="keep the exported models in this folder")
     a = ap.parse_args()
@@ -231,7 +248,7 @@ def main():
     os.makedirs(work, exist_ok=True)
     try:
         t0 = time.time()
-        models = export(work, a.depthc, py)
+        models = export(work, a.depthc, py, a.precision)
         print(f"exported {len(models)} models in {time.time() - t0:.0f} s", flush=True)
         optimized = os.path.join(work, "portable-optimized.onnx")
         spec = {"models": models, "runs": a.runs, "optimized": optimized,
@@ -245,18 +262,18 @@ def main():
         ratios = {n: {k: [(b / x if k == "prefill_ms" else x / b)
                           for x, b in zip(r[k], res["builder"][k])] for k in metrics}
                   for n, r in res.items()}
-        print(f"\nSmolLM2-135M, ONNX Runtime CPU fp32, {a.runs} alternating rounds. Each cell: "
+        print(f"\nSmolLM2-135M, ONNX Runtime CPU, {a.precision} weights, {a.runs} alternating rounds. Each cell: "
               "median over rounds, then the median [min-max] of the per-round ratio against "
               "the onnxruntime-genai builder's export of the same round (>1 is faster)")
         heads = ["prefill ms", "decode b1 tok/s", "decode b8 tok/s", "genai b1 tok/s"]
-        print(f"{'model':28} " + " ".join(f"{h:>30}" for h in heads))
+        print(f"{'model':28} {'MB on disk':>10} " + " ".join(f"{h:>30}" for h in heads))
         for n in res:
             cells = []
             for k in metrics:
                 q = ratios[n][k]
                 cells.append(f"{med[n][k]:8.1f} x{statistics.median(q):.2f} "
                              f"[{min(q):.2f}-{max(q):.2f}]")
-            print(f"{n:28} " + " ".join(f"{c:>30}" for c in cells))
+            print(f"{n:28} {size_mb(models[n]):10.1f} " + " ".join(f"{c:>30}" for c in cells))
         # Every model multiplies by the same weights each decode step (pairing regroups
         # them, never drops any): all of depthc's weights but the embedding table, whose
         # Gather reads one row per token.
