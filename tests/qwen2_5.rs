@@ -5,7 +5,8 @@
 //! whole play), last-position logits and perplexity; then ONNX Runtime
 //! against the reference for a 2-pair plan in both forms (float16, to keep
 //! the model, the reference and ONNX Runtime's copy within the machine), and
-//! onnxruntime-genai's greedy tokens. The tests share one loaded model and
+//! onnxruntime-genai's greedy tokens, in float16 and with 4-bit weights
+//! (`--dtype int4`). The tests share one loaded model and
 //! run one at a time.
 
 mod common;
@@ -209,4 +210,100 @@ fn two_pairs_validate_in_onnx_runtime_and_generate_in_genai() {
         }
         std::fs::remove_dir_all(&out).unwrap();
     }
+}
+
+/// `--dtype int4` on the 1.5B model: both forms and both op sets validate
+/// (as written at accuracy level 4, and the same graph at level 0 within
+/// float32's 1e-3), and the level-0 fused model generates the reference's
+/// greedy tokens in onnxruntime-genai.
+#[test]
+fn two_pairs_in_int4_validate_in_both_forms_and_op_sets() {
+    use depthc::model::Int4;
+    use depthc::runtime::validate::validate_emitted;
+    use depthc::runtime::{Emitted, RuntimeOptions};
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let q = qwen();
+    let plan = Plan::parse("12-13,16-17", 28).unwrap();
+    let prompt = q
+        .tokenizer
+        .encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let source = Source {
+        path: &q.path,
+        tokenizer: Some(&q.tokenizer),
+    };
+    let runtime = RuntimeOptions::default();
+    for ops in [depthc::graph::Ops::Portable, depthc::graph::Ops::Ort] {
+        for form in [Form::Fused, Form::Branches] {
+            let name = format!("{}-{}", ops.name(), form.name());
+            let out = dir.path().join(&name);
+            let opts = EmitOptions {
+                form,
+                float: ElemType::F32,
+                ops,
+                int4: Some(Int4::default()),
+            };
+            emit(
+                &q.model,
+                &plan,
+                &source,
+                &opts,
+                &out,
+                &ProgressBar::hidden(),
+            )
+            .unwrap();
+            let emitted = Emitted::open(&out).unwrap();
+            let mut session = emitted.session(&runtime).unwrap();
+            let results =
+                validate_emitted(&emitted, &mut session, &q.model, &prompt, 4, None, &runtime)
+                    .unwrap();
+            for (label, v) in &results {
+                eprintln!(
+                    "{name} {label}: logits max abs {:.3e}, max rel {:.3e}, tokens {}",
+                    v.outputs[0].max_abs,
+                    v.outputs[0].max_rel,
+                    v.tokens_word()
+                );
+                assert!(v.passed(), "{name} {label}: {:?}", v.failures);
+            }
+            assert_eq!(results.len(), 2, "{name}: as written and at level 0");
+            drop(session);
+            std::fs::remove_dir_all(&out).unwrap();
+        }
+    }
+    // onnxruntime-genai, accuracy level 0: exactly the reference's tokens.
+    let exact = Int4 {
+        accuracy_level: 0,
+        ..Int4::default()
+    };
+    let out = dir.path().join("genai");
+    let opts = EmitOptions {
+        form: Form::Fused,
+        float: ElemType::F32,
+        ops: depthc::graph::Ops::Portable,
+        int4: Some(exact),
+    };
+    emit(
+        &q.model,
+        &plan,
+        &source,
+        &opts,
+        &out,
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
+    let int4 = depthc::onnx::package::weights_as_emitted(&q.model, &plan, Form::Fused, Some(exact))
+        .unwrap();
+    let want = reference_greedy(&int4, &plan, &prompt, 8);
+    drop(int4);
+    let mut args = vec![out.to_str().unwrap().to_string(), "8".to_string()];
+    args.extend(prompt.iter().map(|i| i.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let g = run_python("genai_generate.py", &args);
+    assert_eq!(
+        ids_of(&g["tokens"]),
+        want,
+        "onnxruntime-genai greedy tokens"
+    );
 }

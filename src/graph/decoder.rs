@@ -27,17 +27,44 @@ pub(super) type Columns<'m> = Vec<(&'m Matrix, Option<&'m [f32]>)>;
 impl<'m> Decoder<'m> {
     pub fn make_embedding(&self, b: &mut Builder<'m>) -> String {
         let e = &self.model.embed_tokens;
-        let w = b.weight(
-            "model.embed_tokens.weight",
-            vec![e.rows, e.cols],
-            Box::new(move || e.data.clone()),
-        );
-        let x = b.node(
-            "/model/embed_tokens/Gather",
-            "Gather",
-            &[&w, INPUT_IDS],
-            vec![("axis", Attr::Int(0))],
-        );
+        let x = match (self.int4, &e.int4) {
+            // Tied, in 4 bits: the LM head's codes `[vocab, blocks, block/2]`
+            // read as `[vocab, hidden/2]` rows, one scale per block.
+            (Some(int4), Some(q)) => {
+                let (codes, scales) = self.q4_initializers(b, "lm_head", Packed::t(e), int4);
+                let rows = b.ints(&[q.n as i64, (q.k / 2) as i64]);
+                let data = b.node(
+                    "/model/embed_tokens/Reshape",
+                    "Reshape",
+                    &[&codes, &rows],
+                    vec![],
+                );
+                b.node(
+                    "/model/embed_tokens/GatherBlockQuantized",
+                    "GatherBlockQuantized",
+                    &[&data, INPUT_IDS, &scales],
+                    vec![
+                        ("bits", Attr::Int(4)),
+                        ("block_size", Attr::Int(int4.block_size as i64)),
+                        ("gather_axis", Attr::Int(0)),
+                        ("quantize_axis", Attr::Int(1)),
+                    ],
+                )
+            }
+            _ => {
+                let w = b.weight(
+                    "model.embed_tokens.weight",
+                    vec![e.rows, e.cols],
+                    Box::new(move || e.data.clone()),
+                );
+                b.node(
+                    "/model/embed_tokens/Gather",
+                    "Gather",
+                    &[&w, INPUT_IDS],
+                    vec![("axis", Attr::Int(0))],
+                )
+            }
+        };
         match self.model.config.embed_scale {
             None => x,
             Some(s) => {
@@ -72,18 +99,7 @@ impl<'m> Decoder<'m> {
             }
             Some(int4) => {
                 let bs = int4.block_size;
-                let weight = std::sync::Arc::new(weight);
-                let codes = weight.clone();
-                let q = b.bytes(
-                    &format!("{name}_Q4"),
-                    vec![n, k.div_ceil(bs), bs / 2],
-                    Box::new(move || codes.q4().packed),
-                );
-                let s = b.weight(
-                    &format!("{name}_scales"),
-                    vec![n * k.div_ceil(bs)],
-                    Box::new(move || weight.q4().scales),
-                );
+                let (q, s) = self.q4_initializers(b, p, weight, int4);
                 let attrs = vec![
                     ("K", Attr::Int(k as i64)),
                     ("N", Attr::Int(n as i64)),
@@ -121,6 +137,38 @@ impl<'m> Decoder<'m> {
                 b.node(&format!("{p}/Add"), "Add", &[&y, &bias], vec![])
             }
         }
+    }
+
+    /// The codes `[n, blocks, block/2]` and scales `[n, blocks]` of node
+    /// prefix `p`'s 4-bit weight; written once (a tied embedding and the LM
+    /// head share them).
+    fn q4_initializers(
+        &self,
+        b: &mut Builder<'m>,
+        p: &str,
+        weight: Packed<'m>,
+        int4: Int4,
+    ) -> (String, String) {
+        let name = param_name(p, "weight");
+        let (codes, scales) = (format!("{name}_Q4"), format!("{name}_scales"));
+        if b.has(&codes) {
+            return (codes, scales);
+        }
+        let bs = int4.block_size;
+        let (k, n) = (weight.rows(), weight.cols());
+        let weight = std::sync::Arc::new(weight);
+        let w = weight.clone();
+        b.bytes(
+            &codes,
+            vec![n, k.div_ceil(bs), bs / 2],
+            Box::new(move || w.q4().packed),
+        );
+        b.weight(
+            &scales,
+            vec![n, k.div_ceil(bs)],
+            Box::new(move || weight.q4().scales),
+        );
+        (codes, scales)
     }
 
     /// Layer `layer`'s `[q | k | v]` projection columns (with its input norm

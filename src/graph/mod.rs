@@ -72,11 +72,13 @@ pub enum Attr {
 
 /// ONNX Runtime's contrib operators (domain `com.microsoft`) that `--ops ort`
 /// writes. `SimplifiedLayerNormalization` is registered in the default domain.
-/// `MatMulNBits` (4-bit weights) is written in both op modes.
-pub const MS_DOMAIN_OPS: [&str; 3] = [
+/// `MatMulNBits` and `GatherBlockQuantized` (4-bit weights) are written in
+/// both op modes.
+pub const MS_DOMAIN_OPS: [&str; 4] = [
     "GroupQueryAttention",
     "SkipSimplifiedLayerNormalization",
     "MatMulNBits",
+    "GatherBlockQuantized",
 ];
 
 #[derive(Debug, Clone)]

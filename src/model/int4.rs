@@ -261,8 +261,9 @@ fn fold(lin: &mut Linear, g: &[f32]) {
 
 impl Model {
     /// This model with 4-bit weights: every linear projection and the LM
-    /// head quantised (the token embedding stays float, as the builder
-    /// writes it for CPU; a tied LM head becomes its own quantised matrix).
+    /// head quantised. A tied embedding shares the LM head's codes (the
+    /// builder's `GatherBlockQuantized`); an untied one stays float, as the
+    /// builder writes it for CPU.
     ///
     /// `folded` are the layers whose norm weights the written graph folds into
     /// their projections (the fused form: input norm into q/k/v, the MLP's
@@ -325,7 +326,13 @@ impl Model {
                 lin.weight = quantized(&lin.weight, int4);
             }
         }
-        model.lm_head = Some(quantized(self.lm_head(), int4));
+        let lm_head = quantized(self.lm_head(), int4);
+        if self.lm_head.is_none() && self.config.hidden_size % bs == 0 {
+            // Tied: the embedding reads the LM head's codes (as the builder's
+            // export shares them), so its rows are the dequantised ones too.
+            model.embed_tokens = lm_head.clone();
+        }
+        model.lm_head = Some(lm_head);
         Ok(model)
     }
 

@@ -10,7 +10,8 @@ For every MatMulNBits node, its codes and scales must equal, byte for byte,
 what onnxruntime's `quantize_matmul_4bits` (the function the onnxruntime-genai
 builder's int4 export calls, symmetric) makes of the float weights it stands for:
 q|k|v side by side for `qkv_proj`, the embedding for a tied `lm_head`. Prints one
-JSON object: nodes checked, and the first mismatch if any.
+JSON object: nodes checked, the first mismatch if any, and the embedding's op
+and inputs (a tied embedding reads the LM head's codes).
 """
 
 import json
@@ -68,7 +69,7 @@ def main():
         zero_points = np.zeros(n * ((blocks + 1) // 2), np.uint8)
         quantize_matmul_4bits(codes, np.ascontiguousarray(rows.T), scales, zero_points, bs, n, k, True)
         got_codes = numpy_helper.to_array(inits[node.input[1]], onnx_dir)
-        got_scales = numpy_helper.to_array(inits[node.input[2]], onnx_dir)
+        got_scales = numpy_helper.to_array(inits[node.input[2]], onnx_dir).reshape(-1)
         checked += 1
         if not np.array_equal(got_scales, scales):
             i = int(np.flatnonzero(got_scales != scales)[0])
@@ -78,7 +79,10 @@ def main():
             i = np.argwhere(got_codes != codes)[0].tolist()
             mismatch = f"{node.name}: code byte {i} differs"
             break
-    print(json.dumps({"checked": checked, "mismatch": mismatch}))
+    embedding = [n for n in model.graph.node if n.name.startswith("/model/embed_tokens/")
+                 and n.op_type in ("Gather", "GatherBlockQuantized")]
+    print(json.dumps({"checked": checked, "mismatch": mismatch,
+                      "embedding": [embedding[0].op_type, list(embedding[0].input)]}))
 
 
 if __name__ == "__main__":
