@@ -327,7 +327,7 @@ impl Model {
             }
         }
         let lm_head = quantized(self.lm_head(), int4);
-        if self.lm_head.is_none() && self.config.hidden_size % bs == 0 {
+        if self.lm_head.is_none() && self.config.hidden_size.is_multiple_of(bs) {
             // Tied: the embedding reads the LM head's codes (as the builder's
             // export shares them), so its rows are the dequantised ones too.
             model.embed_tokens = lm_head.clone();
