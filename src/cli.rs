@@ -343,6 +343,18 @@ pub struct Int4Args {
     #[arg(long, default_value_t = depthc::model::int4::DEFAULT_ACCURACY_LEVEL,
           value_parser = clap::value_parser!(u8).range(0..=4))]
     pub accuracy_level: u8,
+    /// int4: where the 4-bit weights come from: `rtn` rounds the float weights
+    /// (the builder's quantiser); `gguf` keeps a GGUF's own Q4_0, Q4_1 and Q4_K
+    /// blocks unchanged (Q4_1 and Q4_K with float zero points, which ONNX
+    /// Runtime's CPU kernels run far slower) and rounds the rest.
+    #[arg(long, value_enum, default_value_t = Int4SourceArg::Rtn)]
+    pub int4_source: Int4SourceArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Int4SourceArg {
+    Rtn,
+    Gguf,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

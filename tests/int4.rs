@@ -173,3 +173,51 @@ fn eval_reports_what_int4_costs_alone_and_with_a_plan() {
     assert!(ppl(&both, "kl") > ppl(&alone, "kl"), "{alone} {both}");
     assert_ne!(ppl(&alone, "perplexity"), ppl(&float, "perplexity"));
 }
+
+#[test]
+fn gguf_source_keeps_the_checkpoints_blocks() {
+    let model = real_model_path();
+    let model = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("gguf");
+    let out = out.to_str().unwrap();
+    let (code, _, err) = run_depthc(&[
+        "emit",
+        model,
+        "-o",
+        out,
+        "--dtype",
+        "int4",
+        "--int4-source",
+        "gguf",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    // Every Q4_1 row of the GGUF, as the gguf package dequantises it.
+    let r = run_python("int4_gguf_blocks.py", &[out, model]);
+    eprintln!("{r}");
+    assert_eq!(r["rows"], 30 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576));
+    assert!(r["max_rel"].as_f64().unwrap() < 1e-6, "{r}");
+    assert_eq!(r["nodes_with_zero_points"], 150);
+    // The reference runs the same blocks: float32 close at level 0.
+    let (code, stdout, err) = run_depthc(&["validate", out, "--model", model, "--json"]);
+    assert_eq!(code, 0, "{stdout}{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let exact = &v["at_accuracy_level_0"]["outputs"][0]["max_abs"];
+    assert!(exact.as_f64().unwrap() < 1e-3, "{v}");
+    // A block size other than the GGUF's 32 is refused.
+    let (code, _, err) = run_depthc(&[
+        "emit",
+        model,
+        "-o",
+        &format!("{out}-64"),
+        "--dtype",
+        "int4",
+        "--int4-source",
+        "gguf",
+        "--block-size",
+        "64",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("blocks of 32"), "{err}");
+    assert!(!std::path::Path::new(&format!("{out}-64")).exists());
+}

@@ -204,9 +204,90 @@ pub fn to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// A tensor's 4-bit blocks of 32 as they are stored: each element's code
+/// `0..=15` (row-major, element order), and per block a scale and an offset,
+/// the value being `scale * code + offset`. `None` for types that are not
+/// 4-bit blocks of 32 (Q4_0, Q4_1, and Q4_K's sub-blocks).
+pub struct FourBitBlocks {
+    pub codes: Vec<u8>,
+    pub scales: Vec<f32>,
+    pub offsets: Vec<f32>,
+}
+
+pub fn four_bit_blocks(dtype: DType, bytes: &[u8]) -> Option<FourBitBlocks> {
+    let mut codes = Vec::new();
+    let (mut scales, mut offsets) = (Vec::new(), Vec::new());
+    match dtype {
+        DType::Q4_0 | DType::Q4_1 => {
+            let (size, start) = if dtype == DType::Q4_0 {
+                (18, 2)
+            } else {
+                (20, 4)
+            };
+            for b in bytes.chunks_exact(size) {
+                let d = f16_at(b, 0);
+                let qs = &b[start..start + 16];
+                codes.extend(qs.iter().map(|q| q & 0x0f));
+                codes.extend(qs.iter().map(|q| q >> 4));
+                scales.push(d);
+                // Q4_0: d * (q - 8); Q4_1: d * q + m.
+                offsets.push(if dtype == DType::Q4_0 {
+                    -8.0 * d
+                } else {
+                    f16_at(b, 2)
+                });
+            }
+        }
+        DType::Q4_K => {
+            for b in bytes.chunks_exact(144) {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let (sc, qs) = (&b[4..16], &b[16..144]);
+                for i in 0..4 {
+                    let q = &qs[32 * i..32 * i + 32];
+                    for (j, high) in [(2 * i, false), (2 * i + 1, true)] {
+                        let (s, m) = scale_min_k4(j, sc);
+                        codes.extend(q.iter().map(|&v| if high { v >> 4 } else { v & 0x0f }));
+                        scales.push(d * s);
+                        offsets.push(-(dmin * m));
+                    }
+                }
+            }
+        }
+        _ => return None,
+    }
+    Some(FourBitBlocks {
+        codes,
+        scales,
+        offsets,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn four_bit_blocks_give_the_dequantised_values() {
+        let mut bytes = Vec::new();
+        for k in 0..144 {
+            bytes.push((k * 37 % 251) as u8);
+        }
+        // Keep d and dmin finite and modest.
+        bytes[..4].copy_from_slice(&[0x00, 0x2c, 0x00, 0x28]);
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q4_K] {
+            let (block, size) = block_layout(dtype);
+            let n = 144 / size * block;
+            let bytes = &bytes[..n / block * size];
+            let mut want = vec![0f32; n];
+            to_f32(dtype, bytes, &mut want);
+            let b = four_bit_blocks(dtype, bytes).unwrap();
+            for (i, w) in want.iter().enumerate() {
+                let got = b.scales[i / 32] * b.codes[i] as f32 + b.offsets[i / 32];
+                assert!((got - w).abs() <= 1e-6 * w.abs().max(1.0), "{dtype:?} {i}");
+            }
+        }
+        assert!(four_bit_blocks(DType::Q8_0, &[0; 34]).is_none());
+    }
 
     #[test]
     fn q4_1_block_by_hand() {

@@ -622,13 +622,24 @@ impl GgufSource {
     pub fn file(&self) -> &GgufFile {
         &self.file
     }
+
+    fn check_heads(&self, name: &str, heads: usize, rows: usize) -> Result<()> {
+        if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+            return Err(Error::tensor(
+                &self.file.path,
+                name,
+                format!("{rows} rows cannot be split into {heads} heads of even size"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Undo llama.cpp's `permute`: GGUF row `h*d + 2i + s` holds HF row `h*d + s*d/2 + i`.
-fn unpermute_rows(data: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
+fn unpermute_rows<T: Copy + Default>(data: &[T], heads: usize, rows: usize, cols: usize) -> Vec<T> {
     let head_dim = rows / heads;
     let half = head_dim / 2;
-    let mut out = vec![0f32; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..heads {
         for i in 0..half {
             for s in 0..2 {
@@ -660,6 +671,23 @@ impl TensorSource for GgufSource {
             format!("quantisation {ty} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)")
         })
     }
+    fn load_four_bit(&self, name: &str) -> Option<Result<dequant::FourBitBlocks>> {
+        let m = self.mapped.get(name)?;
+        let t = &self.file.tensors[m.index];
+        let bytes = self.file.tensor_bytes(t, m.info.dtype);
+        let mut b = dequant::four_bit_blocks(m.info.dtype, bytes)?;
+        let begin = self.file.data_start + t.offset;
+        super::release_pages(&self.file.mmap, begin, begin + bytes.len());
+        if let (Some(heads), &[rows, cols]) = (m.unpermute_heads, m.info.shape.as_slice()) {
+            if let Err(e) = self.check_heads(name, heads, rows) {
+                return Some(Err(e));
+            }
+            b.codes = unpermute_rows(&b.codes, heads, rows, cols);
+            b.scales = unpermute_rows(&b.scales, heads, rows, cols / 32);
+            b.offsets = unpermute_rows(&b.offsets, heads, rows, cols / 32);
+        }
+        Some(Ok(b))
+    }
     fn load_f32(&self, name: &str) -> Result<Vec<f32>> {
         let Some(m) = self.mapped.get(name) else {
             let why = self.unsupported(name);
@@ -680,13 +708,7 @@ impl TensorSource for GgufSource {
         }
         match (m.unpermute_heads, m.info.shape.as_slice()) {
             (Some(heads), &[rows, cols]) => {
-                if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
-                    return Err(Error::tensor(
-                        &self.file.path,
-                        name,
-                        format!("{rows} rows cannot be split into {heads} heads of even size"),
-                    ));
-                }
+                self.check_heads(name, heads, rows)?;
                 Ok(unpermute_rows(&out, heads, rows, cols))
             }
             _ => Ok(out),

@@ -72,6 +72,11 @@ pub trait TensorSource: Send + Sync {
     fn info(&self, name: &str) -> Option<&TensorInfo>;
     /// The tensor dequantised / converted to f32, row-major in HF layout.
     fn load_f32(&self, name: &str) -> Result<Vec<f32>>;
+    /// The tensor's own 4-bit blocks of 32 (GGUF Q4_0, Q4_1, Q4_K), in Hugging
+    /// Face row order; `None` when it is stored otherwise.
+    fn load_four_bit(&self, _name: &str) -> Option<Result<dequant::FourBitBlocks>> {
+        None
+    }
     /// The file a tensor lives in, for error messages.
     fn file_of(&self, name: &str) -> PathBuf;
     /// Why a tensor the file lists cannot be read (e.g. an unsupported

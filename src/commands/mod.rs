@@ -114,9 +114,14 @@ pub fn float_of(dtype: OnnxDtype) -> depthc::graph::ElemType {
 
 /// The 4-bit settings of `--dtype int4`, `None` for a float dtype.
 pub fn int4_of(dtype: OnnxDtype, a: Int4Args) -> Option<depthc::model::Int4> {
+    use depthc::model::int4::Int4Source;
     (dtype == OnnxDtype::Int4).then_some(depthc::model::Int4 {
         block_size: a.block_size,
         accuracy_level: a.accuracy_level,
+        source: match a.int4_source {
+            Int4SourceArg::Rtn => Int4Source::Rtn,
+            Int4SourceArg::Gguf => Int4Source::Gguf,
+        },
     })
 }
 

@@ -31,18 +31,19 @@ impl<'m> Decoder<'m> {
             // Tied, in 4 bits: the LM head's codes `[vocab, blocks, block/2]`
             // read as `[vocab, hidden/2]` rows, one scale per block.
             (Some(int4), Some(q)) => {
-                let (codes, scales) = self.q4_initializers(b, "lm_head", Packed::t(e), int4);
+                let q4 = self.q4_initializers(b, "lm_head", Packed::t(e), int4);
+                let (codes, scales) = (&q4[0], &q4[1]);
                 let rows = b.ints(&[q.n as i64, (q.k / 2) as i64]);
                 let data = b.node(
                     "/model/embed_tokens/Reshape",
                     "Reshape",
-                    &[&codes, &rows],
+                    &[codes, &rows],
                     vec![],
                 );
                 b.node(
                     "/model/embed_tokens/GatherBlockQuantized",
                     "GatherBlockQuantized",
-                    &[&data, INPUT_IDS, &scales],
+                    &[&data, INPUT_IDS, scales],
                     vec![
                         ("bits", Attr::Int(4)),
                         ("block_size", Attr::Int(int4.block_size as i64)),
@@ -99,7 +100,7 @@ impl<'m> Decoder<'m> {
             }
             Some(int4) => {
                 let bs = int4.block_size;
-                let (q, s) = self.q4_initializers(b, p, weight, int4);
+                let inputs = self.q4_initializers(b, p, weight, int4);
                 let attrs = vec![
                     ("K", Attr::Int(k as i64)),
                     ("N", Attr::Int(n as i64)),
@@ -107,7 +108,7 @@ impl<'m> Decoder<'m> {
                     ("block_size", Attr::Int(bs as i64)),
                     ("accuracy_level", Attr::Int(int4.accuracy_level as i64)),
                 ];
-                (format!("{p}/MatMulNBits"), "MatMulNBits", vec![q, s], attrs)
+                (format!("{p}/MatMulNBits"), "MatMulNBits", inputs, attrs)
             }
         };
         let mut ins = vec![x];
@@ -139,36 +140,47 @@ impl<'m> Decoder<'m> {
         }
     }
 
-    /// The codes `[n, blocks, block/2]` and scales `[n, blocks]` of node
-    /// prefix `p`'s 4-bit weight; written once (a tied embedding and the LM
-    /// head share them).
+    /// The codes `[n, blocks, block/2]`, scales `[n, blocks]` and, when the
+    /// weight has them, float zero points `[n, blocks]` of node prefix `p`'s
+    /// 4-bit weight; written once (a tied embedding and the LM head share them).
     fn q4_initializers(
         &self,
         b: &mut Builder<'m>,
         p: &str,
         weight: Packed<'m>,
         int4: Int4,
-    ) -> (String, String) {
+    ) -> Vec<String> {
         let name = param_name(p, "weight");
-        let (codes, scales) = (format!("{name}_Q4"), format!("{name}_scales"));
-        if b.has(&codes) {
-            return (codes, scales);
+        let names = [
+            format!("{name}_Q4"),
+            format!("{name}_scales"),
+            format!("{name}_zero_points"),
+        ];
+        let with_zero_points = weight.has_zero_points();
+        let used = if with_zero_points { 3 } else { 2 };
+        if b.has(&names[0]) {
+            return names[..used].to_vec();
         }
         let bs = int4.block_size;
         let (k, n) = (weight.rows(), weight.cols());
+        let blocks = k.div_ceil(bs);
         let weight = std::sync::Arc::new(weight);
         let w = weight.clone();
         b.bytes(
-            &codes,
-            vec![n, k.div_ceil(bs), bs / 2],
+            &names[0],
+            vec![n, blocks, bs / 2],
             Box::new(move || w.q4().packed),
         );
-        b.weight(
-            &scales,
-            vec![n, k.div_ceil(bs)],
-            Box::new(move || weight.q4().scales),
-        );
-        (codes, scales)
+        let w = weight.clone();
+        b.weight(&names[1], vec![n, blocks], Box::new(move || w.q4().scales));
+        if with_zero_points {
+            b.weight(
+                &names[2],
+                vec![n, blocks],
+                Box::new(move || weight.q4().zero_points.expect("zero points")),
+            );
+        }
+        names[..used].to_vec()
     }
 
     /// Layer `layer`'s `[q | k | v]` projection columns (with its input norm
@@ -325,6 +337,14 @@ impl<'m> Packed<'m> {
             Packed::Rows(parts) => parts[0].rows,
         }
     }
+    fn has_zero_points(&self) -> bool {
+        let has = |m: &Matrix| m.int4.as_ref().is_some_and(|q| q.zero_points.is_some());
+        match self {
+            Packed::Columns(parts) => parts.iter().any(|(m, _)| has(m)),
+            Packed::Rows(parts) => parts.iter().any(|m| has(m)),
+        }
+    }
+
     /// The 4-bit codes of the packed weight, from each matrix's own
     /// ([`Model::to_int4`] has already folded any norm weight into them).
     fn q4(&self) -> Q4 {

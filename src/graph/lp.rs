@@ -224,6 +224,7 @@ pub fn build<'m>(
         b.metadata("depthc.weights", "int4");
         b.metadata("depthc.int4.block_size", q.block_size.to_string());
         b.metadata("depthc.int4.accuracy_level", q.accuracy_level.to_string());
+        b.metadata("depthc.int4.source", q.source.name());
     }
     let d = Decoder { model, float, int4 };
     let xn = match ops {

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::{Linear, Matrix, Model};
+use crate::checkpoint::dequant::FourBitBlocks;
 use crate::{Error, Result};
 
 /// The block size the builder uses for CPU.
@@ -30,6 +31,27 @@ pub const BLOCK_SIZES: [usize; 5] = [16, 32, 64, 128, 256];
 /// quantised to int8 inside the kernel.
 pub const DEFAULT_ACCURACY_LEVEL: u8 = 4;
 
+/// Where the 4-bit weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Int4Source {
+    /// Round-to-nearest of the float weights (every checkpoint).
+    Rtn,
+    /// The checkpoint's own 4-bit blocks of 32 where it has them (GGUF Q4_0,
+    /// Q4_1, Q4_K), unchanged; round-to-nearest for the other tensors and for
+    /// weights the fused form folds norms into.
+    Gguf,
+}
+
+impl Int4Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Int4Source::Rtn => "rtn",
+            Int4Source::Gguf => "gguf",
+        }
+    }
+}
+
 /// How a model's linear weights are quantised to 4 bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Int4 {
@@ -37,6 +59,7 @@ pub struct Int4 {
     /// `MatMulNBits`' `accuracy_level`: 0 computes in the activations' float
     /// type, 4 in int8 (what the builder writes for CPU).
     pub accuracy_level: u8,
+    pub source: Int4Source,
 }
 
 impl Default for Int4 {
@@ -44,6 +67,7 @@ impl Default for Int4 {
         Int4 {
             block_size: DEFAULT_BLOCK_SIZE,
             accuracy_level: DEFAULT_ACCURACY_LEVEL,
+            source: Int4Source::Rtn,
         }
     }
 }
@@ -55,6 +79,13 @@ impl Int4 {
         if !BLOCK_SIZES.contains(&self.block_size) {
             return Err(Error::Input(format!(
                 "int4 block size {} is not one of {BLOCK_SIZES:?}",
+                self.block_size
+            )));
+        }
+        if self.source == Int4Source::Gguf && self.block_size != 32 {
+            return Err(Error::Input(format!(
+                "--int4-source gguf keeps the checkpoint's blocks of 32; --block-size {} \
+                 would re-quantise them",
                 self.block_size
             )));
         }
@@ -80,6 +111,9 @@ pub struct Q4 {
     pub packed: Vec<u8>,
     /// `[n, blocks]`.
     pub scales: Vec<f32>,
+    /// `[n, blocks]` float zero points (a checkpoint's blocks with a minimum,
+    /// GGUF Q4_1 and Q4_K); `None`: code 8 is zero.
+    pub zero_points: Option<Vec<f32>>,
 }
 
 impl Q4 {
@@ -136,13 +170,61 @@ impl Q4 {
             accuracy_level: int4.accuracy_level,
             packed,
             scales,
+            zero_points: None,
         }
     }
 
-    /// Whether `MatMulNBits` rounds the activations this weight multiplies
-    /// (accuracy level 4 on CPU: int8 per block of `block_size` inputs).
+    /// A checkpoint's own blocks of 32 (`scale * code + offset`, see
+    /// [`FourBitBlocks`]) for the `[n, k]` weight, unchanged: a block whose
+    /// offset is `-8 * scale` (all of Q4_0) needs no zero point, the others
+    /// get `-offset / scale`. `None` when a block cannot be written so (a zero
+    /// scale with a non-zero offset).
+    pub fn from_blocks(b: &FourBitBlocks, n: usize, k: usize) -> Option<Q4> {
+        if !k.is_multiple_of(32) || b.codes.len() != n * k {
+            return None;
+        }
+        let symmetric = b
+            .scales
+            .iter()
+            .zip(&b.offsets)
+            .all(|(&s, &o)| o == -8.0 * s);
+        let zero_points = if symmetric {
+            None
+        } else {
+            let zp: Option<Vec<f32>> = b
+                .scales
+                .iter()
+                .zip(&b.offsets)
+                .map(|(&s, &o)| match (s != 0.0, o == 0.0) {
+                    (true, _) => Some(-o / s),
+                    (false, true) => Some(8.0),
+                    (false, false) => None,
+                })
+                .collect();
+            Some(zp?)
+        };
+        let packed = b
+            .codes
+            .chunks_exact(2)
+            .map(|p| p[0] | (p[1] << 4))
+            .collect();
+        Some(Q4 {
+            n,
+            k,
+            block_size: 32,
+            accuracy_level: 0,
+            packed,
+            scales: b.scales.clone(),
+            zero_points,
+        })
+    }
+
+    /// Whether `MatMulNBits` rounds the activations this weight multiplies:
+    /// at accuracy level 4, int8 per block of `block_size` inputs. ONNX
+    /// Runtime's CPU kernel computes weights with float zero points in float32
+    /// at every level.
     pub fn rounds_activations(&self) -> bool {
-        self.accuracy_level == 4
+        self.accuracy_level == 4 && self.zero_points.is_none()
     }
 
     /// `x` (`[rows, k]`) as `MatMulNBits` at accuracy level 4 sees it: each
@@ -171,10 +253,15 @@ impl Q4 {
         out.par_chunks_mut(self.k).enumerate().for_each(|(r, row)| {
             let bytes = &self.packed[r * row_bytes..(r + 1) * row_bytes];
             let sc = &self.scales[r * blocks..(r + 1) * blocks];
+            let zp = self
+                .zero_points
+                .as_ref()
+                .map(|z| &z[r * blocks..(r + 1) * blocks]);
             for (i, v) in row.iter_mut().enumerate() {
                 let byte = bytes[i / 2];
                 let q = if i % 2 == 0 { byte & 0x0f } else { byte >> 4 };
-                *v = (q as f32 - 8.0) * sc[i / bs];
+                let zero = zp.map_or(8.0, |z| z[i / bs]);
+                *v = (q as f32 - zero) * sc[i / bs];
             }
         });
         out
@@ -203,6 +290,10 @@ impl Q4 {
                 .iter()
                 .flat_map(|p| p.scales.iter().copied())
                 .collect(),
+            zero_points: parts
+                .iter()
+                .any(|p| p.zero_points.is_some())
+                .then(|| parts.iter().flat_map(|p| p.zero_point_rows()).collect()),
         }
     }
 
@@ -216,7 +307,7 @@ impl Q4 {
             parts.iter().all(|p| p.n == first.n
                 && p.block_size == first.block_size
                 && p.accuracy_level == first.accuracy_level
-                && p.k % p.block_size == 0),
+                && p.k.is_multiple_of(p.block_size)),
             "input-stacked int4 weights need one output size and whole blocks"
         );
         let mut packed = Vec::with_capacity(parts.iter().map(|p| p.packed.len()).sum());
@@ -228,6 +319,16 @@ impl Q4 {
                 scales.extend_from_slice(&p.scales[r * b..(r + 1) * b]);
             }
         }
+        let zero_points = parts.iter().any(|p| p.zero_points.is_some()).then(|| {
+            let rows: Vec<Vec<f32>> = parts.iter().map(|p| p.zero_point_rows()).collect();
+            let mut z = Vec::with_capacity(scales.len());
+            for r in 0..first.n {
+                for (p, zr) in parts.iter().zip(&rows) {
+                    z.extend_from_slice(&zr[r * p.blocks()..(r + 1) * p.blocks()]);
+                }
+            }
+            z
+        });
         Q4 {
             n: first.n,
             k: parts.iter().map(|p| p.k).sum(),
@@ -235,18 +336,38 @@ impl Q4 {
             accuracy_level: first.accuracy_level,
             packed,
             scales,
+            zero_points,
         }
+    }
+
+    /// The zero point of every block, 8 where there are none.
+    fn zero_point_rows(&self) -> Vec<f32> {
+        self.zero_points
+            .clone()
+            .unwrap_or_else(|| vec![8.0; self.scales.len()])
     }
 }
 
-/// `w` quantised: its codes kept beside it, its values replaced by theirs.
-fn quantized(w: &Matrix, int4: Int4) -> Matrix {
-    let q = Q4::quantize(w, int4);
+/// A matrix of `q`'s dequantised values, with its codes kept beside them.
+fn from_codes(q: Q4) -> Matrix {
     Matrix {
-        rows: w.rows,
-        cols: w.cols,
+        rows: q.n,
+        cols: q.k,
         data: q.dequantize(),
         int4: Some(Arc::new(q)),
+        stored4: None,
+    }
+}
+
+/// `w` in 4 bits: the checkpoint's own blocks when `int4` asks for them and
+/// `w` has them (and is as loaded), else round-to-nearest.
+fn to_4bit(w: &Matrix, int4: Int4, as_loaded: bool) -> Matrix {
+    match (&w.stored4, int4.source, as_loaded) {
+        (Some(stored), Int4Source::Gguf, true) => from_codes(Q4 {
+            accuracy_level: int4.accuracy_level,
+            ..(**stored).clone()
+        }),
+        _ => from_codes(Q4::quantize(w, int4)),
     }
 }
 
@@ -281,7 +402,7 @@ impl Model {
                 ("attention width", cfg.num_attention_heads * cfg.head_dim),
                 ("intermediate size", cfg.intermediate_size),
             ] {
-                if k % bs != 0 {
+                if !k.is_multiple_of(bs) {
                     return Err(Error::Input(format!(
                         "int4 with block size {bs}: the fused form stacks weights along the \
                          {what} ({k}), which is not a whole number of blocks; use --form \
@@ -311,23 +432,29 @@ impl Model {
             fold(&mut layer.mlp.gate_proj, &g);
             fold(&mut layer.mlp.up_proj, &g);
         }
-        for layer in &mut model.layers {
+        for (l, layer) in model.layers.iter_mut().enumerate() {
+            // A folded layer's q/k/v and gate/up are no longer the stored weights.
+            let unfolded = !folded.contains(&l);
             let a = &mut layer.self_attn;
             let m = &mut layer.mlp;
-            for lin in [
-                &mut a.q_proj,
-                &mut a.k_proj,
-                &mut a.v_proj,
-                &mut a.o_proj,
-                &mut m.gate_proj,
-                &mut m.up_proj,
-                &mut m.down_proj,
+            for (lin, as_loaded) in [
+                (&mut a.q_proj, unfolded),
+                (&mut a.k_proj, unfolded),
+                (&mut a.v_proj, unfolded),
+                (&mut a.o_proj, true),
+                (&mut m.gate_proj, unfolded),
+                (&mut m.up_proj, unfolded),
+                (&mut m.down_proj, true),
             ] {
-                lin.weight = quantized(&lin.weight, int4);
+                lin.weight = to_4bit(&lin.weight, int4, as_loaded);
             }
         }
-        let lm_head = quantized(self.lm_head(), int4);
-        if self.lm_head.is_none() && self.config.hidden_size.is_multiple_of(bs) {
+        let lm_head = to_4bit(self.lm_head(), int4, true);
+        let shareable = lm_head
+            .int4
+            .as_ref()
+            .is_some_and(|q| q.zero_points.is_none());
+        if self.lm_head.is_none() && self.config.hidden_size.is_multiple_of(bs) && shareable {
             // Tied: the embedding reads the LM head's codes (as the builder's
             // export shares them), so its rows are the dequantised ones too.
             model.embed_tokens = lm_head.clone();
@@ -353,6 +480,7 @@ mod tests {
     const B32: Int4 = Int4 {
         block_size: 32,
         accuracy_level: 0,
+        source: Int4Source::Rtn,
     };
 
     fn matrix(rows: usize, cols: usize, f: impl Fn(usize) -> f32) -> Matrix {

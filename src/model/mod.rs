@@ -24,6 +24,9 @@ pub struct Matrix {
     pub data: Vec<f32>,
     /// The 4-bit codes `data` was dequantised from ([`Model::to_int4`]).
     pub int4: Option<std::sync::Arc<Q4>>,
+    /// The checkpoint's own 4-bit blocks of this weight, if it stores it so
+    /// (GGUF Q4_0, Q4_1, Q4_K): what `--int4-source gguf` writes.
+    pub stored4: Option<std::sync::Arc<Q4>>,
 }
 
 impl Matrix {
@@ -38,6 +41,7 @@ impl Matrix {
             cols,
             data,
             int4: None,
+            stored4: None,
         }
     }
 
@@ -144,7 +148,11 @@ impl<'a> Weights<'a> {
     }
 
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        Ok(Matrix::new(rows, cols, self.get(name, &[rows, cols])?))
+        let mut m = Matrix::new(rows, cols, self.get(name, &[rows, cols])?);
+        if let Some(blocks) = self.source.load_four_bit(&self.full(name)) {
+            m.stored4 = Q4::from_blocks(&blocks?, rows, cols).map(std::sync::Arc::new);
+        }
+        Ok(m)
     }
 
     pub fn linear(

@@ -18,7 +18,7 @@ use ort::value::{DynValue, Tensor};
 
 use crate::checkpoint::ModelConfig;
 use crate::graph::{contract, ElemType, Form};
-use crate::model::Int4;
+use crate::model::int4::{Int4, Int4Source};
 use crate::plan::Plan;
 use crate::{Error, Result};
 use half::f16;
@@ -175,6 +175,10 @@ impl Emitted {
                 Some(Int4 {
                     block_size: number("depthc.int4.block_size")?,
                     accuracy_level: number("depthc.int4.accuracy_level")? as u8,
+                    source: match get("depthc.int4.source").as_deref() {
+                        Some("gguf") => Int4Source::Gguf,
+                        _ => Int4Source::Rtn,
+                    },
                 })
             }
             _ => None,
