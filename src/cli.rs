@@ -466,6 +466,15 @@ pub struct EvalArgs {
     /// fused form quantises norm-folded weights).
     #[arg(long, value_enum, default_value_t = FormArg::Fused)]
     pub form: FormArg,
+    /// Held-out prompts for generation agreement: the first 32 tokens of each
+    /// of the first N windows; the original and the candidate (the plan, or
+    /// the int4 weights) each generate --generate greedy tokens after each,
+    /// compared position by position. 0: skip.
+    #[arg(long, default_value_t = 8)]
+    pub prompts: usize,
+    /// Greedy tokens generated after each held-out prompt.
+    #[arg(long, default_value_t = 32)]
+    pub generate: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,

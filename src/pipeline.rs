@@ -196,12 +196,20 @@ pub fn search(
                 w,
                 &ProgressBar::hidden(),
             )?;
+            let prompts = search::prompts_of(w, EVAL_PROMPTS, EVAL_PROMPT_TOKENS);
+            let generation = search::generation_agreement(
+                &forward,
+                (&forward, &outcome.chosen.plan),
+                &prompts,
+                EVAL_GENERATED_TOKENS,
+            )?;
             Some(EvalSection {
                 text: text.clone(),
                 windows: r.windows,
                 seq_len: r.seq_len,
                 perplexity_before: r.perplexity_original.unwrap_or(r.perplexity),
                 perplexity_after: r.perplexity,
+                generation,
             })
         }
         None => None,
@@ -235,6 +243,12 @@ pub fn search(
         report,
     })
 }
+
+/// Generation agreement of the chosen plan on the `--eval` text: held-out
+/// prompts (the first tokens of its first windows) and greedy tokens each.
+pub const EVAL_PROMPTS: usize = 8;
+pub const EVAL_PROMPT_TOKENS: usize = 32;
+pub const EVAL_GENERATED_TOKENS: usize = 32;
 
 /// What `compile` does besides the search.
 pub struct CompileOptions {

@@ -172,6 +172,20 @@ fn eval_reports_what_int4_costs_alone_and_with_a_plan() {
     assert!(ppl(&alone, "kl") > 0.0);
     assert!(ppl(&both, "kl") > ppl(&alone, "kl"), "{alone} {both}");
     assert_ne!(ppl(&alone, "perplexity"), ppl(&float, "perplexity"));
+    // Greedy generation on the two windows' first 32 tokens, 32 tokens each.
+    for v in [&alone, &both] {
+        let g = &v["generation"];
+        assert_eq!(
+            (g["prompts"].as_u64(), g["tokens"].as_u64()),
+            (Some(2), Some(32))
+        );
+        let first = g["mean_first_difference"].as_f64().unwrap();
+        assert!((0.0..=32.0).contains(&first), "{g}");
+    }
+    assert!(
+        float.get("generation").is_none(),
+        "no candidate, no generation"
+    );
 }
 
 #[test]

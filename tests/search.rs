@@ -56,7 +56,18 @@ fn tiny_search(out: &Path, calib: &Path, extra: &[&str]) -> Value {
 fn report_validates_against_its_schema_and_svgs_are_well_formed() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("report");
-    let report = tiny_search(&out, &text_path("macbeth_gut.txt"), &["--pairs", "2"]);
+    let hamlet = text_path("hamlet_gut.txt");
+    let report = tiny_search(
+        &out,
+        &text_path("macbeth_gut.txt"),
+        &["--pairs", "2", "--eval", s(&hamlet)],
+    );
+    // The chosen plan's greedy generation on 8 held-out prompts, 32 tokens each.
+    let g = &report["eval"]["generation"];
+    assert_eq!(
+        (g["prompts"].as_u64(), g["tokens"].as_u64()),
+        (Some(8), Some(32))
+    );
     for f in [
         "search-report.json",
         "search-report.md",
@@ -87,6 +98,10 @@ fn report_validates_against_its_schema_and_svgs_are_well_formed() {
         "{md}"
     );
     assert!(md.contains("`0-1,2-3`"));
+    assert!(
+        md.contains("Greedy generation on 8 held-out prompts"),
+        "{md}"
+    );
 }
 
 #[test]

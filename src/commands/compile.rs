@@ -67,6 +67,13 @@ fn print_search_summary(report: &depthc::report::SearchReport) {
             e.perplexity_after / e.perplexity_before,
             e.text
         );
+        println!(
+            "generation     {:.1}% of {} greedy tokens equal, first difference at {:.1} ({} held-out prompts)",
+            100.0 * e.generation.equal_fraction,
+            e.generation.tokens,
+            e.generation.mean_first_difference,
+            e.generation.prompts
+        );
     }
     println!(
         "search         {} candidates in {:.1} s = {:.2}x one forward ({:.2} s, {} tokens)",

@@ -122,20 +122,33 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     } else {
         ProgressBar::hidden()
     };
-    let report = match int4_of(a.dtype, a.int4) {
-        // The candidate: the weights `emit --dtype int4` writes for the plan.
-        Some(q) => {
-            let plan = plan.unwrap_or_else(|| Plan::sequential(layers));
-            let form = emit_options(a.form, a.dtype, a.int4, OpsArg::Portable).form;
-            let int4 = depthc::onnx::package::weights_as_emitted(&model, &plan, form, Some(q))?;
-            let candidate = Forward::new(&int4);
-            search::evaluate_against(&forward, Some((&candidate, &plan)), &windows, &progress)?
-        }
-        None => {
-            let plan = plan.filter(|p| !p.is_sequential());
-            search::evaluate(&forward, plan.as_ref(), &windows, &progress)?
-        }
+    let int4 = int4_of(a.dtype, a.int4);
+    let candidate_plan = match (&plan, int4) {
+        (Some(p), _) if !p.is_sequential() => Some(p.clone()),
+        (_, Some(_)) => Some(Plan::sequential(layers)),
+        _ => None,
     };
+    // The candidate: the plan on the float weights, or the weights `emit
+    // --dtype int4` writes for the plan.
+    let quantised = match (int4, &candidate_plan) {
+        (Some(q), Some(p)) => {
+            let form = emit_options(a.form, a.dtype, a.int4, OpsArg::Portable).form;
+            Some(depthc::onnx::package::weights_as_emitted(&model, p, form, Some(q))?.into_owned())
+        }
+        _ => None,
+    };
+    let candidate_forward = quantised.as_ref().map(Forward::new);
+    let candidate = candidate_plan
+        .as_ref()
+        .map(|p| (candidate_forward.as_ref().unwrap_or(&forward), p));
+    let mut report = search::evaluate_against(&forward, candidate, &windows, &progress)?;
+    if let (Some(c), true) = (candidate, a.prompts > 0 && a.generate > 0) {
+        progress.set_message("generating");
+        let prompts = search::prompts_of(&windows, a.prompts, 32);
+        report.generation = Some(search::generation_agreement(
+            &forward, c, &prompts, a.generate,
+        )?);
+    }
     progress.finish_and_clear();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -168,6 +181,12 @@ pub fn eval(a: EvalArgs) -> Result<()> {
                 "top-1 agree    {:.4}",
                 report.top1_agreement.unwrap_or(f64::NAN)
             );
+            if let Some(g) = &report.generation {
+                println!(
+                    "generation     {:.4} of {} greedy tokens equal to the original's on {} held-out prompts, first difference at {:.1} on average",
+                    g.equal_fraction, g.tokens, g.prompts, g.mean_first_difference
+                );
+            }
         }
         _ => println!("perplexity     {:.4}", report.perplexity),
     }

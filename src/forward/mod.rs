@@ -153,6 +153,25 @@ impl<'m> Forward<'m> {
         self.run_steps(&plan.steps, x, ids.len(), cache, opts)
     }
 
+    /// `n` greedy next tokens of `plan` after `prompt`, decoded with the KV
+    /// cache (end-of-sequence tokens included, not stopped at).
+    pub fn greedy(&self, plan: &Plan, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
+        let mut cache = KvCache::new(self.model.config.num_hidden_layers);
+        let opts = Options {
+            logits: Logits::Last,
+            capture_residuals: false,
+        };
+        let mut ids = prompt.to_vec();
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let logits = self.run(plan, &ids, &mut cache, opts)?.logits;
+            let next = ops::argmax(&logits) as u32;
+            out.push(next);
+            ids = vec![next];
+        }
+        Ok(out)
+    }
+
     /// Continue the full-sequence forward of `plan` from the residual stream
     /// `x [T, hidden]` entering `first_layer` (the activation cache of the
     /// search): the plan's steps before it must be the original's single layers.

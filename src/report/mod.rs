@@ -36,6 +36,9 @@ pub struct EvalSection {
     pub seq_len: usize,
     pub perplexity_before: f64,
     pub perplexity_after: f64,
+    /// The chosen plan's greedy generation against the original's on
+    /// held-out prompts of the text.
+    pub generation: crate::search::Agreement,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -226,6 +229,16 @@ impl SearchReport {
                 e.perplexity_before,
                 e.perplexity_after,
                 e.perplexity_after / e.perplexity_before
+            );
+            let g = &e.generation;
+            let _ = writeln!(
+                s,
+                "Greedy generation on {} held-out prompts of that text: {:.1}% of {} tokens equal \
+                 to the original's, first difference at token {:.1} on average.\n",
+                g.prompts,
+                100.0 * g.equal_fraction,
+                g.tokens,
+                g.mean_first_difference
             );
         }
         let _ = writeln!(s, "## Best plan for each pair count ({})\n", m.name());

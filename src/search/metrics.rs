@@ -123,6 +123,41 @@ impl Reference {
     }
 }
 
+/// Greedy generation of a candidate against the original's on the same
+/// prompts: what users see, where perplexity and KL can barely move while
+/// the text goes elsewhere.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Agreement {
+    pub prompts: usize,
+    /// Tokens generated per prompt (by each model).
+    pub tokens: usize,
+    /// Of all generated positions, the fraction where the candidate's token is
+    /// the original's.
+    pub equal_fraction: f64,
+    /// Mean over prompts of the first position (0-based) where they differ;
+    /// `tokens` when a prompt's continuations agree throughout.
+    pub mean_first_difference: f64,
+}
+
+impl Agreement {
+    /// From each prompt's pair of continuations (original, candidate).
+    pub fn of(pairs: &[(Vec<u32>, Vec<u32>)]) -> Agreement {
+        let tokens = pairs.first().map_or(0, |(a, _)| a.len());
+        let (mut equal, mut first) = (0usize, 0usize);
+        for (a, b) in pairs {
+            equal += a.iter().zip(b).filter(|(x, y)| x == y).count();
+            first += a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(a.len());
+        }
+        let n = pairs.len().max(1) as f64;
+        Agreement {
+            prompts: pairs.len(),
+            tokens,
+            equal_fraction: equal as f64 / (n * tokens.max(1) as f64),
+            mean_first_difference: first as f64 / n,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +176,18 @@ mod tests {
         // argmax of p is 0 (first of equals), of q is 1.
         assert_eq!(s.top1, 0);
         assert!((s.mean_cosine() - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn agreement_counts_positions_and_first_differences() {
+        let pairs = vec![
+            (vec![1, 2, 3, 4], vec![1, 2, 3, 4]),
+            (vec![1, 2, 3, 4], vec![1, 9, 3, 9]),
+        ];
+        let a = Agreement::of(&pairs);
+        assert_eq!((a.prompts, a.tokens), (2, 4));
+        assert!((a.equal_fraction - 6.0 / 8.0).abs() < 1e-12);
+        assert!((a.mean_first_difference - 2.5).abs() < 1e-12);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::forward::{Forward, KvCache, Logits, Options};
 use crate::plan::Plan;
 use crate::{Error, Result};
+pub use metrics::Agreement;
 use metrics::{log_softmax, Reference, Similarity};
 
 /// The first `max_windows` non-overlapping windows of `seq_len` tokens, from
@@ -78,6 +79,41 @@ pub struct EvalReport {
     pub kl: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top1_agreement: Option<f64>,
+    /// Greedy generation against the original's ([`generation_agreement`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<Agreement>,
+}
+
+/// Held-out prompts: the first `prompt_tokens` tokens of each of the first
+/// `prompts` windows of an evaluation text.
+pub fn prompts_of(windows: &[Vec<u32>], prompts: usize, prompt_tokens: usize) -> Vec<Vec<u32>> {
+    windows
+        .iter()
+        .take(prompts)
+        .map(|w| w[..prompt_tokens.min(w.len())].to_vec())
+        .collect()
+}
+
+/// `tokens` greedy tokens after each prompt from the original (`reference`,
+/// run sequentially) and from the candidate (a model and the plan it runs),
+/// compared position by position.
+pub fn generation_agreement(
+    reference: &Forward,
+    candidate: (&Forward, &Plan),
+    prompts: &[Vec<u32>],
+    tokens: usize,
+) -> Result<Agreement> {
+    let original = Plan::sequential(reference.model.config.num_hidden_layers);
+    let pairs = prompts
+        .iter()
+        .map(|p| {
+            Ok((
+                reference.greedy(&original, p, tokens)?,
+                candidate.0.greedy(candidate.1, p, tokens)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Agreement::of(&pairs))
 }
 
 /// Perplexity over `windows`; with a non-sequential `plan`, also the plan's
@@ -158,6 +194,7 @@ pub fn evaluate_against(
             cosine: None,
             kl: None,
             top1_agreement: None,
+            generation: None,
         },
         Some(p) => EvalReport {
             perplexity: ppl(nll_plan),
@@ -170,6 +207,7 @@ pub fn evaluate_against(
             cosine: Some(comparison.mean_cosine()),
             kl: Some(comparison.mean_kl()),
             top1_agreement: Some(comparison.top1_agreement()),
+            generation: None,
         },
     })
 }

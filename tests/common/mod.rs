@@ -226,21 +226,7 @@ pub fn gemma_path() -> PathBuf {
 /// `n` greedy next tokens of the reference forward of `plan` after `prompt`,
 /// decoded with the KV cache (end-of-sequence tokens included, not stopped at).
 pub fn reference_greedy(model: &Model, plan: &Plan, prompt: &[u32], n: usize) -> Vec<u32> {
-    let f = Forward::new(model);
-    let mut cache = KvCache::new(model.config.num_hidden_layers);
-    let opts = Options {
-        logits: Logits::Last,
-        capture_residuals: false,
-    };
-    let mut ids = prompt.to_vec();
-    let mut out = Vec::new();
-    while out.len() < n {
-        let logits = f.run(plan, &ids, &mut cache, opts).unwrap().logits;
-        let next = depthc::forward::ops::argmax(&logits) as u32;
-        out.push(next);
-        ids = vec![next];
-    }
-    out
+    Forward::new(model).greedy(plan, prompt, n).unwrap()
 }
 
 /// Token ids of a golden fixture's JSON array.
