@@ -188,6 +188,7 @@ pub fn search(
         .map_err(|e| Error::Input(format!("{}: {e}", model_path.display())))?;
     bar.finish_and_clear();
     let t_eval = Instant::now();
+    let mut outcome = outcome;
     let eval = match &eval_windows {
         Some((text, w)) => {
             let r = search::evaluate(
@@ -196,20 +197,23 @@ pub fn search(
                 w,
                 &ProgressBar::hidden(),
             )?;
-            let prompts = search::prompts_of(w, EVAL_PROMPTS, EVAL_PROMPT_TOKENS);
-            let generation = search::generation_agreement(
+            // Greedy generation on held-out prompts: the chosen plan, and the
+            // best plan of every pair count (the depth/quality front).
+            let held_out = search::HeldOut::new(
                 &forward,
-                (&forward, &outcome.chosen.plan),
-                &prompts,
+                search::prompts_of(w, EVAL_PROMPTS, EVAL_PROMPT_TOKENS),
                 EVAL_GENERATED_TOKENS,
             )?;
+            for b in &mut outcome.best_by_pairs {
+                b.generation = Some(held_out.agreement(&forward, &b.plan)?);
+            }
             Some(EvalSection {
                 text: text.clone(),
                 windows: r.windows,
                 seq_len: r.seq_len,
                 perplexity_before: r.perplexity_original.unwrap_or(r.perplexity),
                 perplexity_after: r.perplexity,
-                generation,
+                generation: held_out.agreement(&forward, &outcome.chosen.plan)?,
             })
         }
         None => None,

@@ -68,6 +68,15 @@ fn report_validates_against_its_schema_and_svgs_are_well_formed() {
         (g["prompts"].as_u64(), g["tokens"].as_u64()),
         (Some(8), Some(32))
     );
+    // And of the best plan of every pair count (the depth/quality front); the
+    // chosen plan is one of them.
+    let front = report["best_by_pairs"].as_array().unwrap();
+    assert!(front.iter().all(|b| b["generation"]["prompts"] == 8));
+    let chosen = front
+        .iter()
+        .find(|b| b["plan"] == report["chosen_plan"])
+        .unwrap();
+    assert_eq!(chosen["generation"], *g);
     for f in [
         "search-report.json",
         "search-report.md",
@@ -100,6 +109,10 @@ fn report_validates_against_its_schema_and_svgs_are_well_formed() {
     assert!(md.contains("`0-1,2-3`"));
     assert!(
         md.contains("Greedy generation on 8 held-out prompts"),
+        "{md}"
+    );
+    assert!(
+        md.contains("greedy tokens equal | first difference"),
         "{md}"
     );
 }

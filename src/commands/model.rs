@@ -145,9 +145,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     if let (Some(c), true) = (candidate, a.prompts > 0 && a.generate > 0) {
         progress.set_message("generating");
         let prompts = search::prompts_of(&windows, a.prompts, 32);
-        report.generation = Some(search::generation_agreement(
-            &forward, c, &prompts, a.generate,
-        )?);
+        let held_out = search::HeldOut::new(&forward, prompts, a.generate)?;
+        report.generation = Some(held_out.agreement(c.0, c.1)?);
     }
     progress.finish_and_clear();
     if a.json {

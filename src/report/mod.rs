@@ -242,12 +242,29 @@ impl SearchReport {
             );
         }
         let _ = writeln!(s, "## Best plan for each pair count ({})\n", m.name());
-        let _ = writeln!(s, "| pairs | depth | strategy | plan | {} |", m.name());
-        let _ = writeln!(s, "|---|---|---|---|---|");
+        let front = self.best_by_pairs.iter().any(|b| b.generation.is_some());
+        let (head, rule) = if front {
+            (" greedy tokens equal | first difference |", "---|---|")
+        } else {
+            ("", "")
+        };
+        let _ = writeln!(
+            s,
+            "| pairs | depth | strategy | plan | {} |{head}",
+            m.name()
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|{rule}");
         for b in &self.best_by_pairs {
+            let generation = b.generation.as_ref().map_or(String::new(), |g| {
+                format!(
+                    " {:.1}% | {:.1} |",
+                    100.0 * g.equal_fraction,
+                    g.mean_first_difference
+                )
+            });
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | `{}` | {:.6} |",
+                "| {} | {} | {} | `{}` | {:.6} |{generation}",
                 b.pairs,
                 self.depth_before - b.pairs,
                 b.strategy.name(),

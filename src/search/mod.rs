@@ -94,26 +94,41 @@ pub fn prompts_of(windows: &[Vec<u32>], prompts: usize, prompt_tokens: usize) ->
         .collect()
 }
 
-/// `tokens` greedy tokens after each prompt from the original (`reference`,
-/// run sequentially) and from the candidate (a model and the plan it runs),
-/// compared position by position.
-pub fn generation_agreement(
-    reference: &Forward,
-    candidate: (&Forward, &Plan),
-    prompts: &[Vec<u32>],
-    tokens: usize,
-) -> Result<Agreement> {
-    let original = Plan::sequential(reference.model.config.num_hidden_layers);
-    let pairs = prompts
-        .iter()
-        .map(|p| {
-            Ok((
-                reference.greedy(&original, p, tokens)?,
-                candidate.0.greedy(candidate.1, p, tokens)?,
-            ))
+/// The original's greedy continuations of held-out prompts, against which
+/// candidates' generations are compared.
+pub struct HeldOut {
+    pub prompts: Vec<Vec<u32>>,
+    pub tokens: usize,
+    original: Vec<Vec<u32>>,
+}
+
+impl HeldOut {
+    /// `tokens` greedy tokens of the original (`reference` run sequentially)
+    /// after each prompt.
+    pub fn new(reference: &Forward, prompts: Vec<Vec<u32>>, tokens: usize) -> Result<HeldOut> {
+        let original = Plan::sequential(reference.model.config.num_hidden_layers);
+        let original = prompts
+            .iter()
+            .map(|p| reference.greedy(&original, p, tokens))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(HeldOut {
+            prompts,
+            tokens,
+            original,
         })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Agreement::of(&pairs))
+    }
+
+    /// The candidate (a model and the plan it runs) generating after the same
+    /// prompts, compared position by position with the original.
+    pub fn agreement(&self, forward: &Forward, plan: &Plan) -> Result<Agreement> {
+        let pairs = self
+            .prompts
+            .iter()
+            .zip(&self.original)
+            .map(|(p, o)| Ok((o.clone(), forward.greedy(plan, p, self.tokens)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Agreement::of(&pairs))
+    }
 }
 
 /// Perplexity over `windows`; with a non-sequential `plan`, also the plan's
@@ -230,6 +245,10 @@ pub struct BestAtPairs {
     pub strategy: strategy::Strategy,
     pub plan: Plan,
     pub value: f64,
+    /// Greedy generation against the original's on the `--eval` text's
+    /// held-out prompts (the depth/quality front), when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<Agreement>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -311,6 +330,7 @@ pub fn search(
                     strategy: s,
                     plan: c.plan.clone(),
                     value: metric.of(&c.scores),
+                    generation: None,
                 });
             }
         }
