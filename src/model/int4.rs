@@ -531,6 +531,40 @@ mod tests {
     }
 
     #[test]
+    fn stored_blocks_keep_their_values_with_or_without_zero_points() {
+        let codes: Vec<u8> = (0..128).map(|i| (i * 7 % 16) as u8).collect();
+        let scales = vec![0.5, 0.25, 2.0, 0.125];
+        // Q4_0: offset -8 * scale, no zero points; Q4_1-like: any offset.
+        for offsets in [
+            scales.iter().map(|s| -8.0 * s).collect::<Vec<f32>>(),
+            vec![0.3, -1.7, 0.0, 4.5],
+        ] {
+            let b = FourBitBlocks {
+                codes: codes.clone(),
+                scales: scales.clone(),
+                offsets: offsets.clone(),
+            };
+            let q = Q4::from_blocks(&b, 2, 64).unwrap();
+            assert_eq!(q.zero_points.is_none(), offsets[3] == -8.0 * scales[3]);
+            assert!(!q.rounds_activations()); // accuracy level 0
+            for (i, v) in q.dequantize().iter().enumerate() {
+                let want = scales[i / 32] * codes[i] as f32 + offsets[i / 32];
+                assert!(
+                    (v - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "{i}: {v} {want}"
+                );
+            }
+        }
+        // A zero scale with a non-zero offset has no MatMulNBits form.
+        let b = FourBitBlocks {
+            codes: vec![0; 32],
+            scales: vec![0.0],
+            offsets: vec![1.0],
+        };
+        assert!(Q4::from_blocks(&b, 1, 32).is_none());
+    }
+
+    #[test]
     fn activations_round_to_int8_steps_per_block() {
         let q = Q4::quantize(&matrix(1, 64, |_| 1.0), B32);
         let x: Vec<f32> = (0..64).map(|i| (i as f32 - 20.0) * 0.37).collect();
