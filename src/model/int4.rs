@@ -456,20 +456,49 @@ impl Model {
             .is_some_and(|q| q.zero_points.is_none());
         if self.lm_head.is_none() && self.config.hidden_size.is_multiple_of(bs) && shareable {
             // Tied: the embedding reads the LM head's codes (as the builder's
-            // export shares them), so its rows are the dequantised ones too.
-            model.embed_tokens = lm_head.clone();
+            // export shares them), so its rows are the dequantised ones too;
+            // the model stays tied, one matrix for both.
+            model.embed_tokens = lm_head;
+        } else {
+            model.lm_head = Some(lm_head);
         }
-        model.lm_head = Some(lm_head);
         Ok(model)
     }
 
     /// How the model's linear weights are held: `Some` once [`Model::to_int4`]
     /// quantised them.
     pub fn int4_block_size(&self) -> Option<usize> {
-        self.lm_head
-            .as_ref()
-            .and_then(|m| m.int4.as_ref())
-            .map(|q| q.block_size)
+        self.lm_head().int4.as_ref().map(|q| q.block_size)
+    }
+
+    /// This int4 model's weights written at another `MatMulNBits` accuracy
+    /// level: the same codes and values, only how the forward treats
+    /// activations changes ([`Q4::rounds_activations`]).
+    pub fn set_accuracy_level(&mut self, level: u8) {
+        let set = |m: &mut Matrix| {
+            if let Some(q) = m.int4.as_mut() {
+                Arc::make_mut(q).accuracy_level = level;
+            }
+        };
+        for layer in &mut self.layers {
+            let a = &mut layer.self_attn;
+            let mlp = &mut layer.mlp;
+            for lin in [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut mlp.gate_proj,
+                &mut mlp.up_proj,
+                &mut mlp.down_proj,
+            ] {
+                set(&mut lin.weight);
+            }
+        }
+        set(&mut self.embed_tokens);
+        if let Some(head) = self.lm_head.as_mut() {
+            set(head);
+        }
     }
 }
 

@@ -306,10 +306,9 @@ pub fn validate_emitted(
 ) -> Result<Vec<(String, Validation)>> {
     use crate::onnx::package::weights_as_emitted;
     let plan = &emitted.plan;
-    let written = weights_as_emitted(model, plan, emitted.form, emitted.int4)?;
+    let mut written = weights_as_emitted(model, plan, emitted.form, emitted.int4)?;
     let tol = tolerance.unwrap_or(Tolerance::default_for(emitted.float, emitted.int4));
     let v = validate(session, &Forward::new(&written), plan, prompt, steps, tol)?;
-    drop(written);
     let mut out = vec![(String::new(), v)];
     if let Some(q) = emitted.int4.filter(|q| q.accuracy_level != 0) {
         let exact = Int4 {
@@ -317,16 +316,10 @@ pub fn validate_emitted(
             ..q
         };
         let mut twin = emitted.session_at_accuracy_level_zero(opts)?;
-        let reference = weights_as_emitted(model, plan, emitted.form, Some(exact))?;
+        // The same 4-bit weights (an owned model: int4), computed in float32.
+        written.to_mut().set_accuracy_level(0);
         let tol = tolerance.unwrap_or(Tolerance::default_for(emitted.float, Some(exact)));
-        let v = validate(
-            &mut twin,
-            &Forward::new(&reference),
-            plan,
-            prompt,
-            steps,
-            tol,
-        )?;
+        let v = validate(&mut twin, &Forward::new(&written), plan, prompt, steps, tol)?;
         out.push(("accuracy level 0".to_string(), v));
     }
     Ok(out)
