@@ -44,10 +44,7 @@ fn transformers_js(dir: &Path, n: usize, text: &str) -> Value {
 }
 
 fn genai(dir: &Path, n: usize, prompt: &[u32]) -> Vec<u32> {
-    let mut args = vec![dir.to_str().unwrap().to_string(), n.to_string()];
-    args.extend(prompt.iter().map(|i| i.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ids(&common::run_python("genai_generate.py", &args)["tokens"])
+    ids(&common::genai_generate(dir, n, prompt)["tokens"])
 }
 
 fn ids(v: &Value) -> Vec<u32> {

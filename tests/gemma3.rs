@@ -140,10 +140,7 @@ fn onnx_runtime_and_genai_match_the_reference() {
         assert!(worst <= 1e-3, "{ops} window {window:?}: {worst}");
         assert!(v.tokens_agree);
         if window.is_none() {
-            let mut args = vec![out.to_str().unwrap().to_string(), "8".to_string()];
-            args.extend(prompt.iter().map(u32::to_string));
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let r = common::run_python("genai_generate.py", &args);
+            let r = common::genai_generate(&out, 8, &prompt);
             assert_eq!(
                 ids_of(&r["tokens"]),
                 v.tokens_reference[..8],

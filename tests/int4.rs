@@ -116,10 +116,7 @@ fn both_forms_and_op_sets_validate_and_generate_in_int4() {
                 }
             }
             for (d, exact) in [(&exact_dir, true), (&out, false)] {
-                let mut args = vec![d.to_str().unwrap().to_string(), "16".to_string()];
-                args.extend(prompt.iter().map(u32::to_string));
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                let got = ids_of(&run_python("genai_generate.py", &args)["tokens"]);
+                let got = ids_of(&common::genai_generate(d, 16, &prompt)["tokens"]);
                 if exact {
                     assert_eq!(got, expected, "{name}: onnxruntime-genai at level 0");
                 } else {

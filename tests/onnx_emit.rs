@@ -268,10 +268,7 @@ fn onnxruntime_genai_generates_the_reference_tokens() {
         .encode("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind")
         .unwrap();
     let expected = reference_greedy(&model, &plan, &prompt, 16);
-    let mut args = vec![out.to_str().unwrap().to_string(), "16".to_string()];
-    args.extend(prompt.iter().map(|i| i.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let g = run_python("genai_generate.py", &args);
+    let g = common::genai_generate(&out, 16, &prompt);
     let got: Vec<u32> = g["tokens"]
         .as_array()
         .unwrap()
@@ -379,10 +376,7 @@ fn ort_ops_match_the_reference_and_genai() {
                 .unwrap();
         assert_eq!(genai["search"]["past_present_share_buffer"], true);
         if spec == "20..24" {
-            let mut args = vec![out.to_str().unwrap().to_string(), "16".to_string()];
-            args.extend(prompt.iter().map(u32::to_string));
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let r = run_python("genai_generate.py", &args);
+            let r = common::genai_generate(&out, 16, &prompt);
             let got: Vec<u32> = r["tokens"]
                 .as_array()
                 .unwrap()

@@ -15,7 +15,7 @@ use common::ids_of;
 
 use std::sync::{Mutex, OnceLock};
 
-use common::{fixture, load, logits, reference_greedy, run_python, text_path};
+use common::{fixture, load, logits, reference_greedy, text_path};
 use depthc::checkpoint::tokenizer::Tokenizer;
 use depthc::graph::{ElemType, Form};
 use depthc::model::Model;
@@ -23,6 +23,9 @@ use depthc::onnx::package::{emit, EmitOptions, Source};
 use depthc::plan::Plan;
 use indicatif::ProgressBar;
 use serde_json::Value;
+
+/// The prompt of the ONNX Runtime and onnxruntime-genai checks.
+const CODE_PROMPT: &str = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n";
 
 /// Tolerance on logits against transformers (issue: <= 2e-3).
 const LOGITS_TOL: f64 = 2e-3;
@@ -145,10 +148,7 @@ fn two_pairs_validate_in_onnx_runtime_and_generate_in_genai() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let q = qwen();
     let plan = Plan::parse("12-13,16-17", 28).unwrap();
-    let prompt = q
-        .tokenizer
-        .encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
-        .unwrap();
+    let prompt = q.tokenizer.encode(CODE_PROMPT).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let forward = depthc::forward::Forward::new(&q.model);
     let source = Source {
@@ -198,10 +198,7 @@ fn two_pairs_validate_in_onnx_runtime_and_generate_in_genai() {
         drop(session);
         if form == Form::Fused {
             let want = reference_greedy(&q.model, &plan, &prompt, 8);
-            let mut args = vec![out.to_str().unwrap().to_string(), "8".to_string()];
-            args.extend(prompt.iter().map(|i| i.to_string()));
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let g = run_python("genai_generate.py", &args);
+            let g = common::genai_generate(&out, 8, &prompt);
             assert_eq!(
                 ids_of(&g["tokens"]),
                 want,
@@ -224,10 +221,7 @@ fn two_pairs_in_int4_validate_in_both_forms_and_op_sets() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let q = qwen();
     let plan = Plan::parse("12-13,16-17", 28).unwrap();
-    let prompt = q
-        .tokenizer
-        .encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
-        .unwrap();
+    let prompt = q.tokenizer.encode(CODE_PROMPT).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let source = Source {
         path: &q.path,
@@ -270,10 +264,7 @@ fn two_pairs_in_int4_validate_in_both_forms_and_op_sets() {
             assert_eq!(results.len(), 2, "{name}: as written and at level 0");
             drop(session);
             // onnxruntime-genai runs the model as written (int8 activations).
-            let mut args = vec![out.to_str().unwrap().to_string(), "8".to_string()];
-            args.extend(prompt.iter().map(|i| i.to_string()));
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let got = ids_of(&run_python("genai_generate.py", &args)["tokens"]);
+            let got = ids_of(&common::genai_generate(&out, 8, &prompt)["tokens"]);
             eprintln!("{name}: onnxruntime-genai {got:?}");
             assert!(
                 !got.is_empty(),
@@ -307,10 +298,7 @@ fn two_pairs_in_int4_validate_in_both_forms_and_op_sets() {
         .unwrap();
     let want = reference_greedy(&int4, &plan, &prompt, 8);
     drop(int4);
-    let mut args = vec![out.to_str().unwrap().to_string(), "8".to_string()];
-    args.extend(prompt.iter().map(|i| i.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let g = run_python("genai_generate.py", &args);
+    let g = common::genai_generate(&out, 8, &prompt);
     assert_eq!(
         ids_of(&g["tokens"]),
         want,

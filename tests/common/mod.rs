@@ -154,6 +154,16 @@ pub fn run_python(script: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("one JSON object")
 }
 
+/// `tests/python/genai_generate.py`: onnxruntime-genai loads the emitted
+/// directory `dir` and generates `n` greedy tokens after `prompt`; its JSON
+/// (`tokens`, `decoded_prompt`).
+pub fn genai_generate(dir: &std::path::Path, n: usize, prompt: &[u32]) -> serde_json::Value {
+    let mut args = vec![dir.to_str().unwrap().to_string(), n.to_string()];
+    args.extend(prompt.iter().map(u32::to_string));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_python("genai_generate.py", &args)
+}
+
 /// `depthc COMMAND MODEL -o OUT` (`search` or `compile`) with the search on
 /// 16-token windows, at most 256 tokens, no protected layers.
 pub fn fast_search_args<'a>(command: &'a str, model: &'a str, out: &'a str) -> Vec<&'a str> {
