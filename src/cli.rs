@@ -15,6 +15,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// MiB of weights kept widened to float32 between uses. Weights stay in
+    /// the checkpoint's stored form (BF16, F16, Q8_0, Q4_K, Q6_K, ...) and are
+    /// widened when used; the first that fit this budget are kept, the rest
+    /// widened again each time (less memory, more time). A model whose float32
+    /// weights fit runs as if loaded whole
+    #[arg(long, global = true, value_name = "MIB", default_value_t = depthc::model::DEFAULT_WIDEN_BUDGET >> 20)]
+    pub weight_cache: usize,
 }
 
 #[derive(Debug, Subcommand)]

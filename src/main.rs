@@ -19,6 +19,7 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    depthc::model::set_widen_budget(cli.weight_cache.saturating_mul(1 << 20));
     depthc::output::remove_partial_outputs_on_interrupt();
     let result = match cli.command {
         Command::Inspect(a) => model::inspect(a),

@@ -161,7 +161,7 @@ pub fn search(
     }
     let content_hash = calib::content_hash(model_path)?;
     let pb = progress.spinner(&format!("loading {}", model_path.display()));
-    let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
+    let model = Model::load(&ckpt.source, &ckpt.config)?;
     let identity = ModelIdentity {
         path: model_path.display().to_string(),
         format: format!("{:?}", ckpt.format).to_lowercase(),

@@ -273,7 +273,11 @@ fn unknown_architecture_and_bad_config() {
 /// Write the tiny model's tensors back with one change, beside its config.
 fn rewritten_tiny(dir: &Path, edit: impl Fn(&mut Vec<(String, Vec<usize>, &[f32])>)) -> PathBuf {
     let (_, model) = load(&fixture("tiny_llama/hf_f32"));
-    let mut tensors = model.named_tensors();
+    let named = model.named_tensors();
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = named
+        .iter()
+        .map(|(n, shape, v)| (n.clone(), shape.clone(), v.as_ref()))
+        .collect();
     edit(&mut tensors);
     let out = dir.join("m");
     std::fs::create_dir_all(&out).unwrap();

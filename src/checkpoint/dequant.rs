@@ -89,6 +89,20 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
+/// [`to_f32`] of whole rows of `cols` elements, rows in parallel (each
+/// value converted as [`to_f32`] converts it).
+pub fn rows_to_f32(dtype: DType, bytes: &[u8], cols: usize, out: &mut [f32]) {
+    use rayon::prelude::*;
+    const ROWS_PER_TASK: usize = 16;
+    if out.is_empty() {
+        return;
+    }
+    let row_bytes = byte_size(dtype, cols).expect("rows of whole blocks");
+    out.par_chunks_mut(cols * ROWS_PER_TASK)
+        .zip(bytes.par_chunks(row_bytes * ROWS_PER_TASK))
+        .for_each(|(o, b)| to_f32(dtype, b, o));
+}
+
 /// Convert `bytes` (exactly `byte_size(dtype, out.len())` long) into `out`.
 pub fn to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     match dtype {

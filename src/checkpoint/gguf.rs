@@ -5,9 +5,11 @@
 //! interleaved RoPE, undone here (docs/DESIGN.md section 3).
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+use rayon::prelude::*;
 
 use super::config::{Activation, Family, ModelConfig, RopeScaling};
 use super::tokenizer::Tokenizer;
@@ -635,6 +637,15 @@ impl GgufSource {
     }
 }
 
+/// The GGUF row holding Hugging Face row `row` of a q/k weight llama.cpp
+/// permuted (heads of `head_dim` rows): see [`unpermute_rows`].
+fn permuted_row(row: usize, head_dim: usize) -> usize {
+    let half = head_dim / 2;
+    let (h, within) = (row / head_dim, row % head_dim);
+    let (s, i) = (within / half, within % half);
+    h * head_dim + 2 * i + s
+}
+
 /// Undo llama.cpp's `permute`: GGUF row `h*d + 2i + s` holds HF row `h*d + s*d/2 + i`.
 fn unpermute_rows<T: Copy + Default>(data: &[T], heads: usize, rows: usize, cols: usize) -> Vec<T> {
     let head_dim = rows / heads;
@@ -688,7 +699,7 @@ impl TensorSource for GgufSource {
         }
         Some(Ok(b))
     }
-    fn load_f32(&self, name: &str) -> Result<Vec<f32>> {
+    fn read_rows(&self, name: &str, rows: Range<usize>, out: &mut [f32]) -> Result<()> {
         let Some(m) = self.mapped.get(name) else {
             let why = self.unsupported(name);
             return Err(Error::tensor(
@@ -698,21 +709,43 @@ impl TensorSource for GgufSource {
             ));
         };
         let t = &self.file.tensors[m.index];
-        let mut out = vec![0f32; m.info.numel()];
-        let bytes = self.file.tensor_bytes(t, m.info.dtype);
-        dequant::to_f32(m.info.dtype, bytes, &mut out);
+        let shape = super::rows_cols(&m.info.shape);
+        super::check_rows(&self.file.path, name, shape, &rows, out)?;
+        let (total, cols) = shape;
+        let dtype = m.info.dtype;
+        let row_bytes = dequant::byte_size(dtype, cols).ok_or_else(|| {
+            Error::tensor(
+                &self.file.path,
+                name,
+                format!("rows of {cols} are not whole {} blocks", dtype.name()),
+            )
+        })?;
+        let bytes = self.file.tensor_bytes(t, dtype);
         let begin = self.file.data_start + t.offset;
-        super::release_pages(&self.file.mmap, begin, begin + bytes.len());
+        match m.unpermute_heads {
+            None => {
+                let rb = &bytes[rows.start * row_bytes..rows.end * row_bytes];
+                dequant::rows_to_f32(dtype, rb, cols, out);
+                super::release_pages(
+                    &self.file.mmap,
+                    begin + rows.start * row_bytes,
+                    begin + rows.end * row_bytes,
+                );
+            }
+            Some(heads) => {
+                self.check_heads(name, heads, total)?;
+                let head_dim = total / heads;
+                out.par_chunks_mut(cols).enumerate().for_each(|(i, row)| {
+                    let src = permuted_row(rows.start + i, head_dim);
+                    dequant::to_f32(dtype, &bytes[src * row_bytes..(src + 1) * row_bytes], row);
+                });
+                super::release_pages(&self.file.mmap, begin, begin + bytes.len());
+            }
+        }
         if m.minus_one {
             out.iter_mut().for_each(|v| *v -= 1.0);
         }
-        match (m.unpermute_heads, m.info.shape.as_slice()) {
-            (Some(heads), &[rows, cols]) => {
-                self.check_heads(name, heads, rows)?;
-                Ok(unpermute_rows(&out, heads, rows, cols))
-            }
-            _ => Ok(out),
-        }
+        Ok(())
     }
     fn file_of(&self, _name: &str) -> PathBuf {
         self.file.path.clone()
@@ -738,6 +771,20 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn permuted_row_reads_what_unpermute_rows_writes() {
+        let (heads, rows, cols) = (3, 12, 2);
+        let data: Vec<usize> = (0..rows * cols).collect();
+        let hf = unpermute_rows(&data, heads, rows, cols);
+        for r in 0..rows {
+            let src = permuted_row(r, rows / heads);
+            assert_eq!(
+                &hf[r * cols..(r + 1) * cols],
+                &data[src * cols..(src + 1) * cols]
+            );
+        }
     }
 
     #[test]

@@ -9,7 +9,9 @@ pub mod gguf;
 pub mod safetensors;
 pub mod tokenizer;
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use config::{Family, ModelConfig, RopeScaling};
 
@@ -70,8 +72,22 @@ pub trait TensorSource: Send + Sync {
     /// Every tensor, in a stable order.
     fn tensors(&self) -> Vec<&TensorInfo>;
     fn info(&self, name: &str) -> Option<&TensorInfo>;
-    /// The tensor dequantised / converted to f32, row-major in HF layout.
-    fn load_f32(&self, name: &str) -> Result<Vec<f32>>;
+    /// Rows `rows` of the tensor (its first axis; a 1-D tensor is one row)
+    /// dequantised / converted to f32 into `out` (`rows.len() * cols`
+    /// elements), row-major in HF layout. Every widening of a stored weight
+    /// goes through here: the bytes stay in the file until read, and their
+    /// pages are released again afterwards.
+    fn read_rows(&self, name: &str, rows: Range<usize>, out: &mut [f32]) -> Result<()>;
+    /// The whole tensor as f32, row-major in HF layout.
+    fn load_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let info = self
+            .info(name)
+            .ok_or_else(|| Error::tensor(self.file_of(name), name, "not found"))?;
+        let (rows, cols) = rows_cols(&info.shape);
+        let mut out = vec![0f32; rows * cols];
+        self.read_rows(name, 0..rows, &mut out)?;
+        Ok(out)
+    }
     /// The tensor's own 4-bit blocks of 32 (GGUF Q4_0, Q4_1, Q4_K), in Hugging
     /// Face row order; `None` when it is stored otherwise.
     fn load_four_bit(&self, _name: &str) -> Option<Result<dequant::FourBitBlocks>> {
@@ -89,6 +105,37 @@ pub trait TensorSource: Send + Sync {
     fn unsupported_tensors(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+}
+
+/// A tensor's shape as `[rows, cols]`: its first axis by the product of
+/// the others (a 1-D tensor is one row).
+pub fn rows_cols(shape: &[usize]) -> (usize, usize) {
+    match shape {
+        [] => (1, 1),
+        [n] => (1, *n),
+        [rows, rest @ ..] => (*rows, rest.iter().product()),
+    }
+}
+
+/// Check a row range and output length against a tensor of `rows` x `cols`.
+pub(crate) fn check_rows(
+    file: &Path,
+    name: &str,
+    (rows, cols): (usize, usize),
+    range: &Range<usize>,
+    out: &[f32],
+) -> Result<()> {
+    if range.start > range.end || range.end > rows || out.len() != range.len() * cols {
+        return Err(Error::tensor(
+            file,
+            name,
+            format!(
+                "rows {range:?} into {} values do not fit a tensor of {rows} rows of {cols}",
+                out.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Drop the resident pages of `mmap[begin..end]` once a tensor has been
@@ -117,7 +164,7 @@ pub struct Checkpoint {
     pub path: PathBuf,
     pub format: Format,
     pub config: ModelConfig,
-    pub source: Box<dyn TensorSource>,
+    pub source: Arc<dyn TensorSource>,
     pub tokenizer: Option<tokenizer::Tokenizer>,
 }
 
@@ -133,7 +180,7 @@ impl Checkpoint {
                 path: path.to_path_buf(),
                 format: Format::HuggingFace,
                 config,
-                source: Box::new(source),
+                source: Arc::new(source),
                 tokenizer,
             })
         } else {
@@ -145,7 +192,7 @@ impl Checkpoint {
                 path: path.to_path_buf(),
                 format: Format::Gguf,
                 config,
-                source: Box::new(source),
+                source: Arc::new(source),
                 tokenizer,
             })
         }

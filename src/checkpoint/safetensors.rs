@@ -7,6 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use std::ops::Range;
+
 use memmap2::Mmap;
 use serde::Deserialize;
 
@@ -222,16 +224,22 @@ impl TensorSource for SafetensorsSource {
     fn info(&self, name: &str) -> Option<&TensorInfo> {
         self.entries.get(name).map(|e| &e.info)
     }
-    fn load_f32(&self, name: &str) -> Result<Vec<f32>> {
+    fn read_rows(&self, name: &str, rows: Range<usize>, out: &mut [f32]) -> Result<()> {
         let e = self
             .entries
             .get(name)
             .ok_or_else(|| Error::tensor(self.file_of(name), name, "not found"))?;
-        let mut out = vec![0f32; e.info.numel()];
+        let shape = super::rows_cols(&e.info.shape);
+        super::check_rows(&self.file_of(name), name, shape, &rows, out)?;
+        let row_bytes = dequant::byte_size(e.info.dtype, shape.1).expect("float types");
+        let (begin, end) = (
+            e.begin + rows.start * row_bytes,
+            e.begin + rows.end * row_bytes,
+        );
         let mmap = &self.shards[e.shard].mmap;
-        dequant::to_f32(e.info.dtype, &mmap[e.begin..e.end], &mut out);
-        super::release_pages(mmap, e.begin, e.end);
-        Ok(out)
+        dequant::rows_to_f32(e.info.dtype, &mmap[begin..end], shape.1, out);
+        super::release_pages(mmap, begin, end);
+        Ok(())
     }
     fn file_of(&self, name: &str) -> PathBuf {
         match self.entries.get(name) {

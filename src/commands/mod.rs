@@ -39,7 +39,7 @@ pub fn bar(len: u64, template: &str) -> Result<ProgressBar> {
 pub fn load(path: &Path) -> Result<(Model, Option<depthc::checkpoint::tokenizer::Tokenizer>)> {
     let pb = spinner(&format!("loading {}", path.display()));
     let ckpt = Checkpoint::open(path)?;
-    let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
+    let model = Model::load(&ckpt.source, &ckpt.config)?;
     pb.finish_and_clear();
     Ok((model, ckpt.tokenizer))
 }

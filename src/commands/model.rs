@@ -109,7 +109,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let ids = ckpt.require_tokenizer()?.encode(&text)?;
     let windows = search::windows(&ids, a.seq_len, a.max_windows, ckpt.config.window_bos())?;
     let pb = spinner(&format!("loading {}", a.model.display()));
-    let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
+    let model = Model::load(&ckpt.source, &ckpt.config)?;
     drop(ckpt);
     pb.finish_and_clear();
     let forward = Forward::new(&model);
@@ -195,7 +195,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 pub fn convert(a: ConvertArgs) -> Result<()> {
     depthc::output::check_output(&a.output, false, false)?;
     let ckpt = Checkpoint::open(&a.model)?;
-    let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
+    let model = Model::load(&ckpt.source, &ckpt.config)?;
     let store = match a.dtype {
         StoreDtype::F32 => safetensors::StoreType::F32,
         StoreDtype::F16 => safetensors::StoreType::F16,

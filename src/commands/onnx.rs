@@ -20,7 +20,7 @@ pub fn emit(a: EmitArgs) -> Result<()> {
         ckpt.config.num_hidden_layers,
     )?;
     let pb = spinner(&format!("loading {}", a.model.display()));
-    let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
+    let model = Model::load(&ckpt.source, &ckpt.config)?;
     pb.finish_and_clear();
     let opts = emit_options(a.form, a.dtype, a.int4, a.ops);
     let progress = bar(0, "emit {bar:30} {pos}/{len} weights, {eta} left")?;
@@ -95,7 +95,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
         threads: None,
     };
     let pb = spinner(&format!("loading {}", a.model.display()));
-    let model = Model::load(ckpt.source.as_ref(), &ckpt.config)?;
+    let model = Model::load(&ckpt.source, &ckpt.config)?;
     drop(ckpt);
     pb.set_message(format!("loading {}", emitted.model_path.display()));
     let mut session = emitted.session(&opts)?;

@@ -144,7 +144,8 @@ impl<'m> Forward<'m> {
         let h = cfg.hidden_size;
         let mut x = vec![0f32; ids.len() * h];
         for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
-            row.copy_from_slice(self.model.embed_tokens.row(id as usize));
+            let id = id as usize;
+            self.model.embed_tokens.read_rows(id..id + 1, row);
         }
         if let Some(s) = cfg.embed_scale {
             x.iter_mut().for_each(|v| *v *= s);

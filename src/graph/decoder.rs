@@ -56,7 +56,7 @@ impl<'m> Decoder<'m> {
                 let w = b.weight(
                     "model.embed_tokens.weight",
                     vec![e.rows, e.cols],
-                    Box::new(move || e.data.clone()),
+                    Box::new(move || e.values().into_owned()),
                 );
                 b.node(
                     "/model/embed_tokens/Gather",
@@ -373,13 +373,14 @@ impl<'m> Packed<'m> {
                 let mut out = vec![0f32; k * n];
                 let mut col0 = 0;
                 for (m, norm) in parts {
-                    for o in 0..m.rows {
-                        let src = m.row(o);
-                        for (i, &w) in src.iter().enumerate() {
-                            let s = norm.map_or(1.0, |g| g[i]);
-                            out[i * n + col0 + o] = w * s;
+                    m.with_values(|values| {
+                        for (o, src) in values.chunks_exact(m.cols).enumerate() {
+                            for (i, &w) in src.iter().enumerate() {
+                                let s = norm.map_or(1.0, |g| g[i]);
+                                out[i * n + col0 + o] = w * s;
+                            }
                         }
-                    }
+                    });
                     col0 += m.rows;
                 }
                 out
@@ -400,14 +401,16 @@ pub(super) fn transposed(m: &Matrix) -> Vec<f32> {
     const TILE: usize = 64;
     let (r, c) = (m.rows, m.cols);
     let mut out = vec![0f32; r * c];
-    for r0 in (0..r).step_by(TILE) {
-        for c0 in (0..c).step_by(TILE) {
-            for i in r0..(r0 + TILE).min(r) {
-                for j in c0..(c0 + TILE).min(c) {
-                    out[j * r + i] = m.data[i * c + j];
+    m.with_values(|data| {
+        for r0 in (0..r).step_by(TILE) {
+            for c0 in (0..c).step_by(TILE) {
+                for i in r0..(r0 + TILE).min(r) {
+                    for j in c0..(c0 + TILE).min(c) {
+                        out[j * r + i] = data[i * c + j];
+                    }
                 }
             }
         }
-    }
+    });
     out
 }

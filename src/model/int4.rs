@@ -10,8 +10,9 @@
 //! `q = clamp(round(w / scale + 8), 0, 15)`. `tests/python/int4_quantizer.py`
 //! checks the codes and scales byte for byte against ONNX Runtime's own.
 //!
-//! A quantised [`Model`] keeps both: the codes for emission, and their
-//! dequantised values as the f32 weights, so that the reference forward runs
+//! A quantised [`Model`] holds the codes, for emission, and reads their
+//! dequantised values as its f32 weights ([`Matrix::from_codes`], widened
+//! when used like any stored weight), so that the reference forward runs
 //! exactly the weights the ONNX model holds.
 
 use std::sync::Arc;
@@ -134,35 +135,37 @@ impl Q4 {
         let row_bytes = blocks * block_size / 2;
         let mut packed = vec![0x88u8; n * row_bytes];
         let mut scales = vec![0f32; n * blocks];
-        packed
-            .par_chunks_mut(row_bytes)
-            .zip(scales.par_chunks_mut(blocks))
-            .enumerate()
-            .for_each(|(r, (bytes, sc))| {
-                let row = w.row(r);
-                for (b, chunk) in row.chunks(block_size).enumerate() {
-                    let (mut min, mut max) = (f32::MAX, -f32::MAX);
-                    for &v in chunk {
-                        min = min.min(v);
-                        max = max.max(v);
+        w.with_values(|values| {
+            packed
+                .par_chunks_mut(row_bytes)
+                .zip(scales.par_chunks_mut(blocks))
+                .enumerate()
+                .for_each(|(r, (bytes, sc))| {
+                    let row = &values[r * k..(r + 1) * k];
+                    for (b, chunk) in row.chunks(block_size).enumerate() {
+                        let (mut min, mut max) = (f32::MAX, -f32::MAX);
+                        for &v in chunk {
+                            min = min.min(v);
+                            max = max.max(v);
+                        }
+                        // The value of largest magnitude (the smaller one on a tie), over -8.
+                        let extreme = if max.abs() > min.abs() { max } else { min };
+                        let scale = extreme / -8.0;
+                        let recip = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+                        sc[b] = scale;
+                        let out = &mut bytes[b * block_size / 2..(b + 1) * block_size / 2];
+                        for (i, &v) in chunk.iter().enumerate() {
+                            let q = (v * recip + 8.0).round().clamp(0.0, 15.0) as u8;
+                            let byte = &mut out[i / 2];
+                            *byte = if i % 2 == 0 {
+                                (*byte & 0xf0) | q
+                            } else {
+                                (*byte & 0x0f) | (q << 4)
+                            };
+                        }
                     }
-                    // The value of largest magnitude (the smaller one on a tie), over -8.
-                    let extreme = if max.abs() > min.abs() { max } else { min };
-                    let scale = extreme / -8.0;
-                    let recip = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-                    sc[b] = scale;
-                    let out = &mut bytes[b * block_size / 2..(b + 1) * block_size / 2];
-                    for (i, &v) in chunk.iter().enumerate() {
-                        let q = (v * recip + 8.0).round().clamp(0.0, 15.0) as u8;
-                        let byte = &mut out[i / 2];
-                        *byte = if i % 2 == 0 {
-                            (*byte & 0xf0) | q
-                        } else {
-                            (*byte & 0x0f) | (q << 4)
-                        };
-                    }
-                }
-            });
+                });
+        });
         Q4 {
             n,
             k,
@@ -248,9 +251,20 @@ impl Q4 {
 
     /// The weights the codes stand for, `[n, k]` row-major.
     pub fn dequantize(&self) -> Vec<f32> {
-        let (blocks, row_bytes, bs) = (self.blocks(), self.row_bytes(), self.block_size);
         let mut out = vec![0f32; self.n * self.k];
-        out.par_chunks_mut(self.k).enumerate().for_each(|(r, row)| {
+        self.dequantize_rows(0..self.n, &mut out);
+        out
+    }
+
+    /// Rows `rows` of [`Q4::dequantize`] into `out`.
+    pub fn dequantize_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        let (blocks, row_bytes, bs) = (self.blocks(), self.row_bytes(), self.block_size);
+        assert_eq!(out.len(), rows.len() * self.k, "dequantised rows' size");
+        if out.is_empty() {
+            return;
+        }
+        out.par_chunks_mut(self.k).enumerate().for_each(|(i, row)| {
+            let r = rows.start + i;
             let bytes = &self.packed[r * row_bytes..(r + 1) * row_bytes];
             let sc = &self.scales[r * blocks..(r + 1) * blocks];
             let zp = self
@@ -264,7 +278,6 @@ impl Q4 {
                 *v = (q as f32 - zero) * sc[i / bs];
             }
         });
-        out
     }
 
     /// Weights side by side along the outputs (`[q | k | v]`): their rows
@@ -348,26 +361,18 @@ impl Q4 {
     }
 }
 
-/// A matrix of `q`'s dequantised values, with its codes kept beside them.
-fn from_codes(q: Q4) -> Matrix {
-    Matrix {
-        rows: q.n,
-        cols: q.k,
-        data: q.dequantize(),
-        int4: Some(Arc::new(q)),
-        stored4: None,
-    }
-}
-
 /// `w` in 4 bits: the checkpoint's own blocks when `int4` asks for them and
 /// `w` has them (and is as loaded), else round-to-nearest.
 fn to_4bit(w: &Matrix, int4: Int4, as_loaded: bool) -> Matrix {
-    match (&w.stored4, int4.source, as_loaded) {
-        (Some(stored), Int4Source::Gguf, true) => from_codes(Q4 {
+    let stored = (int4.source == Int4Source::Gguf && as_loaded)
+        .then(|| w.stored_four_bit())
+        .flatten();
+    match stored {
+        Some(q) => Matrix::from_codes(Q4 {
             accuracy_level: int4.accuracy_level,
-            ..(**stored).clone()
+            ..q
         }),
-        _ => from_codes(Q4::quantize(w, int4)),
+        None => Matrix::from_codes(Q4::quantize(w, int4)),
     }
 }
 
@@ -375,7 +380,7 @@ fn to_4bit(w: &Matrix, int4: Int4, as_loaded: bool) -> Matrix {
 fn fold(lin: &mut Linear, g: &[f32]) {
     let cols = lin.weight.cols;
     lin.weight
-        .data
+        .values_mut()
         .par_chunks_mut(cols)
         .for_each(|row| row.iter_mut().zip(g).for_each(|(w, &s)| *w *= s));
 }
@@ -522,7 +527,7 @@ mod tests {
         let q = Q4::quantize(&w, B32);
         assert_eq!(q.packed.len(), 3 * 2 * 16);
         let d = q.dequantize();
-        for (r, (row, deq)) in w.data.chunks(64).zip(d.chunks(64)).enumerate() {
+        for (r, (row, deq)) in w.values().chunks(64).zip(d.chunks(64)).enumerate() {
             for b in 0..2 {
                 let blk = &row[b * 32..(b + 1) * 32];
                 let s = q.scales[r * 2 + b].abs();

@@ -6,49 +6,20 @@
 //! optional fields of [`Attention`], [`Mlp`] and [`DecoderLayer`].
 
 pub mod int4;
+pub mod matrix;
 pub mod rope;
 
 use rayon::prelude::*;
 
 pub use int4::{Int4, Q4};
+pub use matrix::{set_widen_budget, Matrix, DEFAULT_WIDEN_BUDGET};
 pub use rope::Rope;
+
+use std::borrow::Cow;
+use std::sync::Arc;
 
 use crate::checkpoint::{ModelConfig, TensorSource};
 use crate::{Error, Result};
-
-/// A row-major `[rows, cols]` matrix; a linear weight is `[out_features, in_features]`.
-#[derive(Debug, Clone)]
-pub struct Matrix {
-    pub rows: usize,
-    pub cols: usize,
-    pub data: Vec<f32>,
-    /// The 4-bit codes `data` was dequantised from ([`Model::to_int4`]).
-    pub int4: Option<std::sync::Arc<Q4>>,
-    /// The checkpoint's own 4-bit blocks of this weight, if it stores it so
-    /// (GGUF Q4_0, Q4_1, Q4_K): what `--int4-source gguf` writes.
-    pub stored4: Option<std::sync::Arc<Q4>>,
-}
-
-impl Matrix {
-    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Matrix {
-        assert_eq!(
-            data.len(),
-            rows * cols,
-            "matrix data does not match its shape"
-        );
-        Matrix {
-            rows,
-            cols,
-            data,
-            int4: None,
-            stored4: None,
-        }
-    }
-
-    pub fn row(&self, r: usize) -> &[f32] {
-        &self.data[r * self.cols..(r + 1) * self.cols]
-    }
-}
 
 /// `y = x W^T (+ b)`.
 #[derive(Debug, Clone)]
@@ -106,12 +77,12 @@ pub struct Model {
 /// A prefix scope over a [`TensorSource`].
 #[derive(Clone, Copy)]
 pub struct Weights<'a> {
-    source: &'a dyn TensorSource,
+    source: &'a Arc<dyn TensorSource>,
     prefix: &'a str,
 }
 
 impl<'a> Weights<'a> {
-    pub fn new(source: &'a dyn TensorSource) -> Self {
+    pub fn new(source: &'a Arc<dyn TensorSource>) -> Self {
         Weights { source, prefix: "" }
     }
 
@@ -123,8 +94,9 @@ impl<'a> Weights<'a> {
         }
     }
 
-    /// Load `prefix.name` and check its shape.
-    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    /// Check that `prefix.name` exists with `shape` and that its rows can
+    /// be read; its full name.
+    fn check(&self, name: &str, shape: &[usize]) -> Result<String> {
         let full = self.full(name);
         let file = self.source.file_of(&full);
         let info = self.source.info(&full).ok_or_else(|| {
@@ -144,15 +116,21 @@ impl<'a> Weights<'a> {
                 ),
             ));
         }
+        // Reading no rows runs every check a read makes (block layout, head split).
+        self.source.read_rows(&full, 0..0, &mut [])?;
+        Ok(full)
+    }
+
+    /// Load `prefix.name` as f32 and check its shape.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let full = self.check(name, shape)?;
         self.source.load_f32(&full)
     }
 
+    /// The matrix `prefix.name`, shape-checked and kept as stored.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
-        let mut m = Matrix::new(rows, cols, self.get(name, &[rows, cols])?);
-        if let Some(blocks) = self.source.load_four_bit(&self.full(name)) {
-            m.stored4 = Q4::from_blocks(&blocks?, rows, cols).map(std::sync::Arc::new);
-        }
-        Ok(m)
+        let full = self.check(name, &[rows, cols])?;
+        Ok(Matrix::stored(rows, cols, self.source.clone(), full))
     }
 
     pub fn linear(
@@ -261,8 +239,9 @@ impl DecoderLayer {
 }
 
 impl Model {
-    /// Load every weight as f32 (layers in parallel), checking names and shapes.
-    pub fn load(source: &dyn TensorSource, config: &ModelConfig) -> Result<Model> {
+    /// Open every weight, checking names and shapes: norms and biases are
+    /// read as f32, matrices kept as stored ([`Matrix::stored`]).
+    pub fn load(source: &Arc<dyn TensorSource>, config: &ModelConfig) -> Result<Model> {
         let w = Weights::new(source);
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed_tokens = w.matrix("model.embed_tokens.weight", v, h)?;
@@ -301,11 +280,11 @@ impl Model {
 
     /// Every weight under its Hugging Face name, norms as applied (see
     /// [`Model::write_hf_dir`] for the stored `w` of Gemma).
-    pub fn named_tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
-        fn m(name: String, x: &Matrix) -> (String, Vec<usize>, &[f32]) {
-            (name, vec![x.rows, x.cols], x.data.as_slice())
+    pub fn named_tensors(&self) -> Vec<(String, Vec<usize>, Cow<'_, [f32]>)> {
+        fn m(name: String, x: &Matrix) -> (String, Vec<usize>, Cow<'_, [f32]>) {
+            (name, vec![x.rows, x.cols], x.values())
         }
-        let mut out: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+        let mut out: Vec<(String, Vec<usize>, Cow<'_, [f32]>)> = Vec::new();
         out.push(m("model.embed_tokens.weight".into(), &self.embed_tokens));
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -313,7 +292,7 @@ impl Model {
             out.push((
                 format!("{p}.input_layernorm.weight"),
                 vec![h],
-                &l.input_layernorm,
+                Cow::Borrowed(&l.input_layernorm),
             ));
             let a = &l.self_attn;
             for (name, lin) in [
@@ -324,12 +303,20 @@ impl Model {
             ] {
                 out.push(m(format!("{p}.self_attn.{name}.weight"), &lin.weight));
                 if let Some(b) = &lin.bias {
-                    out.push((format!("{p}.self_attn.{name}.bias"), vec![b.len()], b));
+                    out.push((
+                        format!("{p}.self_attn.{name}.bias"),
+                        vec![b.len()],
+                        Cow::Borrowed(b),
+                    ));
                 }
             }
             for (name, norm) in [("q_norm", &a.q_norm), ("k_norm", &a.k_norm)] {
                 if let Some(w) = norm {
-                    out.push((format!("{p}.self_attn.{name}.weight"), vec![w.len()], w));
+                    out.push((
+                        format!("{p}.self_attn.{name}.weight"),
+                        vec![w.len()],
+                        Cow::Borrowed(w),
+                    ));
                 }
             }
             let mlp_in = if l.attn_out_norm.is_some() {
@@ -340,14 +327,14 @@ impl Model {
             out.push((
                 format!("{p}.{mlp_in}.weight"),
                 vec![h],
-                &l.post_attention_layernorm,
+                Cow::Borrowed(&l.post_attention_layernorm),
             ));
             for (name, norm) in [
                 ("post_attention_layernorm", &l.attn_out_norm),
                 ("post_feedforward_layernorm", &l.mlp_out_norm),
             ] {
                 if let Some(w) = norm {
-                    out.push((format!("{p}.{name}.weight"), vec![h], w));
+                    out.push((format!("{p}.{name}.weight"), vec![h], Cow::Borrowed(w)));
                 }
             }
             out.push(m(
@@ -363,7 +350,7 @@ impl Model {
         out.push((
             "model.norm.weight".into(),
             vec![self.norm.len()],
-            &self.norm,
+            Cow::Borrowed(&self.norm),
         ));
         if let Some(head) = &self.lm_head {
             out.push(m("lm_head.weight".into(), head));
@@ -401,9 +388,9 @@ impl Model {
                 })
                 .collect();
             let tensors: Vec<(String, Vec<usize>, &[f32])> = tensors
-                .into_iter()
+                .iter()
                 .zip(&stored)
-                .map(|((n, shape, w), s)| (n, shape, s.as_deref().unwrap_or(w)))
+                .map(|((n, shape, w), s)| (n.clone(), shape.clone(), s.as_deref().unwrap_or(w)))
                 .collect();
             crate::checkpoint::safetensors::write(&tmp.join("model.safetensors"), &tensors, store)
         })

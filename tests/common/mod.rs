@@ -42,8 +42,7 @@ pub fn text_path(name: &str) -> PathBuf {
 
 pub fn load(path: &std::path::Path) -> (Checkpoint, Model) {
     let ckpt = Checkpoint::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    let model =
-        Model::load(ckpt.source.as_ref(), &ckpt.config).unwrap_or_else(|e| panic!("load: {e}"));
+    let model = Model::load(&ckpt.source, &ckpt.config).unwrap_or_else(|e| panic!("load: {e}"));
     (ckpt, model)
 }
 

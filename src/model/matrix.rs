@@ -1,0 +1,313 @@
+//! A weight matrix, and where its f32 values come from (docs/DESIGN.md
+//! section 9): computed in memory, or kept in the checkpoint's stored form
+//! (the mapped bytes: BF16, F16, Q8_0, Q4_K, Q6_K, ...) or as 4-bit codes
+//! and widened to f32 when used.
+//!
+//! Widened values are kept between uses while the process-wide widening
+//! budget ([`set_widen_budget`]) has room, first come first kept: a forward
+//! pass reads the matrices in the same order every time, so the first ones
+//! stay and the rest are widened again on each use into a reused per-thread
+//! buffer, a large one a tile of rows at a time. A small model fits the
+//! budget whole and runs exactly as if loaded as f32; a large one is held in
+//! its stored size plus the budget.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use super::Q4;
+use crate::checkpoint::TensorSource;
+
+/// The widening budget unless set otherwise: 1 GiB.
+pub const DEFAULT_WIDEN_BUDGET: usize = 1 << 30;
+
+static BUDGET: AtomicUsize = AtomicUsize::new(DEFAULT_WIDEN_BUDGET);
+static KEPT: AtomicUsize = AtomicUsize::new(0);
+
+/// Set how many bytes of widened f32 weights the process keeps between uses.
+pub fn set_widen_budget(bytes: usize) {
+    BUDGET.store(bytes, Ordering::SeqCst);
+}
+
+/// Bytes of widened weights kept now.
+pub fn widened_bytes() -> usize {
+    KEPT.load(Ordering::SeqCst)
+}
+
+fn reserve(bytes: usize) -> bool {
+    let limit = BUDGET.load(Ordering::SeqCst);
+    KEPT.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |kept| {
+        (kept + bytes <= limit).then_some(kept + bytes)
+    })
+    .is_ok()
+}
+
+fn give_back(bytes: usize) {
+    KEPT.fetch_sub(bytes, Ordering::SeqCst);
+}
+
+thread_local! {
+    /// The buffer a matrix not kept is widened into, reused across uses.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run `f` on a scratch buffer of `len` values (contents unspecified).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let r = f(&mut buf[..len]);
+    SCRATCH.with(|s| *s.borrow_mut() = buf);
+    r
+}
+
+/// A row-major `[rows, cols]` matrix; a linear weight is `[out_features, in_features]`.
+#[derive(Clone)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    values: Values,
+    /// The 4-bit codes the values are ([`crate::model::Model::to_int4`]).
+    pub int4: Option<Arc<Q4>>,
+}
+
+#[derive(Clone)]
+enum Values {
+    /// Computed in memory (a folded norm, a test's matrix).
+    F32(Arc<Vec<f32>>),
+    /// Widened when used.
+    Lazy(Arc<Lazy>),
+}
+
+struct Lazy {
+    from: Origin,
+    /// The widened values, while the budget keeps them.
+    kept: OnceLock<Vec<f32>>,
+}
+
+enum Origin {
+    /// A checkpoint tensor in its stored type.
+    Stored {
+        source: Arc<dyn TensorSource>,
+        name: String,
+    },
+    /// Dequantised 4-bit codes.
+    Codes(Arc<Q4>),
+}
+
+impl Drop for Lazy {
+    fn drop(&mut self) {
+        if let Some(v) = self.kept.get() {
+            give_back(std::mem::size_of_val(v.as_slice()));
+        }
+    }
+}
+
+impl std::fmt::Debug for Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = match &self.values {
+            Values::F32(_) => "f32".to_string(),
+            Values::Lazy(l) => match &l.from {
+                Origin::Stored { name, .. } => format!("stored `{name}`"),
+                Origin::Codes(_) => "4-bit codes".to_string(),
+            },
+        };
+        write!(f, "Matrix[{}, {}] ({held})", self.rows, self.cols)
+    }
+}
+
+/// Rows per tile when a matrix is widened a tile at a time: tiles of at most
+/// this many values (64 MiB).
+pub const TILE_VALUES: usize = 1 << 24;
+
+impl Matrix {
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Matrix {
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "matrix data does not match its shape"
+        );
+        Matrix {
+            rows,
+            cols,
+            values: Values::F32(Arc::new(data)),
+            int4: None,
+        }
+    }
+
+    /// The checkpoint tensor `name` of `source`, kept in its stored form. The
+    /// caller has checked its shape and that its rows can be read
+    /// ([`crate::model::Weights::matrix`]), so widening it cannot fail.
+    pub fn stored(rows: usize, cols: usize, source: Arc<dyn TensorSource>, name: String) -> Matrix {
+        Matrix {
+            rows,
+            cols,
+            values: Values::Lazy(Arc::new(Lazy {
+                from: Origin::Stored { source, name },
+                kept: OnceLock::new(),
+            })),
+            int4: None,
+        }
+    }
+
+    /// The matrix `q`'s codes stand for, the codes kept beside it.
+    pub fn from_codes(q: Q4) -> Matrix {
+        let q = Arc::new(q);
+        Matrix {
+            rows: q.n,
+            cols: q.k,
+            values: Values::Lazy(Arc::new(Lazy {
+                from: Origin::Codes(q.clone()),
+                kept: OnceLock::new(),
+            })),
+            int4: Some(q),
+        }
+    }
+
+    fn numel(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// The values when they are in memory now.
+    fn resident(&self) -> Option<&[f32]> {
+        match &self.values {
+            Values::F32(v) => Some(v),
+            Values::Lazy(l) => l.kept.get().map(Vec::as_slice),
+        }
+    }
+
+    /// Rows `rows` into `out` (`rows.len() * cols` values).
+    pub fn read_rows(&self, rows: Range<usize>, out: &mut [f32]) {
+        assert!(rows.end <= self.rows && out.len() == rows.len() * self.cols);
+        if let Some(v) = self.resident() {
+            out.copy_from_slice(&v[rows.start * self.cols..rows.end * self.cols]);
+            return;
+        }
+        let Values::Lazy(l) = &self.values else {
+            unreachable!("f32 values are resident")
+        };
+        match &l.from {
+            Origin::Stored { source, name } => source
+                .read_rows(name, rows, out)
+                .unwrap_or_else(|e| panic!("checked when loaded: {e}")),
+            Origin::Codes(q) => q.dequantize_rows(rows, out),
+        }
+    }
+
+    fn widen(&self) -> Vec<f32> {
+        let mut v = vec![0f32; self.numel()];
+        self.read_rows(0..self.rows, &mut v);
+        v
+    }
+
+    /// Run `f` on the values, tile by tile: `f(rows, values of those rows)`.
+    /// Values already in memory, or that the budget can keep, come in one
+    /// tile; otherwise they are widened into the thread's scratch buffer,
+    /// `max_tile` values at a time.
+    pub fn for_each_tile(&self, max_tile: usize, mut f: impl FnMut(Range<usize>, &[f32])) {
+        if let Some(v) = self.resident() {
+            return f(0..self.rows, v);
+        }
+        let Values::Lazy(l) = &self.values else {
+            unreachable!("f32 values are resident")
+        };
+        let bytes = self.numel() * std::mem::size_of::<f32>();
+        if reserve(bytes) {
+            if l.kept.set(self.widen()).is_err() {
+                give_back(bytes); // another thread kept it first
+            }
+            return f(0..self.rows, l.kept.get().expect("just set"));
+        }
+        self.widen_tiles(max_tile, f)
+    }
+
+    /// [`Matrix::for_each_tile`] of values not kept: widened into the
+    /// thread's scratch buffer, `max_tile` values (whole rows, at least one)
+    /// at a time.
+    pub(crate) fn widen_tiles(&self, max_tile: usize, mut f: impl FnMut(Range<usize>, &[f32])) {
+        let per_tile = (max_tile / self.cols.max(1)).clamp(1, self.rows.max(1));
+        with_scratch(per_tile.min(self.rows) * self.cols, |buf| {
+            for r0 in (0..self.rows).step_by(per_tile) {
+                let r1 = (r0 + per_tile).min(self.rows);
+                let part = &mut buf[..(r1 - r0) * self.cols];
+                self.read_rows(r0..r1, part);
+                f(r0..r1, part);
+            }
+        });
+    }
+
+    /// Run `f` on all the values at once (see [`Matrix::for_each_tile`]).
+    pub fn with_values<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
+        let mut f = Some(f);
+        let mut out = None;
+        self.for_each_tile(usize::MAX, |_, v| {
+            out = Some((f.take().expect("one tile"))(v));
+        });
+        out.expect("one tile")
+    }
+
+    /// The values, borrowed when in memory, else widened for the caller.
+    pub fn values(&self) -> Cow<'_, [f32]> {
+        match self.resident() {
+            Some(v) => Cow::Borrowed(v),
+            None => Cow::Owned(self.widen()),
+        }
+    }
+
+    /// The values to change in place: widened into memory of this matrix's
+    /// own (no longer the stored tensor, nor any codes).
+    pub fn values_mut(&mut self) -> &mut [f32] {
+        if !matches!(self.values, Values::F32(_)) {
+            self.values = Values::F32(Arc::new(self.widen()));
+        }
+        self.int4 = None;
+        match &mut self.values {
+            Values::F32(v) => Arc::make_mut(v).as_mut_slice(),
+            Values::Lazy(_) => unreachable!("made f32 above"),
+        }
+    }
+
+    /// The checkpoint's own 4-bit blocks of this matrix as stored (GGUF
+    /// Q4_0, Q4_1, Q4_K), if it is a stored tensor of those types.
+    pub fn stored_four_bit(&self) -> Option<Q4> {
+        let Values::Lazy(l) = &self.values else {
+            return None;
+        };
+        let Origin::Stored { source, name } = &l.from else {
+            return None;
+        };
+        let blocks = source
+            .load_four_bit(name)?
+            .unwrap_or_else(|e| panic!("checked when loaded: {e}"));
+        Q4::from_blocks(&blocks, self.rows, self.cols)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_cover_every_row_once_in_order() {
+        let q = Q4::quantize(
+            &Matrix::new(5, 32, (0..160).map(|i| (i as f32 * 0.1).sin()).collect()),
+            crate::model::Int4::default(),
+        );
+        let m = Matrix::from_codes(q.clone());
+        let want = q.dequantize();
+        let mut seen = Vec::new();
+        m.widen_tiles(64, |rows, v| {
+            assert_eq!(rows.len(), 2.min(5 - rows.start));
+            assert_eq!(v, &want[rows.start * 32..rows.end * 32]);
+            seen.extend(rows);
+        });
+        assert_eq!(seen, (0..5).collect::<Vec<_>>());
+        assert_eq!(m.values().as_ref(), want.as_slice());
+        let mut row = vec![0f32; 32];
+        m.read_rows(3..4, &mut row);
+        assert_eq!(row, &want[96..128]);
+    }
+}
