@@ -8,6 +8,7 @@
 //! Progress is reported through [`Progress`], so that a terminal shows bars
 //! and a library caller or a test shows nothing ([`Silent`]).
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -20,7 +21,9 @@ use crate::graph::{ElemType, Form, Ops};
 use crate::model::{Int4, Model};
 use crate::onnx::package::{self, EmitOptions, Source};
 use crate::plan::Plan;
-use crate::report::{EvalSection, ModelIdentity, SearchReport, Timings};
+use crate::report::{
+    peak_rss_bytes, reset_peak_rss, EvalSection, ModelIdentity, SearchReport, StageCost, Timings,
+};
 use crate::runtime::bench::{
     bench, BenchOptions, BenchResult, CandidateSpeed, SpeedChoice, Workload,
 };
@@ -319,6 +322,23 @@ pub struct Compiled {
     pub speed: SpeedChoice,
 }
 
+/// Run the stage `f`, recording its wall time and peak resident memory.
+fn timed<T>(
+    stages: &RefCell<Vec<StageCost>>,
+    stage: String,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    reset_peak_rss();
+    let t = Instant::now();
+    let r = f()?;
+    stages.borrow_mut().push(StageCost {
+        stage,
+        seconds: t.elapsed().as_secs_f64(),
+        peak_rss_bytes: peak_rss_bytes(),
+    });
+    Ok(r)
+}
+
 /// Search `model_path`, then emit, validate and benchmark every candidate
 /// form and op set, keep the fastest as `out/compiled` with the unmodified
 /// model of its op set as `out/baseline`, and write `out/report`. `out` is
@@ -337,7 +357,10 @@ pub fn compile(
     }
     // Fail before the search, not after it, when ONNX Runtime is missing.
     crate::runtime::find_library(opts.runtime.library.as_deref())?;
-    let searched = search(model_path, &opts.search, progress)?;
+    let stages = RefCell::new(Vec::new());
+    let searched = timed(&stages, "search".into(), || {
+        search(model_path, &opts.search, progress)
+    })?;
     let mut report = searched.report.clone();
     let model = &searched.model;
     let layers = model.config.num_hidden_layers;
@@ -372,20 +395,25 @@ pub fn compile(
             ops,
             int4: opts.int4,
         };
-        package::emit(model, plan, &source, &emit, path, &pb)?;
+        timed(&stages, format!("emit {label}"), || {
+            package::emit(model, plan, &source, &emit, path, &pb)
+        })?;
         pb.finish_and_clear();
-        let emitted = Emitted::open(path)?;
-        let mut session = emitted.session(&opts.runtime)?;
         let sp = progress.spinner(&format!("validate {label}"));
-        let results = validate_emitted(
-            &emitted,
-            &mut session,
-            model,
-            &prompt,
-            opts.steps,
-            None,
-            &opts.runtime,
-        )?;
+        let (session, results) = timed(&stages, format!("validate {label}"), || {
+            let emitted = Emitted::open(path)?;
+            let mut session = emitted.session(&opts.runtime)?;
+            let results = validate_emitted(
+                &emitted,
+                &mut session,
+                model,
+                &prompt,
+                opts.steps,
+                None,
+                &opts.runtime,
+            )?;
+            Ok((session, results))
+        })?;
         sp.finish_and_clear();
         for (what, v) in &results {
             if !v.passed() {
@@ -438,13 +466,15 @@ pub fn compile(
                 let pb = progress.bar(&format!(
                     "bench {name:<16} {{bar:30}} {{pos}}/{{len}} rounds, {{eta}} left"
                 ));
-                let r = bench(
-                    &mut base,
-                    &mut session,
-                    model.config.vocab_size,
-                    &bench_options,
-                    &pb,
-                )?;
+                let r = timed(&stages, format!("bench {name}"), || {
+                    bench(
+                        &mut base,
+                        &mut session,
+                        model.config.vocab_size,
+                        &bench_options,
+                        &pb,
+                    )
+                })?;
                 pb.finish_and_clear();
                 candidates.push(CandidateSpeed {
                     form: form.name().to_string(),
@@ -479,6 +509,7 @@ pub fn compile(
         report.validation = Some(validations.iter().cloned().collect());
         report.benchmark = Some(r.clone());
         report.speed = Some(speed.clone());
+        report.stages = Some(stages.borrow().clone());
         let report_dir = dir.join("report");
         std::fs::create_dir(&report_dir).map_err(|e| Error::io(&report_dir, e))?;
         report.write(&report_dir)?;

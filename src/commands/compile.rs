@@ -163,6 +163,7 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
                     .collect();
                 v["benchmark"] = json!(bench_result);
                 v["speed"] = json!(speed);
+                v["stages"] = json!(report.stages);
                 v["output"] = json!(a.output);
                 v
             })?
@@ -191,6 +192,15 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
     }
     println!("kept           {}", speed.why);
     print_bench(bench_result, "baseline", "compiled");
+    for st in report.stages.iter().flatten() {
+        let rss = st.peak_rss_bytes.map_or("-".to_string(), |b| {
+            format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+        });
+        println!(
+            "stage          {:<24} {:>8.1} s  peak RSS {rss}",
+            st.stage, st.seconds
+        );
+    }
     println!(
         "output         {}/{{baseline,compiled,report}}",
         a.output.display()

@@ -17,6 +17,8 @@ use crate::search::strategy::{Budget, Candidate, Metric, Strategy};
 use crate::search::{BestAtPairs, SearchOutcome};
 use crate::{Error, Result};
 
+const GIB: f64 = (1u64 << 30) as f64;
+
 pub const SCHEMA_ID: &str = "https://depthc.dev/schemas/search-report.schema.json";
 
 #[derive(Debug, Clone, Serialize)]
@@ -103,6 +105,34 @@ pub struct SearchReport {
     /// `compile`: every candidate form and op set, and which was kept.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speed: Option<crate::runtime::bench::SpeedChoice>,
+    /// `compile`: wall time and peak resident memory of each stage, in order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Vec<StageCost>>,
+}
+
+/// Wall time and peak resident memory of one stage of `compile`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageCost {
+    pub stage: String,
+    pub seconds: f64,
+    /// The process's peak resident set during the stage (Linux; `None`
+    /// where the kernel does not report it).
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Start measuring the peak resident set afresh (Linux: reset the
+/// high-water mark, `/proc/self/clear_refs` 5).
+pub fn reset_peak_rss() {
+    #[cfg(target_os = "linux")]
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The peak resident set since the last [`reset_peak_rss`] (`VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -167,6 +197,7 @@ impl SearchReport {
             validation: None,
             benchmark: None,
             speed: None,
+            stages: None,
         }
     }
 
@@ -394,6 +425,18 @@ impl SearchReport {
                 );
             }
             let _ = writeln!(s, "\n{}", sp.why);
+        }
+        if let Some(stages) = &self.stages {
+            let _ = writeln!(
+                s,
+                "\n## Stages\n\n| stage | wall s | peak RSS GiB |\n|---|---|---|"
+            );
+            for st in stages {
+                let rss = st
+                    .peak_rss_bytes
+                    .map_or("-".to_string(), |b| format!("{:.2}", b as f64 / GIB));
+                let _ = writeln!(s, "| {} | {:.1} | {rss} |", st.stage, st.seconds);
+            }
         }
         s
     }
