@@ -282,6 +282,34 @@ fn compile_auto_keeps_the_fastest_candidate() {
     let (code, stdout, stderr) = depthc(&args);
     assert_eq!(code, 0, "{stderr}");
     let summary: Value = serde_json::from_str(&stdout).unwrap();
+    // Every stage timed, with its peak resident memory (Linux).
+    let stages: Vec<(&str, f64, u64)> = summary["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["stage"].as_str().unwrap(),
+                s["seconds"].as_f64().unwrap(),
+                s["peak_rss_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(stages[0].0, "search");
+    for name in [
+        "ort-fused",
+        "ort-branches",
+        "portable-fused",
+        "portable-branches",
+    ] {
+        for what in ["emit", "validate", "bench"] {
+            let stage = format!("{what} {name}");
+            assert!(stages.iter().any(|s| s.0 == stage), "{stage} in {stages:?}");
+        }
+    }
+    assert!(stages
+        .iter()
+        .all(|&(_, secs, rss)| secs > 0.0 && rss > 1 << 20));
     let speed = &summary["speed"];
     let candidates = speed["candidates"].as_array().unwrap();
     let mut seen: Vec<(String, String)> = candidates
