@@ -9,6 +9,7 @@
 use super::contract::{INPUT_IDS, LOGITS};
 use super::{Attr, Builder, ElemType};
 use crate::checkpoint::config::Activation;
+use crate::model::matrix::TILE_VALUES;
 use crate::model::{DecoderLayer, Int4, Matrix, Model, Q4};
 
 /// The model a graph is written for, the float type of its values, and
@@ -373,14 +374,13 @@ impl<'m> Packed<'m> {
                 let mut out = vec![0f32; k * n];
                 let mut col0 = 0;
                 for (m, norm) in parts {
-                    m.with_values(|values| {
-                        for (o, src) in values.chunks_exact(m.cols).enumerate() {
-                            for (i, &w) in src.iter().enumerate() {
-                                let s = norm.map_or(1.0, |g| g[i]);
-                                out[i * n + col0 + o] = w * s;
-                            }
+                    let values = m.values();
+                    for (o, src) in values.chunks_exact(m.cols).enumerate() {
+                        for (i, &w) in src.iter().enumerate() {
+                            let s = norm.map_or(1.0, |g| g[i]);
+                            out[i * n + col0 + o] = w * s;
                         }
-                    });
+                    }
                     col0 += m.rows;
                 }
                 out
@@ -401,12 +401,12 @@ pub(super) fn transposed(m: &Matrix) -> Vec<f32> {
     const TILE: usize = 64;
     let (r, c) = (m.rows, m.cols);
     let mut out = vec![0f32; r * c];
-    m.with_values(|data| {
-        for r0 in (0..r).step_by(TILE) {
+    m.visit_tiles(TILE_VALUES, |rows, data| {
+        for r0 in (0..rows.len()).step_by(TILE) {
             for c0 in (0..c).step_by(TILE) {
-                for i in r0..(r0 + TILE).min(r) {
+                for i in r0..(r0 + TILE).min(rows.len()) {
                     for j in c0..(c0 + TILE).min(c) {
-                        out[j * r + i] = data[i * c + j];
+                        out[j * r + rows.start + i] = data[i * c + j];
                     }
                 }
             }

@@ -135,10 +135,10 @@ impl Q4 {
         let row_bytes = blocks * block_size / 2;
         let mut packed = vec![0x88u8; n * row_bytes];
         let mut scales = vec![0f32; n * blocks];
-        w.with_values(|values| {
-            packed
+        w.visit_tiles(super::matrix::TILE_VALUES, |rows, values| {
+            packed[rows.start * row_bytes..rows.end * row_bytes]
                 .par_chunks_mut(row_bytes)
-                .zip(scales.par_chunks_mut(blocks))
+                .zip(scales[rows.start * blocks..rows.end * blocks].par_chunks_mut(blocks))
                 .enumerate()
                 .for_each(|(r, (bytes, sc))| {
                     let row = &values[r * k..(r + 1) * k];

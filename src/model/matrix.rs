@@ -224,6 +224,16 @@ impl Matrix {
         self.widen_tiles(max_tile, f)
     }
 
+    /// Run `f` on the values tile by tile as [`Matrix::for_each_tile`] does,
+    /// but never keeping them: for readers that go through a matrix once
+    /// (emission, quantisation).
+    pub fn visit_tiles(&self, max_tile: usize, mut f: impl FnMut(Range<usize>, &[f32])) {
+        match self.resident() {
+            Some(v) => f(0..self.rows, v),
+            None => self.widen_tiles(max_tile, f),
+        }
+    }
+
     /// [`Matrix::for_each_tile`] of values not kept: widened into the
     /// thread's scratch buffer, `max_tile` values (whole rows, at least one)
     /// at a time.
