@@ -400,19 +400,20 @@ pub fn compile(
         })?;
         pb.finish_and_clear();
         let sp = progress.spinner(&format!("validate {label}"));
-        let (session, results) = timed(&stages, format!("validate {label}"), || {
+        // The session is dropped once validated: ONNX Runtime holds a copy of
+        // the weights per session, so only the benchmark opens two at once.
+        let results = timed(&stages, format!("validate {label}"), || {
             let emitted = Emitted::open(path)?;
-            let mut session = emitted.session(&opts.runtime)?;
-            let results = validate_emitted(
+            let session = emitted.session(&opts.runtime)?;
+            validate_emitted(
                 &emitted,
-                &mut session,
+                session,
                 model,
                 &prompt,
                 opts.steps,
                 None,
                 &opts.runtime,
-            )?;
-            Ok((session, results))
+            )
         })?;
         sp.finish_and_clear();
         for (what, v) in &results {
@@ -433,9 +434,9 @@ pub fn compile(
                 )));
             }
         }
-        let v = results.into_iter().map(|(_, v)| v).collect::<Vec<_>>();
-        Ok((session, v))
+        Ok(results.into_iter().map(|(_, v)| v).collect::<Vec<_>>())
     };
+    let open = |path: &Path| Emitted::open(path)?.session(&opts.runtime);
     let (benchmark, validations, speed) = crate::output::write_directory(out, opts.force, |dir| {
         let work = dir.join(".candidates");
         std::fs::create_dir(&work).map_err(|e| Error::io(&work, e))?;
@@ -446,7 +447,7 @@ pub fn compile(
         for &ops in &ops_list {
             let base_dir = work.join(format!("baseline-{}", ops.name()));
             let label = format!("baseline {}", ops.name());
-            let (mut base, base_v) = emit_checked(
+            let base_v = emit_checked(
                 &base_dir,
                 &Plan::sequential(layers),
                 Form::Fused,
@@ -462,11 +463,12 @@ pub fn compile(
                 }
                 written.push(form);
                 let name = format!("{}-{}", ops.name(), form.name());
-                let (mut session, v) = emit_checked(&work.join(&name), &chosen, form, ops, &name)?;
+                let v = emit_checked(&work.join(&name), &chosen, form, ops, &name)?;
                 let pb = progress.bar(&format!(
                     "bench {name:<16} {{bar:30}} {{pos}}/{{len}} rounds, {{eta}} left"
                 ));
                 let r = timed(&stages, format!("bench {name}"), || {
+                    let (mut base, mut session) = (open(&base_dir)?, open(&work.join(&name))?);
                     bench(
                         &mut base,
                         &mut session,

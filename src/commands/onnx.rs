@@ -98,7 +98,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     let model = Model::load(&ckpt.source, &ckpt.config)?;
     drop(ckpt);
     pb.set_message(format!("loading {}", emitted.model_path.display()));
-    let mut session = emitted.session(&opts)?;
+    let session = emitted.session(&opts)?;
     pb.set_message("validating");
     let tolerance = (a.tolerance.is_some() || a.rel_tolerance.is_some()).then_some(Tolerance {
         abs: a.tolerance,
@@ -107,13 +107,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     // The reference runs the weights the emitted model holds (int4: the
     // same quantisation, after the same norm folding).
     let results = validate_emitted(
-        &emitted,
-        &mut session,
-        &model,
-        &prompt,
-        a.steps,
-        tolerance,
-        &opts,
+        &emitted, session, &model, &prompt, a.steps, tolerance, &opts,
     )?;
     pb.finish_and_clear();
     if a.json {

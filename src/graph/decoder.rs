@@ -170,15 +170,19 @@ impl<'m> Decoder<'m> {
         b.bytes(
             &names[0],
             vec![n, blocks, bs / 2],
-            Box::new(move || w.q4().packed),
+            Box::new(move || w.q4().packed.to_vec()),
         );
         let w = weight.clone();
-        b.weight(&names[1], vec![n, blocks], Box::new(move || w.q4().scales));
+        b.weight(
+            &names[1],
+            vec![n, blocks],
+            Box::new(move || w.q4().scales.to_vec()),
+        );
         if with_zero_points {
             b.weight(
                 &names[2],
                 vec![n, blocks],
-                Box::new(move || weight.q4().zero_points.expect("zero points")),
+                Box::new(move || weight.q4().zero_points.expect("zero points").to_vec()),
             );
         }
         names[..used].to_vec()

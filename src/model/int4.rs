@@ -109,12 +109,12 @@ pub struct Q4 {
     /// The `MatMulNBits` accuracy level the weight is written with.
     pub accuracy_level: u8,
     /// `[n, blocks, block_size / 2]`, two codes a byte, the first in the low nibble.
-    pub packed: Vec<u8>,
+    pub packed: Arc<[u8]>,
     /// `[n, blocks]`.
-    pub scales: Vec<f32>,
+    pub scales: Arc<[f32]>,
     /// `[n, blocks]` float zero points (a checkpoint's blocks with a minimum,
     /// GGUF Q4_1 and Q4_K); `None`: code 8 is zero.
-    pub zero_points: Option<Vec<f32>>,
+    pub zero_points: Option<Arc<[f32]>>,
 }
 
 impl Q4 {
@@ -171,8 +171,8 @@ impl Q4 {
             k,
             block_size,
             accuracy_level: int4.accuracy_level,
-            packed,
-            scales,
+            packed: packed.into(),
+            scales: scales.into(),
             zero_points: None,
         }
     }
@@ -204,7 +204,7 @@ impl Q4 {
                     (false, false) => None,
                 })
                 .collect();
-            Some(zp?)
+            Some(Arc::from(zp?))
         };
         let packed = b
             .codes
@@ -217,7 +217,7 @@ impl Q4 {
             block_size: 32,
             accuracy_level: 0,
             packed,
-            scales: b.scales.clone(),
+            scales: b.scales.as_slice().into(),
             zero_points,
         })
     }
@@ -347,17 +347,17 @@ impl Q4 {
             k: parts.iter().map(|p| p.k).sum(),
             block_size: first.block_size,
             accuracy_level: first.accuracy_level,
-            packed,
-            scales,
-            zero_points,
+            packed: packed.into(),
+            scales: scales.into(),
+            zero_points: zero_points.map(Arc::from),
         }
     }
 
     /// The zero point of every block, 8 where there are none.
     fn zero_point_rows(&self) -> Vec<f32> {
         self.zero_points
-            .clone()
-            .unwrap_or_else(|| vec![8.0; self.scales.len()])
+            .as_deref()
+            .map_or_else(|| vec![8.0; self.scales.len()], <[f32]>::to_vec)
     }
 }
 
