@@ -274,9 +274,11 @@ fn unknown_architecture_and_bad_config() {
 fn rewritten_tiny(dir: &Path, edit: impl Fn(&mut Vec<(String, Vec<usize>, &[f32])>)) -> PathBuf {
     let (_, model) = load(&fixture("tiny_llama/hf_f32"));
     let named = model.named_tensors();
+    let values: Vec<_> = named.iter().map(|(_, _, t)| t.values()).collect();
     let mut tensors: Vec<(String, Vec<usize>, &[f32])> = named
         .iter()
-        .map(|(n, shape, v)| (n.clone(), shape.clone(), v.as_ref()))
+        .zip(&values)
+        .map(|((n, shape, _), v)| (n.clone(), shape.clone(), v.as_ref()))
         .collect();
     edit(&mut tensors);
     let out = dir.join("m");

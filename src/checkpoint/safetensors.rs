@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use memmap2::Mmap;
@@ -268,6 +269,24 @@ pub fn write(
     tensors: &[(String, Vec<usize>, &[f32])],
     store: StoreType,
 ) -> Result<()> {
+    let specs: Vec<(String, Vec<usize>)> = tensors
+        .iter()
+        .map(|(n, shape, data)| {
+            assert_eq!(data.len(), shape.iter().product::<usize>(), "{n}: shape");
+            (n.clone(), shape.clone())
+        })
+        .collect();
+    write_with(path, &specs, |i| Cow::Borrowed(tensors[i].2), store)
+}
+
+/// [`write`] with each tensor's values made when written (`values(i)` for
+/// the `i`th of `specs`), so that only one is in memory at a time.
+pub fn write_with<'a>(
+    path: &Path,
+    specs: &[(String, Vec<usize>)],
+    values: impl Fn(usize) -> Cow<'a, [f32]>,
+    store: StoreType,
+) -> Result<()> {
     let (dtype, width) = match store {
         StoreType::F32 => ("F32", 4),
         StoreType::F16 => ("F16", 2),
@@ -275,8 +294,8 @@ pub fn write(
     };
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
-    for (name, shape, data) in tensors {
-        let len = data.len() * width;
+    for (name, shape) in specs {
+        let len = shape.iter().product::<usize>() * width;
         header.insert(
             name.clone(),
             serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len]}),
@@ -295,7 +314,13 @@ pub fn write(
         w.write_all(&(text.len() as u64).to_le_bytes())
             .map_err(io)?;
         w.write_all(text.as_bytes()).map_err(io)?;
-        for (_, _, data) in tensors {
+        for (i, (name, shape)) in specs.iter().enumerate() {
+            let data = values(i);
+            assert_eq!(
+                data.len(),
+                shape.iter().product::<usize>(),
+                "{name}: values do not match the shape"
+            );
             for &x in data.iter() {
                 match store {
                     StoreType::F32 => w.write_all(&x.to_le_bytes()),

@@ -219,7 +219,7 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
     let weight_bytes: usize = model
         .named_tensors()
         .iter()
-        .map(|(_, _, d)| d.len() * 4)
+        .map(|(_, shape, _)| shape.iter().product::<usize>() * 4)
         .sum();
     let plan = Plan::sequential(cfg.num_hidden_layers);
     // Deterministic spread of ids over the vocabulary.

@@ -74,6 +74,22 @@ pub struct Model {
     pub lm_head: Option<Matrix>,
 }
 
+/// A weight of [`Model::named_tensors`]: values in memory, or a matrix
+/// widened when asked.
+pub enum Tensor<'a> {
+    Values(&'a [f32]),
+    Matrix(&'a Matrix),
+}
+
+impl Tensor<'_> {
+    pub fn values(&self) -> Cow<'_, [f32]> {
+        match self {
+            Tensor::Values(v) => Cow::Borrowed(v),
+            Tensor::Matrix(m) => m.values(),
+        }
+    }
+}
+
 /// A prefix scope over a [`TensorSource`].
 #[derive(Clone, Copy)]
 pub struct Weights<'a> {
@@ -280,11 +296,11 @@ impl Model {
 
     /// Every weight under its Hugging Face name, norms as applied (see
     /// [`Model::write_hf_dir`] for the stored `w` of Gemma).
-    pub fn named_tensors(&self) -> Vec<(String, Vec<usize>, Cow<'_, [f32]>)> {
-        fn m(name: String, x: &Matrix) -> (String, Vec<usize>, Cow<'_, [f32]>) {
-            (name, vec![x.rows, x.cols], x.values())
+    pub fn named_tensors(&self) -> Vec<(String, Vec<usize>, Tensor<'_>)> {
+        fn m(name: String, x: &Matrix) -> (String, Vec<usize>, Tensor<'_>) {
+            (name, vec![x.rows, x.cols], Tensor::Matrix(x))
         }
-        let mut out: Vec<(String, Vec<usize>, Cow<'_, [f32]>)> = Vec::new();
+        let mut out: Vec<(String, Vec<usize>, Tensor<'_>)> = Vec::new();
         out.push(m("model.embed_tokens.weight".into(), &self.embed_tokens));
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -292,7 +308,7 @@ impl Model {
             out.push((
                 format!("{p}.input_layernorm.weight"),
                 vec![h],
-                Cow::Borrowed(&l.input_layernorm),
+                Tensor::Values(&l.input_layernorm),
             ));
             let a = &l.self_attn;
             for (name, lin) in [
@@ -306,7 +322,7 @@ impl Model {
                     out.push((
                         format!("{p}.self_attn.{name}.bias"),
                         vec![b.len()],
-                        Cow::Borrowed(b),
+                        Tensor::Values(b),
                     ));
                 }
             }
@@ -315,7 +331,7 @@ impl Model {
                     out.push((
                         format!("{p}.self_attn.{name}.weight"),
                         vec![w.len()],
-                        Cow::Borrowed(w),
+                        Tensor::Values(w),
                     ));
                 }
             }
@@ -327,14 +343,14 @@ impl Model {
             out.push((
                 format!("{p}.{mlp_in}.weight"),
                 vec![h],
-                Cow::Borrowed(&l.post_attention_layernorm),
+                Tensor::Values(&l.post_attention_layernorm),
             ));
             for (name, norm) in [
                 ("post_attention_layernorm", &l.attn_out_norm),
                 ("post_feedforward_layernorm", &l.mlp_out_norm),
             ] {
                 if let Some(w) = norm {
-                    out.push((format!("{p}.{name}.weight"), vec![h], Cow::Borrowed(w)));
+                    out.push((format!("{p}.{name}.weight"), vec![h], Tensor::Values(w)));
                 }
             }
             out.push(m(
@@ -350,7 +366,7 @@ impl Model {
         out.push((
             "model.norm.weight".into(),
             vec![self.norm.len()],
-            Cow::Borrowed(&self.norm),
+            Tensor::Values(&self.norm),
         ));
         if let Some(head) = &self.lm_head {
             out.push(m("lm_head.weight".into(), head));
@@ -378,21 +394,28 @@ impl Model {
                 let path = tmp.join("tokenizer.json");
                 std::fs::write(&path, t).map_err(|e| Error::io(&path, e))?;
             }
+            // One tensor widened at a time, as it is written. Gemma stores
+            // `w` for a norm applied as `1 + w`.
             let tensors = self.named_tensors();
-            // Gemma stores `w` for a norm applied as `1 + w`.
-            let stored: Vec<Option<Vec<f32>>> = tensors
+            let specs: Vec<(String, Vec<usize>)> = tensors
                 .iter()
-                .map(|(n, _, w)| {
-                    (self.config.norm_plus_one && n.ends_with("norm.weight"))
-                        .then(|| w.iter().map(|v| v - 1.0).collect())
-                })
+                .map(|(n, shape, _)| (n.clone(), shape.clone()))
                 .collect();
-            let tensors: Vec<(String, Vec<usize>, &[f32])> = tensors
-                .iter()
-                .zip(&stored)
-                .map(|((n, shape, w), s)| (n.clone(), shape.clone(), s.as_deref().unwrap_or(w)))
-                .collect();
-            crate::checkpoint::safetensors::write(&tmp.join("model.safetensors"), &tensors, store)
+            let values = |i: usize| {
+                let (name, _, t) = &tensors[i];
+                let v = t.values();
+                if self.config.norm_plus_one && name.ends_with("norm.weight") {
+                    Cow::Owned(v.iter().map(|x| x - 1.0).collect())
+                } else {
+                    v
+                }
+            };
+            crate::checkpoint::safetensors::write_with(
+                &tmp.join("model.safetensors"),
+                &specs,
+                values,
+                store,
+            )
         })
     }
 }
