@@ -51,8 +51,9 @@ and about 2.7 GB per emitted f32 model (two are written), about 7 GB in all
 in the work directory (a fresh directory under /tmp unless --workdir; it is
 removed at the end unless --keep). Memory: the script itself stays small
 (tensors are generated and written in chunks); depthc's validate holds the
-f32 weights for the reference forward plus the ONNX Runtime session, several
-GiB at 2 layers (the table reports it). Time: several minutes on 2 cores.
+ONNX Runtime session's f32 weights and, for the reference forward, the bf16
+checkpoint mapped plus up to --weight-cache MiB widened (the table reports
+it). Time: several minutes on 2 cores.
 """
 
 import argparse

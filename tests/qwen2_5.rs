@@ -36,7 +36,7 @@ struct Qwen {
     tokenizer: Tokenizer,
 }
 
-/// One test at a time: the f32 model is 7 GB, ONNX Runtime's float16 copy 3.5.
+/// One test at a time: each ONNX Runtime float16 session holds 3.5 GB of weights.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn qwen() -> &'static Qwen {
