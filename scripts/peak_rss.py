@@ -63,6 +63,12 @@ def measure(binary, argv, extra):
     return ru.ru_maxrss * 1024, wall
 
 
+def clear(tmp):
+    """Remove what a command wrote, so that the next can write it again."""
+    for name in os.listdir(tmp):
+        shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--depthc", default="target/release/depthc")
@@ -78,7 +84,9 @@ def main():
             if args.only and args.only not in name:
                 continue
             new = measure(args.depthc, argv, extra)
+            clear(tmp)
             old = measure(args.baseline, argv, []) if args.baseline else None
+            clear(tmp)
             rows.append((name, new, old))
             line = f"{name}: {new[0] / GIB:.2f} GiB, {new[1]:.0f} s"
             if old:
