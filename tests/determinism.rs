@@ -28,11 +28,12 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-/// A search report without what measures time.
+/// A search report without what measures time (and memory).
 fn untimed(report: &[u8]) -> Value {
     let mut v: Value = serde_json::from_slice(report).unwrap();
     let o = v.as_object_mut().unwrap();
     o.remove("timings");
+    o.remove("stages");
     o.remove("benchmark");
     o.remove("speed");
     v
