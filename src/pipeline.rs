@@ -194,12 +194,18 @@ pub fn search(
     let mut outcome = outcome;
     let eval = match &eval_windows {
         Some((text, w)) => {
+            // Perplexity, the original's generation, then every plan's.
+            let bar = progress.bar("eval   {msg:>12} {bar:30} {pos}/{len} steps, {eta} left");
+            bar.set_length(outcome.best_by_pairs.len() as u64 + 3);
+            bar.set_message("perplexity");
             let r = search::evaluate(
                 &forward,
                 Some(&outcome.chosen.plan),
                 w,
                 &ProgressBar::hidden(),
             )?;
+            bar.inc(1);
+            bar.set_message("generation");
             // Greedy generation on held-out prompts: the chosen plan, and the
             // best plan of every pair count (the depth/quality front).
             let held_out = search::HeldOut::new(
@@ -207,16 +213,20 @@ pub fn search(
                 search::prompts_of(w, EVAL_PROMPTS, EVAL_PROMPT_TOKENS),
                 EVAL_GENERATED_TOKENS,
             )?;
+            bar.inc(1);
             for b in &mut outcome.best_by_pairs {
                 b.generation = Some(held_out.agreement(&forward, &b.plan)?);
+                bar.inc(1);
             }
+            let generation = held_out.agreement(&forward, &outcome.chosen.plan)?;
+            bar.finish_and_clear();
             Some(EvalSection {
                 text: text.clone(),
                 windows: r.windows,
                 seq_len: r.seq_len,
                 perplexity_before: r.perplexity_original.unwrap_or(r.perplexity),
                 perplexity_after: r.perplexity,
-                generation: held_out.agreement(&forward, &outcome.chosen.plan)?,
+                generation,
             })
         }
         None => None,
