@@ -3,12 +3,11 @@
 //! length, a JSON header `{name: {dtype, shape, data_offsets}}`, then data.
 //! Also a small writer, used to export checkpoints and build test fixtures.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::path::{Path, PathBuf};
-
-use std::borrow::Cow;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use serde::Deserialize;

@@ -44,14 +44,6 @@ pub fn load(path: &Path) -> Result<(Model, Option<depthc::checkpoint::tokenizer:
     Ok((model, ckpt.tokenizer))
 }
 
-/// Peak resident set size of this process, from /proc (Linux).
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 pub fn runtime_options(
     lib: &Option<std::path::PathBuf>,
     device: DeviceArg,

@@ -241,7 +241,7 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
-    let peak = peak_rss_bytes();
+    let peak = depthc::report::peak_rss_bytes();
     let tps = a.tokens as f64 / median;
     if a.json {
         let v = json!({

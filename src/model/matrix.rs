@@ -249,16 +249,6 @@ impl Matrix {
         });
     }
 
-    /// Run `f` on all the values at once (see [`Matrix::for_each_tile`]).
-    pub fn with_values<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
-        let mut f = Some(f);
-        let mut out = None;
-        self.for_each_tile(usize::MAX, |_, v| {
-            out = Some((f.take().expect("one tile"))(v));
-        });
-        out.expect("one tile")
-    }
-
     /// The values, borrowed when in memory, else widened for the caller.
     pub fn values(&self) -> Cow<'_, [f32]> {
         match self.resident() {
