@@ -410,14 +410,11 @@ pub fn compile(
         })?;
         pb.finish_and_clear();
         let sp = progress.spinner(&format!("validate {label}"));
-        // The session is dropped once validated: ONNX Runtime holds a copy of
-        // the weights per session, so only the benchmark opens two at once.
+        // Validation closes its sessions: ONNX Runtime holds a copy of the
+        // weights per session, so only the benchmark opens two at once.
         let results = timed(&stages, format!("validate {label}"), || {
-            let emitted = Emitted::open(path)?;
-            let session = emitted.session(&opts.runtime)?;
             validate_emitted(
-                &emitted,
-                session,
+                &Emitted::open(path)?,
                 model,
                 &prompt,
                 opts.steps,

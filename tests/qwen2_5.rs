@@ -248,9 +248,7 @@ fn two_pairs_in_int4_validate_in_both_forms_and_op_sets() {
             )
             .unwrap();
             let emitted = Emitted::open(&out).unwrap();
-            let session = emitted.session(&runtime).unwrap();
-            let results =
-                validate_emitted(&emitted, session, &q.model, &prompt, 4, None, &runtime).unwrap();
+            let results = validate_emitted(&emitted, &q.model, &prompt, 4, None, &runtime).unwrap();
             for (label, v) in &results {
                 eprintln!(
                     "{name} {label}: logits max abs {:.3e}, max rel {:.3e}, tokens {}",

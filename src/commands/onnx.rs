@@ -97,18 +97,14 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     let pb = spinner(&format!("loading {}", a.model.display()));
     let model = Model::load(&ckpt.source, &ckpt.config)?;
     drop(ckpt);
-    pb.set_message(format!("loading {}", emitted.model_path.display()));
-    let session = emitted.session(&opts)?;
-    pb.set_message("validating");
+    pb.set_message(format!("validating {}", emitted.model_path.display()));
     let tolerance = (a.tolerance.is_some() || a.rel_tolerance.is_some()).then_some(Tolerance {
         abs: a.tolerance,
         rel: a.rel_tolerance,
     });
     // The reference runs the weights the emitted model holds (int4: the
     // same quantisation, after the same norm folding).
-    let results = validate_emitted(
-        &emitted, session, &model, &prompt, a.steps, tolerance, &opts,
-    )?;
+    let results = validate_emitted(&emitted, &model, &prompt, a.steps, tolerance, &opts)?;
     pb.finish_and_clear();
     if a.json {
         let mut out = serde_json::to_value(&results[0].1)?;

@@ -288,8 +288,8 @@ pub fn validate(
     })
 }
 
-/// Validate the emitted model `emitted` (with `session` open on it, closed
-/// before any second session opens) against
+/// Validate the emitted model `emitted` in ONNX Runtime (a session opened
+/// here, one at a time: each holds a copy of the weights) against
 /// the reference forward of the float `model` with the weights it holds
 /// ([`crate::onnx::package::weights_as_emitted`]). The first result is the
 /// model as written, labelled `""`. An int4 model whose `MatMulNBits` round
@@ -298,7 +298,6 @@ pub fn validate(
 /// accuracy level 0, within the float type's bound (`"accuracy level 0"`).
 pub fn validate_emitted(
     emitted: &super::Emitted,
-    mut session: DecoderSession,
     model: &crate::model::Model,
     prompt: &[u32],
     steps: usize,
@@ -309,6 +308,7 @@ pub fn validate_emitted(
     let plan = &emitted.plan;
     let mut written = weights_as_emitted(model, plan, emitted.form, emitted.int4)?;
     let tol = tolerance.unwrap_or(Tolerance::default_for(emitted.float, emitted.int4));
+    let mut session = emitted.session(opts)?;
     let v = validate(
         &mut session,
         &Forward::new(&written),
@@ -317,7 +317,7 @@ pub fn validate_emitted(
         steps,
         tol,
     )?;
-    // Each session holds a copy of the weights: the twin opens once this one is gone.
+    // The twin opens once this session is gone.
     drop(session);
     let mut out = vec![(String::new(), v)];
     if let Some(q) = emitted.int4.filter(|q| q.accuracy_level != 0) {
