@@ -47,7 +47,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,8 +55,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import scale_check  # noqa: E402  (the checkpoint writer)
-
-REPO = scale_check.REPO
+from measure import REPO, read, run_step  # noqa: E402
 GIB = 2**30
 
 
@@ -95,16 +93,13 @@ def main():
                 "--ops", "portable", "--calib", calib, "--seq-len", "128", "--max-tokens", "128",
                 "--pairs", "1", "--protect-first", str(protect), "--protect-last", str(protect),
                 "--steps", "2", "--runs", "1"]
-        print(f"[{time.strftime('%H:%M:%S')}] {' '.join(argv)}", flush=True)
-        t0 = time.monotonic()
-        proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL)
-        _, status, ru = os.wait4(proc.pid, 0)
-        wall = time.monotonic() - t0
-        rc = os.waitstatus_to_exitcode(status)
-        proc.returncode = rc
-        peak = ru.ru_maxrss * 1024
-        print(f"\ncompile: exit {rc}, {wall:.0f} s, peak RSS {peak / GIB:.2f} GiB", flush=True)
-        if rc != 0:
+        logs = os.path.join(work, "logs")
+        os.makedirs(logs, exist_ok=True)
+        r = run_step("compile", argv, logs)
+        wall, peak = r["wall"], r["rss"]
+        print(read(r["stdout"]).rstrip())
+        if r["rc"] != 0:
+            print(read(r["stderr"]).rstrip())
             return 1
         with open(os.path.join(out, "report", "search-report.json")) as f:
             report = json.load(f)

@@ -24,12 +24,10 @@ Prints a markdown table (README, "Memory").
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from measure import REPO, read, run_step
 CACHE = os.environ.get("DEPTHC_CACHE", os.path.join(REPO, ".cache"))
 GIB = 2**30
 
@@ -49,18 +47,11 @@ def commands(tmp):
     ]
 
 
-def measure(binary, argv, extra):
-    t0 = time.monotonic()
-    proc = subprocess.Popen([binary] + argv + extra, cwd=REPO, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - t0
-    rc = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode("utf-8", "replace")
-    proc.returncode = rc
-    if rc != 0:
-        sys.exit(f"{binary} {' '.join(argv)}: exit {rc}\n{err[-2000:]}")
-    return ru.ru_maxrss * 1024, wall
+def measure(name, binary, argv, logs):
+    r = run_step(name, [binary] + argv, logs)
+    if r["rc"] != 0:
+        sys.exit(f"{binary} {' '.join(argv)}: exit {r['rc']}\n{read(r['stderr'], 2000)}")
+    return r["rss"], r["wall"]
 
 
 def clear(tmp):
@@ -77,15 +68,18 @@ def main():
     ap.add_argument("--weight-cache", help="--weight-cache MIB for the measured binary")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="depthc-rss-")
+    logs = tempfile.mkdtemp(prefix="depthc-rss-logs-")
     extra = ["--weight-cache", args.weight_cache] if args.weight_cache else []
     rows = []
     try:
         for name, argv in commands(tmp):
             if args.only and args.only not in name:
                 continue
-            new = measure(args.depthc, argv, extra)
+            new = measure(name.replace(" ", "_"), args.depthc, argv + extra, logs)
             clear(tmp)
-            old = measure(args.baseline, argv, []) if args.baseline else None
+            old = None
+            if args.baseline:
+                old = measure(name.replace(" ", "_") + "_baseline", args.baseline, argv, logs)
             clear(tmp)
             rows.append((name, new, old))
             line = f"{name}: {new[0] / GIB:.2f} GiB, {new[1]:.0f} s"
@@ -94,6 +88,7 @@ def main():
             print(line, flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(logs, ignore_errors=True)
     print()
     if args.baseline:
         print("| command | peak RSS GiB | wall s | baseline peak RSS GiB | baseline wall s | RSS ratio |")

@@ -60,14 +60,14 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from measure import REPO, read, run_step
+
 
 HIDDEN = 4096
 HEADS = 32
@@ -187,31 +187,6 @@ def make_checkpoint(model_dir, layers, seed):
         json.dump(llama_config(layers), f, indent=2)
     write_tokenizer(os.path.join(model_dir, "tokenizer.json"))
     return write_safetensors(os.path.join(model_dir, "model.safetensors"), tensor_specs(layers), seed)
-
-
-def run_step(name, argv, logdir):
-    """Run argv as a child; return a result dict with rc, wall, peak RSS bytes, output paths."""
-    out_path = os.path.join(logdir, name + ".stdout")
-    err_path = os.path.join(logdir, name + ".stderr")
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(argv)}", flush=True)
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        t0 = time.monotonic()
-        proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-        _, status, ru = os.wait4(proc.pid, 0)
-        wall = time.monotonic() - t0
-    rc = os.waitstatus_to_exitcode(status)
-    proc.returncode = rc  # reaped by wait4; keep Popen from waiting again
-    res = {"step": name, "rc": rc, "wall": wall, "rss": ru.ru_maxrss * 1024,
-           "stdout": out_path, "stderr": err_path}
-    print(f"    exit {rc}, {wall:.1f} s, peak RSS {res['rss'] / 2**30:.2f} GiB", flush=True)
-    return res
-
-
-def read(path, limit=20000):
-    with open(path, "rb") as f:
-        data = f.read()
-    text = data.decode("utf-8", "replace")
-    return text if len(text) <= limit else "...\n" + text[-limit:]
 
 
 def main():
