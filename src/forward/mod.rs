@@ -10,15 +10,18 @@
 //! K/V come from `x`, not from layer `i`'s output). The sequential plan is the
 //! original model, equal to Hugging Face transformers' `LlamaForCausalLM`.
 
+pub mod gemm;
 pub mod ops;
 
 use rayon::prelude::*;
 
+use crate::checkpoint::config::Activation;
 use crate::model::Rope;
 use crate::model::{Attention, DecoderLayer, Mlp, Model};
 use crate::plan::Plan;
 use crate::{Error, Result};
-use ops::{activation, gemm_strided, matmul_t, rms_norm};
+use gemm::{Causal, Nt};
+use ops::{matmul_t, rms_norm, softmax_within};
 
 /// Cached keys and values of one original layer: `len` rows of
 /// `[kv_heads * head_dim]`, RoPE already applied to the keys.
@@ -237,7 +240,7 @@ impl<'m> Forward<'m> {
             for &l in layers {
                 let layer: &DecoderLayer = &self.model.layers[l];
                 let hn = rms_norm(&hsum, &layer.post_attention_layernorm, cfg.rms_norm_eps);
-                let mut m = mlp(&layer.mlp, &hn, t, activation(cfg));
+                let mut m = mlp(&layer.mlp, &hn, t, cfg.activation);
                 if let Some(w) = &layer.mlp_out_norm {
                     m = rms_norm(&m, w, cfg.rms_norm_eps);
                 }
@@ -302,56 +305,53 @@ impl<'m> Forward<'m> {
         let scale = cfg.query_scale as f32;
         let window = cfg.window_of(l);
         let (keys, values) = (&kv.k, &kv.v);
+        // Each key-value group's values, transposed to [hd, S] so that the
+        // weighted sums are products of the same shape as the scores.
+        let values_t: Vec<Vec<f32>> = (0..nkv)
+            .map(|g| {
+                let mut vt = vec![0f32; hd * s];
+                for (j, row) in values.chunks_exact(kvw).enumerate() {
+                    for (d, &v) in row[g * hd..(g + 1) * hd].iter().enumerate() {
+                        vt[d * s + j] = v;
+                    }
+                }
+                vt
+            })
+            .collect();
         let heads: Vec<Vec<f32>> = (0..nh)
             .into_par_iter()
             .map(|head| {
                 let g = head / group;
                 let mut scores = vec![0f32; t * s];
-                // scores[t, s] = q_head [T, hd] @ k_g^T [hd, S]
-                gemm_strided(
-                    t,
-                    s,
-                    hd,
-                    &mut scores,
-                    (s, 1),
-                    &q[head * hd..],
-                    (qw, 1),
-                    &keys[g * hd..],
-                    (1, kvw),
-                );
+                // scores[T, S] = q_head [T, hd] . k_g [S, hd], up to each row's position
+                Nt {
+                    m: t,
+                    n: s,
+                    k: hd,
+                    x: &q[head * hd..],
+                    x_stride: qw,
+                    w: &keys[g * hd..],
+                    w_stride: kvw,
+                }
+                .run(&mut scores, s, false, Causal::Outputs { first: start });
                 for (i, row) in scores.chunks_exact_mut(s).enumerate() {
                     let pos = start + i;
                     let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, sc) in row.iter_mut().enumerate() {
-                        if j > pos || j < lo {
-                            *sc = f32::NEG_INFINITY;
-                        } else {
-                            *sc *= scale;
-                            max = max.max(*sc);
-                        }
-                    }
-                    let mut sum = 0f32;
-                    for sc in row.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += *sc;
-                    }
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|sc| *sc *= inv);
+                    row[lo..=pos].iter_mut().for_each(|sc| *sc *= scale);
+                    softmax_within(row, lo, pos);
                 }
                 let mut out = vec![0f32; t * hd];
-                // out [T, hd] = P [T, S] @ v_g [S, hd]
-                gemm_strided(
-                    t,
-                    hd,
-                    s,
-                    &mut out,
-                    (hd, 1),
-                    &scores,
-                    (s, 1),
-                    &values[g * hd..],
-                    (kvw, 1),
-                );
+                // out [T, hd] = P [T, S] . v_g^T [hd, S]; P is zero past each row's position
+                Nt {
+                    m: t,
+                    n: hd,
+                    k: s,
+                    x: &scores,
+                    x_stride: s,
+                    w: &values_t[g],
+                    w_stride: s,
+                }
+                .run(&mut out, hd, false, Causal::Terms { first: start });
                 out
             })
             .collect();
@@ -367,10 +367,10 @@ impl<'m> Forward<'m> {
 }
 
 /// `down(act(gate(x)) * up(x))`: SwiGLU or GeGLU.
-fn mlp(mlp: &Mlp, xn: &[f32], t: usize, act: fn(f32) -> f32) -> Vec<f32> {
+fn mlp(mlp: &Mlp, xn: &[f32], t: usize, act: Activation) -> Vec<f32> {
     let gate = matmul_t(xn, t, &mlp.gate_proj.weight);
     let mut up = matmul_t(xn, t, &mlp.up_proj.weight);
-    up.iter_mut().zip(&gate).for_each(|(u, &g)| *u *= act(g));
+    ops::gate(&mut up, &gate, act);
     matmul_t(&up, t, &mlp.down_proj.weight)
 }
 

@@ -1,10 +1,11 @@
-//! Numeric kernels of the reference forward, all f32 row-major: GEMM through
-//! the `gemm` crate, RMSNorm, SiLU and tanh GELU. The rotary embedding is part
+//! Numeric kernels of the reference forward, all f32 row-major: products
+//! ([`super::gemm`]), RMSNorm, SiLU and tanh GELU. The rotary embedding is part
 //! of the model description ([`crate::model::Rope`]).
 
-use gemm::Parallelism;
+use rayon::prelude::*;
 
-use crate::checkpoint::ModelConfig;
+use super::gemm::{Causal, Nt};
+use crate::checkpoint::config::Activation;
 use crate::model::matrix::TILE_VALUES;
 use crate::model::Matrix;
 
@@ -44,85 +45,16 @@ fn gemm_into(
     assert_eq!(x.len(), m * k, "matmul input has the wrong size");
     assert_eq!(out.len(), m * out_cols, "matmul output has the wrong size");
     assert!(col0 + n <= out_cols, "matmul tile outside the output");
-    if m == 0 || n == 0 {
-        return;
+    Nt {
+        m,
+        n,
+        k,
+        x,
+        x_stride: k,
+        w,
+        w_stride: k,
     }
-    let parallelism = if m * n * k >= 1 << 16 {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: dst is m rows of out_cols starting at column col0, of which the
-    // n columns written lie inside (asserted); lhs is m*k row-major; rhs =
-    // w^T read column-wise from the n*k row-major tile.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr().add(col0),
-            1,
-            out_cols as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
-
-/// General strided product `dst[m, n] = lhs[m, k] @ rhs[k, n]`, single-threaded
-/// (callers parallelise over heads). Strides are (row, column) in elements.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_strided(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_strides: (usize, usize),
-    lhs: &[f32],
-    lhs_strides: (usize, usize),
-    rhs: &[f32],
-    rhs_strides: (usize, usize),
-) {
-    let last =
-        |(rs, cs): (usize, usize), r: usize, c: usize| (r.max(1) - 1) * rs + (c.max(1) - 1) * cs;
-    assert!(m == 0 || n == 0 || last(dst_strides, m, n) < dst.len());
-    assert!(m == 0 || k == 0 || last(lhs_strides, m, k) < lhs.len());
-    assert!(k == 0 || n == 0 || last(rhs_strides, k, n) < rhs.len());
-    // SAFETY: the asserts above keep every strided access inside its slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            dst_strides.1 as isize,
-            dst_strides.0 as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_strides.1 as isize,
-            lhs_strides.0 as isize,
-            rhs.as_ptr(),
-            rhs_strides.1 as isize,
-            rhs_strides.0 as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
+    .run(&mut out[col0..], out_cols, true, Causal::None);
 }
 
 /// Index of the first largest value of a row (greedy decoding, top-1).
@@ -136,19 +68,32 @@ pub fn argmax<T: PartialOrd + Copy>(row: &[T]) -> usize {
     best
 }
 
-/// `RMSNorm_w(x) = x / sqrt(mean(x^2) + eps) * w`, row by row.
+/// `RMSNorm_w(x) = x / sqrt(mean(x^2) + eps) * w`, row by row (rows split
+/// over the thread pool).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f64) -> Vec<f32> {
     let h = weight.len();
     let mut out = vec![0f32; x.len()];
-    for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+    let norm = |(row, o): (&[f32], &mut [f32])| {
         let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / h as f64;
         let inv = (1.0 / (ms + eps).sqrt()) as f32;
         for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
             *o = w * (v * inv);
         }
+    };
+    if x.len() >= PARALLEL_VALUES {
+        x.par_chunks_exact(h)
+            .zip(out.par_chunks_exact_mut(h))
+            .for_each(norm);
+    } else {
+        x.chunks_exact(h)
+            .zip(out.chunks_exact_mut(h))
+            .for_each(norm);
     }
     out
 }
+
+/// Elementwise work below this many values stays on the calling thread.
+const PARALLEL_VALUES: usize = 1 << 14;
 
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
@@ -160,11 +105,162 @@ pub fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
 }
 
-/// The MLP gate activation of `cfg`.
-pub fn activation(cfg: &ModelConfig) -> fn(f32) -> f32 {
-    match cfg.activation {
-        crate::checkpoint::config::Activation::Silu => silu,
-        crate::checkpoint::config::Activation::GeluTanh => gelu_tanh,
+/// The MLP's gated product in place: `up = act(gate) * up` (SwiGLU, GeGLU),
+/// split over the thread pool.
+pub fn gate(up: &mut [f32], gate: &[f32], act: Activation) {
+    assert_eq!(up.len(), gate.len(), "gate and up differ in size");
+    let run = |(u, g): (&mut [f32], &[f32])| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: avx512f was just detected.
+            return unsafe { simd::gate(u, g, act) };
+        }
+        let f = match act {
+            Activation::Silu => silu,
+            Activation::GeluTanh => gelu_tanh,
+        };
+        u.iter_mut().zip(g).for_each(|(u, &g)| *u *= f(g));
+    };
+    if up.len() >= PARALLEL_VALUES {
+        up.par_chunks_mut(PARALLEL_VALUES)
+            .zip(gate.par_chunks(PARALLEL_VALUES))
+            .for_each(run);
+    } else {
+        run((up, gate));
+    }
+}
+
+/// Softmax in place of `row[lo..=hi]`; every other entry becomes 0 (the
+/// masked positions of causal and sliding-window attention).
+pub fn softmax_within(row: &mut [f32], lo: usize, hi: usize) {
+    let kept = &mut row[lo..=hi];
+    let max = kept.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    #[cfg(target_arch = "x86_64")]
+    let sum = if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: avx512f was just detected.
+        unsafe { simd::exp_shifted(kept, max) }
+    } else {
+        exp_shifted(kept, max)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let sum = exp_shifted(kept, max);
+    let inv = 1.0 / sum;
+    kept.iter_mut().for_each(|v| *v *= inv);
+    row[..lo].fill(0.0);
+    row[hi + 1..].fill(0.0);
+}
+
+/// `v = exp(v - max)` in place; returns the sum.
+#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+fn exp_shifted(v: &mut [f32], max: f32) -> f32 {
+    let mut sum = 0f32;
+    for x in v.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    sum
+}
+
+/// AVX-512 forms of the elementwise functions, 16 values at a time.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use super::Activation;
+
+    /// `exp(x)` to about 1 ulp: `x = n ln 2 + r` with `|r| <= ln 2 / 2`,
+    /// a degree-6 polynomial for `exp(r)` (Cephes' `expf` coefficients, the
+    /// last of which is 0.5 in f32),
+    /// scaled by `2^n`. Saturates to 0 and to `f32::MAX`-ish at the ends
+    /// of the range; NaN stays NaN.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn exp(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(_mm512_set1_ps(88.376_26), x);
+        let x = _mm512_max_ps(_mm512_set1_ps(-103.972_08), x);
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let r2 = _mm512_mul_ps(r, r);
+        let p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+        _mm512_scalef_ps(p, n)
+    }
+
+    /// Apply `f` to `v` 16 values at a time, the tail masked.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn each(v: &mut [f32], g: &[f32], f: impl Fn(__m512, __m512) -> __m512) {
+        let mut i = 0;
+        while i < v.len() {
+            let left = v.len() - i;
+            let mask: __mmask16 = if left >= 16 {
+                0xffff
+            } else {
+                ((1u32 << left) - 1) as __mmask16
+            };
+            let a = _mm512_maskz_loadu_ps(mask, v.as_ptr().add(i));
+            let b = _mm512_maskz_loadu_ps(mask, g.as_ptr().add(i));
+            _mm512_mask_storeu_ps(v.as_mut_ptr().add(i), mask, f(a, b));
+            i += 16;
+        }
+    }
+
+    /// `up = act(gate) * up`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gate(up: &mut [f32], gate: &[f32], act: Activation) {
+        let one = _mm512_set1_ps(1.0);
+        match act {
+            // g / (1 + exp(-g))
+            Activation::Silu => each(up, gate, |u, g| {
+                let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), g));
+                _mm512_mul_ps(u, _mm512_div_ps(g, _mm512_add_ps(one, e)))
+            }),
+            // 0.5 g (1 + tanh(y)) = g / (1 + exp(-2y)), y = sqrt(2/pi) (g + 0.044715 g^3):
+            // no cancellation where the GELU is small
+            Activation::GeluTanh => each(up, gate, |u, g| {
+                let g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
+                let minus_2y = _mm512_mul_ps(
+                    _mm512_set1_ps(-2.0 * 0.797_884_6),
+                    _mm512_fmadd_ps(_mm512_set1_ps(0.044715), g3, g),
+                );
+                let gelu = _mm512_div_ps(g, _mm512_add_ps(one, exp(minus_2y)));
+                _mm512_mul_ps(u, gelu)
+            }),
+        }
+    }
+
+    /// `v = exp(v - max)`; returns the sum (in 16 lanes, then across them).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp_shifted(v: &mut [f32], max: f32) -> f32 {
+        let shift = _mm512_set1_ps(max);
+        let mut sum = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < v.len() {
+            let left = v.len() - i;
+            let mask: __mmask16 = if left >= 16 {
+                0xffff
+            } else {
+                ((1u32 << left) - 1) as __mmask16
+            };
+            let x = _mm512_maskz_loadu_ps(mask, v.as_ptr().add(i));
+            let e = _mm512_maskz_mov_ps(mask, exp(_mm512_sub_ps(x, shift)));
+            _mm512_mask_storeu_ps(v.as_mut_ptr().add(i), mask, e);
+            sum = _mm512_add_ps(sum, e);
+            i += 16;
+        }
+        _mm512_reduce_add_ps(sum)
     }
 }
 
@@ -172,6 +268,73 @@ pub fn activation(cfg: &ModelConfig) -> fn(f32) -> f32 {
 mod tests {
     use super::*;
     use crate::model::{Int4, Q4};
+
+    fn spread(len: usize, scale: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| scale * (((i * 7919) % 2001) as f32 / 1000.0 - 1.0))
+            .collect()
+    }
+
+    /// The gated product (vector form where the CPU has it) against the
+    /// activations computed in f64, over a range that reaches both
+    /// saturations: within 3e-7 relative, plus what rounding the exponent's
+    /// argument `a` to f32 costs (`|a| 2^-23`), plus 1e-30 absolute.
+    #[test]
+    fn gate_matches_the_scalar_activations() {
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let g = spread(40_001, 95.0);
+            let u = spread(40_001, 1.5);
+            let mut out = u.clone();
+            gate(&mut out, &g, act);
+            for ((&o, &u), &g) in out.iter().zip(&u).zip(&g) {
+                let g64 = g as f64;
+                let arg = match act {
+                    Activation::Silu => g64.abs(),
+                    Activation::GeluTanh => {
+                        (2.0 * 0.797_884_6 * (g64 + 0.044715 * g64.powi(3))).abs()
+                    }
+                };
+                let want = u as f64
+                    * match act {
+                        Activation::Silu => g64 / (1.0 + (-g64).exp()),
+                        // 0.5 g (1 + tanh(y)), as g sigmoid(2y): no cancellation
+                        Activation::GeluTanh => {
+                            let y = (2.0 / std::f64::consts::PI).sqrt()
+                                * (g64 + 0.044715 * g64.powi(3));
+                            g64 / (1.0 + (-2.0 * y).exp())
+                        }
+                    };
+                assert!(
+                    (o as f64 - want).abs() <= (3e-7 + arg * 1.2e-7) * want.abs() + 1e-30,
+                    "{act:?}({g}) * {u}: {o} against {want}"
+                );
+            }
+        }
+    }
+
+    /// Softmax of a window of a row against f64, zeros outside it; f32
+    /// rounds `v - max` itself, by up to 2^-24 of it.
+    #[test]
+    fn softmax_within_a_window() {
+        let row0 = spread(300, 30.0);
+        let (lo, hi) = (17, 260);
+        let mut row = row0.clone();
+        softmax_within(&mut row, lo, hi);
+        let max = row0[lo..=hi].iter().fold(f64::MIN, |m, &v| m.max(v as f64));
+        let z: f64 = row0[lo..=hi].iter().map(|&v| (v as f64 - max).exp()).sum();
+        for (j, (&p, &v)) in row.iter().zip(&row0).enumerate() {
+            let want = if (lo..=hi).contains(&j) {
+                (v as f64 - max).exp() / z
+            } else {
+                0.0
+            };
+            let shifted = (v as f64 - max).abs();
+            assert!(
+                (p as f64 - want).abs() <= (1e-6 + shifted * 1.2e-7) * want + 1e-38,
+                "{j}: {p} against {want}"
+            );
+        }
+    }
 
     /// A product computed a tile of output rows at a time equals the whole
     /// to float rounding: each output is the same sum over the inputs, but

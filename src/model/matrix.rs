@@ -50,18 +50,67 @@ fn give_back(bytes: usize) {
 
 thread_local! {
     /// The buffer a matrix not kept is widened into, reused across uses.
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH: RefCell<AlignedF32> = RefCell::new(AlignedF32::default());
 }
 
 /// Run `f` on a scratch buffer of `len` values (contents unspecified).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let mut buf = SCRATCH.with(|s| s.take());
     if buf.len() < len {
-        buf.resize(len, 0.0);
+        buf.resize_zeroed(len);
     }
     let r = f(&mut buf[..len]);
-    SCRATCH.with(|s| *s.borrow_mut() = buf);
+    SCRATCH.with(|s| s.replace(buf));
     r
+}
+
+/// One 64-byte cache line of values.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// f32 values that start on a cache line, so that the forward's 16-wide
+/// loads of widened weights never straddle two lines
+/// ([`crate::forward::gemm`]).
+#[derive(Clone, Default)]
+pub struct AlignedF32 {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl AlignedF32 {
+    pub fn zeroed(len: usize) -> AlignedF32 {
+        AlignedF32 {
+            lines: vec![Line::default(); len.div_ceil(16)],
+            len,
+        }
+    }
+
+    /// Make it `len` values long; values kept are unchanged, new ones zero.
+    pub fn resize_zeroed(&mut self, len: usize) {
+        self.lines.resize(len.div_ceil(16), Line::default());
+        if len > self.len {
+            let old = self.len;
+            self.len = len;
+            self[old..].fill(0.0);
+        }
+        self.len = len;
+    }
+}
+
+impl std::ops::Deref for AlignedF32 {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: `lines` holds at least `len` contiguous f32 values.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<f32>(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedF32 {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `deref`, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<f32>(), self.len) }
+    }
 }
 
 /// A row-major `[rows, cols]` matrix; a linear weight is `[out_features, in_features]`.
@@ -85,7 +134,7 @@ enum Values {
 struct Lazy {
     from: Origin,
     /// The widened values, while the budget keeps them.
-    kept: OnceLock<Vec<f32>>,
+    kept: OnceLock<AlignedF32>,
 }
 
 enum Origin {
@@ -101,7 +150,7 @@ enum Origin {
 impl Drop for Lazy {
     fn drop(&mut self) {
         if let Some(v) = self.kept.get() {
-            give_back(std::mem::size_of_val(v.as_slice()));
+            give_back(std::mem::size_of_val(&v[..]));
         }
     }
 }
@@ -175,7 +224,7 @@ impl Matrix {
     fn resident(&self) -> Option<&[f32]> {
         match &self.values {
             Values::F32(v) => Some(v),
-            Values::Lazy(l) => l.kept.get().map(Vec::as_slice),
+            Values::Lazy(l) => l.kept.get().map(|v| &v[..]),
         }
     }
 
@@ -197,7 +246,15 @@ impl Matrix {
         }
     }
 
-    fn widen(&self) -> Vec<f32> {
+    /// The values to keep: on cache lines, for the forward's loads.
+    fn widen(&self) -> AlignedF32 {
+        let mut v = AlignedF32::zeroed(self.numel());
+        self.read_rows(0..self.rows, &mut v);
+        v
+    }
+
+    /// The values for a caller to own.
+    fn widen_vec(&self) -> Vec<f32> {
         let mut v = vec![0f32; self.numel()];
         self.read_rows(0..self.rows, &mut v);
         v
@@ -253,7 +310,7 @@ impl Matrix {
     pub fn values(&self) -> Cow<'_, [f32]> {
         match self.resident() {
             Some(v) => Cow::Borrowed(v),
-            None => Cow::Owned(self.widen()),
+            None => Cow::Owned(self.widen_vec()),
         }
     }
 
@@ -261,7 +318,7 @@ impl Matrix {
     /// own (no longer the stored tensor, nor any codes).
     pub fn values_mut(&mut self) -> &mut [f32] {
         if !matches!(self.values, Values::F32(_)) {
-            self.values = Values::F32(Arc::new(self.widen()));
+            self.values = Values::F32(Arc::new(self.widen_vec()));
         }
         self.int4 = None;
         match &mut self.values {
