@@ -516,6 +516,15 @@ pub struct BenchForwardArgs {
     /// Timed repetitions after one warm-up run; the median is reported.
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
+    /// Also time ONNX Runtime (CPU) on the same ids: the unmodified model is
+    /// emitted (f32, portable ops) to a temporary directory and prefilled with
+    /// as many intra-op threads as the forward has, the two alternating
+    /// (ONNX Runtime first every other round).
+    #[arg(long)]
+    pub against_ort: bool,
+    /// ONNX Runtime shared library (default: $ORT_DYLIB_PATH, then .cache/onnxruntime/).
+    #[arg(long)]
+    pub ort_lib: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,

@@ -214,7 +214,7 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
     if a.tokens == 0 || a.repeats == 0 {
         bail!("--tokens and --repeats must be positive");
     }
-    let (model, _) = load(&a.model)?;
+    let (model, tokenizer) = load(&a.model)?;
     let cfg = &model.config;
     let weight_bytes: usize = model
         .named_tensors()
@@ -231,32 +231,125 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
         logits: Logits::All,
         capture_residuals: false,
     };
-    let mut times = Vec::new();
-    for rep in 0..=a.repeats {
-        let t0 = Instant::now();
-        forward.run(&plan, &ids, &mut KvCache::new(cfg.num_hidden_layers), opts)?;
-        if rep > 0 {
-            times.push(t0.elapsed().as_secs_f64());
+    let threads = rayon::current_num_threads();
+    // ONNX Runtime on the model as emitted, prefilling the same ids.
+    let ort = if a.against_ort {
+        let dir = tempfile::tempdir().context("a temporary directory for the emitted model")?;
+        let out = dir.path().join("model");
+        let pb = spinner("emitting the unmodified model for ONNX Runtime");
+        depthc::onnx::package::emit(
+            &model,
+            &plan,
+            &depthc::onnx::package::Source {
+                path: &a.model,
+                tokenizer: tokenizer.as_ref(),
+            },
+            &depthc::onnx::package::EmitOptions {
+                ops: depthc::graph::Ops::Portable,
+                form: depthc::graph::Form::Fused,
+                float: depthc::graph::ElemType::F32,
+                int4: None,
+            },
+            &out,
+            &ProgressBar::hidden(),
+        )?;
+        pb.finish_and_clear();
+        let emitted = depthc::runtime::Emitted::open(&out)?;
+        let session = emitted.session(&super::runtime_options(
+            &a.ort_lib,
+            DeviceArg::Cpu,
+            Some(threads),
+        ))?;
+        Some((dir, session))
+    } else {
+        None
+    };
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    let pb = bar(
+        (a.repeats + 1) as u64,
+        "forward {bar:30} {pos}/{len} rounds, {eta} left",
+    )?;
+    let mut ort = ort;
+    for round in 0..=a.repeats {
+        let time_ours = || -> Result<f64> {
+            let t0 = Instant::now();
+            forward.run(&plan, &ids, &mut KvCache::new(cfg.num_hidden_layers), opts)?;
+            Ok(t0.elapsed().as_secs_f64())
+        };
+        let time_ort = |s: &mut depthc::runtime::DecoderSession| -> Result<f64> {
+            let t0 = Instant::now();
+            s.step(&ids, None)?;
+            Ok(t0.elapsed().as_secs_f64())
+        };
+        // The first round warms both up and is not counted.
+        let (o, t) = match ort.as_mut() {
+            Some((_, s)) if round % 2 == 1 => {
+                let t = time_ort(s)?;
+                (time_ours()?, Some(t))
+            }
+            Some((_, s)) => {
+                let o = time_ours()?;
+                (o, Some(time_ort(s)?))
+            }
+            None => (time_ours()?, None),
+        };
+        if round > 0 {
+            ours.push(o);
+            theirs.extend(t);
         }
+        pb.inc(1);
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    pb.finish_and_clear();
+    drop(ort);
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let med = median(&ours);
     let peak = depthc::report::peak_rss_bytes();
-    let tps = a.tokens as f64 / median;
+    let tps = a.tokens as f64 / med;
+    // Per round, ONNX Runtime's time over ours: > 1 when depthc is faster.
+    let ratios: Vec<f64> = theirs.iter().zip(&ours).map(|(t, o)| t / o).collect();
+    let ort_json = (!theirs.is_empty()).then(|| {
+        let m = median(&theirs);
+        json!({
+            "median_s": m,
+            "tokens_per_s": a.tokens as f64 / m,
+            "ratio": median(&ratios),
+            "ratio_min": ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            "ratio_max": ratios.iter().copied().fold(0.0, f64::max),
+        })
+    });
     if a.json {
         let v = json!({
-            "tokens": a.tokens, "repeats": a.repeats, "median_s": median, "tokens_per_s": tps,
+            "tokens": a.tokens, "repeats": a.repeats, "median_s": med, "tokens_per_s": tps,
             "peak_rss_bytes": peak, "f32_weight_bytes": weight_bytes,
-            "threads": rayon::current_num_threads(),
+            "threads": threads, "ort": ort_json,
         });
         println!("{v}");
     } else {
         println!(
-            "forward 1x{}: median {:.1} ms, {:.1} tokens/s",
+            "forward 1x{}, {threads} threads, median of {}: depthc {:.1} ms, {:.1} tokens/s",
             a.tokens,
-            median * 1e3,
+            a.repeats,
+            med * 1e3,
             tps
         );
+        if let Some(o) = &ort_json {
+            println!(
+                "ONNX Runtime (CPU, same ids, the unmodified model as emitted): {:.1} ms, {:.1} tokens/s",
+                o["median_s"].as_f64().unwrap_or(0.0) * 1e3,
+                o["tokens_per_s"].as_f64().unwrap_or(0.0)
+            );
+            println!(
+                "depthc / ONNX Runtime: x{:.3} (rounds {:.3}..{:.3})",
+                o["ratio"].as_f64().unwrap_or(0.0),
+                o["ratio_min"].as_f64().unwrap_or(0.0),
+                o["ratio_max"].as_f64().unwrap_or(0.0)
+            );
+        }
         if let Some(p) = peak {
             println!(
                 "peak RSS {:.1} MiB = {:.2}x the f32 weights ({:.1} MiB)",
