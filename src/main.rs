@@ -21,7 +21,21 @@ fn main() {
     let cli = Cli::parse();
     depthc::model::set_widen_budget(cli.weight_cache.saturating_mul(1 << 20));
     depthc::output::remove_partial_outputs_on_interrupt();
-    let result = match cli.command {
+    // The command runs on a worker of the thread pool, so that a parallel
+    // part wakes one other thread, not all of them while this one sleeps.
+    rayon::ThreadPoolBuilder::new()
+        .stack_size(16 << 20)
+        .build_global()
+        .expect("the thread pool is built once, first");
+    let result = rayon::scope(|_| run(cli.command));
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Inspect(a) => model::inspect(a),
         Command::Eval(a) => model::eval(a),
         Command::Convert(a) => model::convert(a),
@@ -31,9 +45,5 @@ fn main() {
         Command::Bench(a) => onnx::bench_command(a),
         Command::Search(a) => compile::search_command(a),
         Command::Compile(a) => compile::compile_command(a),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
     }
 }

@@ -16,6 +16,7 @@ pub mod ops;
 use rayon::prelude::*;
 
 use crate::checkpoint::config::Activation;
+use crate::model::matrix::AlignedF32;
 use crate::model::Rope;
 use crate::model::{Attention, DecoderLayer, Mlp, Model};
 use crate::plan::Plan;
@@ -305,61 +306,71 @@ impl<'m> Forward<'m> {
         let scale = cfg.query_scale as f32;
         let window = cfg.window_of(l);
         let (keys, values) = (&kv.k, &kv.v);
+        // Rows of the scores and of the transposed values start on cache
+        // lines: `sp` is S rounded up to 16 values.
+        let sp = s.next_multiple_of(16);
         // Each key-value group's values, transposed to [hd, S] so that the
         // weighted sums are products of the same shape as the scores.
-        let values_t: Vec<Vec<f32>> = (0..nkv)
+        let values_t: Vec<AlignedF32> = (0..nkv)
             .map(|g| {
-                let mut vt = vec![0f32; hd * s];
+                let mut vt = AlignedF32::zeroed(hd * sp);
                 for (j, row) in values.chunks_exact(kvw).enumerate() {
                     for (d, &v) in row[g * hd..(g + 1) * hd].iter().enumerate() {
-                        vt[d * s + j] = v;
+                        vt[d * sp + j] = v;
                     }
                 }
                 vt
             })
             .collect();
-        let heads: Vec<Vec<f32>> = (0..nh)
-            .into_par_iter()
-            .map(|head| {
+        // One task per head and block of query rows, so that both threads
+        // stay busy whatever the number of heads.
+        let tasks: Vec<(usize, usize)> = (0..nh)
+            .flat_map(|head| (0..t).step_by(ATTENTION_ROWS).map(move |r0| (head, r0)))
+            .collect();
+        let blocks: Vec<Vec<f32>> = tasks
+            .par_iter()
+            .map(|&(head, r0)| {
                 let g = head / group;
-                let mut scores = vec![0f32; t * s];
-                // scores[T, S] = q_head [T, hd] . k_g [S, hd], up to each row's position
+                let rows = ATTENTION_ROWS.min(t - r0);
+                let first = start + r0;
+                let mut scores = AlignedF32::zeroed(rows * sp);
+                // scores[rows, S] = q_head [rows, hd] . k_g [S, hd], up to each row's position
                 Nt {
-                    m: t,
+                    m: rows,
                     n: s,
                     k: hd,
-                    x: &q[head * hd..],
+                    x: &q[r0 * qw + head * hd..],
                     x_stride: qw,
                     w: &keys[g * hd..],
                     w_stride: kvw,
                 }
-                .run(&mut scores, s, false, Causal::Outputs { first: start });
-                for (i, row) in scores.chunks_exact_mut(s).enumerate() {
-                    let pos = start + i;
+                .run(&mut scores, sp, false, Causal::Outputs { first });
+                for (i, row) in scores.chunks_exact_mut(sp).enumerate() {
+                    let pos = first + i;
                     let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
                     row[lo..=pos].iter_mut().for_each(|sc| *sc *= scale);
-                    softmax_within(row, lo, pos);
+                    softmax_within(&mut row[..s], lo, pos);
                 }
-                let mut out = vec![0f32; t * hd];
-                // out [T, hd] = P [T, S] . v_g^T [hd, S]; P is zero past each row's position
+                let mut out = vec![0f32; rows * hd];
+                // out [rows, hd] = P [rows, S] . v_g^T [hd, S]; P is zero past each row's position
                 Nt {
-                    m: t,
+                    m: rows,
                     n: hd,
                     k: s,
                     x: &scores,
-                    x_stride: s,
+                    x_stride: sp,
                     w: &values_t[g],
-                    w_stride: s,
+                    w_stride: sp,
                 }
-                .run(&mut out, hd, false, Causal::Terms { first: start });
+                .run(&mut out, hd, false, Causal::Terms { first });
                 out
             })
             .collect();
         let mut merged = vec![0f32; t * qw];
-        for (head, out) in heads.iter().enumerate() {
-            for i in 0..t {
-                merged[i * qw + head * hd..i * qw + (head + 1) * hd]
-                    .copy_from_slice(&out[i * hd..(i + 1) * hd]);
+        for (&(head, r0), out) in tasks.iter().zip(&blocks) {
+            for (i, row) in out.chunks_exact(hd).enumerate() {
+                let at = (r0 + i) * qw + head * hd;
+                merged[at..at + hd].copy_from_slice(row);
             }
         }
         linear(&merged, t, &attn.o_proj)
@@ -388,6 +399,9 @@ fn linear(x: &[f32], t: usize, lin: &crate::model::Linear) -> Vec<f32> {
 fn all_finite(x: &[f32]) -> bool {
     x.iter().all(|v| v.is_finite())
 }
+
+/// Query rows per attention task.
+const ATTENTION_ROWS: usize = 64;
 
 /// The NaN/Inf watch: the residual after `layer`'s `sublayer` must be finite.
 fn watch(x: &[f32], layer: usize, sublayer: &'static str) -> Result<()> {
