@@ -113,57 +113,133 @@ impl Nt<'_> {
 
     #[cfg(target_arch = "x86_64")]
     fn run_avx512(&self, out: &mut [f32], out_stride: usize, parallel: bool, causal: Causal) {
-        // x's rows start on cache lines (copied when they do not), so that
-        // its loads never straddle two; w is read where it is (the widened
-        // weights are aligned, see `AlignedF32`).
-        let aligned =
-            (self.x.as_ptr() as usize).is_multiple_of(64) && self.x_stride.is_multiple_of(16);
-        if !aligned {
-            let stride = self.k.next_multiple_of(16);
-            let mut buf = PACKED.with(|p| p.take());
-            buf.resize_zeroed(self.m * stride);
-            for i in 0..self.m {
-                buf[i * stride..i * stride + self.k]
-                    .copy_from_slice(&self.x[i * self.x_stride..i * self.x_stride + self.k]);
-            }
-            let packed = Nt {
-                x: &buf,
-                x_stride: stride,
-                ..*self
+        with_aligned_rows(self.x, self.m, self.k, self.x_stride, |x, x_stride| {
+            let job = Job {
+                m: self.m,
+                n: self.n,
+                k: self.k,
+                x: x.as_ptr(),
+                x_stride,
+                w: self.w.as_ptr(),
+                w_stride: self.w_stride,
+                out: out.as_mut_ptr(),
+                out_stride,
+                causal,
             };
-            packed.run_avx512(out, out_stride, parallel, causal);
-            PACKED.with(|p| p.replace(buf));
-            return;
+            run_jobs(&[job], parallel);
+        })
+    }
+}
+
+/// Several products of one `x [m, k]`: `outs[p] [m, n_p] = x w_p^T` for
+/// the `[n_p, k]` weights `ws[p]` (a layer's query, key and value
+/// projections; its gate and up projections), their output blocks shared
+/// out over the thread pool together.
+pub fn products(x: &[f32], m: usize, k: usize, ws: &[&[f32]], outs: &mut [&mut [f32]]) {
+    assert_eq!(ws.len(), outs.len(), "one output per weight");
+    let parts: Vec<Nt> = ws
+        .iter()
+        .map(|w| Nt {
+            m,
+            n: w.len() / k.max(1),
+            k,
+            x,
+            x_stride: k,
+            w,
+            w_stride: k,
+        })
+        .collect();
+    for (p, out) in parts.iter().zip(outs.iter()) {
+        p.check(out, p.n);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if k > 0 && m > 0 && std::arch::is_x86_feature_detected!("avx512f") {
+        return with_aligned_rows(x, m, k, k, |xa, x_stride| {
+            let jobs: Vec<Job> = parts
+                .iter()
+                .zip(outs.iter_mut())
+                .map(|(p, out)| Job {
+                    m,
+                    n: p.n,
+                    k,
+                    x: xa.as_ptr(),
+                    x_stride,
+                    w: p.w.as_ptr(),
+                    w_stride: k,
+                    out: out.as_mut_ptr(),
+                    out_stride: p.n,
+                    causal: Causal::None,
+                })
+                .collect();
+            run_jobs(&jobs, true);
+        });
+    }
+    for (p, out) in parts.iter().zip(outs.iter_mut()) {
+        p.run(out, p.n, true, Causal::None);
+    }
+}
+
+/// Run `f` on `x`'s `m` rows of `k` values with each row on a cache line
+/// (copied when they are not), so that its loads never straddle two lines;
+/// the weights are read where they are (widened weights are aligned, see
+/// [`AlignedF32`]).
+fn with_aligned_rows<R>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    x_stride: usize,
+    f: impl FnOnce(&[f32], usize) -> R,
+) -> R {
+    if (x.as_ptr() as usize).is_multiple_of(64) && x_stride.is_multiple_of(16) {
+        return f(x, x_stride);
+    }
+    let stride = k.next_multiple_of(16);
+    let mut buf = PACKED.with(|p| p.take());
+    buf.resize_zeroed(m * stride);
+    for i in 0..m {
+        buf[i * stride..i * stride + k].copy_from_slice(&x[i * x_stride..i * x_stride + k]);
+    }
+    let r = f(&buf, stride);
+    PACKED.with(|p| p.replace(buf));
+    r
+}
+
+/// The jobs' output columns in blocks, shared over the thread pool (about 4
+/// blocks a thread) when `parallel` and large enough. Blocks after a job's
+/// first start on a cache line of its output and are a multiple of 16
+/// columns, so that two threads never write the same line of a row whose
+/// length is a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+fn run_jobs(jobs: &[Job], parallel: bool) {
+    let threads = rayon::current_num_threads();
+    let work: usize = jobs.iter().map(|j| j.m * j.n * j.k).sum();
+    let total: usize = jobs.iter().map(|j| j.n).sum();
+    let split = parallel && threads > 1 && work >= PARALLEL_WORK;
+    let per = total.div_ceil(threads * 4).next_multiple_of(16);
+    let mut blocks: Vec<(&Job, usize, usize)> = Vec::new();
+    for j in jobs {
+        if !split {
+            blocks.push((j, 0, j.n));
+            continue;
         }
-        let (x, x_stride) = (self.x, self.x_stride);
-        let threads = rayon::current_num_threads();
-        let split = parallel && threads > 1 && self.m * self.n * self.k >= PARALLEL_WORK;
-        let chunks = if split { threads * 4 } else { 1 };
-        let per = self.n.div_ceil(chunks).next_multiple_of(4);
-        let job = Job {
-            m: self.m,
-            k: self.k,
-            x: x.as_ptr(),
-            x_stride,
-            w: self.w.as_ptr(),
-            w_stride: self.w_stride,
-            out: out.as_mut_ptr(),
-            out_stride,
-            causal,
-        };
-        let run = |c: usize| {
-            let f0 = c * per;
-            // SAFETY: avx512f was detected; the job's pointers cover the
-            // checked shapes, and chunks write disjoint output columns.
-            unsafe { job.block(f0, (f0 + per).min(self.n)) }
-        };
-        let count = self.n.div_ceil(per);
-        if count > 1 {
-            use rayon::prelude::*;
-            (0..count).into_par_iter().for_each(run);
-        } else {
-            run(0);
+        // Columns before the output's first cache line boundary.
+        let lead = (16 - (j.out as usize / 4) % 16) % 16;
+        let mut f0 = 0;
+        let mut f1 = lead + per;
+        while f1 < j.n {
+            blocks.push((j, f0, f1));
+            (f0, f1) = (f1, f1 + per);
         }
+        blocks.push((j, f0, j.n));
+    }
+    // SAFETY: avx512f was detected by the caller; each job's pointers cover
+    // its checked shapes, and blocks write disjoint output columns.
+    let run = |&(job, f0, f1): &(&Job, usize, usize)| unsafe { job.block(f0, f1) };
+    if blocks.len() > 1 {
+        use rayon::prelude::*;
+        blocks.par_iter().for_each(run);
+    } else {
+        blocks.iter().for_each(run);
     }
 }
 
@@ -176,6 +252,7 @@ thread_local! {
 #[derive(Clone, Copy)]
 struct Job {
     m: usize,
+    n: usize,
     k: usize,
     x: *const f32,
     x_stride: usize,
@@ -216,9 +293,28 @@ impl Job {
             let mut fg = f0;
             while fg < f1 {
                 let fe = (fg + nb).min(f1);
+                // The next block's weight rows are fetched into the L2 cache
+                // while this block computes, a share at each row step, so that
+                // weights streamed from memory do not stall the kernel.
+                let next = fe..(fe + nb).min(f1);
+                let lines_per_row = kc.div_ceil(16);
+                let lines = next.len() * lines_per_row;
+                let per_step = lines.div_ceil(self.m.div_ceil(4)).max(1);
+                let mut fetched = 0;
                 let mut i = 0;
                 while i < self.m {
                     let mr = (self.m - i).min(4);
+                    let until = (fetched + per_step).min(lines);
+                    for line in fetched..until {
+                        let row = next.start + line / lines_per_row;
+                        let at = self
+                            .w
+                            .add(row * self.w_stride + kb + (line % lines_per_row) * 16);
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                            at.cast::<i8>(),
+                        );
+                    }
+                    fetched = until;
                     // The last row of the block decides what it computes.
                     let (j_end, terms) = match self.causal {
                         Causal::None => (fe, kc),

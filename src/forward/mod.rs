@@ -22,7 +22,7 @@ use crate::model::{Attention, DecoderLayer, Mlp, Model};
 use crate::plan::Plan;
 use crate::{Error, Result};
 use gemm::{Causal, Nt};
-use ops::{matmul_t, rms_norm, softmax_within};
+use ops::{matmul_t, matmul_t_many, rms_norm, softmax_within};
 
 /// Cached keys and values of one original layer: `len` rows of
 /// `[kv_heads * head_dim]`, RoPE already applied to the keys.
@@ -286,9 +286,8 @@ impl<'m> Forward<'m> {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let mut q = linear(xn, t, &attn.q_proj);
-        let mut k = linear(xn, t, &attn.k_proj);
-        let v = linear(xn, t, &attn.v_proj);
+        let [mut q, mut k, v]: [Vec<f32>; 3] =
+            linears(xn, t, [&attn.q_proj, &attn.k_proj, &attn.v_proj]);
         // Qwen3: RMS norm over each head (rows of head_dim), before the rotation.
         if let Some(w) = &attn.q_norm {
             q = rms_norm(&q, w, cfg.rms_norm_eps);
@@ -379,8 +378,10 @@ impl<'m> Forward<'m> {
 
 /// `down(act(gate(x)) * up(x))`: SwiGLU or GeGLU.
 fn mlp(mlp: &Mlp, xn: &[f32], t: usize, act: Activation) -> Vec<f32> {
-    let gate = matmul_t(xn, t, &mlp.gate_proj.weight);
-    let mut up = matmul_t(xn, t, &mlp.up_proj.weight);
+    let [gate, mut up]: [Vec<f32>; 2] =
+        matmul_t_many(xn, t, &[&mlp.gate_proj.weight, &mlp.up_proj.weight])
+            .try_into()
+            .expect("two products");
     ops::gate(&mut up, &gate, act);
     matmul_t(&up, t, &mlp.down_proj.weight)
 }
@@ -388,12 +389,27 @@ fn mlp(mlp: &Mlp, xn: &[f32], t: usize, act: Activation) -> Vec<f32> {
 /// `x W^T + b` for `x [T, in]`.
 fn linear(x: &[f32], t: usize, lin: &crate::model::Linear) -> Vec<f32> {
     let mut y = matmul_t(x, t, &lin.weight);
+    add_bias(&mut y, lin);
+    y
+}
+
+/// [`linear`] of several layers reading the same `x`, computed together.
+fn linears<const N: usize>(x: &[f32], t: usize, lins: [&crate::model::Linear; N]) -> [Vec<f32>; N] {
+    let weights: Vec<&crate::model::Matrix> = lins.iter().map(|l| &l.weight).collect();
+    let mut ys = matmul_t_many(x, t, &weights);
+    for (y, lin) in ys.iter_mut().zip(lins) {
+        add_bias(y, lin);
+    }
+    ys.try_into()
+        .unwrap_or_else(|_| unreachable!("one output per layer"))
+}
+
+fn add_bias(y: &mut [f32], lin: &crate::model::Linear) {
     if let Some(b) = &lin.bias {
         for row in y.chunks_exact_mut(b.len()) {
             add_assign(row, b);
         }
     }
-    y
 }
 
 fn all_finite(x: &[f32]) -> bool {

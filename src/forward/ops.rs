@@ -30,6 +30,36 @@ pub fn matmul_t(x: &[f32], rows: usize, w: &Matrix) -> Vec<f32> {
     out
 }
 
+/// `x [rows, k] @ w^T` for each of `ws` (all `[_, k]`), computed together
+/// ([`super::gemm::products`]) when all are in memory and none rounds its
+/// activations; one by one otherwise.
+pub fn matmul_t_many(x: &[f32], rows: usize, ws: &[&Matrix]) -> Vec<Vec<f32>> {
+    let kept: Option<Vec<&[f32]>> = ws
+        .iter()
+        .map(|w| {
+            let rounds = w.int4.as_deref().is_some_and(|q| q.rounds_activations());
+            if rounds {
+                None
+            } else {
+                w.kept_values()
+            }
+        })
+        .collect();
+    let Some(kept) = kept else {
+        return ws.iter().map(|w| matmul_t(x, rows, w)).collect();
+    };
+    let k = ws.first().map_or(0, |w| w.cols);
+    assert!(
+        ws.iter().all(|w| w.cols == k),
+        "weights of different widths"
+    );
+    assert_eq!(x.len(), rows * k, "matmul input has the wrong size");
+    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; rows * w.rows]).collect();
+    let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+    super::gemm::products(x, rows, k, &kept, &mut views);
+    outs
+}
+
 /// `out[:, col0..col0 + n] = x [m, k] @ w^T` for the `[n, k]` weight rows `w`,
 /// `out` having `out_cols` columns.
 fn gemm_into(

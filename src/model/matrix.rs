@@ -265,20 +265,29 @@ impl Matrix {
     /// tile; otherwise they are widened into the thread's scratch buffer,
     /// `max_tile` values at a time.
     pub fn for_each_tile(&self, max_tile: usize, mut f: impl FnMut(Range<usize>, &[f32])) {
+        match self.kept_values() {
+            Some(v) => f(0..self.rows, v),
+            None => self.widen_tiles(max_tile, f),
+        }
+    }
+
+    /// The values in memory: already there, or widened and kept if the
+    /// budget has room; `None` when they are not kept.
+    pub fn kept_values(&self) -> Option<&[f32]> {
         if let Some(v) = self.resident() {
-            return f(0..self.rows, v);
+            return Some(v);
         }
         let Values::Lazy(l) = &self.values else {
             unreachable!("f32 values are resident")
         };
         let bytes = self.numel() * std::mem::size_of::<f32>();
-        if reserve(bytes) {
-            if l.kept.set(self.widen()).is_err() {
-                give_back(bytes); // another thread kept it first
-            }
-            return f(0..self.rows, l.kept.get().expect("just set"));
+        if !reserve(bytes) {
+            return None;
         }
-        self.widen_tiles(max_tile, f)
+        if l.kept.set(self.widen()).is_err() {
+            give_back(bytes); // another thread kept it first
+        }
+        l.kept.get().map(|v| &v[..])
     }
 
     /// Run `f` on the values tile by tile as [`Matrix::for_each_tile`] does,
