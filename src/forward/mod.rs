@@ -332,7 +332,13 @@ impl<'m> Forward<'m> {
                 let g = head / group;
                 let rows = ATTENTION_ROWS.min(t - r0);
                 let first = start + r0;
-                let mut scores = AlignedF32::zeroed(rows * sp);
+                // Every entry a row reads is written: scores up to its
+                // position, zeros after them from the softmax.
+                let mut scores = SCORES.with(|b| b.take());
+                if scores.len() < rows * sp {
+                    scores.resize_zeroed(rows * sp);
+                }
+                let scores_len = rows * sp;
                 // scores[rows, S] = q_head [rows, hd] . k_g [S, hd], up to each row's position
                 Nt {
                     m: rows,
@@ -343,8 +349,8 @@ impl<'m> Forward<'m> {
                     w: &keys[g * hd..],
                     w_stride: kvw,
                 }
-                .run(&mut scores, sp, false, Causal::Outputs { first });
-                for (i, row) in scores.chunks_exact_mut(sp).enumerate() {
+                .run(&mut scores[..scores_len], sp, false, Causal::Outputs { first });
+                for (i, row) in scores[..scores_len].chunks_exact_mut(sp).enumerate() {
                     let pos = first + i;
                     let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
                     row[lo..=pos].iter_mut().for_each(|sc| *sc *= scale);
@@ -356,12 +362,13 @@ impl<'m> Forward<'m> {
                     m: rows,
                     n: hd,
                     k: s,
-                    x: &scores,
+                    x: &scores[..scores_len],
                     x_stride: sp,
                     w: &values_t[g],
                     w_stride: sp,
                 }
                 .run(&mut out, hd, false, Causal::Terms { first });
+                SCORES.with(|b| b.replace(scores));
                 out
             })
             .collect();
@@ -414,6 +421,11 @@ fn add_bias(y: &mut [f32], lin: &crate::model::Linear) {
 
 fn all_finite(x: &[f32]) -> bool {
     x.iter().all(|v| v.is_finite())
+}
+
+thread_local! {
+    /// Attention scores of one task, reused across tasks.
+    static SCORES: std::cell::RefCell<AlignedF32> = std::cell::RefCell::new(AlignedF32::default());
 }
 
 /// Query rows per attention task.

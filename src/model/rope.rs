@@ -79,19 +79,15 @@ impl Rope {
     /// Rotate every head of `x [T, heads*head_dim]` in place; row `t` is at
     /// position `start + t`.
     pub fn apply(&self, x: &mut [f32], heads: usize, start: usize) {
+        use rayon::prelude::*;
         let half = self.inv_freq.len();
         let head_dim = 2 * half;
         let width = heads * head_dim;
-        let mut cos = vec![0f32; half];
-        let mut sin = vec![0f32; half];
-        for (t, row) in x.chunks_exact_mut(width).enumerate() {
+        let rotate = |(t, row): (usize, &mut [f32])| {
             let pos = (start + t) as f32;
-            for i in 0..half {
-                // f32 product then cos/sin, as transformers does in float32.
-                let angle = pos * self.inv_freq[i];
-                cos[i] = angle.cos();
-                sin[i] = angle.sin();
-            }
+            // f32 product then cos/sin, as transformers does in float32.
+            let (sin, cos): (Vec<f32>, Vec<f32>) =
+                self.inv_freq.iter().map(|&f| (pos * f).sin_cos()).unzip();
             for head in row.chunks_exact_mut(head_dim) {
                 let (a, b) = head.split_at_mut(half);
                 for i in 0..half {
@@ -100,6 +96,12 @@ impl Rope {
                     b[i] = x2 * cos[i] + x1 * sin[i];
                 }
             }
+        };
+        // Rows split over the thread pool when there are many.
+        if x.len() >= 1 << 14 {
+            x.par_chunks_exact_mut(width).enumerate().for_each(rotate);
+        } else {
+            x.chunks_exact_mut(width).enumerate().for_each(rotate);
         }
     }
 }
