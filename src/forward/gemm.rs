@@ -268,10 +268,11 @@ struct Job {
 unsafe impl Send for Job {}
 unsafe impl Sync for Job {}
 
-/// Terms per pass over the weight block: a larger `k` is split, each pass
-/// adding to the outputs of the one before.
+/// Most terms per pass over a weight block: a larger `k` is split into
+/// equal passes (multiples of 16 terms), each adding to the outputs of the
+/// one before.
 #[cfg(target_arch = "x86_64")]
-const DEPTH_BLOCK: usize = 512;
+const DEPTH_BLOCK: usize = 768;
 /// Bytes of weight rows one block keeps in the L1 cache.
 #[cfg(target_arch = "x86_64")]
 const BLOCK_BYTES: usize = 32 << 10;
@@ -281,11 +282,8 @@ impl Job {
     /// Outputs `f0..f1` of every row.
     #[target_feature(enable = "avx512f")]
     unsafe fn block(&self, f0: usize, f1: usize) {
-        let kc_max = if self.k <= DEPTH_BLOCK * 3 / 2 {
-            self.k
-        } else {
-            DEPTH_BLOCK
-        };
+        let passes = self.k.div_ceil(DEPTH_BLOCK);
+        let kc_max = self.k.div_ceil(passes).next_multiple_of(16);
         let mut kb = 0;
         while kb < self.k {
             let kc = kc_max.min(self.k - kb);
