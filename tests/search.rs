@@ -88,15 +88,21 @@ fn report_validates_against_its_schema_and_svgs_are_well_formed() {
     let schema =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas/search-report.schema.json");
     let svg = common::run_python("check_report.py", &[s(&out), s(&schema)]);
-    // One rectangle per contiguous range in the heatmap, beside the background.
-    let ranges = report["candidates"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["strategy"] == "contiguous")
-        .count();
+    // Every contiguous range is screened; one rectangle per range in the
+    // heatmap, beside the background.
+    let contiguous = |section: &str| {
+        report[section]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["strategy"] == "contiguous")
+            .count()
+    };
+    let ranges = contiguous("screened");
     assert_eq!(ranges, 4); // [0,2) [1,3) [2,4) [0,4)
     assert!(svg["svg"]["heatmap.svg"]["rect"].as_u64().unwrap() >= ranges as u64);
+    // Scored end to end: the closest two single pairs and the one 2-pair range.
+    assert_eq!(contiguous("candidates"), 3);
     assert!(svg["svg"]["pairs.svg"]["circle"].as_u64().unwrap() > 0);
     assert_eq!(report["depth_before"], 4);
     assert_eq!(report["depth_after"], 2);

@@ -207,20 +207,73 @@ impl<'m> Forward<'m> {
         self.run_steps(&plan.steps[at..], x, t, &mut cache, opts)
     }
 
+    /// The residual stream `x [T, hidden]` after `steps` (whole steps of a
+    /// plan, starting where `x` enters), without the final norm: how far a
+    /// changed span moves the stream, for the search's local screening.
+    pub fn advance(&self, steps: &[crate::plan::Step], x: Vec<f32>) -> Result<Vec<f32>> {
+        let t = x.len() / self.model.config.hidden_size;
+        let mut cache = KvCache::new(self.model.config.num_hidden_layers);
+        Ok(self.layers(steps, x, t, &mut cache, false)?.0)
+    }
+
+    /// [`Forward::advance`], keeping the stream before each step and after
+    /// the last.
+    pub fn advance_capturing(
+        &self,
+        steps: &[crate::plan::Step],
+        x: Vec<f32>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let t = x.len() / self.model.config.hidden_size;
+        let mut cache = KvCache::new(self.model.config.num_hidden_layers);
+        let (x, mut residuals) = self.layers(steps, x, t, &mut cache, true)?;
+        residuals.push(x);
+        Ok(residuals)
+    }
+
     fn run_steps(
         &self,
         steps: &[crate::plan::Step],
-        mut x: Vec<f32>,
+        x: Vec<f32>,
         t: usize,
         cache: &mut KvCache,
         opts: Options,
     ) -> Result<Output> {
         let cfg = &self.model.config;
         let h = cfg.hidden_size;
+        let (x, mut residuals) = self.layers(steps, x, t, cache, opts.capture_residuals)?;
+        if opts.capture_residuals {
+            residuals.push(x.clone());
+        }
+        let final_hidden = rms_norm(&x, &self.model.norm, cfg.rms_norm_eps);
+        let logits = match opts.logits {
+            Logits::All => matmul_t(&final_hidden, t, self.model.lm_head()),
+            Logits::Last if t > 0 => {
+                matmul_t(&final_hidden[(t - 1) * h..], 1, self.model.lm_head())
+            }
+            _ => Vec::new(),
+        };
+        Ok(Output {
+            logits,
+            final_hidden,
+            residuals,
+        })
+    }
+
+    /// `steps` over `x`, appending to `cache`; the stream before each step
+    /// when `capture`.
+    fn layers(
+        &self,
+        steps: &[crate::plan::Step],
+        mut x: Vec<f32>,
+        t: usize,
+        cache: &mut KvCache,
+        capture: bool,
+    ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        let cfg = &self.model.config;
         let start = cache.len;
         let mut residuals = Vec::new();
         for step in steps {
-            if opts.capture_residuals {
+            if capture {
                 residuals.push(x.clone());
             }
             let layers = step.layers();
@@ -250,23 +303,8 @@ impl<'m> Forward<'m> {
             }
             x = y;
         }
-        if opts.capture_residuals {
-            residuals.push(x.clone());
-        }
         cache.len += t;
-        let final_hidden = rms_norm(&x, &self.model.norm, cfg.rms_norm_eps);
-        let logits = match opts.logits {
-            Logits::All => matmul_t(&final_hidden, t, self.model.lm_head()),
-            Logits::Last if t > 0 => {
-                matmul_t(&final_hidden[(t - 1) * h..], 1, self.model.lm_head())
-            }
-            _ => Vec::new(),
-        };
-        Ok(Output {
-            logits,
-            final_hidden,
-            residuals,
-        })
+        Ok((x, residuals))
     }
 
     /// Grouped-query causal attention of one layer on normed input `xn [T, H]`.
@@ -349,7 +387,12 @@ impl<'m> Forward<'m> {
                     w: &keys[g * hd..],
                     w_stride: kvw,
                 }
-                .run(&mut scores[..scores_len], sp, false, Causal::Outputs { first });
+                .run(
+                    &mut scores[..scores_len],
+                    sp,
+                    false,
+                    Causal::Outputs { first },
+                );
                 for (i, row) in scores[..scores_len].chunks_exact_mut(sp).enumerate() {
                     let pos = first + i;
                     let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));

@@ -180,6 +180,28 @@ pub fn softmax_within(row: &mut [f32], lo: usize, hi: usize) {
     row[hi + 1..].fill(0.0);
 }
 
+/// `sum_i exp(v_i - shift)` accumulated in f64 (each term in f32, within
+/// about an ulp): the normaliser of a softmax over a vocabulary.
+pub fn sum_exp(v: &[f32], shift: f32) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: avx512f was just detected.
+        return unsafe { simd::sum_exp(v, shift) };
+    }
+    v.iter().map(|&x| ((x - shift) as f64).exp()).sum()
+}
+
+/// `sum_i a_i b_i` accumulated in f64.
+pub fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "dot product of different lengths");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: avx512f was just detected.
+        return unsafe { simd::dot_f64(a, b) };
+    }
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
 /// `v = exp(v - max)` in place; returns the sum.
 #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
 fn exp_shifted(v: &mut [f32], max: f32) -> f32 {
@@ -234,12 +256,7 @@ mod simd {
     unsafe fn each(v: &mut [f32], g: &[f32], f: impl Fn(__m512, __m512) -> __m512) {
         let mut i = 0;
         while i < v.len() {
-            let left = v.len() - i;
-            let mask: __mmask16 = if left >= 16 {
-                0xffff
-            } else {
-                ((1u32 << left) - 1) as __mmask16
-            };
+            let mask = lanes(v.len() - i);
             let a = _mm512_maskz_loadu_ps(mask, v.as_ptr().add(i));
             let b = _mm512_maskz_loadu_ps(mask, g.as_ptr().add(i));
             _mm512_mask_storeu_ps(v.as_mut_ptr().add(i), mask, f(a, b));
@@ -271,6 +288,58 @@ mod simd {
         }
     }
 
+    /// The mask of the first `left` of 16 lanes (all of them past 16).
+    #[inline]
+    fn lanes(left: usize) -> __mmask16 {
+        if left >= 16 {
+            0xffff
+        } else {
+            ((1u32 << left) - 1) as __mmask16
+        }
+    }
+
+    /// `sum exp(v - shift)`: exponentials in f32, sums in 8 f64 lanes.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn sum_exp(v: &[f32], shift: f32) -> f64 {
+        let s = _mm512_set1_ps(shift);
+        let (mut lo, mut hi) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+        let mut i = 0;
+        while i < v.len() {
+            let mask = lanes(v.len() - i);
+            let x = _mm512_maskz_loadu_ps(mask, v.as_ptr().add(i));
+            let e = _mm512_maskz_mov_ps(mask, exp(_mm512_sub_ps(x, s)));
+            lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+            hi = _mm512_add_pd(
+                hi,
+                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                    _mm512_castps_pd(e),
+                ))),
+            );
+            i += 16;
+        }
+        _mm512_reduce_add_pd(_mm512_add_pd(lo, hi))
+    }
+
+    /// `sum a b` in 8 f64 lanes.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+        let mut acc = _mm512_setzero_pd();
+        let mut i = 0;
+        while i < a.len() {
+            let left = a.len() - i;
+            let mask: __mmask8 = if left >= 8 {
+                0xff
+            } else {
+                ((1u32 << left) - 1) as __mmask8
+            };
+            let x = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mask, a.as_ptr().add(i)));
+            let y = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mask, b.as_ptr().add(i)));
+            acc = _mm512_fmadd_pd(x, y, acc);
+            i += 8;
+        }
+        _mm512_reduce_add_pd(acc)
+    }
+
     /// `v = exp(v - max)`; returns the sum (in 16 lanes, then across them).
     #[target_feature(enable = "avx512f")]
     pub unsafe fn exp_shifted(v: &mut [f32], max: f32) -> f32 {
@@ -278,12 +347,7 @@ mod simd {
         let mut sum = _mm512_setzero_ps();
         let mut i = 0;
         while i < v.len() {
-            let left = v.len() - i;
-            let mask: __mmask16 = if left >= 16 {
-                0xffff
-            } else {
-                ((1u32 << left) - 1) as __mmask16
-            };
+            let mask = lanes(v.len() - i);
             let x = _mm512_maskz_loadu_ps(mask, v.as_ptr().add(i));
             let e = _mm512_maskz_mov_ps(mask, exp(_mm512_sub_ps(x, shift)));
             _mm512_mask_storeu_ps(v.as_mut_ptr().add(i), mask, e);

@@ -1,9 +1,10 @@
 //! Search-report artifacts: `search-report.json` (schema:
 //! `schemas/search-report.schema.json`), `search-report.md`, and two plots
 //! drawn with `plotters`: `heatmap.svg` (contiguous ranges, start x end,
-//! coloured by the metric, the landscape of the paper's figure) and
-//! `pairs.svg` (the cost of each single pair along depth; the metric against
-//! the number of pairs for each strategy).
+//! coloured by the deviation of the residual stream at their end, the
+//! landscape of the paper's figure) and `pairs.svg` (the deviation after each
+//! single pair along depth; the best metric against the number of pairs for
+//! each strategy).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -13,7 +14,7 @@ use serde::Serialize;
 
 use crate::plan::Plan;
 use crate::search::calib::Calibration;
-use crate::search::strategy::{Budget, Candidate, Metric, Strategy};
+use crate::search::strategy::{Budget, Candidate, Metric, Screened, Strategy};
 use crate::search::{BestAtPairs, SearchOutcome};
 use crate::{Error, Result};
 
@@ -86,6 +87,7 @@ pub struct SearchReport {
     pub protect_first: usize,
     pub protect_last: usize,
     pub candidates: Vec<Candidate>,
+    pub screened: Vec<Screened>,
     pub best_by_pairs: Vec<BestAtPairs>,
     pub chosen_plan: Plan,
     pub chosen: Candidate,
@@ -182,6 +184,7 @@ impl SearchReport {
             protect_first: protect.0,
             protect_last: protect.1,
             candidates: outcome.candidates.clone(),
+            screened: outcome.screened.clone(),
             best_by_pairs: outcome.best_by_pairs.clone(),
             chosen_plan: outcome.chosen.plan.clone(),
             chosen: outcome.chosen.clone(),
@@ -345,8 +348,9 @@ impl SearchReport {
         }
         let _ = writeln!(
             s,
-            "\n## Cost\n\n{} candidates scored in {:.1} s = {:.2}x one forward pass over the \
-             calibration tokens ({:.2} s).\n",
+            "\n## Cost\n\n{} plans screened, {} scored end to end, in {:.1} s = {:.2}x one \
+             forward pass over the calibration tokens ({:.2} s).\n",
+            self.screened.len(),
             self.candidates.len(),
             self.timings.search_s,
             self.timings.search_forward_multiple,
@@ -354,7 +358,7 @@ impl SearchReport {
         );
         let _ = writeln!(
             s,
-            "Plots: `heatmap.svg` (contiguous ranges), `pairs.svg` (single pairs along depth; metric against pairs)."
+            "Plots: `heatmap.svg` (contiguous ranges: deviation at their end), `pairs.svg` (single pairs along depth: deviation after them; best metric against pairs)."
         );
         if let Some(v) = &self.validation {
             let _ = writeln!(
@@ -442,16 +446,11 @@ impl SearchReport {
     }
 
     fn heatmap(&self, path: &Path) -> Result<()> {
-        let m = self.metric;
         let cells: Vec<(usize, usize, f64)> = self
-            .candidates
+            .screened
             .iter()
             .filter(|c| c.strategy == Strategy::Contiguous)
-            .map(|c| {
-                let s = c.groups.first().map_or(0, |g| g.0);
-                let e = c.groups.last().map_or(0, |g| g.1 + 1);
-                (s, e, m.of(&c.scores))
-            })
+            .map(|c| (c.first_changed_layer, c.span_end, c.deviation))
             .collect();
         let l = self.model.layers;
         let (lo, hi) = cells
@@ -463,13 +462,11 @@ impl SearchReport {
             let root = SVGBackend::new(path, (720, 640)).into_drawing_area();
             root.fill(&WHITE)?;
             let title = if cells.is_empty() {
-                "contiguous ranges: none scored (strategy contiguous not run)".to_string()
+                "contiguous ranges: none screened (strategy contiguous not run)".to_string()
             } else {
                 format!(
-                    "contiguous ranges [start, end): {} ({:.4} .. {:.4})",
-                    m.name(),
-                    lo,
-                    hi
+                    "contiguous ranges [start, end): deviation at the end ({:.4} .. {:.4})",
+                    lo, hi
                 )
             };
             let mut chart = ChartBuilder::on(&root)
@@ -485,8 +482,12 @@ impl SearchReport {
                 .disable_mesh()
                 .draw()?;
             chart.draw_series(cells.iter().map(|&(s, e, v)| {
-                let t = if hi > lo { (v - lo) / (hi - lo) } else { 1.0 };
-                let t = if m == Metric::Kl { 1.0 - t } else { t };
+                // Low deviation (close to the original) bright.
+                let t = if hi > lo {
+                    1.0 - (v - lo) / (hi - lo)
+                } else {
+                    1.0
+                };
                 Rectangle::new([(s, e), (s + 1, e - 1)], colour(t).filled())
             }))?;
             root.present()?;
@@ -497,32 +498,35 @@ impl SearchReport {
 
     fn pairs_plot(&self, path: &Path) -> Result<()> {
         let m = self.metric;
+        // Every single pair's deviation from the original at its end.
         let singles: Vec<(usize, f64)> = {
             let mut v: Vec<(usize, f64)> = self
-                .candidates
+                .screened
                 .iter()
                 .filter(|c| c.pairs == 1)
-                .map(|c| (c.groups[0].0, m.of(&c.scores)))
+                .map(|c| (c.first_changed_layer, c.deviation))
                 .collect();
             v.sort_by_key(|x| x.0);
             v.dedup_by_key(|x| x.0);
             v
         };
         let l = self.model.layers;
-        let values: Vec<f64> = self
-            .candidates
-            .iter()
-            .map(|c| m.of(&c.scores))
-            .chain(self.best_by_pairs.iter().map(|b| b.value))
-            .collect();
-        let lo = values.iter().cloned().fold(f64::INFINITY, f64::min);
-        let hi = values.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let (lo, hi) = if hi > lo {
-            (lo, hi)
-        } else {
-            (lo - 0.5, hi + 0.5)
+        let range = |values: &mut dyn Iterator<Item = f64>| {
+            let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+                (a.min(v), b.max(v))
+            });
+            let (lo, hi) = if hi > lo {
+                (lo, hi)
+            } else if lo.is_finite() {
+                (lo - 0.5, hi + 0.5)
+            } else {
+                (0.0, 1.0)
+            };
+            let pad = (hi - lo) * 0.05;
+            (lo - pad)..(hi + pad)
         };
-        let pad = (hi - lo) * 0.05;
+        let single_range = range(&mut singles.iter().map(|x| x.1));
+        let best_range = range(&mut self.best_by_pairs.iter().map(|b| b.value));
         let max_pairs = self
             .best_by_pairs
             .iter()
@@ -535,16 +539,16 @@ impl SearchReport {
             let (top, bottom) = root.split_vertically(360);
             let mut a = ChartBuilder::on(&top)
                 .caption(
-                    format!("cost of each single pair (i, i+1): {}", m.name()),
+                    "each single pair (i, i+1): deviation of the stream after it",
                     ("sans-serif", 18),
                 )
                 .margin(12)
                 .x_label_area_size(36)
                 .y_label_area_size(60)
-                .build_cartesian_2d(0..l, (lo - pad)..(hi + pad))?;
+                .build_cartesian_2d(0..l, single_range.clone())?;
             a.configure_mesh()
                 .x_desc("first layer of the pair")
-                .y_desc(m.name())
+                .y_desc("deviation")
                 .draw()?;
             a.draw_series(LineSeries::new(singles.iter().cloned(), &BLUE))?;
             a.draw_series(
@@ -560,7 +564,7 @@ impl SearchReport {
                 .margin(12)
                 .x_label_area_size(36)
                 .y_label_area_size(60)
-                .build_cartesian_2d(0..max_pairs + 1, (lo - pad)..(hi + pad))?;
+                .build_cartesian_2d(0..max_pairs + 1, best_range.clone())?;
             b.configure_mesh().x_desc("pairs").y_desc(m.name()).draw()?;
             for (k, s) in self.strategies.iter().enumerate() {
                 let colour = [&RED, &BLUE, &GREEN][k % 3];

@@ -27,8 +27,7 @@ pub use crate::forward::ops::argmax;
 /// `log sum exp` of a row, accumulated in f64.
 fn log_sum_exp(row: &[f32]) -> f64 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-    max as f64 + sum.ln()
+    max as f64 + crate::forward::ops::sum_exp(row, max).ln()
 }
 
 /// Sums of a plan's metrics against the original over positions: cosine of
@@ -75,25 +74,24 @@ pub struct Reference {
 impl Reference {
     /// From the original's `logits [T, vocab]` and `final_hidden [T, hidden]`.
     pub fn new(logits: &[f32], final_hidden: Vec<f32>, vocab: usize) -> Reference {
-        let t = logits.len() / vocab;
+        use rayon::prelude::*;
         let mut probs = vec![0f32; logits.len()];
-        let mut neg_entropy = Vec::with_capacity(t);
-        let mut arg = Vec::with_capacity(t);
-        for (row, p) in logits
-            .chunks_exact(vocab)
-            .zip(probs.chunks_exact_mut(vocab))
-        {
-            let lse = log_sum_exp(row);
-            let mut ne = 0f64;
-            for (pv, &l) in p.iter_mut().zip(row) {
-                let lp = l as f64 - lse;
-                let pr = lp.exp();
-                *pv = pr as f32;
-                ne += pr * lp;
-            }
-            neg_entropy.push(ne);
-            arg.push(argmax(row));
-        }
+        // Rows split over the thread pool.
+        let (neg_entropy, arg): (Vec<f64>, Vec<usize>) = logits
+            .par_chunks_exact(vocab)
+            .zip(probs.par_chunks_exact_mut(vocab))
+            .map(|(row, p)| {
+                let lse = log_sum_exp(row);
+                let mut ne = 0f64;
+                for (pv, &l) in p.iter_mut().zip(row) {
+                    let lp = l as f64 - lse;
+                    let pr = lp.exp();
+                    *pv = pr as f32;
+                    ne += pr * lp;
+                }
+                (ne, argmax(row))
+            })
+            .unzip();
         Reference {
             probs,
             neg_entropy,
@@ -112,7 +110,7 @@ impl Reference {
         for (pos, row) in logits.chunks_exact(vocab).enumerate() {
             let p = &self.probs[pos * vocab..(pos + 1) * vocab];
             // KL(p || q) = sum p log p - sum p l + logsumexp(l)
-            let dot: f64 = p.iter().zip(row).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let dot = crate::forward::ops::dot_f64(p, row);
             s.kl += self.neg_entropy[pos] - dot + log_sum_exp(row);
             s.top1 += usize::from(argmax(row) == self.argmax[pos]);
             let span = pos * width..(pos + 1) * width;

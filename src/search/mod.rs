@@ -264,7 +264,10 @@ pub struct SearchTimings {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SearchOutcome {
+    /// Plans scored end to end.
     pub candidates: Vec<strategy::Candidate>,
+    /// Every plan the strategies considered, with its local measure.
+    pub screened: Vec<strategy::Screened>,
     pub chosen: strategy::Candidate,
     pub reason: String,
     pub best_by_pairs: Vec<BestAtPairs>,
@@ -294,23 +297,20 @@ pub fn search(
             e => e,
         })?;
     let one_forward_s = t0.elapsed().as_secs_f64();
-    let scorer = Scorer {
-        forward,
-        cache: &cache,
-        progress,
-    };
+    let scorer = Scorer::new(forward, &cache, progress);
     let stop = match opts.budget {
         Budget::MinSimilarity(x) => Some(x),
         _ => None,
     };
     let mut candidates = Vec::new();
+    let mut screened = Vec::new();
     let mut multiples = Vec::new();
     let t1 = Instant::now();
     for &s in &opts.strategies {
         progress.set_message(s.name());
         let ts = Instant::now();
-        let found = match s {
-            Strategy::Contiguous => scorer.contiguous(&opts.space, opts.metric)?,
+        let (found, seen) = match s {
+            Strategy::Contiguous => scorer.contiguous(&opts.space, want)?,
             Strategy::Greedy => scorer.beam(&opts.space, 1, want, opts.metric, stop)?,
             Strategy::Beam => {
                 scorer.beam(&opts.space, opts.beam_width.max(2), want, opts.metric, stop)?
@@ -318,9 +318,44 @@ pub fn search(
         };
         multiples.push((s, ts.elapsed().as_secs_f64() / one_forward_s));
         candidates.extend(found);
+        screened.extend(seen);
     }
-    let search_s = t1.elapsed().as_secs_f64();
     let metric = opts.metric;
+    // The plan the budget chooses is scored again on every window and
+    // position (for a similarity floor: from the most pairs down, until one
+    // still meets it there).
+    progress.set_message("the chosen plan on every window");
+    let mut finish = |pairs: usize| -> Result<Option<strategy::Candidate>> {
+        let Some(c) = best_with(&candidates, pairs, metric, None) else {
+            return Ok(None);
+        };
+        let mut c = c.clone();
+        scorer.finish(&mut c)?;
+        if let Some(slot) = candidates
+            .iter_mut()
+            .find(|x| x.plan == c.plan && x.strategy == c.strategy)
+        {
+            *slot = c.clone();
+        }
+        Ok(Some(c))
+    };
+    let finished = match opts.budget {
+        Budget::MinSimilarity(x) => {
+            let mut found = None;
+            for k in (1..=want).rev() {
+                if let Some(c) = finish(k)? {
+                    if metric.meets(metric.of(&c.scores), x) {
+                        found = Some(c);
+                        break;
+                    }
+                }
+            }
+            found
+        }
+        _ => finish(want)?,
+    };
+    let _ = finished;
+    let search_s = t1.elapsed().as_secs_f64();
     let mut best_by_pairs = Vec::new();
     for pairs in 1..=opts.space.max_pairs() {
         for &s in &opts.strategies {
@@ -384,6 +419,7 @@ pub fn search(
         };
     Ok(SearchOutcome {
         candidates,
+        screened,
         chosen,
         reason,
         best_by_pairs,

@@ -7,9 +7,12 @@
 //!   least each round, re-scored end to end;
 //! - `beam`: the same with the `B` best plans kept each round.
 //!
-//! Metrics per candidate (means over all calibration positions): cosine of
-//! final hidden states (after the final norm), KL(original || candidate) of
-//! next-token distributions, top-1 agreement.
+//! Every plan a strategy considers is first screened by a local measure (how
+//! far its changed span moves the residual stream, [`Screened`]); only the
+//! closest are scored end to end ([`Stages`]). Metrics per scored candidate
+//! (means over the positions scored): cosine of final hidden states (after
+//! the final norm), KL(original || candidate) of next-token distributions,
+//! top-1 agreement.
 
 use indicatif::ProgressBar;
 use rayon::prelude::*;
@@ -19,7 +22,7 @@ use super::cache::ActivationCache;
 use super::metrics::{Reference, Similarity};
 use crate::forward::ops::{matmul_t, rms_norm};
 use crate::forward::{Forward, Logits, Options};
-use crate::plan::Plan;
+use crate::plan::{ParallelGroup, Plan, Step};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -118,8 +121,9 @@ pub struct Candidate {
     pub pairs: usize,
     pub depth: usize,
     pub first_changed_layer: usize,
-    /// Calibration windows this candidate was scored on (racing drops the
-    /// clearly worse candidates of a round early).
+    /// Calibration windows this candidate was scored on end to end: the
+    /// scoring stage's ([`Stages`]), or all of them for the plan the budget
+    /// chooses.
     pub windows: usize,
     #[serde(flatten)]
     pub scores: Scores,
@@ -147,208 +151,427 @@ impl SearchSpace {
     }
 }
 
+/// A plan a strategy considered, screened by the local measure: how far its
+/// changed span moves the residual stream at the span's end, before the rest
+/// of the network. Every contiguous range and every greedy extension is
+/// screened; only the closest go on to be scored end to end ([`Candidate`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Screened {
+    pub plan: Plan,
+    pub strategy: Strategy,
+    pub pairs: usize,
+    pub first_changed_layer: usize,
+    /// The layer boundary the deviation is measured at: the end of the
+    /// changed span (of the pair added, in a greedy or beam round).
+    pub span_end: usize,
+    /// Mean over positions of `|r - r0|^2 / |r0|^2`, `r` the plan's residual
+    /// stream at `span_end` and `r0` the original's (a greedy or beam round:
+    /// the base plan's, so that it measures the pair added).
+    pub deviation: f64,
+    /// Calibration windows it was measured on.
+    pub windows: usize,
+}
+
+/// How much of the calibration each stage of the search reads.
+///
+/// 1. screening: the local measure ([`Screened`]) on the first `1/16` of the
+///    windows;
+/// 2. scoring: the closest few per pair count (contiguous) or per round
+///    (greedy, beam) end to end on the first `1/8` of the windows, with
+///    logits, KL and top-1 at every 4th position (the LM head and the
+///    metrics are a third of a candidate's cost);
+/// 3. the plan the budget chooses: every window, every position
+///    ([`Scorer::finish`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Stages {
+    pub screen_windows: usize,
+    pub score_windows: usize,
+    pub score_stride: usize,
+}
+
+impl Stages {
+    pub fn of(windows: usize) -> Stages {
+        Stages {
+            screen_windows: (windows / 16).max(1),
+            score_windows: (windows / 8).max(1),
+            score_stride: 4,
+        }
+    }
+}
+
+/// Contiguous ranges scored end to end per pair count, after screening.
+const CONTIGUOUS_SCORED: usize = 2;
+/// Extensions scored end to end per greedy round (beam: the width plus this
+/// less one), after screening.
+const ROUND_SCORED: usize = 3;
+
 /// Sums of one candidate's metrics over positions.
 #[derive(Debug, Clone, Copy, Default)]
 struct Sums {
     similarity: Similarity,
     /// Where the NaN/Inf watch stopped this candidate: (layer, sublayer).
-    non_finite: Option<(usize, &'static str)>,
+    non_finite: Option<NonFinite>,
 }
 
-/// The original on window `w` of the cache, from its last residual.
-fn reference(forward: &Forward, last_residual: &[f32]) -> Reference {
+/// Rows `stride - 1, 2 stride - 1, ...` of `x [T, width]` (all rows for 1).
+fn every(x: &[f32], width: usize, stride: usize) -> Vec<f32> {
+    if stride <= 1 {
+        return x.to_vec();
+    }
+    x.chunks_exact(width)
+        .skip(stride - 1)
+        .step_by(stride)
+        .flatten()
+        .copied()
+        .collect()
+}
+
+/// The original on one window from its last residual, at every `stride`-th
+/// position.
+fn reference(forward: &Forward, last_residual: &[f32], stride: usize) -> Reference {
     let cfg = &forward.model.config;
-    let final_hidden = rms_norm(last_residual, &forward.model.norm, cfg.rms_norm_eps);
+    let rows = every(last_residual, cfg.hidden_size, stride);
+    let final_hidden = rms_norm(&rows, &forward.model.norm, cfg.rms_norm_eps);
     let t = final_hidden.len() / cfg.hidden_size;
     let logits = matmul_t(&final_hidden, t, forward.model.lm_head());
     Reference::new(&logits, final_hidden, cfg.vocab_size)
 }
 
-/// One set's racing result.
+/// Mean over rows of `|r - r0|^2 / |r0|^2`, summed (and the row count).
+fn deviation(r: &[f32], r0: &[f32], width: usize) -> (f64, usize) {
+    let mut sum = 0f64;
+    let mut rows = 0;
+    for (a, b) in r.chunks_exact(width).zip(r0.chunks_exact(width)) {
+        let (mut d, mut n) = (0f64, 0f64);
+        for (&x, &y) in a.iter().zip(b) {
+            let (x, y) = (x as f64, y as f64);
+            d += (x - y) * (x - y);
+            n += y * y;
+        }
+        sum += if n > 0.0 { d / n } else { d };
+        rows += 1;
+    }
+    (sum, rows)
+}
+
+/// One set's end-to-end result.
 struct Scored {
     scores: Scores,
-    /// Windows it was scored on.
-    windows: usize,
-    non_finite: Option<(usize, &'static str)>,
+    non_finite: Option<NonFinite>,
 }
 
-/// Scores `groups_list` (each a set of pairs) on every cached window, in
-/// parallel over candidates.
+/// Scores plans against the original on the cached calibration windows.
 pub struct Scorer<'a> {
-    pub forward: &'a Forward<'a>,
-    pub cache: &'a ActivationCache,
-    pub progress: &'a ProgressBar,
+    forward: &'a Forward<'a>,
+    cache: &'a ActivationCache,
+    progress: &'a ProgressBar,
+    stages: Stages,
+    /// The original on the scoring stage's windows and positions, made once.
+    references: std::sync::OnceLock<Vec<Reference>>,
 }
 
-impl Scorer<'_> {
-    /// Add the metrics of `plans[i]` for `i` in `alive` over windows `range`.
-    fn accumulate(
-        &self,
-        plans: &[(Plan, usize)],
-        alive: &[usize],
-        range: std::ops::Range<usize>,
-        sums: &mut [Sums],
-    ) -> Result<()> {
+/// One plan to score: its pairs and its plan.
+struct Planned {
+    groups: Vec<(usize, usize)>,
+    plan: Plan,
+    first: usize,
+}
+
+impl<'a> Scorer<'a> {
+    pub fn new(
+        forward: &'a Forward<'a>,
+        cache: &'a ActivationCache,
+        progress: &'a ProgressBar,
+    ) -> Scorer<'a> {
+        Scorer {
+            forward,
+            cache,
+            progress,
+            stages: Stages::of(cache.len()),
+            references: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn layers(&self) -> usize {
+        self.forward.model.config.num_hidden_layers
+    }
+
+    fn planned(&self, mut groups: Vec<(usize, usize)>) -> Result<Planned> {
+        groups.sort();
+        let layers = self.layers();
+        let plan = Plan::from_pairs(layers, &groups)?;
+        let first = groups.first().map_or(layers, |g| g.0);
+        Ok(Planned {
+            groups,
+            plan,
+            first,
+        })
+    }
+
+    fn warn_dropped(&self, plan: &Plan, (layer, sublayer): NonFinite) {
+        self.progress.suspend(|| {
+            eprintln!(
+                "warning: plan `{plan}` dropped: {}",
+                Error::NonFinite { layer, sublayer }
+            )
+        });
+    }
+
+    /// End-to-end scores of `plans` on the first `windows` windows, KL and
+    /// top-1 at every `stride`-th position, in parallel over plans.
+    fn score(&self, plans: &[&Planned], windows: usize, stride: usize) -> Result<Vec<Scored>> {
         let cfg = &self.forward.model.config;
         let layers = cfg.num_hidden_layers;
-        for w in range {
-            let original = reference(self.forward, &self.cache.residual(w, layers)?);
-            let per: Vec<Sums> = alive
+        let mut sums = vec![Sums::default(); plans.len()];
+        self.progress.inc_length((plans.len() * windows) as u64);
+        let st = self.stages;
+        let kept = (windows <= st.score_windows && stride == st.score_stride)
+            .then(|| -> Result<&Vec<Reference>> {
+                if let Some(r) = self.references.get() {
+                    return Ok(r);
+                }
+                let made = (0..st.score_windows)
+                    .map(|w| {
+                        Ok(reference(
+                            self.forward,
+                            &self.cache.residual(w, layers)?,
+                            stride,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(self.references.get_or_init(|| made))
+            })
+            .transpose()?;
+        for w in 0..windows {
+            let made;
+            let original = match kept {
+                Some(r) => &r[w],
+                None => {
+                    made = reference(self.forward, &self.cache.residual(w, layers)?, stride);
+                    &made
+                }
+            };
+            let per: Vec<Sums> = plans
                 .par_iter()
-                .map(|&i| -> Result<Sums> {
-                    let (plan, first) = &plans[i];
-                    let x = self.cache.residual(w, *first)?;
+                .zip(&sums)
+                .map(|(p, so_far)| -> Result<Sums> {
+                    if so_far.non_finite.is_some() {
+                        self.progress.inc(1);
+                        return Ok(Sums::default());
+                    }
+                    let x = self.cache.residual(w, p.first)?;
                     let out = self.forward.run_from(
-                        plan,
-                        *first,
+                        &p.plan,
+                        p.first,
                         x,
                         Options {
-                            logits: Logits::All,
+                            logits: Logits::None,
                             capture_residuals: false,
                         },
                     );
-                    self.progress.inc(1);
-                    match out {
-                        Ok(out) => Ok(Sums {
-                            similarity: original.compare(&out.final_hidden, &out.logits),
-                            non_finite: None,
-                        }),
+                    let result = match out {
+                        Ok(out) => {
+                            let hidden = every(&out.final_hidden, cfg.hidden_size, stride);
+                            let t = hidden.len() / cfg.hidden_size;
+                            let logits = matmul_t(&hidden, t, self.forward.model.lm_head());
+                            Ok(Sums {
+                                similarity: original.compare(&hidden, &logits),
+                                non_finite: None,
+                            })
+                        }
                         Err(Error::NonFinite { layer, sublayer }) => Ok(Sums {
                             non_finite: Some((layer, sublayer)),
                             ..Sums::default()
                         }),
                         Err(e) => Err(e),
-                    }
+                    };
+                    self.progress.inc(1);
+                    result
                 })
                 .collect::<Result<_>>()?;
-            for (&i, s) in alive.iter().zip(per) {
-                let acc = &mut sums[i];
+            for (acc, s) in sums.iter_mut().zip(per) {
                 acc.non_finite = acc.non_finite.or(s.non_finite);
                 acc.similarity.add(&s.similarity);
             }
         }
-        Ok(())
-    }
-
-    /// Score every set by racing: all on the first W/16 windows, then within
-    /// each group (same pair count) the best quarter on W/4, and the best
-    /// quarter of those on all W windows. Returns scores and windows used.
-    fn score(&self, sets: &[Vec<(usize, usize)>], metric: Metric) -> Result<Vec<Scored>> {
-        let layers = self.forward.model.config.num_hidden_layers;
-        let plans: Vec<(Plan, usize)> = sets
-            .iter()
-            .map(|g| {
-                let first = g.iter().map(|p| p.0).min().unwrap_or(layers);
-                Plan::from_pairs(layers, g).map(|p| (p, first))
-            })
-            .collect::<Result<_>>()?;
-        let total = self.cache.len();
-        let mut schedule = vec![(total / 16).max(1), (total / 4).max(1), total];
-        schedule.dedup();
-        let mut sums = vec![Sums::default(); plans.len()];
-        let mut used = vec![0usize; plans.len()];
-        let mut alive: Vec<usize> = (0..plans.len()).collect();
-        let mut done = 0;
-        let mean = |s: &Sums| Scores {
-            cosine: s.similarity.mean_cosine(),
-            kl: s.similarity.mean_kl(),
-            top1_agreement: s.similarity.top1_agreement(),
-        };
-        for (stage, &upto) in schedule.iter().enumerate() {
-            if stage > 0 {
-                // Keep the best quarter (at least one) of each pair count.
-                let mut keep = Vec::new();
-                let mut by_pairs: std::collections::BTreeMap<usize, Vec<usize>> =
-                    Default::default();
-                for &i in &alive {
-                    by_pairs.entry(sets[i].len()).or_default().push(i);
-                }
-                for (_, mut group) in by_pairs {
-                    group.sort_by(|&a, &b| {
-                        let (x, y) = (metric.of(&mean(&sums[a])), metric.of(&mean(&sums[b])));
-                        metric.order(x, y).then(a.cmp(&b))
-                    });
-                    group.truncate(group.len().div_ceil(4));
-                    keep.extend(group);
-                }
-                keep.sort();
-                alive = keep;
-            }
-            self.progress
-                .inc_length((alive.len() * (upto - done)) as u64);
-            self.accumulate(&plans, &alive, done..upto, &mut sums)?;
-            alive.retain(|&i| sums[i].non_finite.is_none());
-            for &i in &alive {
-                used[i] = upto;
-            }
-            done = upto;
-        }
         Ok(sums
             .iter()
-            .zip(used)
-            .map(|(s, u)| Scored {
-                scores: mean(s),
-                windows: u,
+            .map(|s| Scored {
+                scores: Scores {
+                    cosine: s.similarity.mean_cosine(),
+                    kl: s.similarity.mean_kl(),
+                    top1_agreement: s.similarity.top1_agreement(),
+                },
                 non_finite: s.non_finite,
             })
             .collect())
     }
 
-    fn candidates(
-        &self,
-        sets: Vec<Vec<(usize, usize)>>,
-        strategy: Strategy,
-        metric: Metric,
-    ) -> Result<Vec<Candidate>> {
-        let layers = self.forward.model.config.num_hidden_layers;
-        let scores = self.score(&sets, metric)?;
+    /// Score `plans` at the scoring stage; plans that go non-finite are
+    /// reported and dropped.
+    fn candidates(&self, plans: Vec<Planned>, strategy: Strategy) -> Result<Vec<Candidate>> {
+        let refs: Vec<&Planned> = plans.iter().collect();
+        let st = self.stages;
+        let scored = self.score(&refs, st.score_windows, st.score_stride)?;
         let mut out = Vec::new();
-        for (mut groups, scored) in sets.into_iter().zip(scores) {
-            groups.sort();
-            let plan = Plan::from_pairs(layers, &groups)?;
-            if let Some((layer, sublayer)) = scored.non_finite {
-                // Reported, never chosen.
-                self.progress.suspend(|| {
-                    eprintln!(
-                        "warning: plan `{plan}` dropped: {}",
-                        Error::NonFinite { layer, sublayer }
-                    )
-                });
+        for (p, s) in plans.into_iter().zip(scored) {
+            if let Some(nf) = s.non_finite {
+                self.warn_dropped(&p.plan, nf);
                 continue;
             }
-            let Scored {
-                scores, windows, ..
-            } = scored;
             out.push(Candidate {
-                depth: plan.depth(),
-                plan,
+                depth: p.plan.depth(),
+                plan: p.plan,
                 strategy,
-                pairs: groups.len(),
-                first_changed_layer: groups.first().map_or(layers, |g| g.0),
-                windows,
-                scores,
-                groups,
+                pairs: p.groups.len(),
+                first_changed_layer: p.first,
+                windows: st.score_windows,
+                scores: s.scores,
+                groups: p.groups,
             });
         }
         Ok(out)
     }
 
-    /// Every even-length range `[s, e)` inside the search space.
-    pub fn contiguous(&self, space: &SearchSpace, metric: Metric) -> Result<Vec<Candidate>> {
+    /// Score `c` again on every window at every position: the plan the
+    /// budget chooses, so that its scores are those `depthc eval` gives.
+    pub fn finish(&self, c: &mut Candidate) -> Result<()> {
+        let p = self.planned(c.groups.clone())?;
+        let all = self.cache.len();
+        let s = self.score(&[&p], all, 1)?.remove(0);
+        if let Some(nf) = s.non_finite {
+            return Err(Error::NonFinite {
+                layer: nf.0,
+                sublayer: nf.1,
+            });
+        }
+        c.scores = s.scores;
+        c.windows = all;
+        Ok(())
+    }
+
+    /// Every even-length range `[s, e)` inside the search space, screened;
+    /// the closest [`CONTIGUOUS_SCORED`] of each pair count up to
+    /// `max_scored` scored end to end.
+    pub fn contiguous(
+        &self,
+        space: &SearchSpace,
+        max_scored: usize,
+    ) -> Result<(Vec<Candidate>, Vec<Screened>)> {
         let (lo, hi) = space.range();
-        let mut sets = Vec::new();
-        for s in lo..hi {
-            let mut e = s + 2;
-            while e <= hi {
-                sets.push((s..e).step_by(2).map(|a| (a, a + 1)).collect());
-                e += 2;
+        let h = self.forward.model.config.hidden_size;
+        let windows = self.stages.screen_windows.min(self.cache.len());
+        let starts: Vec<usize> = (lo..hi.saturating_sub(1)).collect();
+        self.progress.inc_length((starts.len() * windows) as u64);
+        // Per start: the ranges [s, s + 2j), each pair run on the stream the
+        // shorter range left (the ranges from one start share their prefix).
+        type Runs = Vec<(usize, f64, usize, Option<NonFinite>)>;
+        let per_start: Vec<Runs> = starts
+            .par_iter()
+            .map(|&s| -> Result<Runs> {
+                let mut runs: Runs = Vec::new();
+                for w in 0..windows {
+                    let mut x = self.cache.residual(w, s)?;
+                    let mut e = s;
+                    let mut j = 0;
+                    while e + 2 <= hi {
+                        if runs.get(j).is_some_and(|r| r.3.is_some()) {
+                            break;
+                        }
+                        let step = Step::Parallel(ParallelGroup {
+                            layers: vec![e, e + 1],
+                        });
+                        e += 2;
+                        if runs.len() <= j {
+                            runs.push((e, 0.0, 0, None));
+                        }
+                        match self.forward.advance(std::slice::from_ref(&step), x) {
+                            Ok(y) => {
+                                let (d, n) = deviation(&y, &self.cache.residual(w, e)?, h);
+                                runs[j].1 += d;
+                                runs[j].2 += n;
+                                x = y;
+                            }
+                            Err(Error::NonFinite { layer, sublayer }) => {
+                                // This range and every longer one from s.
+                                for r in runs.iter_mut().skip(j) {
+                                    r.3 = Some((layer, sublayer));
+                                }
+                                while e + 2 <= hi {
+                                    e += 2;
+                                    runs.push((e, 0.0, 0, Some((layer, sublayer))));
+                                }
+                                break;
+                            }
+                            Err(err) => return Err(err),
+                        }
+                        j += 1;
+                    }
+                    self.progress.inc(1);
+                }
+                Ok(runs)
+            })
+            .collect::<Result<_>>()?;
+        let mut screened = Vec::new();
+        for (&s, runs) in starts.iter().zip(per_start) {
+            for (e, d, n, nf) in runs {
+                let groups: Vec<(usize, usize)> = (s..e).step_by(2).map(|a| (a, a + 1)).collect();
+                let p = self.planned(groups)?;
+                if let Some(nf) = nf {
+                    self.warn_dropped(&p.plan, nf);
+                    continue;
+                }
+                screened.push((
+                    p,
+                    Screened {
+                        plan: Plan::sequential(0),
+                        strategy: Strategy::Contiguous,
+                        pairs: (e - s) / 2,
+                        first_changed_layer: s,
+                        span_end: e,
+                        deviation: d / n.max(1) as f64,
+                        windows,
+                    },
+                ));
             }
         }
-        self.candidates(sets, Strategy::Contiguous, metric)
+        // The closest ranges of each pair count go on to be scored.
+        let mut by_pairs: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+        for (i, (_, sc)) in screened.iter().enumerate() {
+            by_pairs.entry(sc.pairs).or_default().push(i);
+        }
+        let mut chosen = Vec::new();
+        for (pairs, mut group) in by_pairs {
+            if pairs > max_scored {
+                continue;
+            }
+            group.sort_by(|&a, &b| {
+                screened[a]
+                    .1
+                    .deviation
+                    .total_cmp(&screened[b].1.deviation)
+                    .then(a.cmp(&b))
+            });
+            chosen.extend(group.into_iter().take(CONTIGUOUS_SCORED));
+        }
+        chosen.sort();
+        let mut to_score = Vec::new();
+        let mut out_screened = Vec::new();
+        for (i, (p, mut sc)) in screened.into_iter().enumerate() {
+            sc.plan = p.plan.clone();
+            out_screened.push(sc);
+            if chosen.binary_search(&i).is_ok() {
+                to_score.push(p);
+            }
+        }
+        let scored = self.candidates(to_score, Strategy::Contiguous)?;
+        Ok((scored, out_screened))
     }
 
     /// Greedy (`width == 1`) or beam search over disjoint adjacent pairs, up
-    /// to `max_pairs`; `stop` ends early once a round's best fails it.
+    /// to `max_pairs`: each round screens every free pair added to each kept
+    /// plan against that plan's stream, scores the closest end to end and
+    /// keeps the `width` best; `stop` ends early once a round's best fails it.
     pub fn beam(
         &self,
         space: &SearchSpace,
@@ -356,18 +579,22 @@ impl Scorer<'_> {
         max_pairs: usize,
         metric: Metric,
         stop: Option<f64>,
-    ) -> Result<Vec<Candidate>> {
+    ) -> Result<(Vec<Candidate>, Vec<Screened>)> {
         let strategy = if width <= 1 {
             Strategy::Greedy
         } else {
             Strategy::Beam
         };
         let (lo, hi) = space.range();
+        let h = self.forward.model.config.hidden_size;
+        let windows = self.stages.screen_windows.min(self.cache.len());
         let mut beam: Vec<Vec<(usize, usize)>> = vec![Vec::new()];
         let mut all = Vec::new();
+        let mut all_screened = Vec::new();
         for _ in 0..max_pairs {
-            let mut sets: Vec<Vec<(usize, usize)>> = Vec::new();
-            for base in &beam {
+            // (base index, pair added, pairs of the extension)
+            let mut ext: Vec<Extension> = Vec::new();
+            for (b, base) in beam.iter().enumerate() {
                 for a in lo..hi.saturating_sub(1) {
                     let free = base.iter().all(|&(x, y)| a > y || a + 1 < x);
                     if !free {
@@ -376,25 +603,98 @@ impl Scorer<'_> {
                     let mut s = base.clone();
                     s.push((a, a + 1));
                     s.sort();
-                    if !sets.contains(&s) {
-                        sets.push(s);
+                    if !ext.iter().any(|e| e.groups == s) {
+                        ext.push(Extension {
+                            base: b,
+                            first: a,
+                            groups: s,
+                        });
                     }
                 }
             }
-            if sets.is_empty() {
+            if ext.is_empty() {
                 break;
             }
-            let mut round = self.candidates(sets, strategy, metric)?;
+            // Screening: each base's stream at every step boundary, then each
+            // added pair on the stream entering it.
+            self.progress
+                .inc_length((beam.len() * windows + ext.len() * windows) as u64);
+            let streams: Vec<Vec<BaseStream>> = beam
+                .iter()
+                .map(|base| -> Result<Vec<BaseStream>> {
+                    let p = self.planned(base.clone())?;
+                    (0..windows)
+                        .map(|w| {
+                            let s = BaseStream::of(self, &p, w);
+                            self.progress.inc(1);
+                            s
+                        })
+                        .collect()
+                })
+                .collect::<Result<_>>()?;
+            let devs: Vec<std::result::Result<f64, NonFinite>> = ext
+                .par_iter()
+                .map(|e| -> Result<std::result::Result<f64, NonFinite>> {
+                    let a = e.first;
+                    let step = Step::Parallel(ParallelGroup {
+                        layers: vec![a, a + 1],
+                    });
+                    let (mut d, mut n) = (0.0, 0);
+                    for stream in &streams[e.base] {
+                        self.progress.inc(1);
+                        let x = stream.entering(a).to_vec();
+                        match self.forward.advance(std::slice::from_ref(&step), x) {
+                            Ok(y) => {
+                                let (dd, nn) = deviation(&y, stream.entering(a + 2), h);
+                                d += dd;
+                                n += nn;
+                            }
+                            Err(Error::NonFinite { layer, sublayer }) => {
+                                return Ok(Err((layer, sublayer)))
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Ok(Ok(d / n.max(1) as f64))
+                })
+                .collect::<Result<_>>()?;
+            let mut ranked: Vec<(f64, Planned)> = Vec::new();
+            for (e, dev) in ext.into_iter().zip(devs) {
+                let a = e.first;
+                let p = self.planned(e.groups)?;
+                match dev {
+                    Ok(d) => {
+                        all_screened.push(Screened {
+                            plan: p.plan.clone(),
+                            strategy,
+                            pairs: p.groups.len(),
+                            first_changed_layer: p.first,
+                            span_end: a + 2,
+                            deviation: d,
+                            windows,
+                        });
+                        ranked.push((d, p));
+                    }
+                    Err(nf) => self.warn_dropped(&p.plan, nf),
+                }
+            }
+            ranked.sort_by(|x, y| {
+                x.0.total_cmp(&y.0)
+                    .then_with(|| x.1.groups.cmp(&y.1.groups))
+            });
+            let keep = if width <= 1 {
+                ROUND_SCORED
+            } else {
+                width + ROUND_SCORED - 1
+            };
+            let to_score: Vec<Planned> = ranked.into_iter().take(keep).map(|r| r.1).collect();
+            let mut round = self.candidates(to_score, strategy)?;
             if round.is_empty() {
                 break;
             }
-            // Rank only fully scored candidates.
-            let full = self.cache.len();
             round.sort_by(|a, b| {
-                let (x, y) = (metric.of(&a.scores), metric.of(&b.scores));
-                (b.windows == full)
-                    .cmp(&(a.windows == full))
-                    .then(metric.order(x, y))
+                metric
+                    .order(metric.of(&a.scores), metric.of(&b.scores))
                     .then_with(|| a.plan.to_string().cmp(&b.plan.to_string()))
             });
             let best = metric.of(&round[0].scores);
@@ -408,7 +708,64 @@ impl Scorer<'_> {
                 break;
             }
         }
-        Ok(all)
+        Ok((all, all_screened))
+    }
+}
+
+/// Where the NaN/Inf watch stopped a plan: (layer, sublayer).
+type NonFinite = (usize, &'static str);
+
+/// A kept plan with one more pair, in a greedy or beam round.
+struct Extension {
+    /// Index of the kept plan.
+    base: usize,
+    /// First layer of the pair added.
+    first: usize,
+    /// Pairs of the extended plan.
+    groups: Vec<(usize, usize)>,
+}
+
+/// A kept plan's residual stream on one window, at every step boundary from
+/// its first changed layer (before it: the original's, from the cache).
+struct BaseStream {
+    /// Layer entering each boundary, and the stream there.
+    at: Vec<(usize, Vec<f32>)>,
+}
+
+impl BaseStream {
+    fn of(scorer: &Scorer, p: &Planned, w: usize) -> Result<BaseStream> {
+        let layers = scorer.layers();
+        let mut at: Vec<(usize, Vec<f32>)> = (0..=p.first.min(layers))
+            .map(|b| scorer.cache.residual(w, b).map(|r| (b, r)))
+            .collect::<Result<_>>()?;
+        if p.first < layers {
+            let from = p
+                .plan
+                .steps
+                .iter()
+                .position(|s| s.layers()[0] >= p.first)
+                .unwrap_or(p.plan.steps.len());
+            let steps = &p.plan.steps[from..];
+            let x = at
+                .pop()
+                .expect("the stream entering the first changed layer")
+                .1;
+            let stream = scorer.forward.advance_capturing(steps, x)?;
+            let mut starts: Vec<usize> = steps.iter().map(|s| s.layers()[0]).collect();
+            starts.push(layers);
+            at.extend(starts.into_iter().zip(stream));
+        }
+        Ok(BaseStream { at })
+    }
+
+    /// The stream entering layer `l` (a step boundary of the plan).
+    fn entering(&self, l: usize) -> &[f32] {
+        &self
+            .at
+            .iter()
+            .find(|(b, _)| *b == l)
+            .expect("a free pair's layers are step boundaries")
+            .1
     }
 }
 
@@ -424,7 +781,8 @@ pub fn best_with(
             .iter()
             .filter(move |c| c.pairs == pairs && strategy.is_none_or(|s| c.strategy == s))
     };
-    // Only candidates that survived racing to the most windows compete.
+    // Only the candidates scored on the most windows compete (the plan the
+    // budget chose, once finished, against the rest).
     let most = eligible().map(|c| c.windows).max()?;
     eligible()
         .filter(|c| c.windows == most)
