@@ -161,10 +161,12 @@ pub struct SearchFlags {
     /// Calibration tokens used at most.
     #[arg(long, default_value_t = 16384)]
     pub max_tokens: usize,
-    /// Text for perplexity before and after the chosen plan, kept apart from calibration.
+    /// Text for perplexity before and after the chosen plan, and greedy generation on its
+    /// held-out prompts, kept apart from calibration; repeatable (e.g. prose and code:
+    /// each text is reported on its own, the front's generation on all of them).
     #[arg(long)]
-    pub eval: Option<PathBuf>,
-    /// Windows of --seq-len tokens of the --eval text.
+    pub eval: Vec<PathBuf>,
+    /// Windows of --seq-len tokens of each --eval text.
     #[arg(long, default_value_t = 16)]
     pub eval_windows: usize,
     /// Activation cache kept in memory (MiB); the rest spills to a temporary file.

@@ -53,6 +53,8 @@ pub trait Progress {
     fn bar(&self, template: &str) -> ProgressBar;
     /// A spinner with a message, for stages of unknown length.
     fn spinner(&self, msg: &str) -> ProgressBar;
+    /// One line saying what a stage chose for the user (a default, a size).
+    fn note(&self, _line: &str) {}
 }
 
 /// No progress output.
@@ -87,8 +89,9 @@ pub struct SearchConfig {
     pub beam_width: usize,
     /// Residuals kept in memory before spilling to disk.
     pub memory_budget_mib: u64,
-    /// Held-out text for perplexity before and after, and its windows at most.
-    pub eval: Option<PathBuf>,
+    /// Held-out texts for perplexity before and after and generation
+    /// agreement, and windows of each at most.
+    pub eval: Vec<PathBuf>,
     pub eval_windows: usize,
 }
 
@@ -105,7 +108,7 @@ impl Default for SearchConfig {
             strategies: vec![Strategy::Contiguous, Strategy::Greedy],
             beam_width: 4,
             memory_budget_mib: 2048,
-            eval: None,
+            eval: Vec::new(),
             eval_windows: 16,
         }
     }
@@ -138,17 +141,19 @@ pub fn search(
         f.seq_len,
         f.max_tokens,
     )?;
-    let eval_windows = match &f.eval {
-        Some(p) => {
+    let eval_texts = f
+        .eval
+        .iter()
+        .map(|p| -> Result<(String, Vec<Vec<u32>>)> {
             let text = std::fs::read_to_string(p).map_err(|e| {
                 Error::Input(format!("{}: cannot read --eval text: {e}", p.display()))
             })?;
             let ids = ckpt.require_tokenizer()?.encode(&text)?;
-            let w = search::windows(&ids, f.seq_len, Some(f.eval_windows), cfg.window_bos())?;
-            Some((p.display().to_string(), w))
-        }
-        None => None,
-    };
+            let w = search::windows(&ids, f.seq_len, Some(f.eval_windows), cfg.window_bos())
+                .map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
+            Ok((p.display().to_string(), w))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let budget = f.budget.unwrap_or(Budget::Pairs((layers / 8).max(1)));
     let space = SearchSpace {
         num_layers: layers,
@@ -156,6 +161,28 @@ pub fn search(
         protect_last: f.protect_last,
     };
     search::strategy::pairs_for(budget, &space)?;
+    progress.note(&format!(
+        "calibration    {} tokens in {} windows of {} ({}{}); budget {}{}",
+        calibration.tokens(),
+        calibration.windows.len(),
+        f.seq_len,
+        if f.calib.is_empty() {
+            "the built-in text"
+        } else {
+            "--calib"
+        },
+        if calibration.tokens() + f.seq_len > f.max_tokens {
+            format!(", --max-tokens {}", f.max_tokens)
+        } else {
+            String::new()
+        },
+        budget.describe(f.metric),
+        if f.budget.is_none() {
+            format!(" (one per 8 of {layers} layers; --pairs, --min-similarity or --max-depth to choose)")
+        } else {
+            String::new()
+        }
+    ));
     let mut strategies: Vec<Strategy> = Vec::new();
     for &s in &f.strategies {
         if !strategies.contains(&s) {
@@ -192,44 +219,54 @@ pub fn search(
     bar.finish_and_clear();
     let t_eval = Instant::now();
     let mut outcome = outcome;
-    let eval = match &eval_windows {
-        Some((text, w)) => {
-            // Perplexity, the original's generation, then every plan's.
-            let bar = progress.bar("eval   {msg:>12} {bar:30} {pos}/{len} steps, {eta} left");
-            bar.set_length(outcome.best_by_pairs.len() as u64 + 3);
-            bar.set_message("perplexity");
-            let r = search::evaluate(
+    let eval = if eval_texts.is_empty() {
+        Vec::new()
+    } else {
+        // Perplexity on each text, the original's generation on the
+        // held-out prompts of all of them, then every plan's.
+        let bar = progress.bar("eval   {msg:>12} {bar:30} {pos}/{len} steps, {eta} left");
+        bar.set_length((eval_texts.len() + outcome.best_by_pairs.len() + 2) as u64);
+        bar.set_message("perplexity");
+        let mut perplexities = Vec::new();
+        let mut prompts = Vec::new();
+        let mut ranges = Vec::new();
+        for (_, w) in &eval_texts {
+            perplexities.push(search::evaluate(
                 &forward,
                 Some(&outcome.chosen.plan),
                 w,
                 &ProgressBar::hidden(),
-            )?;
+            )?);
+            let p = search::prompts_of(w, EVAL_PROMPTS, EVAL_PROMPT_TOKENS);
+            ranges.push(prompts.len()..prompts.len() + p.len());
+            prompts.extend(p);
             bar.inc(1);
-            bar.set_message("generation");
-            // Greedy generation on held-out prompts: the chosen plan, and the
-            // best plan of every pair count (the depth/quality front).
-            let held_out = search::HeldOut::new(
-                &forward,
-                search::prompts_of(w, EVAL_PROMPTS, EVAL_PROMPT_TOKENS),
-                EVAL_GENERATED_TOKENS,
-            )?;
+        }
+        bar.set_message("generation");
+        // Greedy generation on held-out prompts: the best plan of every pair
+        // count (the depth/quality front, on all texts' prompts), and the
+        // chosen plan (on each text's).
+        let held_out = search::HeldOut::new(&forward, prompts, EVAL_GENERATED_TOKENS)?;
+        bar.inc(1);
+        for b in &mut outcome.best_by_pairs {
+            b.generation = Some(held_out.agreement(&forward, &b.plan)?);
             bar.inc(1);
-            for b in &mut outcome.best_by_pairs {
-                b.generation = Some(held_out.agreement(&forward, &b.plan)?);
-                bar.inc(1);
-            }
-            let generation = held_out.agreement(&forward, &outcome.chosen.plan)?;
-            bar.finish_and_clear();
-            Some(EvalSection {
+        }
+        let chosen = held_out.continuations(&forward, &outcome.chosen.plan)?;
+        bar.finish_and_clear();
+        eval_texts
+            .iter()
+            .zip(perplexities)
+            .zip(ranges)
+            .map(|(((text, _), r), range)| EvalSection {
                 text: text.clone(),
                 windows: r.windows,
                 seq_len: r.seq_len,
                 perplexity_before: r.perplexity_original.unwrap_or(r.perplexity),
                 perplexity_after: r.perplexity,
-                generation,
+                generation: search::Agreement::of(&chosen[range]),
             })
-        }
-        None => None,
+            .collect()
     };
     let eval_s = t_eval.elapsed().as_secs_f64();
     let timings = Timings {

@@ -56,27 +56,39 @@ fn tiny_search(out: &Path, calib: &Path, extra: &[&str]) -> Value {
 fn report_validates_against_its_schema_and_svgs_are_well_formed() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("report");
-    let hamlet = text_path("hamlet_gut.txt");
+    let (hamlet, sonnets) = (text_path("hamlet_gut.txt"), text_path("sonnets_gut.txt"));
     let report = tiny_search(
         &out,
         &text_path("macbeth_gut.txt"),
-        &["--pairs", "2", "--eval", s(&hamlet)],
+        &["--pairs", "2", "--eval", s(&hamlet), "--eval", s(&sonnets)],
     );
-    // The chosen plan's greedy generation on 8 held-out prompts, 32 tokens each.
-    let g = &report["eval"]["generation"];
-    assert_eq!(
-        (g["prompts"].as_u64(), g["tokens"].as_u64()),
-        (Some(8), Some(32))
-    );
-    // And of the best plan of every pair count (the depth/quality front); the
-    // chosen plan is one of them.
+    // Per --eval text, the chosen plan's greedy generation on 8 held-out
+    // prompts, 32 tokens each.
+    let eval = report["eval"].as_array().unwrap();
+    assert_eq!(eval.len(), 2);
+    for e in eval {
+        let g = &e["generation"];
+        assert_eq!(
+            (g["prompts"].as_u64(), g["tokens"].as_u64()),
+            (Some(8), Some(32))
+        );
+    }
+    // And of the best plan of every pair count (the depth/quality front) on
+    // both texts' prompts; the chosen plan is one of them, its agreement the
+    // mean of the two texts'.
     let front = report["best_by_pairs"].as_array().unwrap();
-    assert!(front.iter().all(|b| b["generation"]["prompts"] == 8));
-    let chosen = front
+    assert!(front.iter().all(|b| b["generation"]["prompts"] == 16));
+    let chosen = &front
         .iter()
         .find(|b| b["plan"] == report["chosen_plan"])
-        .unwrap();
-    assert_eq!(chosen["generation"], *g);
+        .unwrap()["generation"];
+    let mean = |k: &str| {
+        (eval[0]["generation"][k].as_f64().unwrap() + eval[1]["generation"][k].as_f64().unwrap())
+            / 2.0
+    };
+    for k in ["equal_fraction", "mean_first_difference"] {
+        assert!((chosen[k].as_f64().unwrap() - mean(k)).abs() < 1e-12, "{k}");
+    }
     for f in [
         "search-report.json",
         "search-report.md",

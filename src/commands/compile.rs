@@ -59,7 +59,7 @@ fn print_search_summary(report: &depthc::report::SearchReport) {
         "similarity     cosine {:.6}, kl {:.6}, top-1 {:.4}",
         c.scores.cosine, c.scores.kl, c.scores.top1_agreement
     );
-    if let Some(e) = &report.eval {
+    for e in &report.eval {
         println!(
             "perplexity     {:.4} -> {:.4} (x{:.4}) on {}",
             e.perplexity_before,
@@ -68,7 +68,7 @@ fn print_search_summary(report: &depthc::report::SearchReport) {
             e.text
         );
         println!(
-            "generation     {:.1}% of {} greedy tokens equal, first difference at {:.1} ({} held-out prompts)",
+            "generation     {:.1}% of {} greedy tokens equal, first difference at {:.1} ({} held-out prompts of that text)",
             100.0 * e.generation.equal_fraction,
             e.generation.tokens,
             e.generation.mean_first_difference,
@@ -76,12 +76,20 @@ fn print_search_summary(report: &depthc::report::SearchReport) {
         );
     }
     println!(
-        "search         {} candidates in {:.1} s = {:.2}x one forward ({:.2} s, {} tokens)",
+        "search         {} plans screened, {} scored end to end, in {:.1} s = {:.2}x one forward ({:.2} s, {} tokens)",
+        report.screened.len(),
         report.candidates.len(),
         report.timings.search_s,
         report.timings.search_forward_multiple,
         report.timings.one_forward_s,
         report.calibration.tokens
+    );
+    println!(
+        "calibration    {} tokens in {} windows of {}; budget {}",
+        report.calibration.tokens,
+        report.calibration.windows,
+        report.calibration.calibration.seq_len,
+        report.budget.describe(report.metric)
     );
     println!("why            {}", report.reason);
 }

@@ -72,6 +72,12 @@ impl depthc::pipeline::Progress for Terminal {
     fn spinner(&self, msg: &str) -> ProgressBar {
         spinner(msg)
     }
+    /// On the terminal, like the bars (the summary repeats it on stdout).
+    fn note(&self, line: &str) {
+        if std::io::stderr().is_terminal() {
+            eprintln!("{line}");
+        }
+    }
 }
 
 /// The emission options of `--form`, `--dtype` and `--ops`.

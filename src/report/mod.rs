@@ -94,7 +94,8 @@ pub struct SearchReport {
     pub reason: String,
     pub depth_before: usize,
     pub depth_after: usize,
-    pub eval: Option<EvalSection>,
+    /// One section per `--eval` text.
+    pub eval: Vec<EvalSection>,
     pub activation_cache: CacheSection,
     pub timings: Timings,
     /// `depthc compile`: ONNX Runtime against the reference, per emitted model.
@@ -162,7 +163,7 @@ impl SearchReport {
         beam_width: usize,
         budget: Budget,
         protect: (usize, usize),
-        eval: Option<EvalSection>,
+        eval: Vec<EvalSection>,
         timings: Timings,
     ) -> Self {
         let layers = model.layers;
@@ -253,7 +254,7 @@ impl SearchReport {
             c.scores.top1_agreement
         );
         let _ = writeln!(s, "Why: {}.\n", self.reason);
-        if let Some(e) = &self.eval {
+        for e in &self.eval {
             let _ = writeln!(
                 s,
                 "Perplexity on `{}` ({} windows of {}): {:.4} before, {:.4} after (x{:.4}).\n",
@@ -304,6 +305,15 @@ impl SearchReport {
                 b.strategy.name(),
                 b.plan,
                 b.value
+            );
+        }
+        if front {
+            let _ =
+                writeln!(
+                s,
+                "\nGreedy generation of each plan on the held-out prompts of every `--eval` text \
+                 together ({} prompts).",
+                self.eval.iter().map(|e| e.generation.prompts).sum::<usize>()
             );
         }
         let mut lines = Vec::new();

@@ -121,13 +121,20 @@ impl HeldOut {
     /// The candidate (a model and the plan it runs) generating after the same
     /// prompts, compared position by position with the original.
     pub fn agreement(&self, forward: &Forward, plan: &Plan) -> Result<Agreement> {
-        let pairs = self
-            .prompts
+        Ok(Agreement::of(&self.continuations(forward, plan)?))
+    }
+
+    /// Per prompt, the original's continuation and `plan`'s.
+    pub fn continuations(
+        &self,
+        forward: &Forward,
+        plan: &Plan,
+    ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        self.prompts
             .iter()
             .zip(&self.original)
             .map(|(p, o)| Ok((o.clone(), forward.greedy(plan, p, self.tokens)?)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Agreement::of(&pairs))
+            .collect()
     }
 }
 

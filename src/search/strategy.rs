@@ -107,6 +107,21 @@ pub enum Budget {
     MaxDepth(usize),
 }
 
+impl Budget {
+    /// In words, for messages: `6 pairs`, `depth 24 at most`.
+    pub fn describe(&self, metric: Metric) -> String {
+        match *self {
+            Budget::Pairs(k) => format!("{k} pairs"),
+            Budget::MinSimilarity(x) => format!(
+                "the most pairs keeping {} {} {x}",
+                metric.name(),
+                if metric == Metric::Kl { "<=" } else { ">=" }
+            ),
+            Budget::MaxDepth(d) => format!("depth {d} at most"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Scores {
     pub cosine: f64,
