@@ -15,7 +15,7 @@ the depth/quality front for 1 to 8 pairs, held-out perplexity, and speed.
 
 Prints one markdown table (README, "Layer Parallelism on a 1.5B model").
 The search keeps every weight widened (--weight-cache 8192): the model's
-float32 weights are 7.1 GB, and the search reads them some twenty times.
+float32 weights are 7.1 GB, and the search reads them a few times.
 
 How to run, from the repository root after ``cargo build --release`` and
 ``scripts/setup.sh``::
@@ -23,8 +23,8 @@ How to run, from the repository root after ``cargo build --release`` and
     python3 scripts/lp_front_1_5b.py [--max-tokens 1024] [--eval-windows 4]
         [--bench-pairs 4] [--runs 5] [--workdir DIR]
 
-Time on 2 cores: about an hour (search 21 minutes, its generation agreement
-of 8 plans 15, the evaluations 8, the benchmark 4).
+Time on 2 cores: about half an hour (the search 2 minutes, its generation
+agreement of 8 plans about 15, the evaluations 8, the benchmark 4).
 """
 
 import argparse

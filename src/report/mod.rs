@@ -285,10 +285,10 @@ impl SearchReport {
         };
         let _ = writeln!(
             s,
-            "| pairs | depth | strategy | plan | {} |{head}",
+            "| pairs | depth | strategy | plan | {} | windows |{head}",
             m.name()
         );
-        let _ = writeln!(s, "|---|---|---|---|---|{rule}");
+        let _ = writeln!(s, "|---|---|---|---|---|---|{rule}");
         for b in &self.best_by_pairs {
             let generation = b.generation.as_ref().map_or(String::new(), |g| {
                 format!(
@@ -299,14 +299,20 @@ impl SearchReport {
             });
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | `{}` | {:.6} |{generation}",
+                "| {} | {} | {} | `{}` | {:.6} | {} |{generation}",
                 b.pairs,
                 self.depth_before - b.pairs,
                 b.strategy.name(),
                 b.plan,
-                b.value
+                b.value,
+                b.windows
             );
         }
+        let _ = writeln!(
+            s,
+            "\n`windows`: the calibration windows the value is measured on (the scoring \
+             stage's eighth; every window for the pair count the budget chose)."
+        );
         if front {
             let _ =
                 writeln!(

@@ -252,8 +252,10 @@ pub struct BestAtPairs {
     pub strategy: strategy::Strategy,
     pub plan: Plan,
     pub value: f64,
-    /// Greedy generation against the original's on the `--eval` text's
-    /// held-out prompts (the depth/quality front), when there is one.
+    /// Calibration windows `value` is measured on.
+    pub windows: usize,
+    /// Greedy generation against the original's on the `--eval` texts'
+    /// held-out prompts (the depth/quality front), when there are some.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation: Option<Agreement>,
 }
@@ -331,7 +333,7 @@ pub fn search(
     // The plan the budget chooses is scored again on every window and
     // position (for a similarity floor: from the most pairs down, until one
     // still meets it there).
-    progress.set_message("the chosen plan on every window");
+    progress.set_message("finish");
     let mut finish = |pairs: usize| -> Result<Option<strategy::Candidate>> {
         let Some(c) = best_with(&candidates, pairs, metric, None) else {
             return Ok(None);
@@ -346,22 +348,18 @@ pub fn search(
         }
         Ok(Some(c))
     };
-    let finished = match opts.budget {
+    match opts.budget {
         Budget::MinSimilarity(x) => {
-            let mut found = None;
             for k in (1..=want).rev() {
-                if let Some(c) = finish(k)? {
-                    if metric.meets(metric.of(&c.scores), x) {
-                        found = Some(c);
-                        break;
-                    }
+                if finish(k)?.is_some_and(|c| metric.meets(metric.of(&c.scores), x)) {
+                    break;
                 }
             }
-            found
         }
-        _ => finish(want)?,
-    };
-    let _ = finished;
+        _ => {
+            finish(want)?;
+        }
+    }
     let search_s = t1.elapsed().as_secs_f64();
     let mut best_by_pairs = Vec::new();
     for pairs in 1..=opts.space.max_pairs() {
@@ -372,6 +370,7 @@ pub fn search(
                     strategy: s,
                     plan: c.plan.clone(),
                     value: metric.of(&c.scores),
+                    windows: c.windows,
                     generation: None,
                 });
             }
