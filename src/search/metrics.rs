@@ -1,11 +1,9 @@
 //! Similarity of a rewritten model to the original, per position, in f64.
 
-/// Natural-log softmax of one row of logits.
-pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
-    let log_z = max + sum.ln();
-    logits.iter().map(|&v| v as f64 - log_z).collect()
+/// Natural-log probability of `target` under the softmax of one row of
+/// logits.
+pub fn log_prob(logits: &[f32], target: usize) -> f64 {
+    logits[target] as f64 - log_sum_exp(logits)
 }
 
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -188,12 +186,22 @@ mod tests {
         assert!((a.mean_first_difference - 2.5).abs() < 1e-12);
     }
 
+    /// Log-probabilities of a row (long enough for the vector path, with a
+    /// tail) against f64, and they normalise.
     #[test]
-    fn log_softmax_normalises() {
-        let lp = log_softmax(&[1.0, 2.0, 3.0, 1000.0]);
-        let total: f64 = lp.iter().map(|v| v.exp()).sum();
-        assert!((total - 1.0).abs() < 1e-12);
-        assert_eq!(argmax(&lp), 3);
+    fn log_probs_match_f64_and_normalise() {
+        let row: Vec<f32> = (0..1000)
+            .map(|i| ((i * 37) % 101) as f32 * 0.3 - 10.0)
+            .collect();
+        let max = row.iter().fold(f64::MIN, |m, &v| m.max(v as f64));
+        let z: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+        let mut total = 0f64;
+        for (t, &v) in row.iter().enumerate() {
+            let lp = log_prob(&row, t);
+            assert!((lp - (v as f64 - max - z.ln())).abs() < 1e-6, "{t}");
+            total += lp.exp();
+        }
+        assert!((total - 1.0).abs() < 1e-6);
     }
 
     #[test]

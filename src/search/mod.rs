@@ -16,7 +16,7 @@ use crate::forward::{Forward, KvCache, Logits, Options};
 use crate::plan::Plan;
 use crate::{Error, Result};
 pub use metrics::Agreement;
-use metrics::{log_softmax, Reference, Similarity};
+use metrics::{log_prob, Reference, Similarity};
 
 /// The first `max_windows` non-overlapping windows of `seq_len` tokens, from
 /// the start of `ids` (a trailing partial window is dropped). With `bos`
@@ -188,10 +188,11 @@ pub fn evaluate_against(
         for pos in 0..window.len() {
             let next = window.get(pos + 1).map(|&id| id as usize);
             if let Some(target) = next {
-                let row = |logits: &[f32]| log_softmax(&logits[pos * vocab..(pos + 1) * vocab]);
-                nll_original -= row(&reference.logits)[target];
+                let row =
+                    |logits: &[f32]| log_prob(&logits[pos * vocab..(pos + 1) * vocab], target);
+                nll_original -= row(&reference.logits);
                 if let Some(r) = &rewritten {
-                    nll_plan -= row(&r.logits)[target];
+                    nll_plan -= row(&r.logits);
                 }
                 predictions += 1;
             }
