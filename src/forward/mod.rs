@@ -333,8 +333,7 @@ impl<'m> Forward<'m> {
         if let Some(w) = &attn.k_norm {
             k = rms_norm(&k, w, cfg.rms_norm_eps);
         }
-        rope.apply(&mut q, nh, start);
-        rope.apply(&mut k, nkv, start);
+        rope.apply(&mut q, nh, &mut k, nkv, start);
         kv.k.extend_from_slice(&k);
         kv.v.extend_from_slice(&v);
         let s = start + t;

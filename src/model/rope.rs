@@ -76,19 +76,30 @@ impl Rope {
         out
     }
 
-    /// Rotate every head of `x [T, heads*head_dim]` in place; row `t` is at
-    /// position `start + t`.
-    pub fn apply(&self, x: &mut [f32], heads: usize, start: usize) {
+    /// Rotate every head of the queries `q [T, q_heads*head_dim]` and the
+    /// keys `k [T, k_heads*head_dim]` in place; row `t` is at position
+    /// `start + t`. Rows split over the thread pool when there are many,
+    /// each row's angles computed once for both.
+    pub fn apply(
+        &self,
+        q: &mut [f32],
+        q_heads: usize,
+        k: &mut [f32],
+        k_heads: usize,
+        start: usize,
+    ) {
         use rayon::prelude::*;
         let half = self.inv_freq.len();
         let head_dim = 2 * half;
-        let width = heads * head_dim;
-        let rotate = |(t, row): (usize, &mut [f32])| {
+        let rotate = |(t, (qr, kr)): (usize, (&mut [f32], &mut [f32]))| {
             let pos = (start + t) as f32;
             // f32 product then cos/sin, as transformers does in float32.
             let (sin, cos): (Vec<f32>, Vec<f32>) =
                 self.inv_freq.iter().map(|&f| (pos * f).sin_cos()).unzip();
-            for head in row.chunks_exact_mut(head_dim) {
+            for head in qr
+                .chunks_exact_mut(head_dim)
+                .chain(kr.chunks_exact_mut(head_dim))
+            {
                 let (a, b) = head.split_at_mut(half);
                 for i in 0..half {
                     let (x1, x2) = (a[i], b[i]);
@@ -97,11 +108,17 @@ impl Rope {
                 }
             }
         };
-        // Rows split over the thread pool when there are many.
-        if x.len() >= 1 << 14 {
-            x.par_chunks_exact_mut(width).enumerate().for_each(rotate);
+        let (qw, kw) = (q_heads * head_dim, k_heads * head_dim);
+        if q.len() + k.len() >= 1 << 14 {
+            q.par_chunks_exact_mut(qw)
+                .zip(k.par_chunks_exact_mut(kw))
+                .enumerate()
+                .for_each(rotate);
         } else {
-            x.chunks_exact_mut(width).enumerate().for_each(rotate);
+            q.chunks_exact_mut(qw)
+                .zip(k.chunks_exact_mut(kw))
+                .enumerate()
+                .for_each(rotate);
         }
     }
 }
