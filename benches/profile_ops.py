@@ -1,4 +1,4 @@
-"""Per-op profile of emitted models in ONNX Runtime (CPU), to see what limits a speed-up.
+"""Per-op profile of decoder models in ONNX Runtime (CPU), to see what limits a speed-up.
 
 For each directory: a prefill of N tokens and D greedy-free decode steps (fixed ids) with
 the KV cache, ONNX Runtime's profiler on; prints the total time per op type (ms, share),
@@ -24,19 +24,25 @@ args = ap.parse_args()
 
 
 def run(d):
-    cfg = json.load(open(os.path.join(d, "config.json")))
-    layers, kv, hd = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
-    vocab = cfg["vocab_size"]
     so = ort.SessionOptions()
     so.enable_profiling = True
     so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "p")
     s = ort.InferenceSession(os.path.join(d, "model.onnx"), so, providers=["CPUExecutionProvider"])
+    # Shapes from the graph itself, so that any decoder with this I/O loads (the
+    # onnxruntime-genai builder's export has no config.json and no position_ids).
+    inputs = {i.name: i for i in s.get_inputs()}
+    layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+    kv, hd = inputs["past_key_values.0.key"].shape[1], inputs["past_key_values.0.key"].shape[3]
+    if not isinstance(hd, int):  # a named dimension: the genai config says
+        hd = json.load(open(os.path.join(d, "genai_config.json")))["model"]["decoder"]["head_size"]
+    vocab = next(o for o in s.get_outputs() if o.name == "logits").shape[-1]
     b = args.batch
 
     def feed(ids, past, past_len):
         n = ids.shape[1]
-        f = {"input_ids": ids, "attention_mask": np.ones((b, past_len + n), np.int64),
-             "position_ids": np.tile(np.arange(past_len, past_len + n, dtype=np.int64), (b, 1))}
+        f = {"input_ids": ids, "attention_mask": np.ones((b, past_len + n), np.int64)}
+        if "position_ids" in inputs:
+            f["position_ids"] = np.tile(np.arange(past_len, past_len + n, dtype=np.int64), (b, 1))
         for i in range(layers):
             for k in ("key", "value"):
                 f[f"past_key_values.{i}.{k}"] = past[f"{i}.{k}"]
