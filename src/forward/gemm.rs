@@ -48,7 +48,44 @@ pub struct Nt<'a> {
 /// Products below this many multiply-adds run on the calling thread.
 const PARALLEL_WORK: usize = 1 << 16;
 
-impl Nt<'_> {
+impl<'a> Nt<'a> {
+    /// `x [m, k]` and `w [n, k]` stored without gaps (`n = w.len() / k`).
+    pub fn rows(m: usize, k: usize, x: &'a [f32], w: &'a [f32]) -> Nt<'a> {
+        Nt {
+            m,
+            n: w.len() / k.max(1),
+            k,
+            x,
+            x_stride: k,
+            w,
+            w_stride: k,
+        }
+    }
+
+    /// This product's raw operands, with `x` as `with_aligned_rows` gave it.
+    #[cfg(target_arch = "x86_64")]
+    fn job(
+        &self,
+        x: &[f32],
+        x_stride: usize,
+        out: &mut [f32],
+        out_stride: usize,
+        causal: Causal,
+    ) -> Job {
+        Job {
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            x: x.as_ptr(),
+            x_stride,
+            w: self.w.as_ptr(),
+            w_stride: self.w_stride,
+            out: out.as_mut_ptr(),
+            out_stride,
+            causal,
+        }
+    }
+
     fn check(&self, out: &[f32], out_stride: usize) {
         let last = |rows: usize, stride: usize, cols: usize| (rows - 1) * stride + cols;
         if self.m == 0 || self.n == 0 {
@@ -114,19 +151,7 @@ impl Nt<'_> {
     #[cfg(target_arch = "x86_64")]
     fn run_avx512(&self, out: &mut [f32], out_stride: usize, parallel: bool, causal: Causal) {
         with_aligned_rows(self.x, self.m, self.k, self.x_stride, |x, x_stride| {
-            let job = Job {
-                m: self.m,
-                n: self.n,
-                k: self.k,
-                x: x.as_ptr(),
-                x_stride,
-                w: self.w.as_ptr(),
-                w_stride: self.w_stride,
-                out: out.as_mut_ptr(),
-                out_stride,
-                causal,
-            };
-            run_jobs(&[job], parallel);
+            run_jobs(&[self.job(x, x_stride, out, out_stride, causal)], parallel);
         })
     }
 }
@@ -137,18 +162,7 @@ impl Nt<'_> {
 /// out over the thread pool together.
 pub fn products(x: &[f32], m: usize, k: usize, ws: &[&[f32]], outs: &mut [&mut [f32]]) {
     assert_eq!(ws.len(), outs.len(), "one output per weight");
-    let parts: Vec<Nt> = ws
-        .iter()
-        .map(|w| Nt {
-            m,
-            n: w.len() / k.max(1),
-            k,
-            x,
-            x_stride: k,
-            w,
-            w_stride: k,
-        })
-        .collect();
+    let parts: Vec<Nt> = ws.iter().map(|w| Nt::rows(m, k, x, w)).collect();
     for (p, out) in parts.iter().zip(outs.iter()) {
         p.check(out, p.n);
     }
@@ -158,18 +172,7 @@ pub fn products(x: &[f32], m: usize, k: usize, ws: &[&[f32]], outs: &mut [&mut [
             let jobs: Vec<Job> = parts
                 .iter()
                 .zip(outs.iter_mut())
-                .map(|(p, out)| Job {
-                    m,
-                    n: p.n,
-                    k,
-                    x: xa.as_ptr(),
-                    x_stride,
-                    w: p.w.as_ptr(),
-                    w_stride: k,
-                    out: out.as_mut_ptr(),
-                    out_stride: p.n,
-                    causal: Causal::None,
-                })
+                .map(|(p, out)| p.job(xa, x_stride, out, p.n, Causal::None))
                 .collect();
             run_jobs(&jobs, true);
         });
@@ -525,16 +528,7 @@ mod tests {
         let w = values(n * k, 4);
         let whole = |m: usize, x: &[f32], w: &[f32], n: usize, parallel: bool| {
             let mut out = vec![0f32; m * n];
-            Nt {
-                m,
-                n,
-                k,
-                x,
-                x_stride: k,
-                w,
-                w_stride: k,
-            }
-            .run(&mut out, n, parallel, Causal::None);
+            Nt::rows(m, k, x, w).run(&mut out, n, parallel, Causal::None);
             out
         };
         let all = whole(m, &x, &w, n, true);
@@ -558,15 +552,7 @@ mod tests {
         let first = s - t;
         let q = values(t * d, 5);
         let keys = values(s * d, 6);
-        let nt = Nt {
-            m: t,
-            n: s,
-            k: d,
-            x: &q,
-            x_stride: d,
-            w: &keys,
-            w_stride: d,
-        };
+        let nt = Nt::rows(t, d, &q, &keys);
         let mut full = vec![0f32; t * s];
         nt.run(&mut full, s, false, Causal::None);
         let mut causal = vec![f32::NAN; t * s];
@@ -582,15 +568,7 @@ mod tests {
             weights[i * s + first + i + 1..(i + 1) * s].fill(0.0);
         }
         let vt = values(d * s, 8);
-        let pv = Nt {
-            m: t,
-            n: d,
-            k: s,
-            x: &weights,
-            x_stride: s,
-            w: &vt,
-            w_stride: s,
-        };
+        let pv = Nt::rows(t, s, &weights, &vt);
         let mut full = vec![0f32; t * d];
         pv.run(&mut full, d, false, Causal::None);
         let mut causal = vec![0f32; t * d];

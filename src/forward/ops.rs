@@ -75,16 +75,7 @@ fn gemm_into(
     assert_eq!(x.len(), m * k, "matmul input has the wrong size");
     assert_eq!(out.len(), m * out_cols, "matmul output has the wrong size");
     assert!(col0 + n <= out_cols, "matmul tile outside the output");
-    Nt {
-        m,
-        n,
-        k,
-        x,
-        x_stride: k,
-        w,
-        w_stride: k,
-    }
-    .run(&mut out[col0..], out_cols, true, Causal::None);
+    Nt::rows(m, k, x, w).run(&mut out[col0..], out_cols, true, Causal::None);
 }
 
 /// Index of the first largest value of a row (greedy decoding, top-1).
@@ -165,16 +156,7 @@ pub fn gate(up: &mut [f32], gate: &[f32], act: Activation) {
 pub fn softmax_within(row: &mut [f32], lo: usize, hi: usize) {
     let kept = &mut row[lo..=hi];
     let max = kept.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    #[cfg(target_arch = "x86_64")]
-    let sum = if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: avx512f was just detected.
-        unsafe { simd::exp_shifted(kept, max) }
-    } else {
-        exp_shifted(kept, max)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let sum = exp_shifted(kept, max);
-    let inv = 1.0 / sum;
+    let inv = 1.0 / exp_shifted(kept, max);
     kept.iter_mut().for_each(|v| *v *= inv);
     row[..lo].fill(0.0);
     row[hi + 1..].fill(0.0);
@@ -203,8 +185,12 @@ pub fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// `v = exp(v - max)` in place; returns the sum.
-#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
 fn exp_shifted(v: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: avx512f was just detected.
+        return unsafe { simd::exp_shifted(v, max) };
+    }
     let mut sum = 0f32;
     for x in v.iter_mut() {
         *x = (*x - max).exp();
