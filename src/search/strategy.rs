@@ -478,81 +478,68 @@ impl<'a> Scorer<'a> {
         let windows = self.stages.screen_windows.min(self.cache.len());
         let starts: Vec<usize> = (lo..hi.saturating_sub(1)).collect();
         self.progress.inc_length((starts.len() * windows) as u64);
-        // Per start: the ranges [s, s + 2j), each pair run on the stream the
-        // shorter range left (the ranges from one start share their prefix).
-        type Runs = Vec<(usize, f64, usize, Option<NonFinite>)>;
+        // Per start s: the ranges [s, e) for e = s + 2, s + 4, ..., each pair
+        // run on the stream the shorter range left (the ranges from one start
+        // share their prefix). Deviation sums and rows per range, and the
+        // first range to go non-finite (it and every longer one are dropped).
+        type Runs = (Vec<usize>, Vec<(f64, usize)>, Option<(usize, NonFinite)>);
         let per_start: Vec<Runs> = starts
             .par_iter()
             .map(|&s| -> Result<Runs> {
-                let mut runs: Runs = Vec::new();
+                let ends: Vec<usize> = (s + 2..=hi).step_by(2).collect();
+                let mut sums = vec![(0.0, 0); ends.len()];
+                let mut dropped: Option<(usize, NonFinite)> = None;
                 for w in 0..windows {
                     let mut x = self.cache.residual(w, s)?;
-                    let mut e = s;
-                    let mut j = 0;
-                    while e + 2 <= hi {
-                        if runs.get(j).is_some_and(|r| r.3.is_some()) {
-                            break;
-                        }
+                    let live = dropped.map_or(ends.len(), |d| d.0);
+                    for (j, &e) in ends[..live].iter().enumerate() {
                         let step = Step::Parallel(ParallelGroup {
-                            layers: vec![e, e + 1],
+                            layers: vec![e - 2, e - 1],
                         });
-                        e += 2;
-                        if runs.len() <= j {
-                            runs.push((e, 0.0, 0, None));
-                        }
                         match self.forward.advance(std::slice::from_ref(&step), x) {
                             Ok(y) => {
                                 let (d, n) = deviation(&y, &self.cache.residual(w, e)?, h);
-                                runs[j].1 += d;
-                                runs[j].2 += n;
+                                sums[j].0 += d;
+                                sums[j].1 += n;
                                 x = y;
                             }
                             Err(Error::NonFinite { layer, sublayer }) => {
-                                // This range and every longer one from s.
-                                for r in runs.iter_mut().skip(j) {
-                                    r.3 = Some((layer, sublayer));
-                                }
-                                while e + 2 <= hi {
-                                    e += 2;
-                                    runs.push((e, 0.0, 0, Some((layer, sublayer))));
-                                }
+                                dropped = Some((j, (layer, sublayer)));
                                 break;
                             }
                             Err(err) => return Err(err),
                         }
-                        j += 1;
                     }
                     self.progress.inc(1);
                 }
-                Ok(runs)
+                Ok((ends, sums, dropped))
             })
             .collect::<Result<_>>()?;
         let mut screened = Vec::new();
-        for (&s, runs) in starts.iter().zip(per_start) {
-            for (e, d, n, nf) in runs {
+        let mut planned = Vec::new();
+        for (&s, (ends, sums, dropped)) in starts.iter().zip(per_start) {
+            for (j, (e, (d, n))) in ends.into_iter().zip(sums).enumerate() {
                 let groups: Vec<(usize, usize)> = (s..e).step_by(2).map(|a| (a, a + 1)).collect();
                 let p = self.planned(groups)?;
-                if let Some(nf) = nf {
+                if let Some((_, nf)) = dropped.filter(|d| j >= d.0) {
                     self.warn_dropped(&p.plan, nf);
                     continue;
                 }
-                screened.push((
-                    p,
-                    Screened {
-                        plan: Plan::sequential(0),
-                        strategy: Strategy::Contiguous,
-                        pairs: (e - s) / 2,
-                        first_changed_layer: s,
-                        span_end: e,
-                        deviation: d / n.max(1) as f64,
-                        windows,
-                    },
-                ));
+                screened.push(Screened {
+                    plan: p.plan.clone(),
+                    strategy: Strategy::Contiguous,
+                    pairs: (e - s) / 2,
+                    first_changed_layer: s,
+                    span_end: e,
+                    deviation: d / n.max(1) as f64,
+                    windows,
+                });
+                planned.push(p);
             }
         }
         // The closest ranges of each pair count go on to be scored.
         let mut by_pairs: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
-        for (i, (_, sc)) in screened.iter().enumerate() {
+        for (i, sc) in screened.iter().enumerate() {
             by_pairs.entry(sc.pairs).or_default().push(i);
         }
         let mut chosen = Vec::new();
@@ -562,25 +549,21 @@ impl<'a> Scorer<'a> {
             }
             group.sort_by(|&a, &b| {
                 screened[a]
-                    .1
                     .deviation
-                    .total_cmp(&screened[b].1.deviation)
+                    .total_cmp(&screened[b].deviation)
                     .then(a.cmp(&b))
             });
             chosen.extend(group.into_iter().take(CONTIGUOUS_SCORED));
         }
         chosen.sort();
-        let mut to_score = Vec::new();
-        let mut out_screened = Vec::new();
-        for (i, (p, mut sc)) in screened.into_iter().enumerate() {
-            sc.plan = p.plan.clone();
-            out_screened.push(sc);
-            if chosen.binary_search(&i).is_ok() {
-                to_score.push(p);
-            }
-        }
+        let to_score: Vec<Planned> = planned
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| chosen.binary_search(i).is_ok())
+            .map(|(_, p)| p)
+            .collect();
         let scored = self.candidates(to_score, Strategy::Contiguous)?;
-        Ok((scored, out_screened))
+        Ok((scored, screened))
     }
 
     /// Greedy (`width == 1`) or beam search over disjoint adjacent pairs, up
