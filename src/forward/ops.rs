@@ -14,6 +14,7 @@ use crate::model::Matrix;
 /// `MatMulNBits` does ([`crate::model::Q4::round_activations`]).
 pub fn matmul_t(x: &[f32], rows: usize, w: &Matrix) -> Vec<f32> {
     let mut out = vec![0f32; rows * w.rows];
+    advise_huge_pages(&out);
     let rounded;
     let x = match w.int4.as_deref().filter(|q| q.rounds_activations()) {
         Some(q) => {
@@ -28,6 +29,29 @@ pub fn matmul_t(x: &[f32], rows: usize, w: &Matrix) -> Vec<f32> {
         gemm_into(&mut out, w.rows, outputs.start, x, rows, tile, w.cols)
     });
     out
+}
+
+/// Ask Linux to back the whole 2 MiB pages of a large buffer (at least
+/// 4 MiB) with huge pages, before anything is written to it. Each 4 KiB
+/// page of a fresh allocation costs a page fault when first written: a
+/// forward's logits (`[256, 49,152]` f32 for SmolLM2, 48 MiB, allocated
+/// afresh each time) took 12,288 faults and about 19 ms of system time per
+/// forward on 2 cores, against 24 faults with huge pages. Elsewhere, and
+/// where the kernel declines, nothing changes.
+fn advise_huge_pages(buf: &[f32]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let (ptr, bytes) = (buf.as_ptr() as usize, std::mem::size_of_val(buf));
+        let (start, end) = (ptr.next_multiple_of(HUGE), (ptr + bytes) / HUGE * HUGE);
+        if bytes >= 2 * HUGE && end > start {
+            // SAFETY: the range lies inside `buf`'s allocation; the advice
+            // changes how its pages are backed, never their contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
 }
 
 /// `x [rows, k] @ w^T` for each of `ws` (all `[_, k]`), computed together
