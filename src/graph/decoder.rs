@@ -260,15 +260,40 @@ impl<'m> Decoder<'m> {
     /// Layer `l`'s MLP on its already normed input `hn` (no output norm).
     pub fn make_mlp_normed(&self, b: &mut Builder<'m>, l: usize, hn: &str) -> String {
         let m = &self.model.layers[l].mlp;
-        let p = format!("/model/layers.{l}/mlp");
-        let gate = self.make_matmul(
+        self.make_gated_mlp(
             b,
-            &format!("{p}/gate_proj"),
+            &format!("/model/layers.{l}/mlp"),
             hn,
-            Packed::t(&m.gate_proj.weight),
+            vec![(&m.gate_proj.weight, None), (&m.up_proj.weight, None)],
+            Packed::t(&m.down_proj.weight),
+        )
+    }
+
+    /// A gated MLP on `hn`: the gate and up projections read the same input,
+    /// so one MatMul (`gate_up_proj`) computes `gate_up` (all gate columns,
+    /// then as many up columns), a Split parts them, and `down` follows the
+    /// gated activation. One op instead of two per layer: the int4 model
+    /// decodes faster with it (README, "4-bit weights").
+    pub fn make_gated_mlp(
+        &self,
+        b: &mut Builder<'m>,
+        p: &str,
+        hn: &str,
+        gate_up: Columns<'m>,
+        down: Packed<'m>,
+    ) -> String {
+        let gate_up = Packed::Columns(gate_up);
+        let half = (gate_up.cols() / 2) as i64;
+        let gu = self.make_matmul(b, &format!("{p}/gate_up_proj"), hn, gate_up);
+        let sizes = b.ints(&[half, half]);
+        let gu = b.node_n(
+            &format!("{p}/gate_up_proj/Split"),
+            "Split",
+            &[&gu, &sizes],
+            2,
+            vec![("axis", Attr::Int(-1))],
         );
-        let up = self.make_matmul(b, &format!("{p}/up_proj"), hn, Packed::t(&m.up_proj.weight));
-        self.make_swiglu(b, &p, &gate, &up, Packed::t(&m.down_proj.weight))
+        self.make_swiglu(b, p, &gu[0], &gu[1], down)
     }
 
     pub fn make_sum(&self, b: &mut Builder<'m>, p: &str, branches: &[String]) -> String {

@@ -454,21 +454,6 @@ fn fused_mlp<'m>(
             gu_parts.push((w, Some(layer.post_attention_layernorm.as_slice())));
         }
     }
-    let i = (ls.len() * d.model.config.intermediate_size) as i64;
-    let gu = d.make_matmul(
-        b,
-        &format!("{p}/mlp/gate_up_proj"),
-        hn,
-        Packed::Columns(gu_parts),
-    );
-    let sizes = b.ints(&[i, i]);
-    let gu = b.node_n(
-        &format!("{p}/mlp/gate_up_proj/Split"),
-        "Split",
-        &[&gu, &sizes],
-        2,
-        vec![("axis", super::Attr::Int(-1))],
-    );
     let down: Vec<&'m Matrix> = ls.iter().map(|l| &l.mlp.down_proj.weight).collect();
-    d.make_swiglu(b, &format!("{p}/mlp"), &gu[0], &gu[1], Packed::Rows(down))
+    d.make_gated_mlp(b, &format!("{p}/mlp"), hn, gu_parts, Packed::Rows(down))
 }

@@ -11,8 +11,9 @@
 //!   `[q_i k_i v_i | q_j k_j v_j]` and split per layer) feeding one
 //!   `GroupQueryAttention` (`com.microsoft`) per layer, which applies RoPE
 //!   (`do_rotary`), appends to the layer's cache and attends;
-//! - gate/up and down MatMuls with SwiGLU (GeGLU for Gemma), as in the
-//!   portable op set (the shared makers of [`super::decoder`]);
+//! - one packed gate/up MatMul per layer (per group), split, and the down
+//!   MatMul after SwiGLU (GeGLU for Gemma), as in the portable op set (the
+//!   shared makers of [`super::decoder`]);
 //! - Qwen3's and Gemma's per-head q/k norms as `SimplifiedLayerNormalization`
 //!   over `[B, S, heads, head_dim]` between the QKV MatMul and
 //!   `GroupQueryAttention` (which then takes query, key and value apart and

@@ -4,10 +4,11 @@
     int4_gguf_blocks.py ONNX_DIR GGUF
 
 ONNX_DIR: `depthc emit GGUF --dtype int4 --int4-source gguf` of the unmodified model
-(no plan, portable op set: q|k|v are one MatMulNBits). For every MatMulNBits node, the
-weight its codes, scales and zero points stand for, `(code - zero_point) * scale`, is
-compared with `gguf.quants.dequantize` of the GGUF tensors it was written from (rows of
-q and k un-permuted as llama.cpp's converter permuted them for Llama), over the rows
+(no plan, portable op set: q|k|v are one MatMulNBits, gate|up another). For every
+MatMulNBits node, the weight its codes, scales and zero points stand for,
+`(code - zero_point) * scale`, is compared with `gguf.quants.dequantize` of the GGUF
+tensors it was written from (rows of q and k un-permuted as llama.cpp's converter
+permuted them for Llama), over the rows
 whose GGUF type is 4-bit blocks of 32 (Q4_0, Q4_1, Q4_K); the other rows were rounded
 to nearest. Prints one JSON object: rows checked, the largest difference relative to
 the tensor's largest magnitude, and how many nodes carry float zero points.
@@ -65,11 +66,12 @@ def main():
             parts = [rows_of(f"blk.{layer}.attn_q.weight", heads),
                      rows_of(f"blk.{layer}.attn_k.weight", kv_heads),
                      rows_of(f"blk.{layer}.attn_v.weight")]
+        elif prefix.endswith("mlp.gate_up_proj"):
+            parts = [rows_of(f"blk.{layer}.ffn_gate.weight"), rows_of(f"blk.{layer}.ffn_up.weight")]
         elif prefix == "lm_head":
             parts = [rows_of("output.weight" if "output.weight" in tensors else "token_embd.weight")]
         else:
-            gguf_name = {"attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
-                         "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+            gguf_name = {"attn.o_proj": "attn_output", "mlp.down_proj": "ffn_down"}
             parts = [rows_of(f"blk.{layer}.{gguf_name[prefix.split('.', 3)[3]]}.weight")]
         row = 0
         for want, four_bit in parts:

@@ -9,9 +9,9 @@ HF_DIR:   `depthc convert --dtype f32` of the same checkpoint (the float weights
 For every MatMulNBits node, its codes and scales must equal, byte for byte,
 what onnxruntime's `quantize_matmul_4bits` (the function the onnxruntime-genai
 builder's int4 export calls, symmetric) makes of the float weights it stands for:
-q|k|v side by side for `qkv_proj`, the embedding for a tied `lm_head`. Prints one
-JSON object: nodes checked, the first mismatch if any, and the embedding's op
-and inputs (a tied embedding reads the LM head's codes).
+q|k|v side by side for `qkv_proj`, gate|up for `gate_up_proj`, the embedding for a
+tied `lm_head`. Prints one JSON object: nodes checked, the first mismatch if any,
+and the embedding's op and inputs (a tied embedding reads the LM head's codes).
 """
 
 import json
@@ -58,6 +58,10 @@ def main():
             layer = prefix[: -len(".attn.qkv_proj")]
             rows = np.concatenate(
                 [w[f"{layer}.self_attn.{p}_proj.weight"] for p in "qkv"], axis=0)
+        elif prefix.endswith("mlp.gate_up_proj"):
+            layer = prefix[: -len(".mlp.gate_up_proj")]
+            rows = np.concatenate(
+                [w[f"{layer}.mlp.{p}_proj.weight"] for p in ["gate", "up"]], axis=0)
         elif prefix.endswith("attn.o_proj"):
             rows = w[prefix.replace(".attn.", ".self_attn.") + ".weight"]
         else:
