@@ -6,6 +6,10 @@ threads) measures for each model:
   prefill  latency of a 128-token prompt from an empty cache (the fastest of 3 calls);
   decode   tokens/s of 128 greedy steps after a 32-token prompt, each step feeding the
            previous step's present.* back as past_key_values.* (batch 1 and batch 8).
+           The models decode interleaved: 8 blocks of 16 steps each, taking turns block
+           by block (each block begun by the next model in turn, after a pause in which
+           the last session's threads go idle), so that all meet the same moments of a
+           shared machine; a model's time is the sum of its blocks.
   genai    tokens/s of the same decode through onnxruntime-genai (batch 1), as a
            serving user runs it.
 Models: the builder's export of the same weights (the baseline of every ratio), depthc's
@@ -163,6 +167,29 @@ def decode(name, batch, prompt=32, new=128):
 
 import onnxruntime_genai as og
 
+def decode_all(names, batch, turn, prompt=32, new=128, blocks=8):
+    """Tokens/s of every model's greedy decode, interleaved block by block; `turn`
+    rotates which model begins each block."""
+    ids = np.tile(prompt_ids[:, :prompt], (batch, 1))
+    state, spent = {}, {n: 0.0 for n in names}
+    for n in names:
+        logits, past = step(n, ids, None, 0)
+        state[n] = (logits, past, prompt)
+    per = new // blocks
+    for blk in range(blocks):
+        k = (turn + blk) % len(names)
+        for n in names[k:] + names[:k]:
+            time.sleep(0.03)  # the last session's spinning threads go idle
+            logits, past, length = state[n]
+            t = time.perf_counter()
+            for _ in range(per):
+                nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+                logits, past = step(n, nxt, past, length)
+                length += 1
+            spent[n] += time.perf_counter() - t
+            state[n] = (logits, past, length)
+    return {n: batch * per * blocks / spent[n] for n in names}
+
 def genai_decode(name, prompt=32, new=128):
     """Greedy decode through onnxruntime-genai (how the builder's export is served)."""
     model = og.Model(spec["models"][name])
@@ -201,10 +228,13 @@ for n in sessions:  # warm-up
 gemv = gemv_gb_per_s()
 for r in range(spec["runs"]):
     # alternating: every model once per round, the order reversed every other round
-    for n in (list(sessions) if r % 2 == 0 else list(sessions)[::-1]):
+    order = list(sessions) if r % 2 == 0 else list(sessions)[::-1]
+    for n in order:
         results[n]["prefill_ms"].append(prefill(n, 1))
-        results[n]["decode_b1"].append(decode(n, 1))
-        results[n]["decode_b8"].append(decode(n, 8))
+    for batch in [1, 8]:
+        for n, v in decode_all(list(sessions), batch, r).items():
+            results[n][f"decode_b{batch}"].append(v)
+    for n in order:
         results[n]["genai_b1"].append(genai_decode(n))
 if spec["profile"]:  # separate sessions: profiling slows every node down
     for n in list(sessions):
