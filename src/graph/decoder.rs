@@ -53,6 +53,24 @@ impl<'m> Decoder<'m> {
                     ],
                 )
             }
+            // Tied, in floats: the LM head's `[hidden, vocab]` weight, transposed
+            // back (ONNX Runtime folds the Transpose when the session loads), so
+            // that the file holds the table once, as the builder's export does.
+            (None, _) if self.model.lm_head.is_none() => {
+                let w = self.lm_head_weight(b);
+                let table = b.node(
+                    "/model/embed_tokens/Transpose",
+                    "Transpose",
+                    &[&w],
+                    vec![("perm", Attr::Ints(vec![1, 0]))],
+                );
+                b.node(
+                    "/model/embed_tokens/Gather",
+                    "Gather",
+                    &[&table, INPUT_IDS],
+                    vec![("axis", Attr::Int(0))],
+                )
+            }
             _ => {
                 let w = b.weight(
                     "model.embed_tokens.weight",
@@ -310,12 +328,23 @@ impl<'m> Decoder<'m> {
         if self.int4.is_some() {
             return self.matmul_to(b, "/lm_head", x, Packed::t(lm_head), Some(LOGITS));
         }
-        let w = b.weight(
-            "lm_head.MatMul.weight",
+        let w = self.lm_head_weight(b);
+        b.node_to("/lm_head/MatMul", "MatMul", &[x, &w], LOGITS, vec![])
+    }
+
+    /// The float LM head's `[hidden, vocab]` MatMul weight, written once (a
+    /// tied embedding reads it too).
+    fn lm_head_weight(&self, b: &mut Builder<'m>) -> String {
+        const NAME: &str = "lm_head.MatMul.weight";
+        if b.has(NAME) {
+            return NAME.to_string();
+        }
+        let lm_head = self.model.lm_head();
+        b.weight(
+            NAME,
             vec![lm_head.cols, lm_head.rows],
             Box::new(move || transposed(lm_head)),
-        );
-        b.node_to("/lm_head/MatMul", "MatMul", &[x, &w], LOGITS, vec![])
+        )
     }
 }
 
