@@ -154,22 +154,11 @@ def prefill(name, batch, calls=3):
         best = min(best, time.perf_counter() - t)
     return best * 1000
 
-def decode(name, batch, prompt=32, new=128):
-    ids = np.tile(prompt_ids[:, :prompt], (batch, 1))
-    logits, past = step(name, ids, None, 0)
-    length = prompt
-    t = time.perf_counter()
-    for _ in range(new):
-        nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-        logits, past = step(name, nxt, past, length)
-        length += 1
-    return batch * new / (time.perf_counter() - t)
-
 import onnxruntime_genai as og
 
 def decode_all(names, batch, turn, prompt=32, new=128, blocks=8):
     """Tokens/s of every model's greedy decode, interleaved block by block; `turn`
-    rotates which model begins each block."""
+    rotates which model begins each block (one model and one block: a plain decode)."""
     ids = np.tile(prompt_ids[:, :prompt], (batch, 1))
     state, spent = {}, {n: 0.0 for n in names}
     for n in names:
@@ -224,7 +213,7 @@ def gemv_gb_per_s(k=576, n=245760):
 
 results = {n: {"prefill_ms": [], "decode_b1": [], "decode_b8": [], "genai_b1": []} for n in sessions}
 for n in sessions:  # warm-up
-    prefill(n, 1); decode(n, 1, new=8)
+    prefill(n, 1); decode_all([n], 1, 0, new=8, blocks=1)
 gemv = gemv_gb_per_s()
 for r in range(spec["runs"]):
     # alternating: every model once per round, the order reversed every other round
@@ -239,7 +228,7 @@ for r in range(spec["runs"]):
 if spec["profile"]:  # separate sessions: profiling slows every node down
     for n in list(sessions):
         sessions[n] = open_session(n, True)
-        prefill(n, 1); decode(n, 1, new=32)
+        prefill(n, 1); decode_all([n], 1, 0, new=32, blocks=1)
         results[n]["profile"] = sessions[n].end_profiling()
 print(json.dumps({"models": results, "gemv_gb_per_s": gemv}))
 '''

@@ -8,10 +8,10 @@ ONNX_DIR: `depthc emit GGUF --dtype int4 --int4-source gguf` of the unmodified m
 MatMulNBits node, the weight its codes, scales and zero points stand for,
 `(code - zero_point) * scale`, is compared with `gguf.quants.dequantize` of the GGUF
 tensors it was written from (rows of q and k un-permuted as llama.cpp's converter
-permuted them for Llama), over the rows
-whose GGUF type is 4-bit blocks of 32 (Q4_0, Q4_1, Q4_K); the other rows were rounded
-to nearest. Prints one JSON object: rows checked, the largest difference relative to
-the tensor's largest magnitude, and how many nodes carry float zero points.
+permuted them for Llama), over the rows whose GGUF type is 4-bit blocks of 32 (Q4_0,
+Q4_1, Q4_K); the other rows were rounded to nearest. Prints one JSON object: rows
+checked, the largest difference relative to the tensor's largest magnitude, and how many
+nodes carry float zero points.
 """
 
 import json
