@@ -1,22 +1,27 @@
-//! The products of the reference forward, all of one shape: `out = x w^T`,
-//! where `x [m, k]` and `w [n, k]` are both read along the shared dimension
-//! `k`: a linear layer's input rows against its weight rows (stored
-//! `[out_features, in_features]`), a query head against the keys, the
-//! attention weights against the transposed values.
+//! The products of the reference forward, in two shapes: `out = x w^T`
+//! ([`Nt`]), where `x [m, k]` and `w [n, k]` are both read along the shared
+//! dimension `k` (a linear layer's input rows against its weight rows, stored
+//! `[out_features, in_features]`), and `out = x b` ([`Nn`]) for `b [k, n]`
+//! (a query head against the transposed keys, the attention weights against
+//! the values).
 //!
-//! On a CPU with AVX-512 each output is a dot product computed by one kernel:
-//! 4 rows of `x` against 4 rows of `w`, 16 lanes of `k` per step into 16
-//! accumulators, reduced by one fixed tree into a vector of the 16 outputs
-//! (docs/DESIGN.md section 10). Neither operand is packed: the weights are
-//! read in place, in blocks of rows that stay in the L1 cache while every
-//! row of `x` passes them. An output's arithmetic depends only on `k`, never
-//! on `m`, on which outputs share a kernel call or a thread, or on the tile of
-//! weight rows it is in: one token's logits are the same bits in a batch of
+//! On a CPU with AVX-512 one kernel computes both: 8 rows of `x` against a
+//! panel of 48 output columns (three 16-lane vectors), one term per step:
+//! each row's `x` value is broadcast and multiplied into the panel's three
+//! vectors, 24 accumulators in registers (docs/DESIGN.md section 10). The
+//! panel of `b` is read where it is; `w`'s rows are first transposed into a
+//! panel (`kc x 48`, in L1) that every row of `x` then passes. Each output is
+//! one chain of fused multiply-adds over `p = 0, 1, ..., k - 1` from zero:
+//! its arithmetic depends only on its own row and column, never on `m`, on
+//! which outputs share a kernel call, a panel or a thread, or on the tile of
+//! weight rows it is in. One token's logits are the same bits in a batch of
 //! 256 and alone in a decode step. Elsewhere the `gemm` crate computes the
 //! same products.
 
+#[cfg(target_arch = "x86_64")]
 use std::cell::RefCell;
 
+#[cfg(target_arch = "x86_64")]
 use crate::model::matrix::AlignedF32;
 
 /// Causal structure of a product whose rows are consecutive positions
@@ -26,14 +31,15 @@ pub enum Causal {
     /// Every output, every term.
     None,
     /// Row `i` needs only outputs `j <= first + i` (scores against keys);
-    /// the others are left unwritten.
+    /// the others may be left unwritten.
     Outputs { first: usize },
     /// Row `i`'s terms `p > first + i` are zero (attention weights against
     /// values) and are skipped.
     Terms { first: usize },
 }
 
-/// `x [m, k]` read with a row stride, and `w [n, k]` the same way.
+/// `x [m, k]` read with a row stride, and `w [n, k]` the same way:
+/// `out = x w^T`.
 #[derive(Debug, Clone, Copy)]
 pub struct Nt<'a> {
     pub m: usize,
@@ -45,8 +51,26 @@ pub struct Nt<'a> {
     pub w_stride: usize,
 }
 
+/// `x [m, k]` read with a row stride, and `b [k, n]` the same way:
+/// `out = x b`.
+#[derive(Debug, Clone, Copy)]
+pub struct Nn<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub x: &'a [f32],
+    pub x_stride: usize,
+    pub b: &'a [f32],
+    pub b_stride: usize,
+}
+
 /// Products below this many multiply-adds run on the calling thread.
 const PARALLEL_WORK: usize = 1 << 16;
+
+/// The last index read of `rows` rows of `cols` values `stride` apart, plus one.
+fn extent(rows: usize, stride: usize, cols: usize) -> usize {
+    (rows - 1) * stride + cols
+}
 
 impl<'a> Nt<'a> {
     /// `x [m, k]` and `w [n, k]` stored without gaps (`n = w.len() / k`).
@@ -62,97 +86,70 @@ impl<'a> Nt<'a> {
         }
     }
 
-    /// This product's raw operands, with `x` as `with_aligned_rows` gave it.
-    #[cfg(target_arch = "x86_64")]
-    fn job(
-        &self,
-        x: &[f32],
-        x_stride: usize,
-        out: &mut [f32],
-        out_stride: usize,
-        causal: Causal,
-    ) -> Job {
+    fn check(&self, out: &[f32], out_stride: usize) {
+        if self.m == 0 || self.n == 0 {
+            return;
+        }
+        assert!(self.k == 0 || extent(self.m, self.x_stride, self.k) <= self.x.len());
+        assert!(self.k == 0 || extent(self.n, self.w_stride, self.k) <= self.w.len());
+        assert!(extent(self.m, out_stride, self.n) <= out.len());
+    }
+
+    fn job(&self, out: &mut [f32], out_stride: usize, causal: Causal) -> Job {
         Job {
             m: self.m,
             n: self.n,
             k: self.k,
-            x: x.as_ptr(),
-            x_stride,
+            x: self.x.as_ptr(),
+            x_stride: self.x_stride,
             w: self.w.as_ptr(),
             w_stride: self.w_stride,
+            w_rows: true,
             out: out.as_mut_ptr(),
             out_stride,
             causal,
         }
     }
 
-    fn check(&self, out: &[f32], out_stride: usize) {
-        let last = |rows: usize, stride: usize, cols: usize| (rows - 1) * stride + cols;
-        if self.m == 0 || self.n == 0 {
-            return;
-        }
-        assert!(self.k == 0 || last(self.m, self.x_stride, self.k) <= self.x.len());
-        assert!(self.k == 0 || last(self.n, self.w_stride, self.k) <= self.w.len());
-        assert!(last(self.m, out_stride, self.n) <= out.len());
-    }
-
     /// `out[i * out_stride + j] = sum_p x[i, p] w[j, p]`, split over the
     /// thread pool by blocks of `w`'s rows when `parallel` and large enough.
     pub fn run(&self, out: &mut [f32], out_stride: usize, parallel: bool, causal: Causal) {
         self.check(out, out_stride);
+        let job = self.job(out, out_stride, causal);
+        // SAFETY: `check` keeps every strided access inside its slice.
+        unsafe { job.run(parallel) }
+    }
+}
+
+impl<'a> Nn<'a> {
+    fn check(&self, out: &[f32], out_stride: usize) {
         if self.m == 0 || self.n == 0 {
             return;
         }
-        if self.k == 0 {
-            for i in 0..self.m {
-                out[i * out_stride..i * out_stride + self.n].fill(0.0);
-            }
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return self.run_avx512(out, out_stride, parallel, causal);
-        }
-        self.run_portable(out, out_stride, parallel);
+        assert!(self.k == 0 || extent(self.m, self.x_stride, self.k) <= self.x.len());
+        assert!(self.k == 0 || extent(self.k, self.b_stride, self.n) <= self.b.len());
+        assert!(extent(self.m, out_stride, self.n) <= out.len());
     }
 
-    fn run_portable(&self, out: &mut [f32], out_stride: usize, parallel: bool) {
-        let parallelism = if parallel && self.m * self.n * self.k >= PARALLEL_WORK {
-            gemm::Parallelism::Rayon(0)
-        } else {
-            gemm::Parallelism::None
+    /// `out[i * out_stride + j] = sum_p x[i, p] b[p, j]`, split over the
+    /// thread pool by blocks of `b`'s columns when `parallel` and large enough.
+    pub fn run(&self, out: &mut [f32], out_stride: usize, parallel: bool, causal: Causal) {
+        self.check(out, out_stride);
+        let job = Job {
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            x: self.x.as_ptr(),
+            x_stride: self.x_stride,
+            w: self.b.as_ptr(),
+            w_stride: self.b_stride,
+            w_rows: false,
+            out: out.as_mut_ptr(),
+            out_stride,
+            causal,
         };
         // SAFETY: `check` keeps every strided access inside its slice.
-        unsafe {
-            gemm::gemm(
-                self.m,
-                self.n,
-                self.k,
-                out.as_mut_ptr(),
-                1,
-                out_stride as isize,
-                false,
-                self.x.as_ptr(),
-                1,
-                self.x_stride as isize,
-                self.w.as_ptr(),
-                self.w_stride as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn run_avx512(&self, out: &mut [f32], out_stride: usize, parallel: bool, causal: Causal) {
-        with_aligned_rows(self.x, self.m, self.k, self.x_stride, |x, x_stride| {
-            run_jobs(&[self.job(x, x_stride, out, out_stride, causal)], parallel);
-        })
+        unsafe { job.run(parallel) }
     }
 }
 
@@ -168,57 +165,121 @@ pub fn products(x: &[f32], m: usize, k: usize, ws: &[&[f32]], outs: &mut [&mut [
     }
     #[cfg(target_arch = "x86_64")]
     if k > 0 && m > 0 && std::arch::is_x86_feature_detected!("avx512f") {
-        return with_aligned_rows(x, m, k, k, |xa, x_stride| {
-            let jobs: Vec<Job> = parts
-                .iter()
-                .zip(outs.iter_mut())
-                .map(|(p, out)| p.job(xa, x_stride, out, p.n, Causal::None))
-                .collect();
-            run_jobs(&jobs, true);
-        });
+        let jobs: Vec<Job> = parts
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(p, out)| p.job(out, p.n, Causal::None))
+            .collect();
+        // SAFETY: avx512f was just detected; `check` verified every shape.
+        return unsafe { run_jobs(&jobs, true) };
     }
     for (p, out) in parts.iter().zip(outs.iter_mut()) {
         p.run(out, p.n, true, Causal::None);
     }
 }
 
-/// Run `f` on `x`'s `m` rows of `k` values with each row on a cache line
-/// (copied when they are not), so that its loads never straddle two lines;
-/// the weights are read where they are (widened weights are aligned, see
-/// [`AlignedF32`]).
-fn with_aligned_rows<R>(
-    x: &[f32],
+/// One product's raw operands, shared by the threads computing its blocks:
+/// `w [n, k]` when `w_rows`, else `[k, n]`.
+#[derive(Clone, Copy)]
+struct Job {
     m: usize,
+    n: usize,
     k: usize,
+    x: *const f32,
     x_stride: usize,
-    f: impl FnOnce(&[f32], usize) -> R,
-) -> R {
-    if (x.as_ptr() as usize).is_multiple_of(64) && x_stride.is_multiple_of(16) {
-        return f(x, x_stride);
-    }
-    let stride = k.next_multiple_of(16);
-    let mut buf = PACKED.with(|p| p.take());
-    buf.resize_zeroed(m * stride);
-    for i in 0..m {
-        buf[i * stride..i * stride + k].copy_from_slice(&x[i * x_stride..i * x_stride + k]);
-    }
-    let r = f(&buf, stride);
-    PACKED.with(|p| p.replace(buf));
-    r
+    w: *const f32,
+    w_stride: usize,
+    w_rows: bool,
+    out: *mut f32,
+    out_stride: usize,
+    causal: Causal,
 }
+
+// SAFETY: the pointers are only dereferenced within the shapes `check`
+// verified, and each thread writes its own output columns.
+unsafe impl Send for Job {}
+unsafe impl Sync for Job {}
+
+impl Job {
+    /// # Safety
+    /// The operands must cover the job's shapes.
+    unsafe fn run(&self, parallel: bool) {
+        if self.m == 0 || self.n == 0 {
+            return;
+        }
+        if self.k == 0 {
+            for i in 0..self.m {
+                std::slice::from_raw_parts_mut(self.out.add(i * self.out_stride), self.n).fill(0.0);
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return run_jobs(std::slice::from_ref(self), parallel);
+        }
+        self.run_portable(parallel);
+    }
+
+    /// # Safety
+    /// As for [`Job::run`].
+    unsafe fn run_portable(&self, parallel: bool) {
+        let parallelism = if parallel && self.m * self.n * self.k >= PARALLEL_WORK {
+            gemm::Parallelism::Rayon(0)
+        } else {
+            gemm::Parallelism::None
+        };
+        // Strides of the right-hand side `[k, n]` (column, row).
+        let (rhs_cs, rhs_rs) = if self.w_rows {
+            (self.w_stride as isize, 1)
+        } else {
+            (1, self.w_stride as isize)
+        };
+        gemm::gemm(
+            self.m,
+            self.n,
+            self.k,
+            self.out,
+            1,
+            self.out_stride as isize,
+            false,
+            self.x,
+            1,
+            self.x_stride as isize,
+            self.w,
+            rhs_cs,
+            rhs_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Output columns per panel: three vectors of 16.
+#[cfg(target_arch = "x86_64")]
+const NR: usize = 48;
+/// Rows of `x` per kernel call.
+#[cfg(target_arch = "x86_64")]
+const MR: usize = 8;
 
 /// The jobs' output columns in blocks, shared over the thread pool (about 4
 /// blocks a thread) when `parallel` and large enough. Blocks after a job's
-/// first start on a cache line of its output and are a multiple of 16
+/// first start on a cache line of its output and are a multiple of 48
 /// columns, so that two threads never write the same line of a row whose
-/// length is a multiple of 16.
+/// length is a multiple of 16, and panels stay whole.
+///
+/// # Safety
+/// avx512f must be present; each job's pointers must cover its shapes.
 #[cfg(target_arch = "x86_64")]
-fn run_jobs(jobs: &[Job], parallel: bool) {
+unsafe fn run_jobs(jobs: &[Job], parallel: bool) {
     let threads = rayon::current_num_threads();
     let work: usize = jobs.iter().map(|j| j.m * j.n * j.k).sum();
     let total: usize = jobs.iter().map(|j| j.n).sum();
     let split = parallel && threads > 1 && work >= PARALLEL_WORK;
-    let per = total.div_ceil(threads * 4).next_multiple_of(16);
+    let per = total.div_ceil(threads * 4).next_multiple_of(NR);
     let mut blocks: Vec<(&Job, usize, usize)> = Vec::new();
     for j in jobs {
         if !split {
@@ -235,9 +296,22 @@ fn run_jobs(jobs: &[Job], parallel: bool) {
         }
         blocks.push((j, f0, j.n));
     }
-    // SAFETY: avx512f was detected by the caller; each job's pointers cover
-    // its checked shapes, and blocks write disjoint output columns.
-    let run = |&(job, f0, f1): &(&Job, usize, usize)| unsafe { job.block(f0, f1) };
+    // SAFETY: as the caller promised; blocks write disjoint output columns.
+    let run = |&(job, f0, f1): &(&Job, usize, usize)| unsafe {
+        // The first block's leading columns form a narrow panel of their
+        // own, so that the rest fall on whole panels after a cache line.
+        let lead = if f0 == 0 && split {
+            (16 - (job.out as usize / 4) % 16) % 16
+        } else {
+            0
+        };
+        if lead > 0 && lead < f1 {
+            job.block(0, lead);
+            job.block(lead, f1);
+        } else {
+            job.block(f0, f1);
+        }
+    };
     if blocks.len() > 1 {
         use rayon::prelude::*;
         blocks.par_iter().for_each(run);
@@ -246,210 +320,249 @@ fn run_jobs(jobs: &[Job], parallel: bool) {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 thread_local! {
-    /// Where a misaligned `x` is copied, reused across products.
-    static PACKED: RefCell<AlignedF32> = RefCell::new(AlignedF32::default());
+    /// The packed panel of `w` rows, reused across products.
+    static PANEL: RefCell<AlignedF32> = RefCell::new(AlignedF32::default());
 }
-
-/// One product's raw operands, shared by the threads computing its blocks.
-#[derive(Clone, Copy)]
-struct Job {
-    m: usize,
-    n: usize,
-    k: usize,
-    x: *const f32,
-    x_stride: usize,
-    w: *const f32,
-    w_stride: usize,
-    out: *mut f32,
-    out_stride: usize,
-    causal: Causal,
-}
-
-// SAFETY: the pointers are only dereferenced within the shapes `Nt::check`
-// verified, and each thread writes its own output columns.
-unsafe impl Send for Job {}
-unsafe impl Sync for Job {}
-
-/// Most terms per pass over a weight block: a larger `k` is split into
-/// equal passes (multiples of 16 terms), each adding to the outputs of the
-/// one before.
-#[cfg(target_arch = "x86_64")]
-const DEPTH_BLOCK: usize = 768;
-/// Bytes of weight rows one block keeps in the L1 cache.
-#[cfg(target_arch = "x86_64")]
-const BLOCK_BYTES: usize = 32 << 10;
 
 #[cfg(target_arch = "x86_64")]
 impl Job {
-    /// Outputs `f0..f1` of every row.
+    /// Outputs `f0..f1` of every row, a panel of 48 columns at a time, each
+    /// over all `k` terms.
     #[target_feature(enable = "avx512f")]
     unsafe fn block(&self, f0: usize, f1: usize) {
-        let passes = self.k.div_ceil(DEPTH_BLOCK);
-        let kc_max = self.k.div_ceil(passes).next_multiple_of(16);
-        let mut kb = 0;
-        while kb < self.k {
-            let kc = kc_max.min(self.k - kb);
-            let nb = (BLOCK_BYTES / 4 / kc).max(4) / 4 * 4;
-            let mut fg = f0;
-            while fg < f1 {
-                let fe = (fg + nb).min(f1);
-                // The next block's weight rows are fetched into the L2 cache
-                // while this block computes, a share at each row step, so that
-                // weights streamed from memory do not stall the kernel.
-                let next = fe..(fe + nb).min(f1);
-                let lines_per_row = kc.div_ceil(16);
-                let lines = next.len() * lines_per_row;
-                let per_step = lines.div_ceil(self.m.div_ceil(4)).max(1);
-                let mut fetched = 0;
-                let mut i = 0;
-                while i < self.m {
-                    let mr = (self.m - i).min(4);
-                    let until = (fetched + per_step).min(lines);
-                    for line in fetched..until {
-                        let row = next.start + line / lines_per_row;
-                        let at = self
-                            .w
-                            .add(row * self.w_stride + kb + (line % lines_per_row) * 16);
-                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                            at.cast::<i8>(),
-                        );
+        let mut panel = PANEL.with(|p| p.take());
+        let rows = self.k.next_multiple_of(16);
+        if self.w_rows && panel.len() < rows * NR {
+            panel.resize_zeroed(rows * NR);
+        }
+        let mut jp = f0;
+        while jp < f1 {
+            let nr = NR.min(f1 - jp);
+            let (b, b_stride) = if self.w_rows {
+                pack(
+                    self.w.add(jp * self.w_stride),
+                    self.w_stride,
+                    nr,
+                    self.k,
+                    panel.as_mut_ptr(),
+                );
+                (panel.as_ptr(), NR)
+            } else {
+                (self.w.add(jp), self.w_stride)
+            };
+            // The next panel's weight lines, a share at each row step, are
+            // fetched into the L2 cache while this panel computes, so that
+            // weights streamed from memory do not stall its packing.
+            let next = jp + nr;
+            let next_rows = if self.w_rows {
+                NR.min(f1.saturating_sub(next))
+            } else {
+                0
+            };
+            let lines_per_row = ((self.w as usize / 4) % 16 + self.k).div_ceil(16);
+            let lines = next_rows * lines_per_row;
+            let per_step = lines.div_ceil(self.m.div_ceil(MR)).max(1);
+            // The next line to fetch: its row in the next panel, its line in the row.
+            let (mut row, mut line) = (0, 0);
+            let mut i = 0;
+            while i < self.m {
+                let mr = MR.min(self.m - i);
+                for _ in 0..per_step {
+                    if row >= next_rows {
+                        break;
                     }
-                    fetched = until;
-                    // The last row of the block decides what it computes.
-                    let (j_end, terms) = match self.causal {
-                        Causal::None => (fe, kc),
-                        Causal::Outputs { first } => (fe.min(first + i + mr), kc),
-                        Causal::Terms { first } => {
-                            (fe, kc.min((first + i + mr).saturating_sub(kb)))
-                        }
-                    };
-                    let mut j = fg;
-                    while j < j_end {
-                        let nr = (j_end - j).min(4);
-                        let x = self.x.add(i * self.x_stride + kb);
-                        let w = self.w.add(j * self.w_stride + kb);
-                        let out = self.out.add(i * self.out_stride + j);
-                        let tile = Tile {
-                            x,
-                            x_stride: self.x_stride,
-                            w,
-                            w_stride: self.w_stride,
-                            k: terms,
-                            out,
-                            out_stride: self.out_stride,
-                            add: kb > 0,
-                        };
-                        match (mr, nr) {
-                            (4, 4) => tile.kernel::<4, 4>(),
-                            (4, 3) => tile.kernel::<4, 3>(),
-                            (4, 2) => tile.kernel::<4, 2>(),
-                            (4, _) => tile.kernel::<4, 1>(),
-                            (3, 4) => tile.kernel::<3, 4>(),
-                            (3, 3) => tile.kernel::<3, 3>(),
-                            (3, 2) => tile.kernel::<3, 2>(),
-                            (3, _) => tile.kernel::<3, 1>(),
-                            (2, 4) => tile.kernel::<2, 4>(),
-                            (2, 3) => tile.kernel::<2, 3>(),
-                            (2, 2) => tile.kernel::<2, 2>(),
-                            (2, _) => tile.kernel::<2, 1>(),
-                            (_, 4) => tile.kernel::<1, 4>(),
-                            (_, 3) => tile.kernel::<1, 3>(),
-                            (_, 2) => tile.kernel::<1, 2>(),
-                            _ => tile.kernel::<1, 1>(),
-                        }
-                        j += nr;
+                    let at = self
+                        .w
+                        .wrapping_add((next + row) * self.w_stride + line * 16);
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                        at.cast::<i8>(),
+                    );
+                    line += 1;
+                    if line == lines_per_row {
+                        (row, line) = (row + 1, 0);
                     }
-                    i += mr;
                 }
-                fg = fe;
+                // The last row of the block decides what it computes.
+                let (cols, terms) = match self.causal {
+                    Causal::None => (nr, self.k),
+                    Causal::Outputs { first } => {
+                        (nr.min((first + i + mr).saturating_sub(jp)), self.k)
+                    }
+                    Causal::Terms { first } => (nr, self.k.min(first + i + mr)),
+                };
+                if cols > 0 {
+                    let tile = Tile {
+                        x: self.x.add(i * self.x_stride),
+                        x_stride: self.x_stride,
+                        b,
+                        b_stride,
+                        k: terms,
+                        out: self.out.add(i * self.out_stride + jp),
+                        out_stride: self.out_stride,
+                        cols,
+                    };
+                    tile.dispatch(mr);
+                }
+                i += mr;
             }
-            kb += kc;
+            jp += nr;
+        }
+        PANEL.with(|p| p.replace(panel));
+    }
+}
+
+/// The mask of the first `left` of 16 lanes (all of them past 16).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn lanes(left: usize) -> u16 {
+    if left >= 16 {
+        0xffff
+    } else {
+        ((1u32 << left) - 1) as u16
+    }
+}
+
+/// `panel[p * 48 + j] = w[j * w_stride + p]` for `j < nr`, `p < k`
+/// (columns `nr..48` become zero, rows up to `k` rounded up to 16 are
+/// written with anything), 16 x 16 blocks transposed in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack(w: *const f32, w_stride: usize, nr: usize, k: usize, panel: *mut f32) {
+    use std::arch::x86_64::*;
+    for j0 in (0..NR).step_by(16) {
+        let rows = nr.saturating_sub(j0).min(16);
+        let mut p0 = 0;
+        while p0 < k {
+            let cols = lanes(k - p0);
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (q, v) in r.iter_mut().enumerate() {
+                let mask = if q < rows { cols } else { 0 };
+                // Rows past `nr` are not read (their mask is empty).
+                let at = w.wrapping_add((j0 + q) * w_stride + p0);
+                *v = _mm512_maskz_loadu_ps(mask, at);
+            }
+            for (q, v) in transpose16(r).into_iter().enumerate() {
+                _mm512_store_ps(panel.add((p0 + q) * NR + j0), v);
+            }
+            p0 += 16;
         }
     }
 }
 
-/// Up to 4 rows of `x` against up to 4 rows of `w` over `k` terms.
+/// The transpose of 16 vectors of 16: lane `l` of output `c` is lane `c`
+/// of input `l`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    let z = _mm512_setzero_ps();
+    // 32-bit interleaves of row pairs, then 64-bit interleaves of those: in
+    // each 128-bit lane `L`, u[4q + c] holds column `4L + c` of rows 4q..4q+4.
+    let mut t = [z; 16];
+    for q in 0..8 {
+        t[2 * q] = _mm512_unpacklo_ps(r[2 * q], r[2 * q + 1]);
+        t[2 * q + 1] = _mm512_unpackhi_ps(r[2 * q], r[2 * q + 1]);
+    }
+    let mut u = [z; 16];
+    let pd = _mm512_castps_pd;
+    let ps = _mm512_castpd_ps;
+    for q in 0..4 {
+        let (a, b, c, d) = (t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]);
+        u[4 * q] = ps(_mm512_unpacklo_pd(pd(a), pd(c)));
+        u[4 * q + 1] = ps(_mm512_unpackhi_pd(pd(a), pd(c)));
+        u[4 * q + 2] = ps(_mm512_unpacklo_pd(pd(b), pd(d)));
+        u[4 * q + 3] = ps(_mm512_unpackhi_pd(pd(b), pd(d)));
+    }
+    // 128-bit lanes: even and odd lanes of row groups (0, 1) and (2, 3),
+    // then of those.
+    let even = |a, b| _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b);
+    let odd = |a, b| _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b);
+    let mut out = [z; 16];
+    for c in 0..4 {
+        let (va, vb) = (even(u[c], u[4 + c]), odd(u[c], u[4 + c]));
+        let (wa, wb) = (even(u[8 + c], u[12 + c]), odd(u[8 + c], u[12 + c]));
+        out[c] = even(va, wa);
+        out[8 + c] = odd(va, wa);
+        out[4 + c] = even(vb, wb);
+        out[12 + c] = odd(vb, wb);
+    }
+    out
+}
+
+/// Up to 8 rows of `x` against up to 48 columns of a panel of `b`
+/// (`b[p * b_stride + j]`) over `k` terms.
 #[cfg(target_arch = "x86_64")]
 struct Tile {
     x: *const f32,
     x_stride: usize,
-    w: *const f32,
-    w_stride: usize,
+    b: *const f32,
+    b_stride: usize,
     k: usize,
     out: *mut f32,
     out_stride: usize,
-    /// Add to the outputs (a later depth block) instead of writing them.
-    add: bool,
+    /// Output columns, 1 to 48.
+    cols: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
 impl Tile {
-    /// `out[i, j] (+)= sum_p x[i, p] w[j, p]` for `i < MR`, `j < NR`.
-    /// Accumulator `4 i + j` holds lanes `p mod 16` of output `(i, j)`;
-    /// lanes past `k` are loaded as zeros, and unused accumulators stay zero.
+    /// The kernel for `mr` rows and this tile's columns.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn kernel<const MR: usize, const NR: usize>(&self) {
+    unsafe fn dispatch(&self, mr: usize) {
+        macro_rules! by_rows {
+            ($nv:literal) => {
+                match mr {
+                    8 => self.kernel::<8, $nv>(),
+                    7 => self.kernel::<7, $nv>(),
+                    6 => self.kernel::<6, $nv>(),
+                    5 => self.kernel::<5, $nv>(),
+                    4 => self.kernel::<4, $nv>(),
+                    3 => self.kernel::<3, $nv>(),
+                    2 => self.kernel::<2, $nv>(),
+                    _ => self.kernel::<1, $nv>(),
+                }
+            };
+        }
+        match self.cols.div_ceil(16) {
+            3 => by_rows!(3),
+            2 => by_rows!(2),
+            _ => by_rows!(1),
+        }
+    }
+
+    /// `out[i, j] = sum_p x[i, p] b[p, j]`, adding the terms in turn from
+    /// `p = 0`: accumulator `(i, v)` holds outputs `16 v .. 16 v + 16` of row
+    /// `i`; lanes past `cols` are never stored.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn kernel<const R: usize, const V: usize>(&self) {
         use std::arch::x86_64::*;
-        let mut acc = [_mm512_setzero_ps(); 16];
-        let steps = self.k / 16;
-        let step = |acc: &mut [__m512; 16], p: usize, mask: __mmask16| {
-            let mut xv = [_mm512_setzero_ps(); MR];
-            for (i, v) in xv.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(mask, self.x.add(i * self.x_stride + p));
+        let mut mask = [0xffffu16; V];
+        mask[V - 1] = lanes(self.cols - 16 * (V - 1));
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        let mut x = self.x;
+        let mut b = self.b;
+        for _ in 0..self.k {
+            let mut bv = [_mm512_setzero_ps(); V];
+            for (v, c) in bv.iter_mut().enumerate() {
+                *c = _mm512_maskz_loadu_ps(mask[v], b.add(16 * v));
             }
-            for j in 0..NR {
-                let wv = _mm512_maskz_loadu_ps(mask, self.w.add(j * self.w_stride + p));
-                for (i, &v) in xv.iter().enumerate() {
-                    acc[i * 4 + j] = _mm512_fmadd_ps(v, wv, acc[i * 4 + j]);
+            for (i, row) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*x.add(i * self.x_stride));
+                for (a, &c) in row.iter_mut().zip(&bv) {
+                    *a = _mm512_fmadd_ps(xv, c, *a);
                 }
             }
-        };
-        for s in 0..steps {
-            step(&mut acc, s * 16, 0xffff);
+            x = x.add(1);
+            b = b.add(self.b_stride);
         }
-        let rest = self.k - steps * 16;
-        if rest > 0 {
-            step(&mut acc, steps * 16, ((1u32 << rest) - 1) as __mmask16);
-        }
-        // The reduction tree: after it, lane r is the sum of accumulator r.
-        // Pairs of accumulators, then pairs of those, by 32-bit, 64-bit and
-        // 128-bit interleaves; every output goes through the same adds.
-        let mut pairs = [_mm512_setzero_ps(); 8];
-        for (q, c) in pairs.iter_mut().enumerate() {
-            let (a, b) = (acc[2 * q], acc[2 * q + 1]);
-            *c = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-        }
-        let mut quads = [_mm512_setzero_ps(); 4];
-        for (q, e) in quads.iter_mut().enumerate() {
-            let (a, b) = (
-                _mm512_castps_pd(pairs[2 * q]),
-                _mm512_castps_pd(pairs[2 * q + 1]),
-            );
-            *e = _mm512_add_ps(
-                _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
-                _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
-            );
-        }
-        let half = |a: __m512, b: __m512| {
-            _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
-                _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
-            )
-        };
-        let sums = half(half(quads[0], quads[1]), half(quads[2], quads[3]));
-        let mut lanes = [0f32; 16];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), sums);
-        for i in 0..MR {
-            let row = self.out.add(i * self.out_stride);
-            for j in 0..NR {
-                let v = lanes[i * 4 + j];
-                if self.add {
-                    *row.add(j) += v;
-                } else {
-                    *row.add(j) = v;
-                }
+        for (i, row) in acc.iter().enumerate() {
+            for (v, &a) in row.iter().enumerate() {
+                _mm512_mask_storeu_ps(self.out.add(i * self.out_stride + 16 * v), mask[v], a);
             }
         }
     }
@@ -505,15 +618,35 @@ mod tests {
                 w_stride: ws,
             };
             let want = reference(&p);
+            // The same product as `x b`: `b [k, n]` with a row stride of n + 3.
+            let bs = n + 3;
+            let mut b = vec![f32::NAN; k * bs];
+            for j in 0..n {
+                for q in 0..k {
+                    b[q * bs + j] = w[j * ws + q];
+                }
+            }
+            let nn = Nn {
+                m,
+                n,
+                k,
+                x,
+                x_stride: xs,
+                b: &b,
+                b_stride: bs,
+            };
             for parallel in [false, true] {
                 let mut out = vec![f32::NAN; m * n];
                 p.run(&mut out, n, parallel, Causal::None);
+                let mut out_nn = vec![f32::NAN; m * n];
+                nn.run(&mut out_nn, n, parallel, Causal::None);
                 for (o, r) in out.iter().zip(&want) {
                     assert!(
                         (*o as f64 - r).abs() <= 1e-6 * k as f64,
                         "{m}x{n}x{k}: {o} against {r}"
                     );
                 }
+                assert_eq!(out_nn, out, "{m}x{n}x{k}: x b against x w^T");
             }
         }
     }
@@ -548,15 +681,26 @@ mod tests {
     /// sums whose later terms are zero.
     #[test]
     fn causal_forms_equal_the_full_product() {
-        let (t, s, d) = (10, 13, 40); // 10 rows at positions 3..13
+        let (t, s, d) = (70, 103, 40); // 70 rows at positions 33..103
         let first = s - t;
         let q = values(t * d, 5);
-        let keys = values(s * d, 6);
-        let nt = Nt::rows(t, d, &q, &keys);
+        let keys_t = values(d * s, 6);
+        let scores = |out: &mut [f32], causal| {
+            let nn = Nn {
+                m: t,
+                n: s,
+                k: d,
+                x: &q,
+                x_stride: d,
+                b: &keys_t,
+                b_stride: s,
+            };
+            nn.run(out, s, false, causal)
+        };
         let mut full = vec![0f32; t * s];
-        nt.run(&mut full, s, false, Causal::None);
+        scores(&mut full, Causal::None);
         let mut causal = vec![f32::NAN; t * s];
-        nt.run(&mut causal, s, false, Causal::Outputs { first });
+        scores(&mut causal, Causal::Outputs { first });
         for i in 0..t {
             assert_eq!(
                 &causal[i * s..i * s + first + i + 1],
@@ -567,8 +711,16 @@ mod tests {
         for i in 0..t {
             weights[i * s + first + i + 1..(i + 1) * s].fill(0.0);
         }
-        let vt = values(d * s, 8);
-        let pv = Nt::rows(t, s, &weights, &vt);
+        let v = values(s * d, 8);
+        let pv = Nn {
+            m: t,
+            n: d,
+            k: s,
+            x: &weights,
+            x_stride: s,
+            b: &v,
+            b_stride: d,
+        };
         let mut full = vec![0f32; t * d];
         pv.run(&mut full, d, false, Causal::None);
         let mut causal = vec![0f32; t * d];

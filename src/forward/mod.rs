@@ -21,7 +21,7 @@ use crate::model::Rope;
 use crate::model::{Attention, DecoderLayer, Mlp, Model};
 use crate::plan::Plan;
 use crate::{Error, Result};
-use gemm::{Causal, Nt};
+use gemm::{Causal, Nn};
 use ops::{matmul_t, matmul_t_many, rms_norm, softmax_within};
 
 /// Cached keys and values of one original layer: `len` rows of
@@ -342,20 +342,21 @@ impl<'m> Forward<'m> {
         let scale = cfg.query_scale as f32;
         let window = cfg.window_of(l);
         let (keys, values) = (&kv.k, &kv.v);
-        // Rows of the scores and of the transposed values start on cache
+        // Rows of the scores and of the transposed keys start on cache
         // lines: `sp` is S rounded up to 16 values.
         let sp = s.next_multiple_of(16);
-        // Each key-value group's values, transposed to [hd, S] so that the
-        // weighted sums are products of the same shape as the scores.
-        let values_t: Vec<AlignedF32> = (0..nkv)
+        // Each key-value group's keys, transposed to [hd, S], so that the
+        // scores are a product of the same shape as the weighted sums of the
+        // values (`x b`, `b` read along its rows).
+        let keys_t: Vec<AlignedF32> = (0..nkv)
             .map(|g| {
-                let mut vt = AlignedF32::zeroed(hd * sp);
-                for (j, row) in values.chunks_exact(kvw).enumerate() {
-                    for (d, &v) in row[g * hd..(g + 1) * hd].iter().enumerate() {
-                        vt[d * sp + j] = v;
+                let mut kt = AlignedF32::zeroed(hd * sp);
+                for (j, row) in keys.chunks_exact(kvw).enumerate() {
+                    for (d, &k) in row[g * hd..(g + 1) * hd].iter().enumerate() {
+                        kt[d * sp + j] = k;
                     }
                 }
-                vt
+                kt
             })
             .collect();
         // One task per head and block of query rows, so that both threads
@@ -376,15 +377,15 @@ impl<'m> Forward<'m> {
                     scores.resize_zeroed(rows * sp);
                 }
                 let scores_len = rows * sp;
-                // scores[rows, S] = q_head [rows, hd] . k_g [S, hd], up to each row's position
-                Nt {
+                // scores[rows, S] = q_head [rows, hd] . k_g^T [hd, S], up to each row's position
+                Nn {
                     m: rows,
                     n: s,
                     k: hd,
                     x: &q[r0 * qw + head * hd..],
                     x_stride: qw,
-                    w: &keys[g * hd..],
-                    w_stride: kvw,
+                    b: &keys_t[g],
+                    b_stride: sp,
                 }
                 .run(
                     &mut scores[..scores_len],
@@ -399,15 +400,15 @@ impl<'m> Forward<'m> {
                     softmax_within(&mut row[..s], lo, pos);
                 }
                 let mut out = vec![0f32; rows * hd];
-                // out [rows, hd] = P [rows, S] . v_g^T [hd, S]; P is zero past each row's position
-                Nt {
+                // out [rows, hd] = P [rows, S] . v_g [S, hd]; P is zero past each row's position
+                Nn {
                     m: rows,
                     n: hd,
                     k: s,
                     x: &scores[..scores_len],
                     x_stride: sp,
-                    w: &values_t[g],
-                    w_stride: sp,
+                    b: &values[g * hd..],
+                    b_stride: kvw,
                 }
                 .run(&mut out, hd, false, Causal::Terms { first });
                 SCORES.with(|b| b.replace(scores));
