@@ -20,6 +20,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 #[cfg(target_arch = "x86_64")]
 use crate::model::matrix::AlignedF32;
@@ -86,16 +87,16 @@ impl<'a> Nt<'a> {
         }
     }
 
-    fn check(&self, out: &[f32], out_stride: usize) {
+    fn check(&self, out_len: usize, out_stride: usize) {
         if self.m == 0 || self.n == 0 {
             return;
         }
         assert!(self.k == 0 || extent(self.m, self.x_stride, self.k) <= self.x.len());
         assert!(self.k == 0 || extent(self.n, self.w_stride, self.k) <= self.w.len());
-        assert!(extent(self.m, out_stride, self.n) <= out.len());
+        assert!(extent(self.m, out_stride, self.n) <= out_len);
     }
 
-    fn job(&self, out: &mut [f32], out_stride: usize, causal: Causal) -> Job {
+    fn job(&self, out: *mut f32, out_stride: usize, causal: Causal) -> Job {
         Job {
             m: self.m,
             n: self.n,
@@ -105,7 +106,7 @@ impl<'a> Nt<'a> {
             w: self.w.as_ptr(),
             w_stride: self.w_stride,
             w_rows: true,
-            out: out.as_mut_ptr(),
+            out,
             out_stride,
             causal,
         }
@@ -114,27 +115,36 @@ impl<'a> Nt<'a> {
     /// `out[i * out_stride + j] = sum_p x[i, p] w[j, p]`, split over the
     /// thread pool by blocks of `w`'s rows when `parallel` and large enough.
     pub fn run(&self, out: &mut [f32], out_stride: usize, parallel: bool, causal: Causal) {
-        self.check(out, out_stride);
-        let job = self.job(out, out_stride, causal);
+        self.check(out.len(), out_stride);
+        let job = self.job(out.as_mut_ptr(), out_stride, causal);
         // SAFETY: `check` keeps every strided access inside its slice.
+        unsafe { job.run(parallel) }
+    }
+
+    /// [`Nt::run`] (every output) into memory not yet written: each
+    /// `out[i * out_stride + j]`, `i < m`, `j < n`, is written.
+    pub fn run_uninit(&self, out: &mut [MaybeUninit<f32>], out_stride: usize, parallel: bool) {
+        self.check(out.len(), out_stride);
+        let job = self.job(out.as_mut_ptr().cast(), out_stride, Causal::None);
+        // SAFETY: as in `run`; the kernels only write the outputs.
         unsafe { job.run(parallel) }
     }
 }
 
 impl<'a> Nn<'a> {
-    fn check(&self, out: &[f32], out_stride: usize) {
+    fn check(&self, out_len: usize, out_stride: usize) {
         if self.m == 0 || self.n == 0 {
             return;
         }
         assert!(self.k == 0 || extent(self.m, self.x_stride, self.k) <= self.x.len());
         assert!(self.k == 0 || extent(self.k, self.b_stride, self.n) <= self.b.len());
-        assert!(extent(self.m, out_stride, self.n) <= out.len());
+        assert!(extent(self.m, out_stride, self.n) <= out_len);
     }
 
     /// `out[i * out_stride + j] = sum_p x[i, p] b[p, j]`, split over the
     /// thread pool by blocks of `b`'s columns when `parallel` and large enough.
     pub fn run(&self, out: &mut [f32], out_stride: usize, parallel: bool, causal: Causal) {
-        self.check(out, out_stride);
+        self.check(out.len(), out_stride);
         let job = Job {
             m: self.m,
             n: self.n,
@@ -156,25 +166,31 @@ impl<'a> Nn<'a> {
 /// Several products of one `x [m, k]`: `outs[p] [m, n_p] = x w_p^T` for
 /// the `[n_p, k]` weights `ws[p]` (a layer's query, key and value
 /// projections; its gate and up projections), their output blocks shared
-/// out over the thread pool together.
-pub fn products(x: &[f32], m: usize, k: usize, ws: &[&[f32]], outs: &mut [&mut [f32]]) {
+/// out over the thread pool together. Every output is written.
+pub fn products(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    ws: &[&[f32]],
+    outs: &mut [&mut [MaybeUninit<f32>]],
+) {
     assert_eq!(ws.len(), outs.len(), "one output per weight");
     let parts: Vec<Nt> = ws.iter().map(|w| Nt::rows(m, k, x, w)).collect();
     for (p, out) in parts.iter().zip(outs.iter()) {
-        p.check(out, p.n);
+        p.check(out.len(), p.n);
     }
     #[cfg(target_arch = "x86_64")]
     if k > 0 && m > 0 && std::arch::is_x86_feature_detected!("avx512f") {
         let jobs: Vec<Job> = parts
             .iter()
             .zip(outs.iter_mut())
-            .map(|(p, out)| p.job(out, p.n, Causal::None))
+            .map(|(p, out)| p.job(out.as_mut_ptr().cast(), p.n, Causal::None))
             .collect();
         // SAFETY: avx512f was just detected; `check` verified every shape.
         return unsafe { run_jobs(&jobs, true) };
     }
     for (p, out) in parts.iter().zip(outs.iter_mut()) {
-        p.run(out, p.n, true, Causal::None);
+        p.run_uninit(out, p.n, true);
     }
 }
 
@@ -279,7 +295,7 @@ unsafe fn run_jobs(jobs: &[Job], parallel: bool) {
     let work: usize = jobs.iter().map(|j| j.m * j.n * j.k).sum();
     let total: usize = jobs.iter().map(|j| j.n).sum();
     let split = parallel && threads > 1 && work >= PARALLEL_WORK;
-    let per = total.div_ceil(threads * 4).next_multiple_of(NR);
+    let per = total.div_ceil(threads * 8).next_multiple_of(NR);
     let mut blocks: Vec<(&Job, usize, usize)> = Vec::new();
     for j in jobs {
         if !split {
@@ -357,7 +373,7 @@ impl Job {
             // weights streamed from memory do not stall its packing.
             let next = jp + nr;
             let next_rows = if self.w_rows {
-                NR.min(f1.saturating_sub(next))
+                NR.min(self.n.saturating_sub(next))
             } else {
                 0
             };

@@ -462,8 +462,10 @@ fn add_bias(y: &mut [f32], lin: &crate::model::Linear) {
     }
 }
 
+/// No NaN or infinity in `x` (one pass without an early exit, which
+/// vectorises).
 fn all_finite(x: &[f32]) -> bool {
-    x.iter().all(|v| v.is_finite())
+    !x.iter().fold(false, |bad, v| bad | !v.is_finite())
 }
 
 thread_local! {

@@ -2,9 +2,11 @@
 //! ([`super::gemm`]), RMSNorm, SiLU and tanh GELU. The rotary embedding is part
 //! of the model description ([`crate::model::Rope`]).
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
-use super::gemm::{Causal, Nt};
+use super::gemm::Nt;
 use crate::checkpoint::config::Activation;
 use crate::model::matrix::TILE_VALUES;
 use crate::model::Matrix;
@@ -13,8 +15,9 @@ use crate::model::Matrix;
 /// an accuracy level that rounds its activations has them rounded first, as
 /// `MatMulNBits` does ([`crate::model::Q4::round_activations`]).
 pub fn matmul_t(x: &[f32], rows: usize, w: &Matrix) -> Vec<f32> {
-    let mut out = vec![0f32; rows * w.rows];
-    advise_huge_pages(&out);
+    let len = rows * w.rows;
+    let mut out = Vec::with_capacity(len);
+    advise_huge_pages(out.spare_capacity_mut());
     let rounded;
     let x = match w.int4.as_deref().filter(|q| q.rounds_activations()) {
         Some(q) => {
@@ -25,9 +28,24 @@ pub fn matmul_t(x: &[f32], rows: usize, w: &Matrix) -> Vec<f32> {
     };
     // A weight not in memory is widened a tile of output rows at a time,
     // each tile's product written to its columns of `out`.
+    let mut covered = 0;
     w.for_each_tile(TILE_VALUES, |outputs, tile| {
-        gemm_into(&mut out, w.rows, outputs.start, x, rows, tile, w.cols)
+        assert_eq!(outputs.start, covered, "weight tiles out of order");
+        covered = outputs.end;
+        gemm_into(
+            &mut out.spare_capacity_mut()[..len],
+            w.rows,
+            outputs.start,
+            x,
+            rows,
+            tile,
+            w.cols,
+        )
     });
+    assert_eq!(covered, w.rows, "weight tiles do not cover the matrix");
+    // SAFETY: the tiles cover every output column, and each product writes
+    // all of its columns of every row.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -38,7 +56,7 @@ pub fn matmul_t(x: &[f32], rows: usize, w: &Matrix) -> Vec<f32> {
 /// afresh each time) took 12,288 faults and about 19 ms of system time per
 /// forward on 2 cores, against 24 faults with huge pages. Elsewhere, and
 /// where the kernel declines, nothing changes.
-fn advise_huge_pages(buf: &[f32]) {
+fn advise_huge_pages<T>(buf: &[T]) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
@@ -78,16 +96,27 @@ pub fn matmul_t_many(x: &[f32], rows: usize, ws: &[&Matrix]) -> Vec<Vec<f32>> {
         "weights of different widths"
     );
     assert_eq!(x.len(), rows * k, "matmul input has the wrong size");
-    let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; rows * w.rows]).collect();
-    let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+    let mut outs: Vec<Vec<f32>> = ws
+        .iter()
+        .map(|w| Vec::with_capacity(rows * w.rows))
+        .collect();
+    let mut views: Vec<&mut [MaybeUninit<f32>]> = outs
+        .iter_mut()
+        .zip(ws)
+        .map(|(o, w)| &mut o.spare_capacity_mut()[..rows * w.rows])
+        .collect();
     super::gemm::products(x, rows, k, &kept, &mut views);
+    for (o, w) in outs.iter_mut().zip(ws) {
+        // SAFETY: `products` writes every output.
+        unsafe { o.set_len(rows * w.rows) };
+    }
     outs
 }
 
 /// `out[:, col0..col0 + n] = x [m, k] @ w^T` for the `[n, k]` weight rows `w`,
 /// `out` having `out_cols` columns.
 fn gemm_into(
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     out_cols: usize,
     col0: usize,
     x: &[f32],
@@ -99,7 +128,7 @@ fn gemm_into(
     assert_eq!(x.len(), m * k, "matmul input has the wrong size");
     assert_eq!(out.len(), m * out_cols, "matmul output has the wrong size");
     assert!(col0 + n <= out_cols, "matmul tile outside the output");
-    Nt::rows(m, k, x, w).run(&mut out[col0..], out_cols, true, Causal::None);
+    Nt::rows(m, k, x, w).run_uninit(&mut out[col0..], out_cols, true);
 }
 
 /// Index of the first largest value of a row (greedy decoding, top-1).
@@ -117,23 +146,30 @@ pub fn argmax<T: PartialOrd + Copy>(row: &[T]) -> usize {
 /// over the thread pool).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f64) -> Vec<f32> {
     let h = weight.len();
-    let mut out = vec![0f32; x.len()];
-    let norm = |(row, o): (&[f32], &mut [f32])| {
-        let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / h as f64;
+    assert!(
+        x.len().is_multiple_of(h),
+        "rms_norm input is not whole rows"
+    );
+    let mut out = Vec::with_capacity(x.len());
+    let norm = |(row, o): (&[f32], &mut [MaybeUninit<f32>])| {
+        let ms = dot_f64(row, row) / h as f64;
         let inv = (1.0 / (ms + eps).sqrt()) as f32;
         for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
-            *o = w * (v * inv);
+            o.write(w * (v * inv));
         }
     };
+    let spare = &mut out.spare_capacity_mut()[..x.len()];
     if x.len() >= PARALLEL_VALUES {
         x.par_chunks_exact(h)
-            .zip(out.par_chunks_exact_mut(h))
+            .zip(spare.par_chunks_exact_mut(h))
             .for_each(norm);
     } else {
         x.chunks_exact(h)
-            .zip(out.chunks_exact_mut(h))
+            .zip(spare.chunks_exact_mut(h))
             .for_each(norm);
     }
+    // SAFETY: every row was written.
+    unsafe { out.set_len(x.len()) };
     out
 }
 
@@ -330,24 +366,28 @@ mod simd {
         _mm512_reduce_add_pd(_mm512_add_pd(lo, hi))
     }
 
-    /// `sum a b` in 8 f64 lanes.
+    /// `sum a b` in two sets of 8 f64 lanes (16 values a step).
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
-        let mut acc = _mm512_setzero_pd();
+        let (mut lo, mut hi) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+        let halves = |v: __m512| {
+            (
+                _mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+                _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                    _mm512_castps_pd(v),
+                ))),
+            )
+        };
         let mut i = 0;
         while i < a.len() {
-            let left = a.len() - i;
-            let mask: __mmask8 = if left >= 8 {
-                0xff
-            } else {
-                ((1u32 << left) - 1) as __mmask8
-            };
-            let x = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mask, a.as_ptr().add(i)));
-            let y = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mask, b.as_ptr().add(i)));
-            acc = _mm512_fmadd_pd(x, y, acc);
-            i += 8;
+            let mask = lanes(a.len() - i);
+            let (x0, x1) = halves(_mm512_maskz_loadu_ps(mask, a.as_ptr().add(i)));
+            let (y0, y1) = halves(_mm512_maskz_loadu_ps(mask, b.as_ptr().add(i)));
+            lo = _mm512_fmadd_pd(x0, y0, lo);
+            hi = _mm512_fmadd_pd(x1, y1, hi);
+            i += 16;
         }
-        _mm512_reduce_add_pd(acc)
+        _mm512_reduce_add_pd(_mm512_add_pd(lo, hi))
     }
 
     /// `v = exp(v - max)`; returns the sum (in 16 lanes, then across them).
@@ -441,9 +481,10 @@ mod tests {
     }
 
     /// A product computed a tile of output rows at a time equals the whole
-    /// to float rounding: each output is the same sum over the inputs, but
-    /// the GEMM's blocking of it may follow the number of outputs (measured
-    /// here: 3.1e-6 of a largest value of 2.5, 13 units in the last place).
+    /// bit for bit where the AVX-512 kernel runs (each output one chain of
+    /// multiply-adds, whatever tile it is in); elsewhere the `gemm` crate's
+    /// blocking may follow the number of outputs, within float rounding
+    /// (measured: 3.1e-6 of a largest value of 2.5).
     #[test]
     fn tiled_product_equals_the_whole() {
         let (m, n, k) = (7, 203, 576);
@@ -464,24 +505,26 @@ mod tests {
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 31) % 97) as f32 / 97.0 - 0.5)
             .collect();
-        let whole = {
-            let mut out = vec![0f32; m * n];
-            gemm_into(&mut out, n, 0, &x, m, &w.values(), k);
-            out
+        let product = |tiles: Option<usize>| {
+            let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
+            match tiles {
+                None => gemm_into(&mut out, n, 0, &x, m, &w.values(), k),
+                Some(rows) => w.widen_tiles(rows * k, |outputs, tile| {
+                    gemm_into(&mut out, n, outputs.start, &x, m, tile, k)
+                }),
+            }
+            // SAFETY: initialised above, and every output written since.
+            out.into_iter()
+                .map(|v| unsafe { v.assume_init() })
+                .collect::<Vec<f32>>()
         };
-        let scale = whole.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let whole = product(None);
+        assert!(whole.iter().all(|v| v.is_finite()));
         for rows_per_tile in [1, 16, 50, 203] {
-            let mut out = vec![0f32; m * n];
-            w.widen_tiles(rows_per_tile * k, |outputs, tile| {
-                gemm_into(&mut out, n, outputs.start, &x, m, tile, k)
-            });
-            let diff = out
-                .iter()
-                .zip(&whole)
-                .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
-            assert!(
-                diff <= 4e-6 * scale,
-                "tiles of {rows_per_tile} rows: {diff} of {scale}"
+            assert_eq!(
+                product(Some(rows_per_tile)),
+                whole,
+                "tiles of {rows_per_tile} rows"
             );
         }
     }
