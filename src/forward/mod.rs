@@ -351,11 +351,7 @@ impl<'m> Forward<'m> {
         let keys_t: Vec<AlignedF32> = (0..nkv)
             .map(|g| {
                 let mut kt = AlignedF32::zeroed(hd * sp);
-                for (j, row) in keys.chunks_exact(kvw).enumerate() {
-                    for (d, &k) in row[g * hd..(g + 1) * hd].iter().enumerate() {
-                        kt[d * sp + j] = k;
-                    }
-                }
+                gemm::transpose(&keys[g * hd..], kvw, s, hd, &mut kt, sp);
                 kt
             })
             .collect();

@@ -7,9 +7,22 @@ use crate::checkpoint::{ModelConfig, RopeScaling};
 
 /// Rotary position embedding: `inv_freq` per rotated pair, as transformers
 /// computes it (with Llama 3 scaling where configured).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Rope {
     pub inv_freq: Vec<f32>,
+    /// `cos` and `sin` of each position seen so far, `[positions, 2 * half]`
+    /// (all cosines, then all sines), computed once for every layer that
+    /// shares this rotation.
+    angles: std::sync::RwLock<Vec<f32>>,
+}
+
+impl Clone for Rope {
+    fn clone(&self) -> Rope {
+        Rope {
+            inv_freq: self.inv_freq.clone(),
+            angles: Default::default(),
+        }
+    }
 }
 
 impl Rope {
@@ -49,6 +62,30 @@ impl Rope {
         }
         Rope {
             inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(),
+            angles: Default::default(),
+        }
+    }
+
+    /// Extend the cached angles to every position below `positions`: the
+    /// f32 product of position and frequency, then its `cos` and `sin`, as
+    /// transformers computes them in float32.
+    fn cover(&self, positions: usize) {
+        let half = self.inv_freq.len();
+        let have = self.angles.read().unwrap_or_else(|e| e.into_inner()).len() / (2 * half).max(1);
+        if have >= positions {
+            return;
+        }
+        let mut angles = self.angles.write().unwrap_or_else(|e| e.into_inner());
+        let mut pos = angles.len() / (2 * half).max(1);
+        while pos < positions {
+            let (sin, cos): (Vec<f32>, Vec<f32>) = self
+                .inv_freq
+                .iter()
+                .map(|&f| (pos as f32 * f).sin_cos())
+                .unzip();
+            angles.extend_from_slice(&cos);
+            angles.extend_from_slice(&sin);
+            pos += 1;
         }
     }
 
@@ -91,11 +128,12 @@ impl Rope {
         use rayon::prelude::*;
         let half = self.inv_freq.len();
         let head_dim = 2 * half;
+        let rows = q.len() / (q_heads * head_dim).max(1);
+        self.cover(start + rows);
+        let angles = self.angles.read().unwrap_or_else(|e| e.into_inner());
         let rotate = |(t, (qr, kr)): (usize, (&mut [f32], &mut [f32]))| {
-            let pos = (start + t) as f32;
-            // f32 product then cos/sin, as transformers does in float32.
-            let (sin, cos): (Vec<f32>, Vec<f32>) =
-                self.inv_freq.iter().map(|&f| (pos * f).sin_cos()).unzip();
+            let at = (start + t) * 2 * half;
+            let (cos, sin) = angles[at..at + 2 * half].split_at(half);
             for head in qr
                 .chunks_exact_mut(head_dim)
                 .chain(kr.chunks_exact_mut(head_dim))
