@@ -732,6 +732,44 @@ mod tests {
         }
     }
 
+    /// The path without AVX-512 (the `gemm` crate) reads both operand
+    /// layouts the same way: within 1e-6 k of the f64 product.
+    #[test]
+    fn portable_path_matches_f64() {
+        let (m, n, k) = (9, 37, 70);
+        let x = values(m * k, 10);
+        let w = values(n * k, 11);
+        let nt = Nt::rows(m, k, &x, &w);
+        let want = reference(&nt);
+        let mut b = vec![0f32; k * n];
+        for j in 0..n {
+            for q in 0..k {
+                b[q * n + j] = w[j * k + q];
+            }
+        }
+        for (operand, stride, rows) in [(&w, k, true), (&b, n, false)] {
+            let mut out = vec![f32::NAN; m * n];
+            let job = Job {
+                m,
+                n,
+                k,
+                x: x.as_ptr(),
+                x_stride: k,
+                w: operand.as_ptr(),
+                w_stride: stride,
+                w_rows: rows,
+                out: out.as_mut_ptr(),
+                out_stride: n,
+                causal: Causal::None,
+            };
+            // SAFETY: every operand covers the shapes.
+            unsafe { job.run_portable(false) };
+            for (o, r) in out.iter().zip(&want) {
+                assert!((*o as f64 - r).abs() <= 1e-6 * k as f64, "{o} against {r}");
+            }
+        }
+    }
+
     /// The transpose, edges and strides included, against indexing.
     #[test]
     fn transpose_moves_every_value() {
