@@ -290,7 +290,7 @@ impl Job {
         }
         if self.k == 0 {
             for i in 0..self.m {
-                std::slice::from_raw_parts_mut(self.out.add(i * self.out_stride), self.n).fill(0.0);
+                std::ptr::write_bytes(self.out.add(i * self.out_stride), 0, self.n);
             }
             return;
         }
