@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::gemm::Nt;
+use super::gemm::{products, Nt, Weight};
 use crate::checkpoint::config::Activation;
 use crate::model::matrix::TILE_VALUES;
 use crate::model::Matrix;
@@ -26,8 +26,26 @@ pub fn matmul_t(x: &[f32], rows: usize, w: &Matrix) -> Vec<f32> {
         }
         None => x,
     };
-    // A weight not in memory is widened a tile of output rows at a time,
-    // each tile's product written to its columns of `out`.
+    // A weight kept widened is kept as packed panels; one not kept is
+    // widened a tile of output rows at a time, each tile's product written
+    // to its columns of `out`.
+    if let Some(panels) = w.kept_panels() {
+        assert_eq!(x.len(), rows * w.cols, "matmul input has the wrong size");
+        let weight = Weight::Panels {
+            values: panels,
+            n: w.rows,
+        };
+        products(
+            x,
+            rows,
+            w.cols,
+            &[weight],
+            &mut [&mut out.spare_capacity_mut()[..len]],
+        );
+        // SAFETY: `products` writes every output.
+        unsafe { out.set_len(len) };
+        return out;
+    }
     let mut covered = 0;
     w.for_each_tile(TILE_VALUES, |outputs, tile| {
         assert_eq!(outputs.start, covered, "weight tiles out of order");
@@ -76,14 +94,16 @@ fn advise_huge_pages<T>(buf: &[T]) {
 /// ([`super::gemm::products`]) when all are in memory and none rounds its
 /// activations; one by one otherwise.
 pub fn matmul_t_many(x: &[f32], rows: usize, ws: &[&Matrix]) -> Vec<Vec<f32>> {
-    let kept: Option<Vec<&[f32]>> = ws
+    let kept: Option<Vec<Weight>> = ws
         .iter()
         .map(|w| {
             let rounds = w.int4.as_deref().is_some_and(|q| q.rounds_activations());
             if rounds {
                 None
+            } else if let Some(values) = w.kept_panels() {
+                Some(Weight::Panels { values, n: w.rows })
             } else {
-                w.kept_values()
+                w.row_values().map(Weight::Rows)
             }
         })
         .collect();
@@ -105,7 +125,7 @@ pub fn matmul_t_many(x: &[f32], rows: usize, ws: &[&Matrix]) -> Vec<Vec<f32>> {
         .zip(ws)
         .map(|(o, w)| &mut o.spare_capacity_mut()[..rows * w.rows])
         .collect();
-    super::gemm::products(x, rows, k, &kept, &mut views);
+    products(x, rows, k, &kept, &mut views);
     for (o, w) in outs.iter_mut().zip(ws) {
         // SAFETY: `products` writes every output.
         unsafe { o.set_len(rows * w.rows) };

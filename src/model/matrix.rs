@@ -3,7 +3,8 @@
 //! (the mapped bytes: BF16, F16, Q8_0, Q4_K, Q6_K, ...) or as 4-bit codes
 //! and widened to f32 when used.
 //!
-//! Widened values are kept between uses while the process-wide widening
+//! Widened values are kept between uses, packed into the forward's panels
+//! ([`crate::forward::gemm::pack_panels`]), while the process-wide widening
 //! budget ([`set_widen_budget`]) has room, first come first kept: a forward
 //! pass reads the matrices in the same order every time, so the first ones
 //! stay and the rest are widened again on each use into a reused per-thread
@@ -133,7 +134,8 @@ enum Values {
 
 struct Lazy {
     from: Origin,
-    /// The widened values, while the budget keeps them.
+    /// The widened values while the budget keeps them, packed into the
+    /// forward's panels ([`crate::forward::gemm::pack_panels`]).
     kept: OnceLock<AlignedF32>,
 }
 
@@ -220,11 +222,12 @@ impl Matrix {
         self.rows * self.cols
     }
 
-    /// The values when they are in memory now.
+    /// The values when they are in memory as rows (computed in memory;
+    /// widened values are kept as panels, not rows).
     fn resident(&self) -> Option<&[f32]> {
         match &self.values {
             Values::F32(v) => Some(v),
-            Values::Lazy(l) => l.kept.get().map(|v| &v[..]),
+            Values::Lazy(_) => None,
         }
     }
 
@@ -238,6 +241,18 @@ impl Matrix {
         let Values::Lazy(l) = &self.values else {
             unreachable!("f32 values are resident")
         };
+        if let Some(panels) = l.kept.get() {
+            // Row r is column r mod 48 of panel r / 48.
+            use crate::forward::gemm::{panels_len, PANEL_COLS};
+            let per_panel = panels_len(PANEL_COLS, self.cols);
+            for (r, row) in rows.zip(out.chunks_exact_mut(self.cols.max(1))) {
+                let panel = &panels[r / PANEL_COLS * per_panel..];
+                for (p, v) in row.iter_mut().enumerate() {
+                    *v = panel[p * PANEL_COLS + r % PANEL_COLS];
+                }
+            }
+            return;
+        }
         match &l.from {
             Origin::Stored { source, name } => source
                 .read_rows(name, rows, out)
@@ -246,11 +261,31 @@ impl Matrix {
         }
     }
 
-    /// The values to keep: on cache lines, for the forward's loads.
-    fn widen(&self) -> AlignedF32 {
-        let mut v = AlignedF32::zeroed(self.numel());
-        self.read_rows(0..self.rows, &mut v);
-        v
+    /// The values to keep, packed into the forward's panels, a tile of
+    /// whole panels' rows at a time.
+    fn widen_panels(&self) -> AlignedF32 {
+        use crate::forward::gemm::{pack_panels, panels_len, PANEL_COLS};
+        let (n, k) = (self.rows, self.cols);
+        let mut panels = AlignedF32::zeroed(panels_len(n, k));
+        // Tiles of about 1 MiB of rows, so that packing needs no large
+        // scratch buffer beside the panels.
+        let per_tile = ((1 << 18) / k.max(1) / PANEL_COLS).max(1) * PANEL_COLS;
+        let per_panel = panels_len(PANEL_COLS, k);
+        with_scratch(per_tile.min(n) * k, |buf| {
+            for r0 in (0..n).step_by(per_tile) {
+                let r1 = (r0 + per_tile).min(n);
+                let rows = &mut buf[..(r1 - r0) * k];
+                self.read_rows(r0..r1, rows);
+                let at = r0 / PANEL_COLS * per_panel;
+                pack_panels(
+                    rows,
+                    r1 - r0,
+                    k,
+                    &mut panels[at..at + panels_len(r1 - r0, k)],
+                );
+            }
+        });
+        panels
     }
 
     /// The values for a caller to own.
@@ -261,33 +296,37 @@ impl Matrix {
     }
 
     /// Run `f` on the values, tile by tile: `f(rows, values of those rows)`.
-    /// Values already in memory, or that the budget can keep, come in one
-    /// tile; otherwise they are widened into the thread's scratch buffer,
-    /// `max_tile` values at a time.
-    pub fn for_each_tile(&self, max_tile: usize, mut f: impl FnMut(Range<usize>, &[f32])) {
-        match self.kept_values() {
-            Some(v) => f(0..self.rows, v),
-            None => self.widen_tiles(max_tile, f),
-        }
+    /// Values computed in memory come in one tile; others are widened into
+    /// the thread's scratch buffer, `max_tile` values at a time (a caller
+    /// that can take packed panels asks [`Matrix::kept_panels`] first).
+    pub fn for_each_tile(&self, max_tile: usize, f: impl FnMut(Range<usize>, &[f32])) {
+        self.visit_tiles(max_tile, f)
     }
 
-    /// The values in memory: already there, or widened and kept if the
-    /// budget has room; `None` when they are not kept.
-    pub fn kept_values(&self) -> Option<&[f32]> {
-        if let Some(v) = self.resident() {
+    /// The values as the forward's packed panels
+    /// ([`crate::forward::gemm::pack_panels`]): widened, packed and kept if
+    /// the budget has room (or kept already); `None` when they are not kept,
+    /// and for values computed in memory.
+    pub fn kept_panels(&self) -> Option<&[f32]> {
+        let Values::Lazy(l) = &self.values else {
+            return None;
+        };
+        if let Some(v) = l.kept.get() {
             return Some(v);
         }
-        let Values::Lazy(l) = &self.values else {
-            unreachable!("f32 values are resident")
-        };
-        let bytes = self.numel() * std::mem::size_of::<f32>();
+        let bytes = crate::forward::gemm::panels_len(self.rows, self.cols) * 4;
         if !reserve(bytes) {
             return None;
         }
-        if l.kept.set(self.widen()).is_err() {
+        if l.kept.set(self.widen_panels()).is_err() {
             give_back(bytes); // another thread kept it first
         }
         l.kept.get().map(|v| &v[..])
+    }
+
+    /// The values in memory as rows: those computed in memory.
+    pub fn row_values(&self) -> Option<&[f32]> {
+        self.resident()
     }
 
     /// Run `f` on the values tile by tile as [`Matrix::for_each_tile`] does,
