@@ -178,7 +178,14 @@ pub const PANEL_COLS: usize = 48;
 /// Values in the packed panels of a weight `[n, k]`: `n / 48` panels
 /// (rounded up) of `k` rounded up to 16 rows of 48.
 pub fn panels_len(n: usize, k: usize) -> usize {
-    n.div_ceil(PANEL_COLS) * k.next_multiple_of(16) * PANEL_COLS
+    panel_at(n.next_multiple_of(PANEL_COLS), k)
+}
+
+/// Where the packed panel holding weight row (output column) `j` starts,
+/// for a weight of `k` terms ([`pack_panels`]); column `j` is at
+/// `panel_at(j, k) + p * 48 + j % 48`.
+pub fn panel_at(j: usize, k: usize) -> usize {
+    j / PANEL_COLS * k.next_multiple_of(16) * PANEL_COLS
 }
 
 /// The rows of `w [n, k]` packed as the kernel reads them: panel `q` (rows
@@ -370,6 +377,18 @@ unsafe impl Send for Job {}
 unsafe impl Sync for Job {}
 
 impl Job {
+    /// Columns before the output's first cache line boundary, where a split
+    /// over threads starts its second block (packed panels split at their
+    /// own edges instead).
+    #[cfg(target_arch = "x86_64")]
+    fn lead(&self) -> usize {
+        if self.layout == Layout::Panels {
+            0
+        } else {
+            (16 - (self.out as usize / 4) % 16) % 16
+        }
+    }
+
     /// # Safety
     /// The operands must cover the job's shapes.
     unsafe fn run(&self, parallel: bool) {
@@ -405,7 +424,7 @@ impl Job {
             Layout::Panels => (0..self.n)
                 .step_by(PANEL_COLS)
                 .map(|j0| {
-                    let panel = self.w.add(j0 * self.k.next_multiple_of(16));
+                    let panel = self.w.add(panel_at(j0, self.k));
                     (
                         j0..(j0 + PANEL_COLS).min(self.n),
                         panel,
@@ -443,12 +462,12 @@ impl Job {
 
 /// Output columns per panel: three vectors of 16.
 #[cfg(target_arch = "x86_64")]
-const NR: usize = 48;
+const NR: usize = PANEL_COLS;
 /// Rows of `x` per kernel call.
 #[cfg(target_arch = "x86_64")]
 const MR: usize = 8;
 
-/// The jobs' output columns in blocks, shared over the thread pool (about 4
+/// The jobs' output columns in blocks, shared over the thread pool (about 8
 /// blocks a thread) when `parallel` and large enough. Blocks after a job's
 /// first start on a cache line of its output and are a multiple of 48
 /// columns, so that two threads never write the same line of a row whose
@@ -469,15 +488,8 @@ unsafe fn run_jobs(jobs: &[Job], parallel: bool) {
             blocks.push((j, 0, j.n));
             continue;
         }
-        // Columns before the output's first cache line boundary (packed
-        // panels split at their own edges).
-        let lead = if j.layout == Layout::Panels {
-            0
-        } else {
-            (16 - (j.out as usize / 4) % 16) % 16
-        };
         let mut f0 = 0;
-        let mut f1 = lead + per;
+        let mut f1 = j.lead() + per;
         while f1 < j.n {
             blocks.push((j, f0, f1));
             (f0, f1) = (f1, f1 + per);
@@ -488,11 +500,7 @@ unsafe fn run_jobs(jobs: &[Job], parallel: bool) {
     let run = |&(job, f0, f1): &(&Job, usize, usize)| unsafe {
         // The first block's leading columns form a narrow panel of their
         // own, so that the rest fall on whole panels after a cache line.
-        let lead = if f0 == 0 && split && job.layout != Layout::Panels {
-            (16 - (job.out as usize / 4) % 16) % 16
-        } else {
-            0
-        };
+        let lead = if f0 == 0 && split { job.lead() } else { 0 };
         if lead > 0 && lead < f1 {
             job.block(0, lead);
             job.block(lead, f1);
@@ -544,7 +552,7 @@ impl Job {
                     (panel.as_ptr(), NR)
                 }
                 Layout::Cols => (self.w.add(jp), self.w_stride),
-                Layout::Panels => (self.w.add((jp / NR) * kp * NR + jp % NR), NR),
+                Layout::Panels => (self.w.add(panel_at(jp, self.k) + jp % NR), NR),
             };
             // The next panel's weight lines, a share at each row step, are
             // fetched into the L2 cache while this panel computes, so that
@@ -559,7 +567,7 @@ impl Job {
                     self.w_stride,
                 ),
                 Layout::Panels if next < self.n => (
-                    self.w.wrapping_add((next / NR) * kp * NR),
+                    self.w.wrapping_add(panel_at(next, self.k)),
                     kp * NR / 16,
                     1,
                     0,
@@ -793,6 +801,56 @@ mod tests {
         out
     }
 
+    /// Within 1e-6 k of the f64 product: f32 rounding of `k` terms.
+    fn assert_near(out: &[f32], want: &[f64], k: usize, what: &str) {
+        for (o, r) in out.iter().zip(want) {
+            assert!(
+                (*o as f64 - r).abs() <= 1e-6 * k as f64,
+                "{what}: {o} against {r}"
+            );
+        }
+    }
+
+    /// `w [n, k]` (rows `ws` apart) as `b [k, n]`, rows `bs` apart, NaN in
+    /// the gaps.
+    fn as_columns(w: &[f32], n: usize, k: usize, ws: usize, bs: usize) -> Vec<f32> {
+        let mut b = vec![f32::NAN; k * bs];
+        for j in 0..n {
+            for q in 0..k {
+                b[q * bs + j] = w[j * ws + q];
+            }
+        }
+        b
+    }
+
+    /// `x [m, k]` times the second operand `w` as `layout` says, through the
+    /// path without AVX-512 (the `gemm` crate).
+    fn portable(
+        x: &[f32],
+        (m, n, k): (usize, usize, usize),
+        w: &[f32],
+        w_stride: usize,
+        layout: Layout,
+    ) -> Vec<f32> {
+        let mut out = vec![f32::NAN; m * n];
+        let job = Job {
+            m,
+            n,
+            k,
+            x: x.as_ptr(),
+            x_stride: k,
+            w: w.as_ptr(),
+            w_stride,
+            layout,
+            out: out.as_mut_ptr(),
+            out_stride: n,
+            causal: Causal::None,
+        };
+        // SAFETY: the callers' operands cover the shapes.
+        unsafe { job.run_portable(false) };
+        out
+    }
+
     /// Every tail of rows, outputs and terms, strided operands, a misaligned
     /// `x`, depth blocks and the thread split, against the f64 product:
     /// within 1e-6 of the sum of absolute terms (f32 rounding of k terms).
@@ -822,12 +880,7 @@ mod tests {
             let want = reference(&p);
             // The same product as `x b`: `b [k, n]` with a row stride of n + 3.
             let bs = n + 3;
-            let mut b = vec![f32::NAN; k * bs];
-            for j in 0..n {
-                for q in 0..k {
-                    b[q * bs + j] = w[j * ws + q];
-                }
-            }
+            let b = as_columns(&w, n, k, ws, bs);
             let nn = Nn {
                 m,
                 n,
@@ -842,12 +895,7 @@ mod tests {
                 p.run(&mut out, n, parallel, Causal::None);
                 let mut out_nn = vec![f32::NAN; m * n];
                 nn.run(&mut out_nn, n, parallel, Causal::None);
-                for (o, r) in out.iter().zip(&want) {
-                    assert!(
-                        (*o as f64 - r).abs() <= 1e-6 * k as f64,
-                        "{m}x{n}x{k}: {o} against {r}"
-                    );
-                }
+                assert_near(&out, &want, k, &format!("{m}x{n}x{k}"));
                 assert_eq!(out_nn, out, "{m}x{n}x{k}: x b against x w^T");
             }
         }
@@ -860,34 +908,11 @@ mod tests {
         let (m, n, k) = (9, 37, 70);
         let x = values(m * k, 10);
         let w = values(n * k, 11);
-        let nt = Nt::rows(m, k, &x, &w);
-        let want = reference(&nt);
-        let mut b = vec![0f32; k * n];
-        for j in 0..n {
-            for q in 0..k {
-                b[q * n + j] = w[j * k + q];
-            }
-        }
-        for (operand, stride, rows) in [(&w, k, true), (&b, n, false)] {
-            let mut out = vec![f32::NAN; m * n];
-            let job = Job {
-                m,
-                n,
-                k,
-                x: x.as_ptr(),
-                x_stride: k,
-                w: operand.as_ptr(),
-                w_stride: stride,
-                layout: if rows { Layout::Rows } else { Layout::Cols },
-                out: out.as_mut_ptr(),
-                out_stride: n,
-                causal: Causal::None,
-            };
-            // SAFETY: every operand covers the shapes.
-            unsafe { job.run_portable(false) };
-            for (o, r) in out.iter().zip(&want) {
-                assert!((*o as f64 - r).abs() <= 1e-6 * k as f64, "{o} against {r}");
-            }
+        let want = reference(&Nt::rows(m, k, &x, &w));
+        let b = as_columns(&w, n, k, k, n);
+        for (operand, stride, layout) in [(&w, k, Layout::Rows), (&b, n, Layout::Cols)] {
+            let out = portable(&x, (m, n, k), operand, stride, layout);
+            assert_near(&out, &want, k, "portable");
         }
     }
 
@@ -914,25 +939,8 @@ mod tests {
                 .map(|v| unsafe { v.assume_init() })
                 .collect();
             assert_eq!(got, want, "{m}x{n}x{k}");
-            let mut portable = vec![f32::NAN; m * n];
-            let job = Job {
-                m,
-                n,
-                k,
-                x: x.as_ptr(),
-                x_stride: k,
-                w: panels.as_ptr(),
-                w_stride: PANEL_COLS,
-                layout: Layout::Panels,
-                out: portable.as_mut_ptr(),
-                out_stride: n,
-                causal: Causal::None,
-            };
-            // SAFETY: the panels cover the shapes.
-            unsafe { job.run_portable(false) };
-            for (o, r) in portable.iter().zip(reference(&nt)) {
-                assert!((*o as f64 - r).abs() <= 1e-6 * k as f64, "{o} against {r}");
-            }
+            let out = portable(&x, (m, n, k), &panels, PANEL_COLS, Layout::Panels);
+            assert_near(&out, &reference(&nt), k, "portable panels");
         }
     }
 

@@ -47,7 +47,7 @@ pub fn matmul_t(x: &[f32], rows: usize, w: &Matrix) -> Vec<f32> {
         return out;
     }
     let mut covered = 0;
-    w.for_each_tile(TILE_VALUES, |outputs, tile| {
+    w.visit_tiles(TILE_VALUES, |outputs, tile| {
         assert_eq!(outputs.start, covered, "weight tiles out of order");
         covered = outputs.end;
         gemm_into(

@@ -224,7 +224,7 @@ impl Matrix {
 
     /// The values when they are in memory as rows (computed in memory;
     /// widened values are kept as panels, not rows).
-    fn resident(&self) -> Option<&[f32]> {
+    pub fn row_values(&self) -> Option<&[f32]> {
         match &self.values {
             Values::F32(v) => Some(v),
             Values::Lazy(_) => None,
@@ -234,7 +234,7 @@ impl Matrix {
     /// Rows `rows` into `out` (`rows.len() * cols` values).
     pub fn read_rows(&self, rows: Range<usize>, out: &mut [f32]) {
         assert!(rows.end <= self.rows && out.len() == rows.len() * self.cols);
-        if let Some(v) = self.resident() {
+        if let Some(v) = self.row_values() {
             out.copy_from_slice(&v[rows.start * self.cols..rows.end * self.cols]);
             return;
         }
@@ -242,11 +242,10 @@ impl Matrix {
             unreachable!("f32 values are resident")
         };
         if let Some(panels) = l.kept.get() {
-            // Row r is column r mod 48 of panel r / 48.
-            use crate::forward::gemm::{panels_len, PANEL_COLS};
-            let per_panel = panels_len(PANEL_COLS, self.cols);
+            // Row r is column r mod 48 of its panel.
+            use crate::forward::gemm::{panel_at, PANEL_COLS};
             for (r, row) in rows.zip(out.chunks_exact_mut(self.cols.max(1))) {
-                let panel = &panels[r / PANEL_COLS * per_panel..];
+                let panel = &panels[panel_at(r, self.cols)..];
                 for (p, v) in row.iter_mut().enumerate() {
                     *v = panel[p * PANEL_COLS + r % PANEL_COLS];
                 }
@@ -264,19 +263,18 @@ impl Matrix {
     /// The values to keep, packed into the forward's panels, a tile of
     /// whole panels' rows at a time.
     fn widen_panels(&self) -> AlignedF32 {
-        use crate::forward::gemm::{pack_panels, panels_len, PANEL_COLS};
+        use crate::forward::gemm::{pack_panels, panel_at, panels_len, PANEL_COLS};
         let (n, k) = (self.rows, self.cols);
         let mut panels = AlignedF32::zeroed(panels_len(n, k));
         // Tiles of about 1 MiB of rows, so that packing needs no large
         // scratch buffer beside the panels.
         let per_tile = ((1 << 18) / k.max(1) / PANEL_COLS).max(1) * PANEL_COLS;
-        let per_panel = panels_len(PANEL_COLS, k);
         with_scratch(per_tile.min(n) * k, |buf| {
             for r0 in (0..n).step_by(per_tile) {
                 let r1 = (r0 + per_tile).min(n);
                 let rows = &mut buf[..(r1 - r0) * k];
                 self.read_rows(r0..r1, rows);
-                let at = r0 / PANEL_COLS * per_panel;
+                let at = panel_at(r0, k);
                 pack_panels(
                     rows,
                     r1 - r0,
@@ -293,14 +291,6 @@ impl Matrix {
         let mut v = vec![0f32; self.numel()];
         self.read_rows(0..self.rows, &mut v);
         v
-    }
-
-    /// Run `f` on the values, tile by tile: `f(rows, values of those rows)`.
-    /// Values computed in memory come in one tile; others are widened into
-    /// the thread's scratch buffer, `max_tile` values at a time (a caller
-    /// that can take packed panels asks [`Matrix::kept_panels`] first).
-    pub fn for_each_tile(&self, max_tile: usize, f: impl FnMut(Range<usize>, &[f32])) {
-        self.visit_tiles(max_tile, f)
     }
 
     /// The values as the forward's packed panels
@@ -324,22 +314,18 @@ impl Matrix {
         l.kept.get().map(|v| &v[..])
     }
 
-    /// The values in memory as rows: those computed in memory.
-    pub fn row_values(&self) -> Option<&[f32]> {
-        self.resident()
-    }
-
-    /// Run `f` on the values tile by tile as [`Matrix::for_each_tile`] does,
-    /// but never keeping them: for readers that go through a matrix once
-    /// (emission, quantisation).
+    /// Run `f` on the values, tile by tile: `f(rows, values of those rows)`.
+    /// Values computed in memory come in one tile; others are widened into
+    /// the thread's scratch buffer, `max_tile` values at a time, never kept
+    /// (the forward asks [`Matrix::kept_panels`] first).
     pub fn visit_tiles(&self, max_tile: usize, mut f: impl FnMut(Range<usize>, &[f32])) {
-        match self.resident() {
+        match self.row_values() {
             Some(v) => f(0..self.rows, v),
             None => self.widen_tiles(max_tile, f),
         }
     }
 
-    /// [`Matrix::for_each_tile`] of values not kept: widened into the
+    /// [`Matrix::visit_tiles`] of values not in memory: widened into the
     /// thread's scratch buffer, `max_tile` values (whole rows, at least one)
     /// at a time.
     pub(crate) fn widen_tiles(&self, max_tile: usize, mut f: impl FnMut(Range<usize>, &[f32])) {
@@ -356,7 +342,7 @@ impl Matrix {
 
     /// The values, borrowed when in memory, else widened for the caller.
     pub fn values(&self) -> Cow<'_, [f32]> {
-        match self.resident() {
+        match self.row_values() {
             Some(v) => Cow::Borrowed(v),
             None => Cow::Owned(self.widen_vec()),
         }
