@@ -4,6 +4,24 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use depthc::pipeline::{CompileOptions, SearchConfig};
+use depthc::runtime::bench::BenchOptions;
+use depthc::runtime::validate;
+use depthc::search;
+use depthc::search::strategy::{Metric, Strategy};
+
+// Every default below is the library's own ([`SearchConfig::default`],
+// [`CompileOptions::default`], [`BenchOptions::default`], the constants of
+// `validate` and `search`): one place states it, the flags read it.
+fn search_default() -> SearchConfig {
+    SearchConfig::default()
+}
+fn compile_default() -> CompileOptions {
+    CompileOptions::default()
+}
+fn bench_default() -> BenchOptions {
+    BenchOptions::default()
+}
 
 /// depthc: make a pretrained LLM shallower with Layer Parallelism (arXiv 2502.02790).
 ///
@@ -86,14 +104,36 @@ pub enum Command {
     BenchForward(BenchForwardArgs),
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StrategyArg {
     Contiguous,
     Greedy,
     Beam,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+impl StrategyArg {
+    const ALL: [(StrategyArg, Strategy); 3] = [
+        (StrategyArg::Contiguous, Strategy::Contiguous),
+        (StrategyArg::Greedy, Strategy::Greedy),
+        (StrategyArg::Beam, Strategy::Beam),
+    ];
+    pub fn strategy(self) -> Strategy {
+        Self::ALL
+            .iter()
+            .find(|(a, _)| *a == self)
+            .expect("every flag value")
+            .1
+    }
+    fn of(s: Strategy) -> StrategyArg {
+        Self::ALL
+            .iter()
+            .find(|(_, x)| *x == s)
+            .expect("every strategy")
+            .0
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MetricArg {
     /// Mean cosine of final hidden states (higher is better).
     Cosine,
@@ -101,6 +141,28 @@ pub enum MetricArg {
     Kl,
     /// Top-1 next-token agreement (higher is better).
     Top1,
+}
+
+impl MetricArg {
+    const ALL: [(MetricArg, Metric); 3] = [
+        (MetricArg::Cosine, Metric::Cosine),
+        (MetricArg::Kl, Metric::Kl),
+        (MetricArg::Top1, Metric::Top1),
+    ];
+    pub fn metric(self) -> Metric {
+        Self::ALL
+            .iter()
+            .find(|(a, _)| *a == self)
+            .expect("every flag value")
+            .1
+    }
+    fn of(m: Metric) -> MetricArg {
+        Self::ALL
+            .iter()
+            .find(|(_, x)| *x == m)
+            .expect("every metric")
+            .0
+    }
 }
 
 #[derive(Debug, Args)]
@@ -131,11 +193,11 @@ pub struct SearchFlags {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "contiguous,greedy"
+        default_values_t = search_default().strategies.into_iter().map(StrategyArg::of)
     )]
     pub strategy: Vec<StrategyArg>,
     /// Plans kept each round by the beam strategy.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = search_default().beam_width)]
     pub beam_width: usize,
     /// Budget: exactly this many pairs.
     #[arg(long)]
@@ -147,19 +209,19 @@ pub struct SearchFlags {
     #[arg(long)]
     pub max_depth: Option<usize>,
     /// Never pair the first N layers.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = search_default().protect_first)]
     pub protect_first: usize,
     /// Never pair the last N layers.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = search_default().protect_last)]
     pub protect_last: usize,
     /// The metric that ranks candidates.
-    #[arg(long, value_enum, default_value_t = MetricArg::Kl)]
+    #[arg(long, value_enum, default_value_t = MetricArg::of(search_default().metric))]
     pub metric: MetricArg,
     /// Tokens per calibration window.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = search_default().seq_len)]
     pub seq_len: usize,
     /// Calibration tokens used at most.
-    #[arg(long, default_value_t = 16384)]
+    #[arg(long, default_value_t = search_default().max_tokens)]
     pub max_tokens: usize,
     /// Text for perplexity before and after the chosen plan, and greedy generation on its
     /// held-out prompts, kept apart from calibration; repeatable (e.g. prose and code:
@@ -167,10 +229,10 @@ pub struct SearchFlags {
     #[arg(long)]
     pub eval: Vec<PathBuf>,
     /// Windows of --seq-len tokens of each --eval text.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = search_default().eval_windows)]
     pub eval_windows: usize,
     /// Activation cache kept in memory (MiB); the rest spills to a temporary file.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = search_default().memory_budget_mib)]
     pub memory_budget_mib: u64,
 }
 
@@ -211,13 +273,13 @@ pub struct CompileArgs {
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
     /// Greedy decode steps of the validation.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = compile_default().steps)]
     pub steps: usize,
     /// Batch size of the benchmark.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = compile_default().batch)]
     pub batch: usize,
     /// Measured benchmark runs (after one warm-up each).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = compile_default().runs)]
     pub runs: usize,
     /// ONNX Runtime shared library (default: $ORT_DYLIB_PATH, then .cache/onnxruntime/).
     #[arg(long)]
@@ -234,19 +296,19 @@ pub struct BenchArgs {
     /// Directory to compare with it (B).
     pub b: PathBuf,
     /// Batch size: every row gets the same tokens.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = bench_default().batch)]
     pub batch: usize,
     /// Tokens of the timed prefill.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = bench_default().prefill_tokens)]
     pub prefill_tokens: usize,
     /// Prompt tokens before the timed decode.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = bench_default().prompt_tokens)]
     pub prompt_tokens: usize,
     /// Greedy decode steps timed.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = bench_default().decode_tokens)]
     pub decode_tokens: usize,
     /// Measured runs (after one warm-up each); medians are reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = bench_default().runs)]
     pub runs: usize,
     /// Intra-op threads of both sessions (default: ONNX Runtime's choice).
     #[arg(long)]
@@ -408,7 +470,7 @@ pub struct ValidateArgs {
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
     /// Greedy decode steps after the prefill.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = validate::DEFAULT_STEPS)]
     pub steps: usize,
     /// With --device cuda: any node placed on the CPU is an error.
     #[arg(long)]
@@ -418,7 +480,7 @@ pub struct ValidateArgs {
     #[arg(long)]
     pub text: Option<PathBuf>,
     /// Tokens of the prefill.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = validate::DEFAULT_PROMPT_TOKENS)]
     pub prompt_tokens: usize,
     /// Largest accepted absolute difference on any output (default: 1e-3 for
     /// float32 models; float16 models are held to --rel-tolerance 1e-2 instead).
@@ -458,7 +520,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub plan: Option<String>,
     /// Tokens per window.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = search_default().seq_len)]
     pub seq_len: usize,
     /// Use at most this many windows (default: all whole windows of the text).
     #[arg(long)]
@@ -479,10 +541,10 @@ pub struct EvalArgs {
     /// of the first N windows; the original and the candidate (the plan, or
     /// the int4 weights) each generate --generate greedy tokens after each,
     /// compared position by position. 0: skip.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = search::HELD_OUT_PROMPTS)]
     pub prompts: usize,
     /// Greedy tokens generated after each held-out prompt.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = search::HELD_OUT_GENERATED_TOKENS)]
     pub generate: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]

@@ -28,24 +28,10 @@ use crate::runtime::bench::{
     bench, BenchOptions, BenchResult, CandidateSpeed, SpeedChoice, Workload,
 };
 use crate::runtime::validate::{validate_emitted, Validation};
-use crate::runtime::{Emitted, RuntimeOptions};
+use crate::runtime::{validate, Emitted, RuntimeOptions};
 use crate::search::strategy::{Budget, Metric, SearchSpace, Strategy};
 use crate::search::{self, calib, SearchOptions};
 use crate::{Error, Result};
-
-/// A public-domain passage (Hamlet, Act III, Scene 1): the default prefill
-/// of validation.
-pub const DEFAULT_PROMPT: &str = "To be, or not to be, that is the question:\n\
-Whether 'tis nobler in the mind to suffer\n\
-The slings and arrows of outrageous fortune,\n\
-Or to take arms against a sea of troubles\n\
-And by opposing end them. To die: to sleep;\n\
-No more; and by a sleep to say we end\n\
-The heart-ache and the thousand natural shocks\n\
-That flesh is heir to, 'tis a consummation\n\
-Devoutly to be wish'd. To die, to sleep;\n\
-To sleep: perchance to dream: ay, there's the rub;\n\
-For in that sleep of death what dreams may come\n";
 
 /// Where long stages report their progress.
 pub trait Progress {
@@ -237,7 +223,7 @@ pub fn search(
                 w,
                 &ProgressBar::hidden(),
             )?);
-            let p = search::prompts_of(w, EVAL_PROMPTS, EVAL_PROMPT_TOKENS);
+            let p = search::prompts_of(w, search::HELD_OUT_PROMPTS, search::HELD_OUT_PROMPT_TOKENS);
             ranges.push(prompts.len()..prompts.len() + p.len());
             prompts.extend(p);
             bar.inc(1);
@@ -246,7 +232,7 @@ pub fn search(
         // Greedy generation on held-out prompts: the best plan of every pair
         // count (the depth/quality front, on all texts' prompts), and the
         // chosen plan (on each text's).
-        let held_out = search::HeldOut::new(&forward, prompts, EVAL_GENERATED_TOKENS)?;
+        let held_out = search::HeldOut::new(&forward, prompts, search::HELD_OUT_GENERATED_TOKENS)?;
         bar.inc(1);
         for b in &mut outcome.best_by_pairs {
             b.generation = Some(held_out.agreement(&forward, &b.plan)?);
@@ -298,12 +284,6 @@ pub fn search(
     })
 }
 
-/// Generation agreement of the chosen plan on the `--eval` text: held-out
-/// prompts (the first tokens of its first windows) and greedy tokens each.
-pub const EVAL_PROMPTS: usize = 8;
-pub const EVAL_PROMPT_TOKENS: usize = 32;
-pub const EVAL_GENERATED_TOKENS: usize = 32;
-
 /// What `compile` does besides the search.
 pub struct CompileOptions {
     pub search: SearchConfig,
@@ -342,7 +322,7 @@ impl Default for CompileOptions {
                 strict: false,
                 threads: None,
             },
-            steps: 16,
+            steps: validate::DEFAULT_STEPS,
             batch: 1,
             runs: 3,
             force: false,
@@ -416,16 +396,12 @@ pub fn compile(
         path: model_path,
         tokenizer: searched.tokenizer.as_ref(),
     };
-    let prompt: Vec<u32> = match &searched.tokenizer {
-        Some(t) => {
-            let mut ids = t.encode(DEFAULT_PROMPT)?;
-            ids.truncate(64);
-            ids
-        }
-        None => (0..32)
-            .map(|i| (i * 7919 + 13) % model.config.vocab_size as u32)
-            .collect(),
-    };
+    let prompt = validate::prompt(
+        searched.tokenizer.as_ref(),
+        None,
+        validate::DEFAULT_PROMPT_TOKENS,
+        model.config.vocab_size,
+    )?;
     let bench_options = BenchOptions {
         batch: opts.batch.max(1),
         runs: opts.runs.max(1),

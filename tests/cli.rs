@@ -380,7 +380,7 @@ fn validate_names_a_missing_runtime_library_and_how_to_get_it() {
         &[
             "/no/such/libonnxruntime.so",
             "not found",
-            "onnxruntime==1.31.1",
+            &format!("onnxruntime=={}", *depthc::runtime::PINNED_VERSION),
         ],
     );
     // A file that is not a shared library.

@@ -60,6 +60,13 @@ pub enum RopeScaling {
     },
 }
 
+/// What both readers assume when a checkpoint does not say: the defaults of
+/// transformers' `LlamaConfig` (`rms_norm_eps` 1e-6, `rope_theta` 10000,
+/// `max_position_embeddings` 2048).
+pub const DEFAULT_RMS_NORM_EPS: f64 = 1e-6;
+pub const DEFAULT_ROPE_THETA: f64 = 10000.0;
+pub const DEFAULT_MAX_POSITION_EMBEDDINGS: usize = 2048;
+
 /// Validated configuration of a decoder-only transformer.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelConfig {
@@ -262,7 +269,7 @@ impl RawHfConfig {
         let rope_theta = self
             .rope_theta
             .or_else(|| global.as_ref().and_then(|p| p.rope_theta))
-            .unwrap_or(10000.0);
+            .unwrap_or(DEFAULT_ROPE_THETA);
         let rope_local_theta = local
             .as_ref()
             .and_then(|p| p.rope_theta)
@@ -342,9 +349,11 @@ impl RawHfConfig {
             vocab_size,
             rope_theta,
             rope_scaling,
-            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(DEFAULT_RMS_NORM_EPS),
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
-            max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
+            max_position_embeddings: self
+                .max_position_embeddings
+                .unwrap_or(DEFAULT_MAX_POSITION_EMBEDDINGS),
             sliding_window: if matches!(family, Family::Mistral | Family::Gemma3) {
                 self.sliding_window
             } else {

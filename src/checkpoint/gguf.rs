@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use rayon::prelude::*;
 
-use super::config::{Activation, Family, ModelConfig, RopeScaling};
+use super::config::{self, Activation, Family, ModelConfig, RopeScaling};
 use super::tokenizer::Tokenizer;
 use super::{dequant, DType, TensorInfo, TensorSource};
 use crate::{Error, Result};
@@ -411,11 +411,14 @@ impl GgufFile {
             head_dim,
             intermediate_size: self.meta_u64(&k("feed_forward_length"))?,
             vocab_size,
-            rope_theta: get_f("rope.freq_base").unwrap_or(10000.0),
+            rope_theta: get_f("rope.freq_base").unwrap_or(config::DEFAULT_ROPE_THETA),
             rope_scaling,
-            rms_norm_eps: get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            rms_norm_eps: get_f("attention.layer_norm_rms_epsilon")
+                .unwrap_or(config::DEFAULT_RMS_NORM_EPS),
             tie_word_embeddings: !self.tensors.iter().any(|t| t.name == "output.weight"),
-            max_position_embeddings: self.meta_u64(&k("context_length")).unwrap_or(2048),
+            max_position_embeddings: self
+                .meta_u64(&k("context_length"))
+                .unwrap_or(config::DEFAULT_MAX_POSITION_EMBEDDINGS),
             // llama.cpp's gemma3: every 6th layer global, the others local with
             // RoPE base 10000; the scores scaled by head_dim ** -0.5.
             sliding_window: if gemma { sliding_window } else { None },

@@ -9,6 +9,15 @@ use serde_json::{json, Value};
 
 use crate::{Error, Result};
 
+/// `n` token ids spread deterministically over a vocabulary of `vocab_size`:
+/// the input of a timing or a check that needs tokens and has no tokenizer
+/// or no text (the values do not matter, only that they are valid ids).
+pub fn stand_in_ids(n: usize, vocab_size: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + 13) % vocab_size) as u32)
+        .collect()
+}
+
 /// A loaded tokenizer and the `tokenizer.json` text it was built from.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,

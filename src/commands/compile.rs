@@ -6,7 +6,7 @@ use serde_json::json;
 
 use crate::cli::*;
 use depthc::pipeline::{self, CompileOptions, SearchConfig};
-use depthc::search::strategy::{Budget, Metric, Strategy};
+use depthc::search::strategy::Budget;
 
 use super::onnx::print_bench;
 use super::{float_of, int4_of, runtime_options, summary_json, Terminal};
@@ -25,20 +25,8 @@ fn search_config(f: &SearchFlags) -> SearchConfig {
         },
         protect_first: f.protect_first,
         protect_last: f.protect_last,
-        metric: match f.metric {
-            MetricArg::Cosine => Metric::Cosine,
-            MetricArg::Kl => Metric::Kl,
-            MetricArg::Top1 => Metric::Top1,
-        },
-        strategies: f
-            .strategy
-            .iter()
-            .map(|s| match s {
-                StrategyArg::Contiguous => Strategy::Contiguous,
-                StrategyArg::Greedy => Strategy::Greedy,
-                StrategyArg::Beam => Strategy::Beam,
-            })
-            .collect(),
+        metric: f.metric.metric(),
+        strategies: f.strategy.iter().map(|s| s.strategy()).collect(),
         beam_width: f.beam_width,
         memory_budget_mib: f.memory_budget_mib,
         eval: f.eval.clone(),

@@ -60,8 +60,6 @@ pub fn runtime_options(
     }
 }
 
-pub use depthc::pipeline::DEFAULT_PROMPT;
-
 /// Progress on the terminal: bars and spinners on stderr when it is one.
 pub struct Terminal;
 

@@ -144,7 +144,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let mut report = search::evaluate_against(&forward, candidate, &windows, &progress)?;
     if let (Some(c), true) = (candidate, a.prompts > 0 && a.generate > 0) {
         progress.set_message("generating");
-        let prompts = search::prompts_of(&windows, a.prompts, 32);
+        let prompts = search::prompts_of(&windows, a.prompts, search::HELD_OUT_PROMPT_TOKENS);
         let held_out = search::HeldOut::new(&forward, prompts, a.generate)?;
         report.generation = Some(held_out.agreement(c.0, c.1)?);
     }
@@ -222,10 +222,7 @@ pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
         .map(|(_, shape, _)| shape.iter().product::<usize>() * 4)
         .sum();
     let plan = Plan::sequential(cfg.num_hidden_layers);
-    // Deterministic spread of ids over the vocabulary.
-    let ids: Vec<u32> = (0..a.tokens)
-        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32)
-        .collect();
+    let ids = depthc::checkpoint::tokenizer::stand_in_ids(a.tokens, cfg.vocab_size);
     let forward = Forward::new(&model);
     let opts = Options {
         logits: Logits::All,

@@ -79,12 +79,18 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
     let emitted = Emitted::open(&a.dir)?;
     let ckpt = Checkpoint::open(&a.model)?;
     let text = match &a.text {
-        Some(p) => std::fs::read_to_string(p)
-            .with_context(|| format!("{}: cannot read text", p.display()))?,
-        None => DEFAULT_PROMPT.to_string(),
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("{}: cannot read text", p.display()))?,
+        ),
+        None => None,
     };
-    let mut prompt = ckpt.require_tokenizer()?.encode(&text)?;
-    prompt.truncate(a.prompt_tokens.max(1));
+    let prompt = depthc::runtime::validate::prompt(
+        Some(ckpt.require_tokenizer()?),
+        text.as_deref(),
+        a.prompt_tokens,
+        ckpt.config.vocab_size,
+    )?;
     let opts = RuntimeOptions {
         library: a.ort_lib.clone(),
         device: match a.device {

@@ -280,7 +280,7 @@ impl<'m> Decoder<'m> {
         let m = &self.model.layers[l].mlp;
         self.make_gated_mlp(
             b,
-            &format!("/model/layers.{l}/mlp"),
+            &format!("{}/mlp", super::lp::layer_prefix(l)),
             hn,
             vec![(&m.gate_proj.weight, None), (&m.up_proj.weight, None)],
             Packed::t(&m.down_proj.weight),

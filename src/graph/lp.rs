@@ -72,11 +72,16 @@ impl Ops {
     }
 }
 
+/// The node and initializer namespace of layer `l`: `/model/layers.3`.
+pub fn layer_prefix(l: usize) -> String {
+    format!("/model/layers.{l}")
+}
+
 /// The node and initializer namespace of a step: `/model/layers.3` for a
 /// single layer, `/model/parallel.20-21` for a group.
 pub fn step_prefix(layers: &[usize]) -> String {
     match layers {
-        [l] => format!("/model/layers.{l}"),
+        [l] => layer_prefix(*l),
         _ => {
             let names: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
             format!("/model/parallel.{}", names.join("-"))
@@ -216,15 +221,15 @@ pub fn build<'m>(
         b.output(v);
     }
     let form = written_form(model, plan, form);
-    b.metadata("depthc.plan", plan.to_string());
-    b.metadata("depthc.form", form.name());
-    b.metadata("depthc.dtype", float.name());
-    b.metadata("depthc.ops", ops.name());
-    if let Some(q) = int4 {
-        b.metadata("depthc.weights", "int4");
-        b.metadata("depthc.int4.block_size", q.block_size.to_string());
-        b.metadata("depthc.int4.accuracy_level", q.accuracy_level.to_string());
-        b.metadata("depthc.int4.source", q.source.name());
+    let metadata = contract::Metadata {
+        plan: plan.clone(),
+        form,
+        float,
+        ops,
+        int4,
+    };
+    for (key, value) in metadata.entries() {
+        b.metadata(key, value);
     }
     let d = Decoder { model, float, int4 };
     let xn = match ops {

@@ -29,7 +29,7 @@
 
 use super::contract::{self, ATTENTION_MASK};
 use super::decoder::{param_name, Decoder, Packed};
-use super::lp::{BranchOrder, OpSet};
+use super::lp::{layer_prefix, BranchOrder, OpSet};
 use super::{Attr, Builder, ElemType};
 use crate::model::Rope;
 
@@ -176,7 +176,7 @@ impl<'m> Ort<'m> {
             cos,
             sin,
         ];
-        let name = format!("/model/layers.{l}/attn/GroupQueryAttention");
+        let name = format!("{}/attn/GroupQueryAttention", layer_prefix(l));
         // The same count as Hugging Face's `sliding_window` (checked against
         // the reference on a Mistral with window 5: `w - 1` is off by one).
         let window = cfg.window_of(l).map_or(-1, |w| w as i64);
@@ -334,7 +334,7 @@ fn attention_inputs<'m>(
         cfg.num_key_value_heads,
         cfg.head_dim,
     );
-    let p = format!("/model/layers.{l}/attn");
+    let p = format!("{}/attn", layer_prefix(l));
     let mut qkv = d.make_qkv_split(b, &format!("{p}/qkv_proj"), packed, 1);
     for (i, name, heads, w) in [(0, "q_norm", nh, q_norm), (1, "k_norm", nkv, k_norm)] {
         let pn = format!("{p}/{name}");

@@ -16,7 +16,7 @@
 
 use super::contract::{self, ATTENTION_MASK, INPUT_IDS, POSITION_IDS};
 use super::decoder::{param_name, Decoder, Packed};
-use super::lp::{BranchOrder, OpSet};
+use super::lp::{layer_prefix, BranchOrder, OpSet};
 use super::{Attr, Builder, ElemType};
 use crate::model::{Attention, DecoderLayer, Rope};
 
@@ -445,7 +445,7 @@ impl<'m> Portable<'m> {
             (contract::past_value(l), contract::present_value(l))
         };
         b.node_to(
-            &format!("/model/layers.{l}/attn/{kind}/Concat"),
+            &format!("{}/attn/{kind}/Concat", layer_prefix(l)),
             "Concat",
             &[&past, new],
             &present,

@@ -11,7 +11,7 @@ pub mod rope;
 
 use rayon::prelude::*;
 
-pub use int4::{Int4, Q4};
+pub use int4::{Int4, Int4Source, Q4};
 pub use matrix::{set_widen_budget, Matrix, DEFAULT_WIDEN_BUDGET};
 pub use rope::Rope;
 

@@ -123,7 +123,14 @@ fn write_floats(out: &mut impl Write, values: &[f32], float: ElemType) -> std::i
     Ok(written)
 }
 
-/// Write `graph` as `model_path` plus its external data `{model_path}_data`
+/// The external data file of the model file `model_file`: `model.onnx_data`
+/// beside `model.onnx`, the name Optimum and transformers.js fetch from a
+/// model hub.
+pub fn external_data_name(model_file: &str) -> String {
+    format!("{model_file}_data")
+}
+
+/// Write `graph` as `model_path` plus its external data ([`external_data_name`])
 /// (the name Optimum and transformers.js fetch from a model hub),
 /// computing each weight only when it is written.
 pub fn write(graph: &Graph, model_path: &Path, progress: &ProgressBar) -> Result<Written> {
@@ -131,7 +138,7 @@ pub fn write(graph: &Graph, model_path: &Path, progress: &ProgressBar) -> Result
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| Error::output(model_path, "the model file needs a UTF-8 name"))?;
-    let data_name = format!("{file_name}_data");
+    let data_name = external_data_name(file_name);
     let data_path = model_path.with_file_name(&data_name);
     let mut data = BufWriter::with_capacity(
         1 << 20,

@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use super::{write, Written};
 use crate::checkpoint::tokenizer::Tokenizer;
 use crate::checkpoint::ModelConfig;
-use crate::graph::{self, ElemType, Form, Ops};
+use crate::graph::{self, contract, ElemType, Form, Ops};
 use crate::model::{Int4, Model};
 use crate::plan::Plan;
 use crate::{Error, Result};
@@ -157,7 +157,7 @@ fn fill(
 fn link_for_transformers_js(dir: &Path) -> Result<()> {
     let sub = dir.join(TRANSFORMERS_JS_DIR);
     std::fs::create_dir(&sub).map_err(|e| Error::io(&sub, e))?;
-    let data = format!("{MODEL_FILE}_data");
+    let data = super::external_data_name(MODEL_FILE);
     for name in [MODEL_FILE, data.as_str()] {
         let link = sub.join(name);
         #[cfg(unix)]
@@ -193,16 +193,16 @@ fn genai_config(cfg: &ModelConfig, ops: Ops) -> Value {
                 "head_size": cfg.head_dim,
                 "hidden_size": cfg.hidden_size,
                 "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value"
+                    "input_ids": contract::INPUT_IDS,
+                    "attention_mask": contract::ATTENTION_MASK,
+                    "position_ids": contract::POSITION_IDS,
+                    "past_key_names": contract::PAST_KEY,
+                    "past_value_names": contract::PAST_VALUE
                 },
                 "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value"
+                    "logits": contract::LOGITS,
+                    "present_key_names": contract::PRESENT_KEY,
+                    "present_value_names": contract::PRESENT_VALUE
                 },
                 "num_attention_heads": cfg.num_attention_heads,
                 "num_hidden_layers": cfg.num_hidden_layers,

@@ -10,6 +10,7 @@
 use serde::Serialize;
 
 use super::DecoderSession;
+use crate::checkpoint::tokenizer::stand_in_ids;
 use crate::Result;
 
 #[derive(Debug, Clone, Serialize)]
@@ -124,11 +125,9 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Deterministic ids spread over the vocabulary.
+/// The same stand-in ids for every row of the batch.
 fn ids(n: usize, batch: usize, vocab: usize) -> Vec<u32> {
-    (0..batch)
-        .flat_map(|_| (0..n).map(move |i| ((i * 7919 + 13) % vocab) as u32))
-        .collect()
+    stand_in_ids(n, vocab).repeat(batch)
 }
 
 /// One prefill, its outputs left where the execution provider wrote them.

@@ -1,6 +1,7 @@
 //! ONNX Runtime sessions through the `ort` crate, loading the library at run
 //! time (docs/DESIGN.md section 6): `--ort-lib`, `ORT_DYLIB_PATH`, or the copy
-//! `scripts/setup.sh` extracts from the PyPI `onnxruntime==1.31.1` wheel.
+//! `scripts/setup.sh` extracts from the PyPI `onnxruntime` wheel of the version
+//! pinned in `scripts/versions.env` ([`PINNED_VERSION`]).
 //! Any ONNX Runtime 1.31 or newer works (the C API version 31 is required).
 
 pub mod bench;
@@ -17,20 +18,41 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
 
 use crate::checkpoint::ModelConfig;
-use crate::graph::{contract, ElemType, Form};
-use crate::model::int4::{Int4, Int4Source};
+use crate::graph::contract::{self, Metadata};
+use crate::graph::{ElemType, Form, Ops};
+use crate::model::int4::Int4;
 use crate::plan::Plan;
 use crate::{Error, Result};
 use half::f16;
 
+/// The pinned versions every script installs, one `NAME=value` a line.
+const VERSIONS: &str = include_str!("../../scripts/versions.env");
+
+/// The ONNX Runtime version `scripts/setup.sh` installs (`ONNXRUNTIME` in
+/// `scripts/versions.env`).
+pub static PINNED_VERSION: std::sync::LazyLock<&'static str> = std::sync::LazyLock::new(|| {
+    VERSIONS
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ONNXRUNTIME="))
+        .map(str::trim)
+        .expect("scripts/versions.env pins ONNXRUNTIME")
+});
+
 /// The library `scripts/setup.sh` installs, relative to its cache.
-pub const SETUP_LIBRARY: &str = "onnxruntime/libonnxruntime.so.1.31.1";
+pub fn setup_library() -> String {
+    format!("onnxruntime/libonnxruntime.so.{}", *PINNED_VERSION)
+}
 
 /// How to get a library, for error messages.
-const HOW_TO_GET: &str = "pass --ort-lib PATH or set ORT_DYLIB_PATH to libonnxruntime.so \
-(ONNX Runtime 1.31 or newer, e.g. onnxruntime/capi/libonnxruntime.so.1.31.1 from the PyPI \
-wheel onnxruntime==1.31.1, or the capi folder of an installed onnxruntime-gpu); \
-scripts/setup.sh puts one in .cache/onnxruntime/";
+fn how_to_get() -> String {
+    let v = *PINNED_VERSION;
+    format!(
+        "pass --ort-lib PATH or set ORT_DYLIB_PATH to libonnxruntime.so (ONNX Runtime 1.31 or \
+         newer, e.g. onnxruntime/capi/libonnxruntime.so.{v} from the PyPI wheel \
+         onnxruntime=={v}, or the capi folder of an installed onnxruntime-gpu); \
+         scripts/setup.sh puts one in .cache/onnxruntime/"
+    )
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
@@ -66,8 +88,9 @@ pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
             Ok(p.to_path_buf())
         } else {
             Err(Error::Runtime(format!(
-                "library {} not found; {HOW_TO_GET}",
-                p.display()
+                "library {} not found; {}",
+                p.display(),
+                how_to_get()
             )))
         };
     }
@@ -77,8 +100,9 @@ pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
             Ok(p)
         } else {
             Err(Error::Runtime(format!(
-                "ORT_DYLIB_PATH={} is not a file; {HOW_TO_GET}",
-                p.display()
+                "ORT_DYLIB_PATH={} is not a file; {}",
+                p.display(),
+                how_to_get()
             )))
         };
     }
@@ -96,9 +120,9 @@ pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
     }
     caches
         .into_iter()
-        .map(|c| c.join(SETUP_LIBRARY))
+        .map(|c| c.join(setup_library()))
         .find(|p| p.is_file())
-        .ok_or_else(|| Error::Runtime(format!("library not found; {HOW_TO_GET}")))
+        .ok_or_else(|| Error::Runtime(format!("library not found; {}", how_to_get())))
 }
 
 /// Load the library and create the environment, once per process.
@@ -127,6 +151,8 @@ pub struct Emitted {
     /// The form its groups were written in (`depthc.form`).
     pub form: Form,
     pub float: ElemType,
+    /// The op set it was written with (`depthc.ops`).
+    pub ops: Ops,
     /// Its 4-bit weight settings (`depthc.weights` = `int4`), if any.
     pub int4: Option<Int4>,
 }
@@ -142,55 +168,21 @@ impl Emitted {
             )));
         }
         let metadata = crate::onnx::read_metadata(&model_path)?;
-        let get = |k: &str| {
-            metadata
-                .iter()
-                .find(|(key, _)| key == k)
-                .map(|(_, v)| v.clone())
-        };
-        let plan = get("depthc.plan").ok_or_else(|| {
-            Error::Input(format!(
-                "{}: no depthc.plan metadata; was it written by `depthc emit`?",
-                model_path.display()
-            ))
-        })?;
-        let float = match get("depthc.dtype").as_deref() {
-            Some("float16") => ElemType::F16,
-            _ => ElemType::F32,
-        };
-        let form = match get("depthc.form").as_deref() {
-            Some("branches") => Form::Branches,
-            _ => Form::Fused,
-        };
-        let int4 = match get("depthc.weights").as_deref() {
-            Some("int4") => {
-                let number = |k: &str| {
-                    get(k).and_then(|v| v.parse::<usize>().ok()).ok_or_else(|| {
-                        Error::Input(format!(
-                            "{}: int4 model without a numeric `{k}` in its metadata",
-                            model_path.display()
-                        ))
-                    })
-                };
-                Some(Int4 {
-                    block_size: number("depthc.int4.block_size")?,
-                    accuracy_level: number("depthc.int4.accuracy_level")? as u8,
-                    source: match get("depthc.int4.source").as_deref() {
-                        Some("gguf") => Int4Source::Gguf,
-                        _ => Int4Source::Rtn,
-                    },
-                })
-            }
-            _ => None,
-        };
         let config = ModelConfig::from_hf_dir(dir)?;
-        let plan = Plan::parse(&plan, config.num_hidden_layers)?;
+        let Metadata {
+            plan,
+            form,
+            float,
+            ops,
+            int4,
+        } = Metadata::parse(&metadata, config.num_hidden_layers, &model_path)?;
         Ok(Emitted {
             model_path,
             config,
             plan,
             form,
             float,
+            ops,
             int4,
         })
     }

@@ -7,12 +7,51 @@
 use serde::Serialize;
 
 use super::{DecoderSession, StepOutput};
+use crate::checkpoint::tokenizer::{stand_in_ids, Tokenizer};
 use crate::forward::ops::argmax;
 use crate::forward::{Forward, KvCache, Logits, Options};
 use crate::graph::contract;
 use crate::model::Int4;
 use crate::plan::Plan;
 use crate::Result;
+
+/// Greedy decode steps after the prefill, unless told otherwise.
+pub const DEFAULT_STEPS: usize = 16;
+/// Tokens of the prefill, unless told otherwise.
+pub const DEFAULT_PROMPT_TOKENS: usize = 64;
+
+/// A public-domain passage (Hamlet, Act III, Scene 1): the default prefill
+/// of validation.
+pub const DEFAULT_PROMPT: &str = "To be, or not to be, that is the question:\n\
+Whether 'tis nobler in the mind to suffer\n\
+The slings and arrows of outrageous fortune,\n\
+Or to take arms against a sea of troubles\n\
+And by opposing end them. To die: to sleep;\n\
+No more; and by a sleep to say we end\n\
+The heart-ache and the thousand natural shocks\n\
+That flesh is heir to, 'tis a consummation\n\
+Devoutly to be wish'd. To die, to sleep;\n\
+To sleep: perchance to dream: ay, there's the rub;\n\
+For in that sleep of death what dreams may come\n";
+
+/// The prefill of a validation: the first `tokens` tokens of `text` (default
+/// [`DEFAULT_PROMPT`]); without a tokenizer, stand-in ids
+/// ([`stand_in_ids`]).
+pub fn prompt(
+    tokenizer: Option<&Tokenizer>,
+    text: Option<&str>,
+    tokens: usize,
+    vocab_size: usize,
+) -> Result<Vec<u32>> {
+    Ok(match tokenizer {
+        Some(t) => {
+            let mut ids = t.encode(text.unwrap_or(DEFAULT_PROMPT))?;
+            ids.truncate(tokens.max(1));
+            ids
+        }
+        None => stand_in_ids(tokens.max(1), vocab_size),
+    })
+}
 
 /// Largest difference seen on one output over all steps.
 #[derive(Debug, Clone, Serialize)]

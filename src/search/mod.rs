@@ -84,6 +84,12 @@ pub struct EvalReport {
     pub generation: Option<Agreement>,
 }
 
+/// Generation agreement on an evaluation text: held-out prompts (the first
+/// tokens of its first windows) and greedy tokens generated after each.
+pub const HELD_OUT_PROMPTS: usize = 8;
+pub const HELD_OUT_PROMPT_TOKENS: usize = 32;
+pub const HELD_OUT_GENERATED_TOKENS: usize = 32;
+
 /// Held-out prompts: the first `prompt_tokens` tokens of each of the first
 /// `prompts` windows of an evaluation text.
 pub fn prompts_of(windows: &[Vec<u32>], prompts: usize, prompt_tokens: usize) -> Vec<Vec<u32>> {
