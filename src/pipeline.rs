@@ -18,7 +18,7 @@ use crate::checkpoint::tokenizer::Tokenizer;
 use crate::checkpoint::Checkpoint;
 use crate::forward::Forward;
 use crate::graph::{ElemType, Form, Ops};
-use crate::model::{Int4, Model};
+use crate::model::{Int4, Model, WeightCache};
 use crate::onnx::package::{self, EmitOptions, Source};
 use crate::plan::Plan;
 use crate::report::{
@@ -79,6 +79,8 @@ pub struct SearchConfig {
     /// agreement, and windows of each at most.
     pub eval: Vec<PathBuf>,
     pub eval_windows: usize,
+    /// Bytes of widened weights kept between uses ([`WeightCache`]).
+    pub weight_cache: usize,
 }
 
 impl Default for SearchConfig {
@@ -96,6 +98,7 @@ impl Default for SearchConfig {
             memory_budget_mib: 2048,
             eval: Vec::new(),
             eval_windows: 16,
+            weight_cache: crate::model::DEFAULT_WIDEN_BUDGET,
         }
     }
 }
@@ -177,7 +180,11 @@ pub fn search(
     }
     let content_hash = calib::content_hash(model_path)?;
     let pb = progress.spinner(&format!("loading {}", model_path.display()));
-    let model = Model::load(&ckpt.source, &ckpt.config)?;
+    let model = Model::load(
+        &ckpt.source,
+        &ckpt.config,
+        &WeightCache::new(f.weight_cache),
+    )?;
     let identity = ModelIdentity {
         path: model_path.display().to_string(),
         format: format!("{:?}", ckpt.format).to_lowercase(),

@@ -14,6 +14,7 @@ fuzz_target!(|data: &[u8]| {
         if let Some(tokenizer) = &ckpt.tokenizer {
             let _ = tokenizer.encode("To be, or not to be: 1234 ab  abc");
         }
-        let _ = Model::load(ckpt.source.as_ref(), &ckpt.config);
+        let cache = depthc::model::WeightCache::new(depthc::model::DEFAULT_WIDEN_BUDGET);
+        let _ = Model::load(&ckpt.source, &ckpt.config, &cache);
     }
 });

@@ -2,6 +2,9 @@
 //! the summary.
 
 use anyhow::Result;
+use std::sync::Arc;
+
+use depthc::model::WeightCache;
 use serde_json::json;
 
 use crate::cli::*;
@@ -12,8 +15,9 @@ use super::onnx::print_bench;
 use super::{float_of, int4_of, runtime_options, summary_json, Terminal};
 
 /// The search flags as the library's options.
-fn search_config(f: &SearchFlags) -> SearchConfig {
+fn search_config(f: &SearchFlags, weight_cache: &WeightCache) -> SearchConfig {
     SearchConfig {
+        weight_cache: weight_cache.budget(),
         calib: f.calib.clone(),
         seq_len: f.seq_len,
         max_tokens: f.max_tokens,
@@ -82,9 +86,9 @@ fn print_search_summary(report: &depthc::report::SearchReport) {
     println!("why            {}", report.reason);
 }
 
-pub fn search_command(a: SearchArgs) -> Result<()> {
+pub fn search_command(a: SearchArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
     depthc::output::check_output(&a.output, false, false)?;
-    let searched = pipeline::search(&a.model, &search_config(&a.flags), &Terminal)?;
+    let searched = pipeline::search(&a.model, &search_config(&a.flags, weight_cache), &Terminal)?;
     let report = &searched.report;
     depthc::output::new_directory(&a.output, |dir| report.write(dir))?;
     if a.json {
@@ -103,7 +107,7 @@ pub fn search_command(a: SearchArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn compile_command(a: CompileArgs) -> Result<()> {
+pub fn compile_command(a: CompileArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
     use depthc::graph::{Form, Ops};
     use depthc::runtime::bench::Workload;
     let forms = match a.form {
@@ -122,7 +126,7 @@ pub fn compile_command(a: CompileArgs) -> Result<()> {
         (AutoOpsArg::Ort, _) => vec![Ops::Ort],
     };
     let opts = CompileOptions {
-        search: search_config(&a.search),
+        search: search_config(&a.search, weight_cache),
         float: float_of(a.dtype),
         int4: int4_of(a.dtype, a.int4),
         forms,

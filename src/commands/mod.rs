@@ -36,10 +36,13 @@ pub fn bar(len: u64, template: &str) -> Result<ProgressBar> {
 }
 
 /// Open a checkpoint and load its weights as f32, then release the mapping.
-pub fn load(path: &Path) -> Result<(Model, Option<depthc::checkpoint::tokenizer::Tokenizer>)> {
+pub fn load(
+    path: &Path,
+    weight_cache: &std::sync::Arc<depthc::model::WeightCache>,
+) -> Result<(Model, Option<depthc::checkpoint::tokenizer::Tokenizer>)> {
     let pb = spinner(&format!("loading {}", path.display()));
     let ckpt = Checkpoint::open(path)?;
-    let model = Model::load(&ckpt.source, &ckpt.config)?;
+    let model = Model::load(&ckpt.source, &ckpt.config, weight_cache)?;
     pb.finish_and_clear();
     Ok((model, ckpt.tokenizer))
 }

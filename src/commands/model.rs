@@ -4,6 +4,9 @@ use std::io::IsTerminal;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use std::sync::Arc;
+
+use depthc::model::WeightCache;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -97,7 +100,7 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn eval(a: EvalArgs) -> Result<()> {
+pub fn eval(a: EvalArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("{}: cannot read text", a.text.display()))?;
     let ckpt = Checkpoint::open(&a.model)?;
@@ -109,7 +112,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let ids = ckpt.require_tokenizer()?.encode(&text)?;
     let windows = search::windows(&ids, a.seq_len, a.max_windows, ckpt.config.window_bos())?;
     let pb = spinner(&format!("loading {}", a.model.display()));
-    let model = Model::load(&ckpt.source, &ckpt.config)?;
+    let model = Model::load(&ckpt.source, &ckpt.config, weight_cache)?;
     drop(ckpt);
     pb.finish_and_clear();
     let forward = Forward::new(&model);
@@ -192,10 +195,10 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn convert(a: ConvertArgs) -> Result<()> {
+pub fn convert(a: ConvertArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
     depthc::output::check_output(&a.output, false, false)?;
     let ckpt = Checkpoint::open(&a.model)?;
-    let model = Model::load(&ckpt.source, &ckpt.config)?;
+    let model = Model::load(&ckpt.source, &ckpt.config, weight_cache)?;
     let store = match a.dtype {
         StoreDtype::F32 => safetensors::StoreType::F32,
         StoreDtype::F16 => safetensors::StoreType::F16,
@@ -210,11 +213,11 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn bench_forward(a: BenchForwardArgs) -> Result<()> {
+pub fn bench_forward(a: BenchForwardArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
     if a.tokens == 0 || a.repeats == 0 {
         bail!("--tokens and --repeats must be positive");
     }
-    let (model, tokenizer) = load(&a.model)?;
+    let (model, tokenizer) = load(&a.model, weight_cache)?;
     let cfg = &model.config;
     let weight_bytes: usize = model
         .named_tensors()

@@ -3,6 +3,9 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use std::sync::Arc;
+
+use depthc::model::WeightCache;
 
 use crate::cli::*;
 use depthc::checkpoint::Checkpoint;
@@ -11,7 +14,7 @@ use depthc::plan::Plan;
 
 use super::*;
 
-pub fn emit(a: EmitArgs) -> Result<()> {
+pub fn emit(a: EmitArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
     use depthc::onnx::package::{self, Source};
     depthc::output::check_output(&a.output, false, false)?;
     let ckpt = Checkpoint::open(&a.model)?;
@@ -20,7 +23,7 @@ pub fn emit(a: EmitArgs) -> Result<()> {
         ckpt.config.num_hidden_layers,
     )?;
     let pb = spinner(&format!("loading {}", a.model.display()));
-    let model = Model::load(&ckpt.source, &ckpt.config)?;
+    let model = Model::load(&ckpt.source, &ckpt.config, weight_cache)?;
     pb.finish_and_clear();
     let opts = emit_options(a.form, a.dtype, a.int4, a.ops);
     let progress = bar(0, "emit {bar:30} {pos}/{len} weights, {eta} left")?;
@@ -73,7 +76,7 @@ pub fn emit(a: EmitArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn validate(a: ValidateArgs) -> Result<()> {
+pub fn validate(a: ValidateArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
     use depthc::runtime::validate::{validate_emitted, Tolerance};
     use depthc::runtime::{Device, Emitted, RuntimeOptions};
     let emitted = Emitted::open(&a.dir)?;
@@ -101,7 +104,7 @@ pub fn validate(a: ValidateArgs) -> Result<()> {
         threads: None,
     };
     let pb = spinner(&format!("loading {}", a.model.display()));
-    let model = Model::load(&ckpt.source, &ckpt.config)?;
+    let model = Model::load(&ckpt.source, &ckpt.config, weight_cache)?;
     drop(ckpt);
     pb.set_message(format!("validating {}", emitted.model_path.display()));
     let tolerance = (a.tolerance.is_some() || a.rel_tolerance.is_some()).then_some(Tolerance {

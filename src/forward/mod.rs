@@ -16,7 +16,7 @@ pub mod ops;
 use rayon::prelude::*;
 
 use crate::checkpoint::config::Activation;
-use crate::model::matrix::AlignedF32;
+use crate::model::panels::AlignedF32;
 use crate::model::Rope;
 use crate::model::{Attention, DecoderLayer, Mlp, Model};
 use crate::plan::Plan;

@@ -515,13 +515,16 @@ mod tests {
                 .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5)
                 .collect(),
         );
-        let w = Matrix::from_codes(Q4::quantize(
-            &w,
-            Int4 {
-                accuracy_level: 0,
-                ..Int4::default()
-            },
-        ));
+        let w = Matrix::from_codes(
+            Q4::quantize(
+                &w,
+                Int4 {
+                    accuracy_level: 0,
+                    ..Int4::default()
+                },
+            ),
+            &crate::model::WeightCache::new(crate::model::DEFAULT_WIDEN_BUDGET),
+        );
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 31) % 97) as f32 / 97.0 - 0.5)
             .collect();

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::{Linear, Matrix, Model};
+use super::{Linear, Matrix, Model, WeightCache};
 use crate::checkpoint::dequant::FourBitBlocks;
 use crate::{Error, Result};
 
@@ -363,16 +363,19 @@ impl Q4 {
 
 /// `w` in 4 bits: the checkpoint's own blocks when `int4` asks for them and
 /// `w` has them (and is as loaded), else round-to-nearest.
-fn to_4bit(w: &Matrix, int4: Int4, as_loaded: bool) -> Matrix {
+fn to_4bit(w: &Matrix, int4: Int4, as_loaded: bool, cache: &Arc<WeightCache>) -> Matrix {
     let stored = (int4.source == Int4Source::Gguf && as_loaded)
         .then(|| w.stored_four_bit())
         .flatten();
     match stored {
-        Some(q) => Matrix::from_codes(Q4 {
-            accuracy_level: int4.accuracy_level,
-            ..q
-        }),
-        None => Matrix::from_codes(Q4::quantize(w, int4)),
+        Some(q) => Matrix::from_codes(
+            Q4 {
+                accuracy_level: int4.accuracy_level,
+                ..q
+            },
+            cache,
+        ),
+        None => Matrix::from_codes(Q4::quantize(w, int4), cache),
     }
 }
 
@@ -422,6 +425,7 @@ impl Model {
             layers: self.layers.clone(),
             norm: self.norm.clone(),
             lm_head: None,
+            weight_cache: self.weight_cache.clone(),
         };
         for &l in folded {
             let layer = &mut model.layers[l];
@@ -451,10 +455,10 @@ impl Model {
                 (&mut m.up_proj, unfolded),
                 (&mut m.down_proj, true),
             ] {
-                lin.weight = to_4bit(&lin.weight, int4, as_loaded);
+                lin.weight = to_4bit(&lin.weight, int4, as_loaded, &self.weight_cache);
             }
         }
-        let lm_head = to_4bit(self.lm_head(), int4, true);
+        let lm_head = to_4bit(self.lm_head(), int4, true, &self.weight_cache);
         let shareable = lm_head
             .int4
             .as_ref()

@@ -4,8 +4,8 @@
 //! and widened to f32 when used.
 //!
 //! Widened values are kept between uses, packed into the forward's panels
-//! ([`crate::forward::gemm::pack_panels`]), while the process-wide widening
-//! budget ([`set_widen_budget`]) has room, first come first kept: a forward
+//! ([`super::panels::pack_panels`]), while the model's [`WeightCache`] has
+//! room, first come first kept: a forward
 //! pass reads the matrices in the same order every time, so the first ones
 //! stay and the rest are widened again on each use into a reused per-thread
 //! buffer, a large one a tile of rows at a time. A small model fits the
@@ -18,35 +18,51 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use super::panels::AlignedF32;
 use super::Q4;
 use crate::checkpoint::TensorSource;
 
 /// The widening budget unless set otherwise: 1 GiB.
 pub const DEFAULT_WIDEN_BUDGET: usize = 1 << 30;
 
-static BUDGET: AtomicUsize = AtomicUsize::new(DEFAULT_WIDEN_BUDGET);
-static KEPT: AtomicUsize = AtomicUsize::new(0);
-
-/// Set how many bytes of widened f32 weights the process keeps between uses.
-pub fn set_widen_budget(bytes: usize) {
-    BUDGET.store(bytes, Ordering::SeqCst);
+/// How many bytes of widened f32 weights may be kept between uses, and how
+/// many are: one value shared by every matrix of a model and of the models
+/// made from it (and, in the command line tool, by every model a command
+/// loads). A kept matrix gives its bytes back when dropped.
+#[derive(Debug)]
+pub struct WeightCache {
+    budget: usize,
+    kept: AtomicUsize,
 }
 
-/// Bytes of widened weights kept now.
-pub fn widened_bytes() -> usize {
-    KEPT.load(Ordering::SeqCst)
-}
+impl WeightCache {
+    pub fn new(budget_bytes: usize) -> Arc<WeightCache> {
+        Arc::new(WeightCache {
+            budget: budget_bytes,
+            kept: AtomicUsize::new(0),
+        })
+    }
 
-fn reserve(bytes: usize) -> bool {
-    let limit = BUDGET.load(Ordering::SeqCst);
-    KEPT.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |kept| {
-        (kept + bytes <= limit).then_some(kept + bytes)
-    })
-    .is_ok()
-}
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
 
-fn give_back(bytes: usize) {
-    KEPT.fetch_sub(bytes, Ordering::SeqCst);
+    /// Bytes of widened weights kept now.
+    pub fn kept_bytes(&self) -> usize {
+        self.kept.load(Ordering::SeqCst)
+    }
+
+    fn reserve(&self, bytes: usize) -> bool {
+        self.kept
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |kept| {
+                (kept + bytes <= self.budget).then_some(kept + bytes)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.kept.fetch_sub(bytes, Ordering::SeqCst);
+    }
 }
 
 thread_local! {
@@ -63,55 +79,6 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     let r = f(&mut buf[..len]);
     SCRATCH.with(|s| s.replace(buf));
     r
-}
-
-/// One 64-byte cache line of values.
-#[derive(Clone, Copy, Default)]
-#[repr(C, align(64))]
-struct Line([f32; 16]);
-
-/// f32 values that start on a cache line, so that the forward's 16-wide
-/// loads of widened weights never straddle two lines
-/// ([`crate::forward::gemm`]).
-#[derive(Clone, Default)]
-pub struct AlignedF32 {
-    lines: Vec<Line>,
-    len: usize,
-}
-
-impl AlignedF32 {
-    pub fn zeroed(len: usize) -> AlignedF32 {
-        AlignedF32 {
-            lines: vec![Line::default(); len.div_ceil(16)],
-            len,
-        }
-    }
-
-    /// Make it `len` values long; values kept are unchanged, new ones zero.
-    pub fn resize_zeroed(&mut self, len: usize) {
-        self.lines.resize(len.div_ceil(16), Line::default());
-        if len > self.len {
-            let old = self.len;
-            self.len = len;
-            self[old..].fill(0.0);
-        }
-        self.len = len;
-    }
-}
-
-impl std::ops::Deref for AlignedF32 {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        // SAFETY: `lines` holds at least `len` contiguous f32 values.
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<f32>(), self.len) }
-    }
-}
-
-impl std::ops::DerefMut for AlignedF32 {
-    fn deref_mut(&mut self) -> &mut [f32] {
-        // SAFETY: as in `deref`, borrowed mutably through `self`.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<f32>(), self.len) }
-    }
 }
 
 /// A row-major `[rows, cols]` matrix; a linear weight is `[out_features, in_features]`.
@@ -135,8 +102,9 @@ enum Values {
 struct Lazy {
     from: Origin,
     /// The widened values while the budget keeps them, packed into the
-    /// forward's panels ([`crate::forward::gemm::pack_panels`]).
+    /// forward's panels ([`super::panels::pack_panels`]).
     kept: OnceLock<AlignedF32>,
+    cache: Arc<WeightCache>,
 }
 
 enum Origin {
@@ -152,7 +120,7 @@ enum Origin {
 impl Drop for Lazy {
     fn drop(&mut self) {
         if let Some(v) = self.kept.get() {
-            give_back(std::mem::size_of_val(&v[..]));
+            self.cache.give_back(std::mem::size_of_val(&v[..]));
         }
     }
 }
@@ -192,20 +160,27 @@ impl Matrix {
     /// The checkpoint tensor `name` of `source`, kept in its stored form. The
     /// caller has checked its shape and that its rows can be read
     /// ([`crate::model::Weights::matrix`]), so widening it cannot fail.
-    pub fn stored(rows: usize, cols: usize, source: Arc<dyn TensorSource>, name: String) -> Matrix {
+    pub fn stored(
+        rows: usize,
+        cols: usize,
+        source: Arc<dyn TensorSource>,
+        name: String,
+        cache: &Arc<WeightCache>,
+    ) -> Matrix {
         Matrix {
             rows,
             cols,
             values: Values::Lazy(Arc::new(Lazy {
                 from: Origin::Stored { source, name },
                 kept: OnceLock::new(),
+                cache: cache.clone(),
             })),
             int4: None,
         }
     }
 
     /// The matrix `q`'s codes stand for, the codes kept beside it.
-    pub fn from_codes(q: Q4) -> Matrix {
+    pub fn from_codes(q: Q4, cache: &Arc<WeightCache>) -> Matrix {
         let q = Arc::new(q);
         Matrix {
             rows: q.n,
@@ -213,6 +188,7 @@ impl Matrix {
             values: Values::Lazy(Arc::new(Lazy {
                 from: Origin::Codes(q.clone()),
                 kept: OnceLock::new(),
+                cache: cache.clone(),
             })),
             int4: Some(q),
         }
@@ -243,7 +219,7 @@ impl Matrix {
         };
         if let Some(panels) = l.kept.get() {
             // Row r is column r mod 48 of its panel.
-            use crate::forward::gemm::{panel_at, PANEL_COLS};
+            use super::panels::{panel_at, PANEL_COLS};
             for (r, row) in rows.zip(out.chunks_exact_mut(self.cols.max(1))) {
                 let panel = &panels[panel_at(r, self.cols)..];
                 for (p, v) in row.iter_mut().enumerate() {
@@ -263,7 +239,7 @@ impl Matrix {
     /// The values to keep, packed into the forward's panels, a tile of
     /// whole panels' rows at a time.
     fn widen_panels(&self) -> AlignedF32 {
-        use crate::forward::gemm::{pack_panels, panel_at, panels_len, PANEL_COLS};
+        use super::panels::{pack_panels, panel_at, panels_len, PANEL_COLS};
         let (n, k) = (self.rows, self.cols);
         let mut panels = AlignedF32::zeroed(panels_len(n, k));
         // Tiles of about 1 MiB of rows, so that packing needs no large
@@ -294,7 +270,7 @@ impl Matrix {
     }
 
     /// The values as the forward's packed panels
-    /// ([`crate::forward::gemm::pack_panels`]): widened, packed and kept if
+    /// ([`super::panels::pack_panels`]): widened, packed and kept if
     /// the budget has room (or kept already); `None` when they are not kept,
     /// and for values computed in memory.
     pub fn kept_panels(&self) -> Option<&[f32]> {
@@ -304,12 +280,12 @@ impl Matrix {
         if let Some(v) = l.kept.get() {
             return Some(v);
         }
-        let bytes = crate::forward::gemm::panels_len(self.rows, self.cols) * 4;
-        if !reserve(bytes) {
+        let bytes = super::panels::panels_len(self.rows, self.cols) * 4;
+        if !l.cache.reserve(bytes) {
             return None;
         }
         if l.kept.set(self.widen_panels()).is_err() {
-            give_back(bytes); // another thread kept it first
+            l.cache.give_back(bytes); // another thread kept it first
         }
         l.kept.get().map(|v| &v[..])
     }
@@ -387,7 +363,7 @@ mod tests {
             &Matrix::new(5, 32, (0..160).map(|i| (i as f32 * 0.1).sin()).collect()),
             crate::model::Int4::default(),
         );
-        let m = Matrix::from_codes(q.clone());
+        let m = Matrix::from_codes(q.clone(), &WeightCache::new(DEFAULT_WIDEN_BUDGET));
         let want = q.dequantize();
         let mut seen = Vec::new();
         m.widen_tiles(64, |rows, v| {

@@ -7,12 +7,13 @@
 
 pub mod int4;
 pub mod matrix;
+pub mod panels;
 pub mod rope;
 
 use rayon::prelude::*;
 
 pub use int4::{Int4, Int4Source, Q4};
-pub use matrix::{set_widen_budget, Matrix, DEFAULT_WIDEN_BUDGET};
+pub use matrix::{Matrix, WeightCache, DEFAULT_WIDEN_BUDGET};
 pub use rope::Rope;
 
 use std::borrow::Cow;
@@ -72,6 +73,8 @@ pub struct Model {
     pub norm: Vec<f32>,
     /// `None` when tied to `embed_tokens`.
     pub lm_head: Option<Matrix>,
+    /// What its matrices' widened values are kept in.
+    pub weight_cache: Arc<WeightCache>,
 }
 
 /// A weight of [`Model::named_tensors`]: values in memory, or a matrix
@@ -95,11 +98,16 @@ impl Tensor<'_> {
 pub struct Weights<'a> {
     source: &'a Arc<dyn TensorSource>,
     prefix: &'a str,
+    cache: &'a Arc<WeightCache>,
 }
 
 impl<'a> Weights<'a> {
-    pub fn new(source: &'a Arc<dyn TensorSource>) -> Self {
-        Weights { source, prefix: "" }
+    pub fn new(source: &'a Arc<dyn TensorSource>, cache: &'a Arc<WeightCache>) -> Self {
+        Weights {
+            source,
+            prefix: "",
+            cache,
+        }
     }
 
     fn full(&self, name: &str) -> String {
@@ -146,7 +154,13 @@ impl<'a> Weights<'a> {
     /// The matrix `prefix.name`, shape-checked and kept as stored.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
         let full = self.check(name, &[rows, cols])?;
-        Ok(Matrix::stored(rows, cols, self.source.clone(), full))
+        Ok(Matrix::stored(
+            rows,
+            cols,
+            self.source.clone(),
+            full,
+            self.cache,
+        ))
     }
 
     pub fn linear(
@@ -256,9 +270,14 @@ impl DecoderLayer {
 
 impl Model {
     /// Open every weight, checking names and shapes: norms and biases are
-    /// read as f32, matrices kept as stored ([`Matrix::stored`]).
-    pub fn load(source: &Arc<dyn TensorSource>, config: &ModelConfig) -> Result<Model> {
-        let w = Weights::new(source);
+    /// read as f32, matrices kept as stored ([`Matrix::stored`]) and their
+    /// widened values kept in `weight_cache` while it has room.
+    pub fn load(
+        source: &Arc<dyn TensorSource>,
+        config: &ModelConfig,
+        weight_cache: &Arc<WeightCache>,
+    ) -> Result<Model> {
+        let w = Weights::new(source, weight_cache);
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed_tokens = w.matrix("model.embed_tokens.weight", v, h)?;
         let layers = (0..config.num_hidden_layers)
@@ -286,6 +305,7 @@ impl Model {
             layers,
             norm,
             lm_head,
+            weight_cache: weight_cache.clone(),
         })
     }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use depthc::checkpoint::Checkpoint;
 use depthc::forward::{Forward, KvCache, Logits, Options};
-use depthc::model::Model;
+use depthc::model::{Model, WeightCache};
 use depthc::plan::Plan;
 
 pub fn fixture(rel: &str) -> PathBuf {
@@ -41,8 +41,17 @@ pub fn text_path(name: &str) -> PathBuf {
 }
 
 pub fn load(path: &std::path::Path) -> (Checkpoint, Model) {
+    load_with_cache(path, &WeightCache::new(depthc::model::DEFAULT_WIDEN_BUDGET))
+}
+
+/// [`load`], its widened weights kept in `cache`.
+pub fn load_with_cache(
+    path: &std::path::Path,
+    cache: &std::sync::Arc<WeightCache>,
+) -> (Checkpoint, Model) {
     let ckpt = Checkpoint::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    let model = Model::load(&ckpt.source, &ckpt.config).unwrap_or_else(|e| panic!("load: {e}"));
+    let model =
+        Model::load(&ckpt.source, &ckpt.config, cache).unwrap_or_else(|e| panic!("load: {e}"));
     (ckpt, model)
 }
 
