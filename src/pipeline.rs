@@ -18,12 +18,11 @@ use crate::checkpoint::tokenizer::Tokenizer;
 use crate::checkpoint::Checkpoint;
 use crate::forward::Forward;
 use crate::graph::{ElemType, Form, Ops};
+use crate::measure::timed;
 use crate::model::{Int4, Model, WeightCache};
 use crate::onnx::package::{self, EmitOptions, Source};
 use crate::plan::Plan;
-use crate::report::{
-    peak_rss_bytes, reset_peak_rss, EvalSection, ModelIdentity, SearchReport, StageCost, Timings,
-};
+use crate::report::{EvalSection, ModelIdentity, SearchReport, Timings};
 use crate::runtime::bench::{
     bench, BenchOptions, BenchResult, CandidateSpeed, SpeedChoice, Workload,
 };
@@ -354,23 +353,6 @@ pub struct Compiled {
     pub benchmark: BenchResult,
     /// Every candidate's ratios and why the kept one was kept.
     pub speed: SpeedChoice,
-}
-
-/// Run the stage `f`, recording its wall time and peak resident memory.
-fn timed<T>(
-    stages: &RefCell<Vec<StageCost>>,
-    stage: String,
-    f: impl FnOnce() -> Result<T>,
-) -> Result<T> {
-    reset_peak_rss();
-    let t = Instant::now();
-    let r = f()?;
-    stages.borrow_mut().push(StageCost {
-        stage,
-        seconds: t.elapsed().as_secs_f64(),
-        peak_rss_bytes: peak_rss_bytes(),
-    });
-    Ok(r)
 }
 
 /// Search `model_path`, then emit, validate and benchmark every candidate

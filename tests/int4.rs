@@ -94,7 +94,7 @@ fn both_forms_and_op_sets_validate_and_generate_in_int4() {
 
             // onnxruntime-genai's greedy tokens: the graph at accuracy level
             // 0 generates exactly the reference forward's.
-            let reference = package::weights_as_emitted(
+            let reference = depthc::graph::lp::weights_as_emitted(
                 &model,
                 &plan,
                 form,

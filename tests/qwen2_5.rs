@@ -290,8 +290,8 @@ fn two_pairs_in_int4_validate_in_both_forms_and_op_sets() {
         &ProgressBar::hidden(),
     )
     .unwrap();
-    let int4 = depthc::onnx::package::weights_as_emitted(&q.model, &plan, Form::Fused, Some(exact))
-        .unwrap();
+    let int4 =
+        depthc::graph::lp::weights_as_emitted(&q.model, &plan, Form::Fused, Some(exact)).unwrap();
     let want = reference_greedy(&int4, &plan, &prompt, 8);
     drop(int4);
     let g = common::genai_generate(&out, 8, &prompt);

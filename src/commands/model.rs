@@ -136,7 +136,7 @@ pub fn eval(a: EvalArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
     let quantised = match (int4, &candidate_plan) {
         (Some(q), Some(p)) => {
             let form = emit_options(a.form, a.dtype, a.int4, OpsArg::Portable).form;
-            Some(depthc::onnx::package::weights_as_emitted(&model, p, form, Some(q))?.into_owned())
+            Some(depthc::graph::lp::weights_as_emitted(&model, p, form, Some(q))?.into_owned())
         }
         _ => None,
     };
@@ -302,13 +302,9 @@ pub fn bench_forward(a: BenchForwardArgs, weight_cache: &Arc<WeightCache>) -> Re
     }
     pb.finish_and_clear();
     drop(ort);
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    use depthc::measure::median;
     let med = median(&ours);
-    let peak = depthc::report::peak_rss_bytes();
+    let peak = depthc::measure::peak_rss_bytes();
     let tps = a.tokens as f64 / med;
     // Per round, ONNX Runtime's time over ours: > 1 when depthc is faster.
     let ratios: Vec<f64> = theirs.iter().zip(&ours).map(|(t, o)| t / o).collect();

@@ -70,7 +70,7 @@ pub fn emit(a: EmitArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
         written.weights,
         t0.elapsed().as_secs_f64()
     );
-    if let Some(p) = depthc::report::peak_rss_bytes() {
+    if let Some(p) = depthc::measure::peak_rss_bytes() {
         println!("  peak RSS {:.1} MiB", p as f64 / 1048576.0);
     }
     Ok(())

@@ -24,6 +24,8 @@
 //! (ONNX Runtime's fused operators); the subgraphs both write alike are in
 //! [`super::decoder`].
 
+use std::borrow::Cow;
+
 use super::contract;
 use super::decoder::{o_bias_sum, Decoder, Packed};
 use super::ort::Ort;
@@ -196,6 +198,21 @@ pub fn folded_layers(model: &Model, plan: &Plan, form: Form) -> Vec<usize> {
             .collect(),
         Form::Branches => Vec::new(),
     }
+}
+
+/// `model` with the weights a graph of `plan` in `form` holds: itself in
+/// float, or quantised to 4 bits after the fused form's norm folding. The
+/// reference forward that validates an emitted model runs this model.
+pub fn weights_as_emitted<'a>(
+    model: &'a Model,
+    plan: &Plan,
+    form: Form,
+    int4: Option<Int4>,
+) -> crate::Result<Cow<'a, Model>> {
+    Ok(match int4 {
+        None => Cow::Borrowed(model),
+        Some(q) => Cow::Owned(model.to_int4(&folded_layers(model, plan, form), q)?),
+    })
 }
 
 /// The whole decoder graph of `model` under `plan`, with the I/O contract of

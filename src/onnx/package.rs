@@ -19,7 +19,6 @@
 //! The directory is written under a temporary name beside its destination and
 //! renamed when complete: an error never leaves a half-written directory.
 
-use std::borrow::Cow;
 use std::path::Path;
 
 use indicatif::ProgressBar;
@@ -54,21 +53,6 @@ pub struct EmitOptions {
     pub int4: Option<Int4>,
 }
 
-/// `model` with the weights a graph of `plan` in `form` holds: itself in
-/// float, or quantised to 4 bits after the fused form's norm folding. The
-/// reference forward that validates an emitted model runs this model.
-pub fn weights_as_emitted<'a>(
-    model: &'a Model,
-    plan: &Plan,
-    form: Form,
-    int4: Option<Int4>,
-) -> Result<Cow<'a, Model>> {
-    Ok(match int4 {
-        None => Cow::Borrowed(model),
-        Some(q) => Cow::Owned(model.to_int4(&graph::lp::folded_layers(model, plan, form), q)?),
-    })
-}
-
 /// Where the model came from: its tokenizer files are copied or built.
 pub struct Source<'a> {
     pub path: &'a Path,
@@ -96,7 +80,7 @@ fn fill(
     progress: &ProgressBar,
 ) -> Result<Written> {
     let cfg = &model.config;
-    let model = &*weights_as_emitted(model, plan, opts.form, opts.int4)?;
+    let model = &*graph::lp::weights_as_emitted(model, plan, opts.form, opts.int4)?;
     let graph = graph::build(model, plan, opts.form, opts.ops, opts.float, opts.int4);
     let written = write(&graph, &dir.join(MODEL_FILE), progress)?;
     drop(graph);

@@ -110,32 +110,7 @@ pub struct SearchReport {
     pub speed: Option<crate::runtime::bench::SpeedChoice>,
     /// `compile`: wall time and peak resident memory of each stage, in order.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub stages: Option<Vec<StageCost>>,
-}
-
-/// Wall time and peak resident memory of one stage of `compile`.
-#[derive(Debug, Clone, Serialize)]
-pub struct StageCost {
-    pub stage: String,
-    pub seconds: f64,
-    /// The process's peak resident set during the stage (Linux; `None`
-    /// where the kernel does not report it).
-    pub peak_rss_bytes: Option<u64>,
-}
-
-/// Start measuring the peak resident set afresh (Linux: reset the
-/// high-water mark, `/proc/self/clear_refs` 5).
-pub fn reset_peak_rss() {
-    #[cfg(target_os = "linux")]
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-/// The peak resident set since the last [`reset_peak_rss`] (`VmHWM`).
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    pub stages: Option<Vec<crate::measure::StageCost>>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::DecoderSession;
 use crate::checkpoint::tokenizer::stand_in_ids;
+use crate::measure::median;
 use crate::Result;
 
 #[derive(Debug, Clone, Serialize)]
@@ -110,19 +111,6 @@ pub struct BenchResult {
     pub prefill: Comparison,
     /// Per-round decode ratios (B's tokens/s over A's) and their verdict.
     pub decode: Comparison,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
 }
 
 /// The same stand-in ids for every row of the batch.

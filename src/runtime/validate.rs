@@ -330,7 +330,7 @@ pub fn validate(
 /// Validate the emitted model `emitted` in ONNX Runtime (a session opened
 /// here, one at a time: each holds a copy of the weights) against
 /// the reference forward of the float `model` with the weights it holds
-/// ([`crate::onnx::package::weights_as_emitted`]). The first result is the
+/// ([`crate::graph::lp::weights_as_emitted`]). The first result is the
 /// model as written, labelled `""`. An int4 model whose `MatMulNBits` round
 /// activations (accuracy level 4) is checked twice: as written, within the
 /// loose bound that rounding allows, and as the same graph and weights at
@@ -343,7 +343,7 @@ pub fn validate_emitted(
     tolerance: Option<Tolerance>,
     opts: &super::RuntimeOptions,
 ) -> Result<Vec<(String, Validation)>> {
-    use crate::onnx::package::weights_as_emitted;
+    use crate::graph::lp::weights_as_emitted;
     let plan = &emitted.plan;
     let mut written = weights_as_emitted(model, plan, emitted.form, emitted.int4)?;
     let tol = tolerance.unwrap_or(Tolerance::default_for(emitted.float, emitted.int4));
