@@ -129,19 +129,7 @@ pub fn search(
         f.seq_len,
         f.max_tokens,
     )?;
-    let eval_texts = f
-        .eval
-        .iter()
-        .map(|p| -> Result<(String, Vec<Vec<u32>>)> {
-            let text = std::fs::read_to_string(p).map_err(|e| {
-                Error::Input(format!("{}: cannot read --eval text: {e}", p.display()))
-            })?;
-            let ids = ckpt.require_tokenizer()?.encode(&text)?;
-            let w = search::windows(&ids, f.seq_len, Some(f.eval_windows), cfg.window_bos())
-                .map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
-            Ok((p.display().to_string(), w))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let eval_texts = eval_windows(&ckpt, f)?;
     let budget = f.budget.unwrap_or(Budget::Pairs((layers / 8).max(1)));
     let space = SearchSpace {
         num_layers: layers,
@@ -149,28 +137,7 @@ pub fn search(
         protect_last: f.protect_last,
     };
     search::strategy::pairs_for(budget, &space)?;
-    progress.note(&format!(
-        "calibration    {} tokens in {} windows of {} ({}{}); budget {}{}",
-        calibration.tokens(),
-        calibration.windows.len(),
-        f.seq_len,
-        if f.calib.is_empty() {
-            "the built-in text"
-        } else {
-            "--calib"
-        },
-        if calibration.tokens() + f.seq_len > f.max_tokens {
-            format!(", --max-tokens {}", f.max_tokens)
-        } else {
-            String::new()
-        },
-        budget.describe(f.metric),
-        if f.budget.is_none() {
-            format!(" (one per 8 of {layers} layers; --pairs, --min-similarity or --max-depth to choose)")
-        } else {
-            String::new()
-        }
-    ));
+    progress.note(&calibration_note(f, &calibration, budget, layers));
     let mut strategies: Vec<Strategy> = Vec::new();
     for &s in &f.strategies {
         if !strategies.contains(&s) {
@@ -211,55 +178,7 @@ pub fn search(
     bar.finish_and_clear();
     let t_eval = Instant::now();
     let mut outcome = outcome;
-    let eval = if eval_texts.is_empty() {
-        Vec::new()
-    } else {
-        // Perplexity on each text, the original's generation on the
-        // held-out prompts of all of them, then every plan's.
-        let bar = progress.bar("eval   {msg:>12} {bar:30} {pos}/{len} steps, {eta} left");
-        bar.set_length((eval_texts.len() + outcome.best_by_pairs.len() + 2) as u64);
-        bar.set_message("perplexity");
-        let mut perplexities = Vec::new();
-        let mut prompts = Vec::new();
-        let mut ranges = Vec::new();
-        for (_, w) in &eval_texts {
-            perplexities.push(search::evaluate(
-                &forward,
-                Some(&outcome.chosen.plan),
-                w,
-                &ProgressBar::hidden(),
-            )?);
-            let p = search::prompts_of(w, search::HELD_OUT_PROMPTS, search::HELD_OUT_PROMPT_TOKENS);
-            ranges.push(prompts.len()..prompts.len() + p.len());
-            prompts.extend(p);
-            bar.inc(1);
-        }
-        bar.set_message("generation");
-        // Greedy generation on held-out prompts: the best plan of every pair
-        // count (the depth/quality front, on all texts' prompts), and the
-        // chosen plan (on each text's).
-        let held_out = search::HeldOut::new(&forward, prompts, search::HELD_OUT_GENERATED_TOKENS)?;
-        bar.inc(1);
-        for b in &mut outcome.best_by_pairs {
-            b.generation = Some(held_out.agreement(&forward, &b.plan)?);
-            bar.inc(1);
-        }
-        let chosen = held_out.continuations(&forward, &outcome.chosen.plan)?;
-        bar.finish_and_clear();
-        eval_texts
-            .iter()
-            .zip(perplexities)
-            .zip(ranges)
-            .map(|(((text, _), r), range)| EvalSection {
-                text: text.clone(),
-                windows: r.windows,
-                seq_len: r.seq_len,
-                perplexity_before: r.perplexity_original.unwrap_or(r.perplexity),
-                perplexity_after: r.perplexity,
-                generation: search::Agreement::of(&chosen[range]),
-            })
-            .collect()
-    };
+    let eval = held_out_eval(&forward, &mut outcome, &eval_texts, progress)?;
     let eval_s = t_eval.elapsed().as_secs_f64();
     let timings = Timings {
         load_s,
@@ -287,6 +206,114 @@ pub fn search(
         model,
         tokenizer,
         report,
+    })
+}
+
+/// The windows of each `--eval` text, by name.
+fn eval_windows(ckpt: &Checkpoint, f: &SearchConfig) -> Result<Vec<(String, Vec<Vec<u32>>)>> {
+    f.eval
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                Error::Input(format!("{}: cannot read --eval text: {e}", p.display()))
+            })?;
+            let ids = ckpt.require_tokenizer()?.encode(&text)?;
+            let bos = ckpt.config.window_bos();
+            let w = search::windows(&ids, f.seq_len, Some(f.eval_windows), bos)
+                .map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
+            Ok((p.display().to_string(), w))
+        })
+        .collect()
+}
+
+/// The line that says what the search calibrates on and looks for.
+fn calibration_note(
+    f: &SearchConfig,
+    calibration: &calib::Calibration,
+    budget: Budget,
+    layers: usize,
+) -> String {
+    format!(
+        "calibration    {} tokens in {} windows of {} ({}{}); budget {}{}",
+        calibration.tokens(),
+        calibration.windows.len(),
+        f.seq_len,
+        if f.calib.is_empty() {
+            "the built-in text"
+        } else {
+            "--calib"
+        },
+        if calibration.tokens() + f.seq_len > f.max_tokens {
+            format!(", --max-tokens {}", f.max_tokens)
+        } else {
+            String::new()
+        },
+        budget.describe(f.metric),
+        if f.budget.is_none() {
+            format!(" (one per 8 of {layers} layers; --pairs, --min-similarity or --max-depth to choose)")
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// Perplexity before and after the chosen plan on each held-out text, and
+/// greedy generation agreement on their prompts: of the chosen plan per
+/// text, and of the best plan of every pair count (recorded in `outcome`).
+fn held_out_eval(
+    forward: &Forward,
+    outcome: &mut search::SearchOutcome,
+    eval_texts: &[(String, Vec<Vec<u32>>)],
+    progress: &dyn Progress,
+) -> Result<Vec<EvalSection>> {
+    Ok(if eval_texts.is_empty() {
+        Vec::new()
+    } else {
+        // Perplexity on each text, the original's generation on the
+        // held-out prompts of all of them, then every plan's.
+        let bar = progress.bar("eval   {msg:>12} {bar:30} {pos}/{len} steps, {eta} left");
+        bar.set_length((eval_texts.len() + outcome.best_by_pairs.len() + 2) as u64);
+        bar.set_message("perplexity");
+        let mut perplexities = Vec::new();
+        let mut prompts = Vec::new();
+        let mut ranges = Vec::new();
+        for (_, w) in eval_texts {
+            perplexities.push(search::evaluate(
+                forward,
+                Some(&outcome.chosen.plan),
+                w,
+                &ProgressBar::hidden(),
+            )?);
+            let p = search::prompts_of(w, search::HELD_OUT_PROMPTS, search::HELD_OUT_PROMPT_TOKENS);
+            ranges.push(prompts.len()..prompts.len() + p.len());
+            prompts.extend(p);
+            bar.inc(1);
+        }
+        bar.set_message("generation");
+        // Greedy generation on held-out prompts: the best plan of every pair
+        // count (the depth/quality front, on all texts' prompts), and the
+        // chosen plan (on each text's).
+        let held_out = search::HeldOut::new(forward, prompts, search::HELD_OUT_GENERATED_TOKENS)?;
+        bar.inc(1);
+        for b in &mut outcome.best_by_pairs {
+            b.generation = Some(held_out.agreement(forward, &b.plan)?);
+            bar.inc(1);
+        }
+        let chosen = held_out.continuations(forward, &outcome.chosen.plan)?;
+        bar.finish_and_clear();
+        eval_texts
+            .iter()
+            .zip(perplexities)
+            .zip(ranges)
+            .map(|(((text, _), r), range)| EvalSection {
+                text: text.clone(),
+                windows: r.windows,
+                seq_len: r.seq_len,
+                perplexity_before: r.perplexity_original.unwrap_or(r.perplexity),
+                perplexity_after: r.perplexity,
+                generation: search::Agreement::of(&chosen[range]),
+            })
+            .collect()
     })
 }
 
@@ -359,6 +386,11 @@ pub struct Compiled {
 /// form and op set, keep the fastest as `out/compiled` with the unmodified
 /// model of its op set as `out/baseline`, and write `out/report`. `out` is
 /// written under a temporary name and appears only when complete.
+///
+/// Stages, each timed with its peak memory: the search; per op set, the
+/// baseline emitted and validated; per form, the candidate emitted,
+/// validated and benchmarked against that baseline ([`Candidates`]); the
+/// fastest kept ([`SpeedChoice::choose`]); the report written.
 pub fn compile(
     model_path: &Path,
     out: &Path,
@@ -378,50 +410,179 @@ pub fn compile(
         search(model_path, &opts.search, progress)
     })?;
     let mut report = searched.report.clone();
-    let model = &searched.model;
-    let layers = model.config.num_hidden_layers;
     let chosen = report.chosen_plan.clone();
-    let source = Source {
-        path: model_path,
-        tokenizer: searched.tokenizer.as_ref(),
+    let candidates = Candidates {
+        model: &searched.model,
+        source: Source {
+            path: model_path,
+            tokenizer: searched.tokenizer.as_ref(),
+        },
+        prompt: validate::prompt(
+            searched.tokenizer.as_ref(),
+            None,
+            validate::DEFAULT_PROMPT_TOKENS,
+            searched.model.config.vocab_size,
+        )?,
+        opts,
+        stages: &stages,
+        progress,
     };
-    let prompt = validate::prompt(
-        searched.tokenizer.as_ref(),
-        None,
-        validate::DEFAULT_PROMPT_TOKENS,
-        model.config.vocab_size,
-    )?;
-    let bench_options = BenchOptions {
-        batch: opts.batch.max(1),
-        runs: opts.runs.max(1),
-        ..BenchOptions::default()
-    };
-    // Emit one model and check it against the reference forward.
-    let emit_checked = |path: &Path, plan: &Plan, form: Form, ops: Ops, label: &str| {
-        let pb = progress.bar(&format!(
+    let (benchmark, validations, speed) = crate::output::write_directory(out, opts.force, |dir| {
+        let work = dir.join(".candidates");
+        std::fs::create_dir(&work).map_err(|e| Error::io(&work, e))?;
+        let (speed, mut checked) = candidates.try_all(&work, &chosen)?;
+        let kept = checked.swap_remove(speed.chosen);
+        let rename =
+            |from: &Path, to: &Path| std::fs::rename(from, to).map_err(|e| Error::io(to, e));
+        rename(&kept.baseline, &dir.join("baseline"))?;
+        rename(&kept.compiled, &dir.join("compiled"))?;
+        std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+        let validations = kept.validations();
+        let r = speed.candidates[speed.chosen].benchmark.clone();
+        report.validation = Some(validations.iter().cloned().collect());
+        report.benchmark = Some(r.clone());
+        report.speed = Some(speed.clone());
+        report.stages = Some(stages.borrow().clone());
+        let report_dir = dir.join("report");
+        std::fs::create_dir(&report_dir).map_err(|e| Error::io(&report_dir, e))?;
+        report.write(&report_dir)?;
+        Ok((r, validations, speed))
+    })?;
+    Ok(Compiled {
+        plan: chosen,
+        report,
+        baseline: out.join("baseline"),
+        compiled: out.join("compiled"),
+        report_dir: out.join("report"),
+        validations,
+        benchmark,
+        speed,
+    })
+}
+
+/// What `compile` emits, validates and benchmarks its candidates with.
+struct Candidates<'a> {
+    model: &'a Model,
+    source: Source<'a>,
+    /// The prefill of every validation.
+    prompt: Vec<u32>,
+    opts: &'a CompileOptions,
+    stages: &'a RefCell<Vec<crate::measure::StageCost>>,
+    progress: &'a dyn Progress,
+}
+
+/// A candidate that passed validation: its directory and its baseline's,
+/// with what validation measured of each.
+struct Checked {
+    baseline: PathBuf,
+    baseline_validation: Vec<Validation>,
+    compiled: PathBuf,
+    compiled_validation: Vec<Validation>,
+}
+
+impl Checked {
+    /// Each model as written; an int4 model at accuracy level 4 also at
+    /// level 0 (the same graph and weights, checked to float rounding).
+    fn validations(self) -> Vec<(String, Validation)> {
+        let mut validations = Vec::new();
+        for (name, vs) in [
+            ("baseline", self.baseline_validation),
+            ("compiled", self.compiled_validation),
+        ] {
+            for (k, v) in vs.into_iter().enumerate() {
+                let label = if k == 0 {
+                    name.to_string()
+                } else {
+                    format!("{name} at accuracy level 0")
+                };
+                validations.push((label, v));
+            }
+        }
+        validations
+    }
+}
+
+impl Candidates<'_> {
+    /// Every op set's baseline, and every form of `chosen` in it, emitted
+    /// into `work`, validated and benchmarked; the fastest chosen.
+    fn try_all(&self, work: &Path, chosen: &Plan) -> Result<(SpeedChoice, Vec<Checked>)> {
+        let layers = self.model.config.num_hidden_layers;
+        let mut ops_list = self.opts.ops.clone();
+        ops_list.dedup();
+        let mut candidates = Vec::new();
+        let mut checked = Vec::new();
+        for &ops in &ops_list {
+            let base_dir = work.join(format!("baseline-{}", ops.name()));
+            let label = format!("baseline {}", ops.name());
+            let base_v = self.emit_checked(
+                &base_dir,
+                &Plan::sequential(layers),
+                Form::Fused,
+                ops,
+                &label,
+            )?;
+            let mut written = Vec::new();
+            for &form in &self.opts.forms {
+                // A group without an exact fused form is written as branches.
+                let form = crate::graph::written_form(self.model, chosen, form);
+                if written.contains(&form) {
+                    continue;
+                }
+                written.push(form);
+                let name = format!("{}-{}", ops.name(), form.name());
+                let dir = work.join(&name);
+                let v = self.emit_checked(&dir, chosen, form, ops, &name)?;
+                let r = self.bench(&base_dir, &dir, &name)?;
+                candidates.push(CandidateSpeed {
+                    form: form.name().to_string(),
+                    ops: ops.name().to_string(),
+                    workload: self.opts.workload.of(&r),
+                    benchmark: r,
+                });
+                checked.push(Checked {
+                    baseline: base_dir.clone(),
+                    baseline_validation: base_v.clone(),
+                    compiled: dir,
+                    compiled_validation: v,
+                });
+            }
+        }
+        Ok((SpeedChoice::choose(self.opts.workload, candidates), checked))
+    }
+
+    /// Emit one model to `path` and check it against the reference forward.
+    fn emit_checked(
+        &self,
+        path: &Path,
+        plan: &Plan,
+        form: Form,
+        ops: Ops,
+        label: &str,
+    ) -> Result<Vec<Validation>> {
+        let pb = self.progress.bar(&format!(
             "emit {label:<18} {{bar:30}} {{pos}}/{{len}} weights"
         ));
         let emit = EmitOptions {
             form,
-            float: opts.float,
+            float: self.opts.float,
             ops,
-            int4: opts.int4,
+            int4: self.opts.int4,
         };
-        timed(&stages, format!("emit {label}"), || {
-            package::emit(model, plan, &source, &emit, path, &pb)
+        timed(self.stages, format!("emit {label}"), || {
+            package::emit(self.model, plan, &self.source, &emit, path, &pb)
         })?;
         pb.finish_and_clear();
-        let sp = progress.spinner(&format!("validate {label}"));
+        let sp = self.progress.spinner(&format!("validate {label}"));
         // Validation closes its sessions: ONNX Runtime holds a copy of the
         // weights per session, so only the benchmark opens two at once.
-        let results = timed(&stages, format!("validate {label}"), || {
+        let results = timed(self.stages, format!("validate {label}"), || {
             validate_emitted(
                 &Emitted::open(path)?,
-                model,
-                &prompt,
-                opts.steps,
+                self.model,
+                &self.prompt,
+                self.opts.steps,
                 None,
-                &opts.runtime,
+                &self.opts.runtime,
             )
         })?;
         sp.finish_and_clear();
@@ -443,97 +604,31 @@ pub fn compile(
                 )));
             }
         }
-        Ok(results.into_iter().map(|(_, v)| v).collect::<Vec<_>>())
-    };
-    let open = |path: &Path| Emitted::open(path)?.session(&opts.runtime);
-    let (benchmark, validations, speed) = crate::output::write_directory(out, opts.force, |dir| {
-        let work = dir.join(".candidates");
-        std::fs::create_dir(&work).map_err(|e| Error::io(&work, e))?;
-        let mut ops_list = opts.ops.clone();
-        ops_list.dedup();
-        let mut candidates = Vec::new();
-        let mut checked = Vec::new();
-        for &ops in &ops_list {
-            let base_dir = work.join(format!("baseline-{}", ops.name()));
-            let label = format!("baseline {}", ops.name());
-            let base_v = emit_checked(
-                &base_dir,
-                &Plan::sequential(layers),
-                Form::Fused,
-                ops,
-                &label,
-            )?;
-            let mut written = Vec::new();
-            for &form in &opts.forms {
-                // A group without an exact fused form is written as branches.
-                let form = crate::graph::written_form(model, &chosen, form);
-                if written.contains(&form) {
-                    continue;
-                }
-                written.push(form);
-                let name = format!("{}-{}", ops.name(), form.name());
-                let v = emit_checked(&work.join(&name), &chosen, form, ops, &name)?;
-                let pb = progress.bar(&format!(
-                    "bench {name:<16} {{bar:30}} {{pos}}/{{len}} rounds, {{eta}} left"
-                ));
-                let r = timed(&stages, format!("bench {name}"), || {
-                    let (mut base, mut session) = (open(&base_dir)?, open(&work.join(&name))?);
-                    bench(
-                        &mut base,
-                        &mut session,
-                        model.config.vocab_size,
-                        &bench_options,
-                        &pb,
-                    )
-                })?;
-                pb.finish_and_clear();
-                candidates.push(CandidateSpeed {
-                    form: form.name().to_string(),
-                    ops: ops.name().to_string(),
-                    workload: opts.workload.of(&r),
-                    benchmark: r,
-                });
-                checked.push((base_dir.clone(), base_v.clone(), work.join(&name), v));
-            }
-        }
-        let speed = SpeedChoice::choose(opts.workload, candidates);
-        let (base_dir, base_v, compiled_dir, compiled_v) = checked.swap_remove(speed.chosen);
-        let rename =
-            |from: &Path, to: &Path| std::fs::rename(from, to).map_err(|e| Error::io(to, e));
-        rename(&base_dir, &dir.join("baseline"))?;
-        rename(&compiled_dir, &dir.join("compiled"))?;
-        std::fs::remove_dir_all(&work).map_err(|e| Error::io(&work, e))?;
-        // Each model as written; an int4 model at accuracy level 4 also at
-        // level 0 (the same graph and weights, checked to float rounding).
-        let mut validations = Vec::new();
-        for (name, vs) in [("baseline", base_v), ("compiled", compiled_v)] {
-            for (k, v) in vs.into_iter().enumerate() {
-                let label = if k == 0 {
-                    name.to_string()
-                } else {
-                    format!("{name} at accuracy level 0")
-                };
-                validations.push((label, v));
-            }
-        }
-        let r = speed.candidates[speed.chosen].benchmark.clone();
-        report.validation = Some(validations.iter().cloned().collect());
-        report.benchmark = Some(r.clone());
-        report.speed = Some(speed.clone());
-        report.stages = Some(stages.borrow().clone());
-        let report_dir = dir.join("report");
-        std::fs::create_dir(&report_dir).map_err(|e| Error::io(&report_dir, e))?;
-        report.write(&report_dir)?;
-        Ok((r, validations, speed))
-    })?;
-    Ok(Compiled {
-        plan: chosen,
-        report,
-        baseline: out.join("baseline"),
-        compiled: out.join("compiled"),
-        report_dir: out.join("report"),
-        validations,
-        benchmark,
-        speed,
-    })
+        Ok(results.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// The model in `dir` against the baseline in `base_dir`.
+    fn bench(&self, base_dir: &Path, dir: &Path, name: &str) -> Result<BenchResult> {
+        let open = |path: &Path| Emitted::open(path)?.session(&self.opts.runtime);
+        let options = BenchOptions {
+            batch: self.opts.batch.max(1),
+            runs: self.opts.runs.max(1),
+            ..BenchOptions::default()
+        };
+        let pb = self.progress.bar(&format!(
+            "bench {name:<16} {{bar:30}} {{pos}}/{{len}} rounds, {{eta}} left"
+        ));
+        let r = timed(self.stages, format!("bench {name}"), || {
+            let (mut base, mut session) = (open(base_dir)?, open(dir)?);
+            bench(
+                &mut base,
+                &mut session,
+                self.model.config.vocab_size,
+                &options,
+                &pb,
+            )
+        })?;
+        pb.finish_and_clear();
+        Ok(r)
+    }
 }

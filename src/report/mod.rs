@@ -192,9 +192,23 @@ impl SearchReport {
         Ok(())
     }
 
+    /// `search-report.md`: each section in turn.
     fn markdown(&self) -> String {
-        let m = self.metric;
         let mut s = String::new();
+        self.md_header(&mut s);
+        self.md_chosen(&mut s);
+        self.md_best_by_pairs(&mut s);
+        self.md_greedy_against_contiguous(&mut s);
+        self.md_cost(&mut s);
+        self.md_validation(&mut s);
+        self.md_benchmark(&mut s);
+        self.md_candidates(&mut s);
+        self.md_stages(&mut s);
+        s
+    }
+
+    /// The model and the calibration text.
+    fn md_header(&self, s: &mut String) {
         let _ = writeln!(s, "# depthc search report\n");
         let _ = writeln!(
             s,
@@ -215,6 +229,10 @@ impl SearchReport {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+    }
+
+    /// The chosen plan, why, and what it costs on each held-out text.
+    fn md_chosen(&self, s: &mut String) {
         let _ = writeln!(s, "## Chosen plan\n");
         let c = &self.chosen;
         let _ = writeln!(
@@ -251,6 +269,11 @@ impl SearchReport {
                 g.mean_first_difference
             );
         }
+    }
+
+    /// The best plan of each pair count, with its generation agreement when measured.
+    fn md_best_by_pairs(&self, s: &mut String) {
+        let m = self.metric;
         let _ = writeln!(s, "## Best plan for each pair count ({})\n", m.name());
         let front = self.best_by_pairs.iter().any(|b| b.generation.is_some());
         let (head, rule) = if front {
@@ -297,6 +320,11 @@ impl SearchReport {
                 self.eval.iter().map(|e| e.generation.prompts).sum::<usize>()
             );
         }
+    }
+
+    /// Greedy against the best contiguous range, per pair count.
+    fn md_greedy_against_contiguous(&self, s: &mut String) {
+        let m = self.metric;
         let mut lines = Vec::new();
         let max_pairs = self
             .best_by_pairs
@@ -337,6 +365,10 @@ impl SearchReport {
                 let _ = writeln!(s, "{l}");
             }
         }
+    }
+
+    /// What the search cost, and the plots.
+    fn md_cost(&self, s: &mut String) {
         let _ = writeln!(
             s,
             "\n## Cost\n\n{} plans screened, {} scored end to end, in {:.1} s = {:.2}x one \
@@ -351,6 +383,10 @@ impl SearchReport {
             s,
             "Plots: `heatmap.svg` (contiguous ranges: deviation at their end), `pairs.svg` (single pairs along depth: deviation after them; best metric against pairs)."
         );
+    }
+
+    /// `compile`: each model against the reference forward.
+    fn md_validation(&self, s: &mut String) {
         if let Some(v) = &self.validation {
             let _ = writeln!(
                 s,
@@ -371,6 +407,10 @@ impl SearchReport {
                 );
             }
         }
+    }
+
+    /// `compile`: the kept candidate against the unmodified model.
+    fn md_benchmark(&self, s: &mut String) {
         if let Some(b) = &self.benchmark {
             let o = &b.options;
             let _ = writeln!(
@@ -395,6 +435,10 @@ impl SearchReport {
                 b.decode.verdict.name()
             );
         }
+    }
+
+    /// `compile`: every candidate form and op set, and which was kept.
+    fn md_candidates(&self, s: &mut String) {
         if let Some(sp) = &self.speed {
             let _ = writeln!(
                 s,
@@ -421,6 +465,10 @@ impl SearchReport {
             }
             let _ = writeln!(s, "\n{}", sp.why);
         }
+    }
+
+    /// `compile`: wall time and peak memory of each stage.
+    fn md_stages(&self, s: &mut String) {
         if let Some(stages) = &self.stages {
             let _ = writeln!(
                 s,
@@ -433,7 +481,6 @@ impl SearchReport {
                 let _ = writeln!(s, "| {} | {:.1} | {rss} |", st.stage, st.seconds);
             }
         }
-        s
     }
 
     fn heatmap(&self, path: &Path) -> Result<()> {

@@ -368,68 +368,8 @@ pub fn search(
         }
     }
     let search_s = t1.elapsed().as_secs_f64();
-    let mut best_by_pairs = Vec::new();
-    for pairs in 1..=opts.space.max_pairs() {
-        for &s in &opts.strategies {
-            if let Some(c) = best_with(&candidates, pairs, metric, Some(s)) {
-                best_by_pairs.push(BestAtPairs {
-                    pairs,
-                    strategy: s,
-                    plan: c.plan.clone(),
-                    value: metric.of(&c.scores),
-                    windows: c.windows,
-                    generation: None,
-                });
-            }
-        }
-    }
-    let (chosen, reason) =
-        match opts.budget {
-            Budget::MinSimilarity(x) => {
-                let k =
-                    (1..=want)
-                        .rev()
-                        .find(|&k| {
-                            best_with(&candidates, k, metric, None)
-                                .is_some_and(|c| metric.meets(metric.of(&c.scores), x))
-                        })
-                        .ok_or_else(|| {
-                            Error::Input(format!(
-                        "no plan keeps {} {} {x}, not even one pair: lower --min-similarity",
-                        metric.name(),
-                        if metric == strategy::Metric::Kl { "<=" } else { ">=" }
-                    ))
-                        })?;
-                let c = best_with(&candidates, k, metric, None).expect("found above");
-                let reason = format!(
-                    "the most pairs ({k}) whose best plan keeps {} {} {x} ({:.6})",
-                    metric.name(),
-                    if metric == strategy::Metric::Kl {
-                        "<="
-                    } else {
-                        ">="
-                    },
-                    metric.of(&c.scores)
-                );
-                (c.clone(), reason)
-            }
-            _ => {
-                let c = best_with(&candidates, want, metric, None).ok_or_else(|| {
-                    Error::Input(format!("no strategy produced a plan with {want} pairs"))
-                })?;
-                let reason = format!(
-                    "the best {} of every {want}-pair plan scored ({} strategies: {})",
-                    metric.name(),
-                    opts.strategies.len(),
-                    opts.strategies
-                        .iter()
-                        .map(|s| s.name())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                (c.clone(), reason)
-            }
-        };
+    let best_by_pairs = best_by_pairs(&candidates, opts);
+    let (chosen, reason) = choose(&candidates, opts, want)?;
     Ok(SearchOutcome {
         candidates,
         screened,
@@ -443,6 +383,87 @@ pub fn search(
         },
         cache_memory_bytes: cache.memory_bytes,
         cache_disk_bytes: cache.disk_bytes,
+    })
+}
+
+/// The best plan of each pair count from each strategy.
+fn best_by_pairs(candidates: &[strategy::Candidate], opts: &SearchOptions) -> Vec<BestAtPairs> {
+    let metric = opts.metric;
+    let mut best_by_pairs = Vec::new();
+    for pairs in 1..=opts.space.max_pairs() {
+        for &s in &opts.strategies {
+            if let Some(c) = strategy::best_with(candidates, pairs, metric, Some(s)) {
+                best_by_pairs.push(BestAtPairs {
+                    pairs,
+                    strategy: s,
+                    plan: c.plan.clone(),
+                    value: metric.of(&c.scores),
+                    windows: c.windows,
+                    generation: None,
+                });
+            }
+        }
+    }
+    best_by_pairs
+}
+
+/// The plan the budget chooses among `candidates` (`want` pairs at most),
+/// and why.
+fn choose(
+    candidates: &[strategy::Candidate],
+    opts: &SearchOptions,
+    want: usize,
+) -> Result<(strategy::Candidate, String)> {
+    use strategy::{best_with, Budget};
+    let metric = opts.metric;
+    Ok(match opts.budget {
+        Budget::MinSimilarity(x) => {
+            let k = (1..=want)
+                .rev()
+                .find(|&k| {
+                    best_with(candidates, k, metric, None)
+                        .is_some_and(|c| metric.meets(metric.of(&c.scores), x))
+                })
+                .ok_or_else(|| {
+                    Error::Input(format!(
+                        "no plan keeps {} {} {x}, not even one pair: lower --min-similarity",
+                        metric.name(),
+                        if metric == strategy::Metric::Kl {
+                            "<="
+                        } else {
+                            ">="
+                        }
+                    ))
+                })?;
+            let c = best_with(candidates, k, metric, None).expect("found above");
+            let reason = format!(
+                "the most pairs ({k}) whose best plan keeps {} {} {x} ({:.6})",
+                metric.name(),
+                if metric == strategy::Metric::Kl {
+                    "<="
+                } else {
+                    ">="
+                },
+                metric.of(&c.scores)
+            );
+            (c.clone(), reason)
+        }
+        _ => {
+            let c = best_with(candidates, want, metric, None).ok_or_else(|| {
+                Error::Input(format!("no strategy produced a plan with {want} pairs"))
+            })?;
+            let reason = format!(
+                "the best {} of every {want}-pair plan scored ({} strategies: {})",
+                metric.name(),
+                opts.strategies.len(),
+                opts.strategies
+                    .iter()
+                    .map(|s| s.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            (c.clone(), reason)
+        }
     })
 }
 

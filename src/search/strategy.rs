@@ -584,78 +584,16 @@ impl<'a> Scorer<'a> {
             Strategy::Beam
         };
         let (lo, hi) = space.range();
-        let h = self.forward.model.config.hidden_size;
         let windows = self.stages.screen_windows.min(self.cache.len());
         let mut beam: Vec<Vec<(usize, usize)>> = vec![Vec::new()];
         let mut all = Vec::new();
         let mut all_screened = Vec::new();
         for _ in 0..max_pairs {
-            // (base index, pair added, pairs of the extension)
-            let mut ext: Vec<Extension> = Vec::new();
-            for (b, base) in beam.iter().enumerate() {
-                for a in lo..hi.saturating_sub(1) {
-                    let free = base.iter().all(|&(x, y)| a > y || a + 1 < x);
-                    if !free {
-                        continue;
-                    }
-                    let mut s = base.clone();
-                    s.push((a, a + 1));
-                    s.sort();
-                    if !ext.iter().any(|e| e.groups == s) {
-                        ext.push(Extension {
-                            base: b,
-                            first: a,
-                            groups: s,
-                        });
-                    }
-                }
-            }
+            let ext = Extension::all(&beam, lo, hi);
             if ext.is_empty() {
                 break;
             }
-            // Screening: each base's stream at every step boundary, then each
-            // added pair on the stream entering it.
-            self.progress
-                .inc_length((beam.len() * windows + ext.len() * windows) as u64);
-            let streams: Vec<Vec<BaseStream>> = beam
-                .iter()
-                .map(|base| -> Result<Vec<BaseStream>> {
-                    let p = self.planned(base.clone())?;
-                    (0..windows)
-                        .map(|w| {
-                            let s = BaseStream::of(self, &p, w);
-                            self.progress.inc(1);
-                            s
-                        })
-                        .collect()
-                })
-                .collect::<Result<_>>()?;
-            let devs: Vec<std::result::Result<f64, NonFinite>> = ext
-                .par_iter()
-                .map(|e| -> Result<std::result::Result<f64, NonFinite>> {
-                    let a = e.first;
-                    let step = Step::Parallel(ParallelGroup {
-                        layers: vec![a, a + 1],
-                    });
-                    let (mut d, mut n) = (0.0, 0);
-                    for stream in &streams[e.base] {
-                        self.progress.inc(1);
-                        let x = stream.entering(a).to_vec();
-                        match self.forward.advance(std::slice::from_ref(&step), x) {
-                            Ok(y) => {
-                                let (dd, nn) = deviation(&y, stream.entering(a + 2), h);
-                                d += dd;
-                                n += nn;
-                            }
-                            Err(Error::NonFinite { layer, sublayer }) => {
-                                return Ok(Err((layer, sublayer)))
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    Ok(Ok(d / n.max(1) as f64))
-                })
-                .collect::<Result<_>>()?;
+            let devs = self.screen_extensions(&beam, &ext, windows)?;
             let mut ranked: Vec<(f64, Planned)> = Vec::new();
             for (e, dev) in ext.into_iter().zip(devs) {
                 let a = e.first;
@@ -708,6 +646,63 @@ impl<'a> Scorer<'a> {
         }
         Ok((all, all_screened))
     }
+
+    /// Screening of a round: each kept plan's stream at every step boundary
+    /// on the first `windows` windows, then each extension's added pair on
+    /// the stream entering it; its mean deviation where it reaches the next
+    /// boundary, or where the NaN/Inf watch stopped it.
+    fn screen_extensions(
+        &self,
+        beam: &[Vec<(usize, usize)>],
+        ext: &[Extension],
+        windows: usize,
+    ) -> Result<Vec<std::result::Result<f64, NonFinite>>> {
+        let h = self.forward.model.config.hidden_size;
+        // Screening: each base's stream at every step boundary, then each
+        // added pair on the stream entering it.
+        self.progress
+            .inc_length((beam.len() * windows + ext.len() * windows) as u64);
+        let streams: Vec<Vec<BaseStream>> = beam
+            .iter()
+            .map(|base| -> Result<Vec<BaseStream>> {
+                let p = self.planned(base.clone())?;
+                (0..windows)
+                    .map(|w| {
+                        let s = BaseStream::of(self, &p, w);
+                        self.progress.inc(1);
+                        s
+                    })
+                    .collect()
+            })
+            .collect::<Result<_>>()?;
+        let devs: Vec<std::result::Result<f64, NonFinite>> = ext
+            .par_iter()
+            .map(|e| -> Result<std::result::Result<f64, NonFinite>> {
+                let a = e.first;
+                let step = Step::Parallel(ParallelGroup {
+                    layers: vec![a, a + 1],
+                });
+                let (mut d, mut n) = (0.0, 0);
+                for stream in &streams[e.base] {
+                    self.progress.inc(1);
+                    let x = stream.entering(a).to_vec();
+                    match self.forward.advance(std::slice::from_ref(&step), x) {
+                        Ok(y) => {
+                            let (dd, nn) = deviation(&y, stream.entering(a + 2), h);
+                            d += dd;
+                            n += nn;
+                        }
+                        Err(Error::NonFinite { layer, sublayer }) => {
+                            return Ok(Err((layer, sublayer)))
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(Ok(d / n.max(1) as f64))
+            })
+            .collect::<Result<_>>()?;
+        Ok(devs)
+    }
 }
 
 /// Where the NaN/Inf watch stopped a plan: (layer, sublayer).
@@ -721,6 +716,33 @@ struct Extension {
     first: usize,
     /// Pairs of the extended plan.
     groups: Vec<(usize, usize)>,
+}
+
+impl Extension {
+    /// Every kept plan of `beam` with one more free pair of layers in
+    /// `lo..hi`, each set of pairs once.
+    fn all(beam: &[Vec<(usize, usize)>], lo: usize, hi: usize) -> Vec<Extension> {
+        let mut ext: Vec<Extension> = Vec::new();
+        for (b, base) in beam.iter().enumerate() {
+            for a in lo..hi.saturating_sub(1) {
+                let free = base.iter().all(|&(x, y)| a > y || a + 1 < x);
+                if !free {
+                    continue;
+                }
+                let mut s = base.clone();
+                s.push((a, a + 1));
+                s.sort();
+                if !ext.iter().any(|e| e.groups == s) {
+                    ext.push(Extension {
+                        base: b,
+                        first: a,
+                        groups: s,
+                    });
+                }
+            }
+        }
+        ext
+    }
 }
 
 /// A kept plan's residual stream on one window, at every step boundary from
