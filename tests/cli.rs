@@ -129,10 +129,17 @@ fn eval_json_with_a_plan_compares_against_the_original() {
     let cosine = v["cosine"].as_f64().unwrap();
     let kl = v["kl"].as_f64().unwrap();
     let top1 = v["top1_agreement"].as_f64().unwrap();
-    assert!(ppl.is_finite() && ppl > 1.0);
-    assert!(cosine > 0.5 && cosine < 1.0, "cosine {cosine}");
-    assert!(kl > 0.0 && kl.is_finite(), "kl {kl}");
-    assert!(top1 > 0.3 && top1 < 1.0, "top1 {top1}");
+    // The forward is deterministic up to float rounding (AVX-512 or not), so
+    // these are the measured values (perplexity 29.57 -> 40.00, cosine
+    // 0.96621, KL 0.28664, top-1 0.734375) with room for rounding only.
+    assert!(
+        ppl > o["perplexity"].as_f64().unwrap(),
+        "a plan costs perplexity: {ppl}"
+    );
+    assert!((ppl - 40.0).abs() < 0.2, "perplexity {ppl}");
+    assert!((cosine - 0.9662).abs() < 2e-3, "cosine {cosine}");
+    assert!((kl - 0.2866).abs() < 3e-3, "kl {kl}");
+    assert!((top1 - 0.734375).abs() <= 0.016, "top1 {top1}");
 
     // The empty plan is the original model: identical to no plan at all.
     let e = depthc(&[&base[..], &["--max-windows", "2", "--plan", "", "--json"]].concat());

@@ -73,8 +73,7 @@ fn compile_writes_validated_baseline_compiled_and_report() {
     }
     assert_eq!(json["validation"]["compiled"]["plan"], json["chosen_plan"]);
     let b = &json["benchmark"];
-    assert!(b["prefill_speedup"].as_f64().unwrap() > 0.0);
-    assert!(b["a"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert_speed_is_consistent(b);
     let md = std::fs::read_to_string(out.join("report/search-report.md")).unwrap();
     assert!(md.contains("Benchmark in ONNX Runtime") && md.contains("Validation in ONNX Runtime"));
 
@@ -137,9 +136,8 @@ fn bench_prints_both_sides_and_ratios_as_json() {
     ]);
     assert_eq!(code, 0, "{stderr}");
     let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_speed_is_consistent(&v);
     for side in ["a", "b"] {
-        assert!(v[side]["prefill_ms"].as_f64().unwrap() > 0.0);
-        assert!(v[side]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
         assert_eq!(v[side]["prefill_runs_ms"].as_array().unwrap().len(), 2);
     }
     let ratio = v["a"]["prefill_ms"].as_f64().unwrap() / v["b"]["prefill_ms"].as_f64().unwrap();
@@ -241,7 +239,7 @@ fn library_compile_matches_the_binary() {
         assert!(v.passed(), "{name}: {:?}", v.failures);
     }
     assert_eq!(compiled.validations[1].1.plan, compiled.plan);
-    assert!(compiled.benchmark.a.decode_tokens_per_s > 0.0);
+    assert_speed_is_consistent(&serde_json::to_value(&compiled.benchmark).unwrap());
     let json: Value = serde_json::from_str(
         &std::fs::read_to_string(compiled.report_dir.join("search-report.json")).unwrap(),
     )
@@ -382,4 +380,54 @@ fn compile_auto_keeps_the_fastest_candidate() {
     assert_eq!(code, 1);
     assert!(stderr.contains("--target portable"), "{stderr}");
     assert!(!refused.exists());
+}
+
+/// What a benchmark says must hang together, whatever the machine's speed:
+/// each side's medians are the medians of its runs, the speed-ups are the
+/// ratios of those medians, and each per-round range holds its rounds. No
+/// bound on the speed itself or on the ratios is asserted: on the tiny
+/// fixtures a run takes a millisecond or two, and on a shared machine one
+/// round measured a model one step shallower at x0.41 of the other's
+/// prefill speed.
+fn assert_speed_is_consistent(b: &Value) {
+    let runs = |v: &Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let median = |v: Vec<f64>| depthc::measure::median(&v);
+    let f = |v: &Value| v.as_f64().unwrap();
+    for side in ["a", "b"] {
+        let s = &b[side];
+        assert!(
+            f(&s["prefill_ms"]) > 0.0 && f(&s["decode_tokens_per_s"]) > 0.0,
+            "{s}"
+        );
+        // Equal but for the last bit: JSON prints the shortest round trip.
+        let near = |x: f64, y: f64| (x - y).abs() <= 1e-12 * x.abs().max(y.abs());
+        assert!(
+            near(f(&s["prefill_ms"]), median(runs(&s["prefill_runs_ms"]))),
+            "{s}"
+        );
+        assert!(
+            near(
+                f(&s["decode_tokens_per_s"]),
+                median(runs(&s["decode_runs_tokens_per_s"]))
+            ),
+            "{s}"
+        );
+    }
+    let prefill = f(&b["a"]["prefill_ms"]) / f(&b["b"]["prefill_ms"]);
+    let decode = f(&b["b"]["decode_tokens_per_s"]) / f(&b["a"]["decode_tokens_per_s"]);
+    assert!((f(&b["prefill_speedup"]) - prefill).abs() < 1e-9, "{b}");
+    assert!((f(&b["decode_speedup"]) - decode).abs() < 1e-9, "{b}");
+    for name in ["prefill", "decode"] {
+        let c = &b[name];
+        assert!(f(&c["min"]) <= f(&c["max"]), "{c}");
+        for r in runs(&c["ratios"]) {
+            assert!(f(&c["min"]) <= r && r <= f(&c["max"]), "{c}");
+        }
+    }
 }

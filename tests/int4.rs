@@ -176,8 +176,14 @@ fn eval_reports_what_int4_costs_alone_and_with_a_plan() {
             (g["prompts"].as_u64(), g["tokens"].as_u64()),
             (Some(2), Some(32))
         );
+        // Every token before a prompt's first difference is equal, so the
+        // mean first difference is at most the equal tokens per prompt.
         let first = g["mean_first_difference"].as_f64().unwrap();
-        assert!((0.0..=32.0).contains(&first), "{g}");
+        let equal = g["equal_fraction"].as_f64().unwrap();
+        assert!(
+            (0.0..=32.0).contains(&first) && first <= equal * 32.0 + 1e-9,
+            "{g}"
+        );
     }
     assert!(
         float.get("generation").is_none(),

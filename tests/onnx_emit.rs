@@ -435,5 +435,7 @@ fn bound_decode_generates_the_reference_tokens() {
         assert!(r.prefill_s > 0.0 && r.decode_s > 0.0);
         let prefill_only = session.greedy_bound(&prompt, 1, 0).unwrap();
         assert!(prefill_only.tokens[0].is_empty() && prefill_only.prefill_s > 0.0);
+        // No step, no decode time: the clock runs only around the steps.
+        assert_eq!(prefill_only.decode_s, 0.0);
     }
 }

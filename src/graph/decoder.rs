@@ -291,7 +291,7 @@ impl<'m> Decoder<'m> {
     /// so one MatMul (`gate_up_proj`) computes `gate_up` (all gate columns,
     /// then as many up columns), a Split parts them, and `down` follows the
     /// gated activation. One op instead of two per layer: the int4 model
-    /// decodes faster with it (README, "4-bit weights").
+    /// decodes faster with it (docs/RESULTS.md, "4-bit weights").
     pub fn make_gated_mlp(
         &self,
         b: &mut Builder<'m>,
