@@ -5,9 +5,10 @@ in one run of this script, on the same machine, with 2 threads each. Prints toke
 each, the ratio (target: depthc >= 1.3x PyTorch), and depthc's peak RSS against the size
 of its f32 weights (target: <= 1.5x).
 
-Needs a release build (`cargo build --release`), `scripts/setup.sh`, and a Python with
-torch, transformers, gguf and accelerate:
-  python benches/forward_vs_pytorch.py [--tokens 256] [--repeats 5]
+Needs a release build (`cargo build --release`) and `scripts/setup.sh`; runs in the shared
+virtual environment .cache/venv, adding torch, transformers and accelerate to it when missing
+(scripts/venv.sh):
+  python3 benches/forward_vs_pytorch.py [--tokens 256] [--repeats 5]
 """
 
 import argparse
@@ -19,6 +20,9 @@ import sys
 import time
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(root, "scripts"))
+import pins  # noqa: E402  (scripts/pins.py)
+
 cache = os.environ.get("DEPTHC_CACHE", os.path.join(root, ".cache"))
 model_dir = os.path.join(cache, "smollm2")
 gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,6 +32,11 @@ ap.add_argument("--tokens", type=int, default=256)
 ap.add_argument("--repeats", type=int, default=5)
 ap.add_argument("--threads", type=int, default=2)
 args = ap.parse_args()
+
+# Run in the shared virtual environment, with what PyTorch's side needs.
+python = pins.venv_python("torch", "transformers", "accelerate")
+if os.path.realpath(sys.prefix) != os.path.realpath(os.path.dirname(os.path.dirname(python))):
+    os.execv(python, [python, *sys.argv])
 
 # depthc: a separate process so that its peak RSS is its own.
 env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))

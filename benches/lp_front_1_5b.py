@@ -13,14 +13,14 @@ the depth/quality front for 1 to 8 pairs, held-out perplexity, and speed.
    (fused form, portable ops), and ``depthc bench`` of the two (per-round
    ratios, median and range).
 
-Prints one markdown table (README, "Layer Parallelism on a 1.5B model").
+Prints one markdown table (docs/RESULTS.md, "Layer Parallelism on a 1.5B model").
 The search keeps every weight widened (--weight-cache 8192): the model's
 float32 weights are 7.1 GB, and the search reads them a few times.
 
 How to run, from the repository root after ``cargo build --release`` and
 ``scripts/setup.sh``::
 
-    python3 scripts/lp_front_1_5b.py [--max-tokens 1024] [--eval-windows 4]
+    python3 benches/lp_front_1_5b.py [--max-tokens 1024] [--eval-windows 4]
         [--bench-pairs 4] [--runs 5] [--workdir DIR]
 
 Time on 2 cores: about half an hour (the search 2 minutes, its generation

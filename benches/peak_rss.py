@@ -14,11 +14,11 @@ their ratio. Models and texts come from the setup cache (scripts/setup.sh).
 
 How to run, from the repository root after ``cargo build --release``::
 
-    python3 scripts/peak_rss.py [--depthc target/release/depthc]
+    python3 benches/peak_rss.py [--depthc target/release/depthc]
         [--baseline OLD_BINARY] [--only NAME_SUBSTRING] [--weight-cache MIB]
 
 The emitted directories go to a temporary directory, removed at the end.
-Prints a markdown table (README, "Memory").
+Prints a markdown table (docs/RESULTS.md, "Memory").
 """
 
 import argparse
@@ -27,7 +27,9 @@ import shutil
 import sys
 import tempfile
 
-from measure import REPO, read, run_step
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from measure import REPO, read, run_step  # noqa: E402  (scripts/measure.py)
+
 CACHE = os.environ.get("DEPTHC_CACHE", os.path.join(REPO, ".cache"))
 GIB = 2**30
 

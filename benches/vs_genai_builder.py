@@ -31,10 +31,10 @@ depthc's `--dtype int4` (the same settings, the same quantiser), and each model'
 on disk is printed.
 
 Run from the repository root after scripts/setup.sh and `cargo build --release`:
-    python3 benches/vs_genai_builder.py [--venv DIR] [--runs 7] [--precision int4]
+    python3 benches/vs_genai_builder.py [--runs 7] [--precision int4]
 The builder needs torch, transformers, onnx, onnx_ir and onnxruntime-genai: the script
-makes DIR (default .cache/builder-venv) and installs them from PyPI unless DIR already has
-them (any venv with them will do: --venv).
+adds the ones missing to the shared virtual environment .cache/venv (scripts/venv.sh, at
+the versions scripts/versions.env pins) and runs the measurements in it.
 """
 
 import argparse
@@ -48,21 +48,16 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GGUF = os.path.join(ROOT, ".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-# The 6-pair plan the search chooses on SmolLM2 (README, Results).
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import pins  # noqa: E402  (scripts/pins.py: the shared virtual environment)
+
+CACHE = os.environ.get("DEPTHC_CACHE", os.path.join(ROOT, ".cache"))
+GGUF = os.path.join(CACHE, "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+# The 6-pair plan the search chooses on SmolLM2 (docs/RESULTS.md, "Search").
 PLAN = "12-13,14-15,17-18,21-22,24-25,26-27"
-PACKAGES = ["torch", "transformers", "onnx==1.23.2", "onnx_ir", "onnxruntime==1.31.1",
-            "onnxruntime-genai==0.18.0", "numpy"]
-
-
-def venv_python(venv):
-    py = os.path.join(venv, "bin", "python")
-    probe = "import torch, transformers, onnx, onnx_ir, onnxruntime, onnxruntime_genai, numpy"
-    if not (os.path.exists(py) and subprocess.run([py, "-c", probe], capture_output=True).returncode == 0):
-        print(f"installing the builder's packages into {venv} (PyPI)", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-        subprocess.run([py, "-m", "pip", "install", "--quiet", *PACKAGES], check=True)
-    return py
+# What the builder needs beyond the environment's own numpy, onnx, onnxruntime
+# and onnxruntime-genai.
+PACKAGES = ["torch", "transformers", "onnx_ir"]
 
 
 def run(cmd, **kw):
@@ -254,7 +249,6 @@ def profile_summary(path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--venv", default=os.path.join(ROOT, ".cache/builder-venv"))
     ap.add_argument("--depthc", default=os.path.join(ROOT, "target/release/depthc"))
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--precision", choices=["fp32", "int4"], default="fp32",
@@ -262,7 +256,7 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--keep", help="keep the exported models in this folder")
     a = ap.parse_args()
-    py = venv_python(a.venv)
+    py = pins.venv_python(*PACKAGES)
     work = a.keep or tempfile.mkdtemp(prefix="depthc-vs-builder-")
     os.makedirs(work, exist_ok=True)
     try:

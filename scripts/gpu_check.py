@@ -5,41 +5,43 @@ node left on the CPU, and `depthc bench --device cuda` measures the 6-pair
 compiled model against the unmodified one at batch 1 and 8, where depth is
 latency. The same benchmark also runs on the machine's CPU cores.
 
-No weights travel: the script writes random-weight checkpoints (numpy,
-float16 safetensors) with the shapes of SmolLM2-135M (Llama, 30 layers) and
-Qwen2.5-1.5B (Qwen2, 28 layers, q/k/v biases) there, with a word-level
-tokenizer whose tokens are `t0 t1 ...`; the prompt is a fixed sequence of
-them. Random weights give near-uniform logits whose greedy near-ties float16
-rounding flips (seen at the Qwen2.5-1.5B shape with a spread of 0.2), so the
-embedding (tied to the LM head) has unit spread, 50 times the other weights':
-the top logits are then several units apart.
+No weights travel: the script writes random-weight checkpoints
+(scripts/random_checkpoint.py: numpy, float16 safetensors) with the shapes of
+SmolLM2-135M (Llama, 30 layers) and Qwen2.5-1.5B (Qwen2, 28 layers, q/k/v
+biases) there, with a word-level tokenizer whose tokens are `t0 t1 ...`; the
+prompt is a fixed sequence of them. Random weights give near-uniform logits
+whose greedy near-ties float16 rounding flips (seen at the Qwen2.5-1.5B shape
+with a spread of 0.2), so the embedding (tied to the LM head) has unit spread,
+50 times the other weights': the top logits are then several units apart.
 
 Subcommands:
 
   prepare --bundle DIR   (here) DIR holds an ONNX Runtime CUDA bundle:
                          libonnxruntime_providers_cuda.so.xz,
-                         libonnxruntime.so.1.31.1.xz,
+                         libonnxruntime.so.VERSION.xz (ONNXRUNTIME
+                         of scripts/versions.env),
                          libonnxruntime_providers_shared.so and SHA256SUMS.
                          Puts the CUDA provider in .ortgpu-bundle/ (50 MiB), and
                          libonnxruntime with a stripped, xz-compressed
                          target/release/depthc in .ortgpu-bin/ (10 MiB); both
                          git-ignored.
-  unpack                 (there, call 1, carry .ortgpu-bundle) unpacks the
-                         provider into .ortgpu/, checked against SHA256SUMS.
-  run                    (there, call 2 within 30 s, carry .ortgpu-bin) unpacks
-                         libonnxruntime and depthc into .ortgpu/, makes
-                         the checkpoints, emits baseline and compiled models in
-                         float16 in both op modes and both forms, validates each
-                         with `--device cuda --strict`, benchmarks, prints one
-                         table and writes $OUT/gpu_check.json when OUT is set.
+  unpack                 (on the GPU machine, first) unpacks the provider
+                         from .ortgpu-bundle/ into .ortgpu/, checked against
+                         SHA256SUMS.
+  run                    (on the GPU machine, after unpack) unpacks
+                         libonnxruntime and depthc from .ortgpu-bin/ into
+                         .ortgpu/, makes the checkpoints, emits baseline and
+                         compiled models in float16 in both op modes and both
+                         forms, validates each with `--device cuda --strict`,
+                         benchmarks, prints one table and writes
+                         $OUT/gpu_check.json when OUT is set.
   run --dry-run          (here) the same on tiny shapes with the CPU provider:
                          a test of the script itself (tests/gpu_check.rs).
   run --cpu              (here) the real shapes with the CPU provider.
 
-A call of the device tool sends at most 64 MiB with the tracked tree (6 MiB):
-the CUDA provider goes in the first call, ONNX Runtime and depthc in the
-second; .ortgpu/ is git-ignored, so the first call's output stays while the
-machine is warm. The exact commands are in README ("On a GPU").
+The two folders are made small enough to copy separately (50 MiB and 10 MiB)
+to a machine that takes at most 64 MiB at a time; .ortgpu/ is git-ignored.
+The steps: docs/GPU.md.
 """
 import argparse
 import glob
@@ -53,11 +55,13 @@ import sys
 import tempfile
 import time
 
+import pins
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(ROOT, ".ortgpu-bundle")
 ORT_DIR = os.path.join(ROOT, ".ortgpu")
 BIN_DIR = os.path.join(ROOT, ".ortgpu-bin")
-ORT_LIB = "libonnxruntime.so.1.31.1"
+ORT_LIB = f"libonnxruntime.so.{pins.pin('onnxruntime')}"
 
 # name: (architecture, layers, hidden, heads, kv heads, FFN, vocabulary, RoPE base, RMS eps, 6-pair plan)
 SHAPES = {
@@ -150,69 +154,22 @@ def cuda_library_path():
 
 
 def make_checkpoint(path, shape):
-    """A Hugging Face folder with random float16 weights (numpy only): config.json,
-    model.safetensors written one tensor at a time, and a word-level tokenizer.json."""
-    import numpy as np
+    """A Hugging Face folder with random float16 weights (scripts/random_checkpoint.py,
+    its float16 pool): config.json, model.safetensors and a word-level tokenizer.json."""
+    import random_checkpoint  # numpy: only here, prepare and unpack run without it
     arch, layers, hidden, heads, kv, ffn, vocab, theta, eps, _ = shape
-    hd = hidden // heads
-    rng = np.random.default_rng(0)
-    tensors = [("model.embed_tokens.weight", (vocab, hidden), 1.0)]
-    for l in range(layers):
-        p = f"model.layers.{l}"
-        tensors += [(f"{p}.input_layernorm.weight", (hidden,), None),
-                    (f"{p}.self_attn.q_proj.weight", (heads * hd, hidden), 0.02),
-                    (f"{p}.self_attn.k_proj.weight", (kv * hd, hidden), 0.02),
-                    (f"{p}.self_attn.v_proj.weight", (kv * hd, hidden), 0.02),
-                    (f"{p}.self_attn.o_proj.weight", (hidden, heads * hd), 0.02),
-                    (f"{p}.post_attention_layernorm.weight", (hidden,), None),
-                    (f"{p}.mlp.gate_proj.weight", (ffn, hidden), 0.02),
-                    (f"{p}.mlp.up_proj.weight", (ffn, hidden), 0.02),
-                    (f"{p}.mlp.down_proj.weight", (hidden, ffn), 0.02)]
-        if arch == "qwen2":
-            tensors += [(f"{p}.self_attn.{x}_proj.bias", (n * hd,), 0.02)
-                        for x, n in (("q", heads), ("k", kv), ("v", kv))]
-    tensors.append(("model.norm.weight", (hidden,), None))
-    # One pool of normal values, read cyclically from a different place for
-    # each tensor: writing 1.5B parameters costs a copy, not 1.5B draws. Its
-    # length is no multiple of any row, so no two rows are equal.
-    pool = rng.standard_normal((1 << 24) + 7, np.float32).astype(np.float16)
-    header, offset = {}, 0
-    for name, dims, _ in tensors:
-        size = 2 * int(np.prod(dims))
-        header[name] = {"dtype": "F16", "shape": list(dims), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "model.safetensors"), "wb") as f:
-        f.write(len(blob).to_bytes(8, "little") + blob)
-        for k, (_, dims, std) in enumerate(tensors):
-            n = int(np.prod(dims))
-            if std is None:
-                values = np.ones(n, np.float16)
-            else:
-                start = (k * 7919 * 104729) % len(pool)
-                cycle = np.concatenate([pool[start:], pool[:start]])
-                values = np.tile(cycle, -(-n // len(cycle)))[:n] * np.float16(std)
-            f.write(values.tobytes())
     config = {
         "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]],
         "model_type": arch, "hidden_size": hidden, "intermediate_size": ffn,
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
-        "head_dim": hd, "vocab_size": vocab, "rope_theta": theta, "rms_norm_eps": eps,
+        "head_dim": hidden // heads, "vocab_size": vocab, "rope_theta": theta, "rms_norm_eps": eps,
         "tie_word_embeddings": True, "max_position_embeddings": 2048, "hidden_act": "silu",
         "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16",
     }
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    tokenizer = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
-        "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"},
-        "post_processor": None, "decoder": None,
-        "model": {"type": "WordLevel", "vocab": {f"t{i}": i for i in range(vocab)}, "unk_token": "t0"},
-    }
-    with open(os.path.join(path, "tokenizer.json"), "w") as f:
-        json.dump(tokenizer, f)
+    # The embedding (tied to the LM head) has unit spread: see the top of this file.
+    tensors = random_checkpoint.decoder_tensors(layers, hidden, heads, kv, ffn, vocab,
+                                                qkv_bias=arch == "qwen2", embed_std=1.0)
+    random_checkpoint.write_checkpoint(path, config, tensors, indent=1, dtype="F16", fill="pool", seed=0)
 
 
 def run_depthc(binary, env, *args):

@@ -1,7 +1,7 @@
 """Run a depthc command as a child process and measure it: wall time and
 peak RSS (``os.wait4``'s ``ru_maxrss``), its stdout and stderr kept in log
 files. Shared by scripts/scale_check.py, scripts/compile_7b.py and
-scripts/peak_rss.py (standard library only)."""
+benches/peak_rss.py (standard library only)."""
 
 import os
 import subprocess

@@ -8,7 +8,8 @@ real-sized tensors and an ONNX weight file past the 2 GiB protobuf limit.
 It writes a synthetic Hugging Face Llama checkpoint with Llama-2-7B's shapes
 (hidden 4096, 32 heads, 32 KV heads, intermediate 11008, vocab 32000, untied
 lm_head) but only ``--layers`` decoder layers (default 2), in bf16 safetensors
-written by hand with seeded normal(0, 0.02) weights (norm weights are ones).
+written by hand with seeded normal(0, 0.02) weights (norm weights are ones;
+scripts/random_checkpoint.py writes it).
 Then it runs, each as its own child process whose peak RSS (``os.wait4``
 ru_maxrss) and wall time are measured:
 
@@ -57,7 +58,6 @@ it). Time: several minutes on 2 cores.
 """
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -66,6 +66,7 @@ import time
 
 import numpy as np
 
+import random_checkpoint
 from measure import REPO, read, run_step
 
 
@@ -75,7 +76,6 @@ KV_HEADS = 32
 INTERMEDIATE = 11008
 VOCAB = 32000
 STD = 0.02
-CHUNK_ELEMS = 1 << 24  # 16M float32 = 64 MiB per generated chunk
 
 
 def llama_config(layers):
@@ -99,94 +99,13 @@ def llama_config(layers):
     }
 
 
-def tensor_specs(layers):
-    """(name, shape, kind) in file order; kind is 'ones' or 'normal'."""
-    specs = [("model.embed_tokens.weight", (VOCAB, HIDDEN), "normal")]
-    kv = KV_HEADS * (HIDDEN // HEADS)
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        specs += [
-            (p + "input_layernorm.weight", (HIDDEN,), "ones"),
-            (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN), "normal"),
-            (p + "self_attn.k_proj.weight", (kv, HIDDEN), "normal"),
-            (p + "self_attn.v_proj.weight", (kv, HIDDEN), "normal"),
-            (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN), "normal"),
-            (p + "post_attention_layernorm.weight", (HIDDEN,), "ones"),
-            (p + "mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN), "normal"),
-            (p + "mlp.up_proj.weight", (INTERMEDIATE, HIDDEN), "normal"),
-            (p + "mlp.down_proj.weight", (HIDDEN, INTERMEDIATE), "normal"),
-        ]
-    specs += [
-        ("model.norm.weight", (HIDDEN,), "ones"),
-        ("lm_head.weight", (VOCAB, HIDDEN), "normal"),
-    ]
-    return specs
-
-
-def to_bf16(x):
-    """float32 array -> uint16 bf16 bits, round to nearest even (no NaNs here)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounding = ((u >> 16) & 1) + np.uint32(0x7FFF)
-    return ((u + rounding) >> 16).astype("<u2")
-
-
-def write_safetensors(path, specs, seed):
-    """Write a bf16 safetensors file tensor by tensor, in chunks; return (bytes, params)."""
-    header = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, _ in specs:
-        n = int(np.prod(shape)) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    hjson = json.dumps(header, separators=(",", ":")).encode()
-    hjson += b" " * (-len(hjson) % 8)  # align the data to 8 bytes
-    rng = np.random.default_rng(seed)
-    params = 0
-    with open(path, "wb") as f:
-        f.write(len(hjson).to_bytes(8, "little"))
-        f.write(hjson)
-        for name, shape, kind in specs:
-            total = int(np.prod(shape))
-            params += total
-            done = 0
-            while done < total:
-                n = min(CHUNK_ELEMS, total - done)
-                if kind == "ones":
-                    chunk = np.ones(n, dtype=np.float32)
-                else:
-                    chunk = rng.standard_normal(n, dtype=np.float32)
-                    chunk *= np.float32(STD)
-                f.write(to_bf16(chunk).tobytes())
-                done += n
-    size = os.path.getsize(path)
-    assert size == 8 + len(hjson) + offset, (size, offset)
-    return size, params
-
-
-def write_tokenizer(path):
-    """Minimal WordLevel tokenizer.json: token `t<i>` is id i, split on whitespace."""
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tok = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "WhitespaceSplit"},
-        "post_processor": None,
-        "decoder": None,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
-    }
-    with open(path, "w") as f:
-        json.dump(tok, f)
-
-
 def make_checkpoint(model_dir, layers, seed):
-    os.makedirs(model_dir)
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(llama_config(layers), f, indent=2)
-    write_tokenizer(os.path.join(model_dir, "tokenizer.json"))
-    return write_safetensors(os.path.join(model_dir, "model.safetensors"), tensor_specs(layers), seed)
+    """The checkpoint (scripts/random_checkpoint.py): bf16, a normal draw per weight."""
+    tensors = random_checkpoint.decoder_tensors(layers, HIDDEN, HEADS, KV_HEADS, INTERMEDIATE, VOCAB,
+                                                tied=False, embed_std=STD, std=STD)
+    return random_checkpoint.write_checkpoint(model_dir, llama_config(layers), tensors, indent=2,
+                                              dtype="BF16", fill="draws", seed=seed,
+                                              metadata={"format": "pt"}, compact=True)
 
 
 def main():

