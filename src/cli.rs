@@ -509,12 +509,25 @@ pub struct InspectArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).multiple(true).args(["text", "task"])))]
 pub struct EvalArgs {
     /// Model directory or .gguf file.
     pub model: PathBuf,
-    /// UTF-8 text file to evaluate on.
+    /// UTF-8 text file to evaluate on (perplexity, and with a candidate its
+    /// distance from the original and greedy agreement).
     #[arg(long)]
-    pub text: PathBuf,
+    pub text: Option<PathBuf>,
+    /// Task accuracy, repeatable: a task `scripts/setup.sh` installs
+    /// (arc_easy, arc_challenge, hellaswag, boolq, piqa, sciq, openbookqa,
+    /// winogrande, csqa, socialiqa) or the path of a request file in
+    /// oe-eval's requests.jsonl format (gzipped or not). Prints acc_raw and
+    /// acc_per_char with standard errors, the task's primary metric first;
+    /// with a candidate, both models' and the accuracy retained.
+    #[arg(long, value_name = "NAME|FILE")]
+    pub task: Vec<String>,
+    /// Score only the first N docs of each --task.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
     /// Layers to run in parallel: `20-21,22-23` (explicit groups) or `20..24`
     /// (the range [20, 24) split into adjacent pairs). Empty: the original model.
     #[arg(long)]

@@ -107,6 +107,25 @@ pub trait TensorSource: Send + Sync {
     }
 }
 
+/// Where `scripts/setup.sh` may have put what it fetches (ONNX Runtime,
+/// task request files), in the order looked in: `$DEPTHC_CACHE`, `.cache`
+/// in the working directory, and `.cache` of the checkout whose
+/// `target/{profile}/` holds this binary.
+pub fn setup_caches() -> Vec<PathBuf> {
+    let mut caches = Vec::new();
+    if let Some(c) = std::env::var_os("DEPTHC_CACHE") {
+        caches.push(PathBuf::from(c));
+    }
+    caches.push(PathBuf::from(".cache"));
+    if let Some(root) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent()?.parent()?.parent().map(Path::to_path_buf))
+    {
+        caches.push(root.join(".cache"));
+    }
+    caches
+}
+
 /// A tensor's shape as `[rows, cols]`: its first axis by the product of
 /// the others (a 1-D tensor is one row).
 pub fn rows_cols(shape: &[usize]) -> (usize, usize) {

@@ -16,6 +16,7 @@ use depthc::forward::{Forward, KvCache, Logits, Options};
 use depthc::model::Model;
 use depthc::plan::Plan;
 use depthc::search;
+use depthc::search::tasks::Task;
 
 use super::*;
 
@@ -101,30 +102,40 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 pub fn eval(a: EvalArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
-    let text = std::fs::read_to_string(&a.text)
-        .with_context(|| format!("{}: cannot read text", a.text.display()))?;
-    let ckpt = Checkpoint::open(&a.model)?;
+    let text = match &a.text {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("{}: cannot read text", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut ckpt = Checkpoint::open(&a.model)?;
     let layers = ckpt.config.num_hidden_layers;
     let plan = match a.plan.as_deref() {
         Some(spec) => Some(Plan::parse(spec, layers)?),
         None => None,
     };
-    let ids = ckpt.require_tokenizer()?.encode(&text)?;
-    let windows = search::windows(&ids, a.seq_len, a.max_windows, ckpt.config.window_bos())?;
+    let tasks = a
+        .task
+        .iter()
+        .map(|t| Task::open(t, &depthc::checkpoint::setup_caches()))
+        .collect::<depthc::Result<Vec<_>>>()?;
+    ckpt.require_tokenizer()?;
+    let tokenizer = ckpt.tokenizer.take().expect("required above");
+    let windows = match &text {
+        Some(text) => Some(search::windows(
+            &tokenizer.encode(text)?,
+            a.seq_len,
+            a.max_windows,
+            ckpt.config.window_bos(),
+        )?),
+        None => None,
+    };
     let pb = spinner(&format!("loading {}", a.model.display()));
     let model = Model::load(&ckpt.source, &ckpt.config, weight_cache)?;
     drop(ckpt);
     pb.finish_and_clear();
     let forward = Forward::new(&model);
-    let progress = if std::io::stderr().is_terminal() {
-        let pb = ProgressBar::new(windows.len() as u64);
-        pb.set_style(ProgressStyle::with_template(
-            "eval {bar:30} {pos}/{len} windows, {eta} left",
-        )?);
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
     let int4 = int4_of(a.dtype, a.int4);
     let candidate_plan = match (&plan, int4) {
         (Some(p), _) if !p.is_sequential() => Some(p.clone()),
@@ -144,28 +155,102 @@ pub fn eval(a: EvalArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
     let candidate = candidate_plan
         .as_ref()
         .map(|p| (candidate_forward.as_ref().unwrap_or(&forward), p));
-    let mut report = search::evaluate_against(&forward, candidate, &windows, &progress)?;
-    if let (Some(c), true) = (candidate, a.prompts > 0 && a.generate > 0) {
-        progress.set_message("generating");
-        let prompts = search::prompts_of(&windows, a.prompts, search::HELD_OUT_PROMPT_TOKENS);
-        let held_out = search::HeldOut::new(&forward, prompts, a.generate)?;
-        report.generation = Some(held_out.agreement(c.0, c.1)?);
+    let report = match &windows {
+        Some(windows) => {
+            let progress = bar(
+                windows.len() as u64,
+                "eval {msg:>10} {bar:30} {pos}/{len} windows, {eta} left",
+            )?;
+            let mut report = search::evaluate_against(&forward, candidate, windows, &progress)?;
+            if let (Some(c), true) = (candidate, a.prompts > 0 && a.generate > 0) {
+                progress.set_message("generating");
+                let prompts =
+                    search::prompts_of(windows, a.prompts, search::HELD_OUT_PROMPT_TOKENS);
+                let held_out = search::HeldOut::new(&forward, prompts, a.generate)?;
+                report.generation = Some(held_out.agreement(c.0, c.1)?);
+            }
+            progress.finish_and_clear();
+            Some(report)
+        }
+        None => None,
+    };
+    let mut task_results = Vec::new();
+    for task in &tasks {
+        let progress = bar(
+            0,
+            &format!(
+                "{:<14} {{bar:30}} {{pos}}/{{len}} docs, {{eta}} left",
+                task.name
+            ),
+        )?;
+        task_results.push(depthc::search::tasks::evaluate(
+            &forward, candidate, task, &tokenizer, a.limit, &progress,
+        )?);
+        progress.finish_and_clear();
     }
-    progress.finish_and_clear();
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut out = match &report {
+            Some(r) => serde_json::to_value(r)?,
+            None => json!({}),
+        };
+        if !tasks.is_empty() {
+            out["tasks"] = serde_json::to_value(&task_results)?;
+            if let Some(mean) = mean_retained(&task_results) {
+                out["accuracy_retained"] = json!(mean);
+            }
+            if let Some(p) = &candidate_plan {
+                out["plan"] = json!(p.to_string());
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!(
-        "windows        {} x {} tokens ({} predictions)",
-        report.windows, report.seq_len, report.predictions
-    );
-    if let Some(q) = int4_of(a.dtype, a.int4) {
+    if let Some(q) = int4 {
         println!(
             "weights        int4 (block {}, accuracy level {}) against the float original",
             q.block_size, q.accuracy_level
         );
     }
+    if let Some(report) = &report {
+        print_text_eval(report, layers);
+    } else if let Some(p) = &candidate_plan {
+        println!("plan           {p} (depth {} of {layers})", p.depth());
+    }
+    for t in &task_results {
+        print_task(t);
+    }
+    if let Some(mean) = mean_retained(&task_results) {
+        println!(
+            "retained       {:.1}% of the original's accuracy, averaged over {} tasks",
+            100.0 * mean,
+            task_results.len()
+        );
+    }
+    Ok(())
+}
+
+/// A progress bar on a terminal, nothing elsewhere.
+fn bar(len: u64, template: &str) -> Result<ProgressBar> {
+    Ok(if std::io::stderr().is_terminal() {
+        let pb = ProgressBar::new(len);
+        pb.set_style(ProgressStyle::with_template(template)?);
+        pb
+    } else {
+        ProgressBar::hidden()
+    })
+}
+
+/// The mean of the tasks' retained accuracy (with a candidate).
+fn mean_retained(results: &[depthc::search::tasks::TaskResult]) -> Option<f64> {
+    let r: Vec<f64> = results.iter().filter_map(|t| t.retained).collect();
+    (!r.is_empty()).then(|| r.iter().sum::<f64>() / r.len() as f64)
+}
+
+fn print_text_eval(report: &search::EvalReport, layers: usize) {
+    println!(
+        "windows        {} x {} tokens ({} predictions)",
+        report.windows, report.seq_len, report.predictions
+    );
     match (&report.plan, report.perplexity_original) {
         (Some(p), Some(orig)) => {
             println!(
@@ -192,7 +277,37 @@ pub fn eval(a: EvalArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
         }
         _ => println!("perplexity     {:.4}", report.perplexity),
     }
-    Ok(())
+}
+
+/// One task: the primary metric first, then the other, each with its
+/// standard error; with a candidate, both models and the accuracy retained.
+fn print_task(t: &depthc::search::tasks::TaskResult) {
+    use depthc::search::tasks::{Accuracy, PrimaryMetric};
+    let both = |a: &Accuracy| {
+        let raw = format!("acc_raw {:.4} +- {:.4}", a.acc_raw, a.acc_raw_stderr);
+        let per_char = format!(
+            "acc_per_char {:.4} +- {:.4}",
+            a.acc_per_char, a.acc_per_char_stderr
+        );
+        match t.primary_metric {
+            PrimaryMetric::AccRaw => format!("{raw}, {per_char}"),
+            PrimaryMetric::AccPerChar => format!("{per_char}, {raw}"),
+        }
+    };
+    let label = format!("{} ({} docs, {:.0} s)", t.name, t.docs, t.seconds);
+    match &t.candidate {
+        Some(c) => {
+            println!("task           {label}");
+            println!("  original     {}", both(&t.original));
+            println!("  candidate    {}", both(c));
+            println!(
+                "  retained     {:.1}% ({})",
+                100.0 * t.retained.unwrap_or(f64::NAN),
+                t.primary_metric.name()
+            );
+        }
+        None => println!("task           {label}: {}", both(&t.original)),
+    }
 }
 
 pub fn convert(a: ConvertArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {

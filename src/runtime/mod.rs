@@ -106,19 +106,7 @@ pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
             )))
         };
     }
-    let mut caches = Vec::new();
-    if let Some(c) = std::env::var_os("DEPTHC_CACHE") {
-        caches.push(PathBuf::from(c));
-    }
-    caches.push(PathBuf::from(".cache"));
-    // A binary in `target/{profile}/` of a checkout that ran the setup.
-    if let Some(root) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent()?.parent()?.parent().map(Path::to_path_buf))
-    {
-        caches.push(root.join(".cache"));
-    }
-    caches
+    crate::checkpoint::setup_caches()
         .into_iter()
         .map(|c| c.join(setup_library()))
         .find(|p| p.is_file())

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod calib;
 pub mod metrics;
 pub mod strategy;
+pub mod tasks;
 
 use std::time::Instant;
 

