@@ -228,6 +228,14 @@ pub struct SearchFlags {
     /// each text is reported on its own, the front's generation on all of them).
     #[arg(long)]
     pub eval: Vec<PathBuf>,
+    /// Task accuracy, repeatable (as `depthc eval --task`): the original, the
+    /// chosen plan and every pair count's best plan are scored, and the
+    /// report gives the accuracy each retains.
+    #[arg(long, value_name = "NAME|FILE")]
+    pub task: Vec<String>,
+    /// Score only the first N docs of each --task.
+    #[arg(long, value_name = "N")]
+    pub task_limit: Option<usize>,
     /// Windows of --seq-len tokens of each --eval text.
     #[arg(long, default_value_t = search_default().eval_windows)]
     pub eval_windows: usize,

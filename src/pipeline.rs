@@ -22,13 +22,14 @@ use crate::measure::timed;
 use crate::model::{Int4, Model, WeightCache};
 use crate::onnx::package::{self, EmitOptions, Source};
 use crate::plan::Plan;
-use crate::report::{EvalSection, ModelIdentity, SearchReport, Timings};
+use crate::report::{EvalSection, ModelIdentity, SearchReport, TaskSection, Timings};
 use crate::runtime::bench::{
     bench, BenchOptions, BenchResult, CandidateSpeed, SpeedChoice, Workload,
 };
 use crate::runtime::validate::{validate_emitted, Validation};
 use crate::runtime::{validate, Emitted, RuntimeOptions};
 use crate::search::strategy::{Budget, Metric, SearchSpace, Strategy};
+use crate::search::tasks::{Retained, Task, TaskRun};
 use crate::search::{self, calib, SearchOptions};
 use crate::{Error, Result};
 
@@ -80,6 +81,10 @@ pub struct SearchConfig {
     pub eval_windows: usize,
     /// Bytes of widened weights kept between uses ([`WeightCache`]).
     pub weight_cache: usize,
+    /// Tasks (names or request files) the original, the chosen plan and
+    /// every pair count's best plan are scored on, and docs of each at most.
+    pub tasks: Vec<String>,
+    pub task_limit: Option<usize>,
 }
 
 impl Default for SearchConfig {
@@ -98,6 +103,8 @@ impl Default for SearchConfig {
             eval: Vec::new(),
             eval_windows: 16,
             weight_cache: crate::model::DEFAULT_WIDEN_BUDGET,
+            tasks: Vec::new(),
+            task_limit: None,
         }
     }
 }
@@ -130,6 +137,14 @@ pub fn search(
         f.max_tokens,
     )?;
     let eval_texts = eval_windows(&ckpt, f)?;
+    let tasks = f
+        .tasks
+        .iter()
+        .map(|t| Task::open(t, &crate::checkpoint::setup_caches()))
+        .collect::<Result<Vec<_>>>()?;
+    if !tasks.is_empty() {
+        ckpt.require_tokenizer()?;
+    }
     let budget = f.budget.unwrap_or(Budget::Pairs((layers / 8).max(1)));
     let space = SearchSpace {
         num_layers: layers,
@@ -180,6 +195,16 @@ pub fn search(
     let mut outcome = outcome;
     let eval = held_out_eval(&forward, &mut outcome, &eval_texts, progress)?;
     let eval_s = t_eval.elapsed().as_secs_f64();
+    let t_tasks = Instant::now();
+    let task_sections = task_eval(
+        &forward,
+        &mut outcome,
+        &tasks,
+        tokenizer.as_ref(),
+        f.task_limit,
+        progress,
+    )?;
+    let tasks_s = t_tasks.elapsed().as_secs_f64();
     let timings = Timings {
         load_s,
         one_forward_s: outcome.timings.one_forward_s,
@@ -187,9 +212,10 @@ pub fn search(
         search_forward_multiple: outcome.timings.search_s / outcome.timings.one_forward_s,
         strategy_forward_multiples: outcome.timings.strategy_forward_multiples.clone(),
         eval_s,
+        tasks_s,
         total_s: t0.elapsed().as_secs_f64(),
     };
-    let report = SearchReport::new(
+    let mut report = SearchReport::new(
         identity,
         &calibration,
         &outcome,
@@ -201,6 +227,9 @@ pub fn search(
         eval,
         timings,
     );
+    report.accuracy_retained =
+        search::tasks::mean_retained(task_sections.iter().map(|t| t.retained));
+    report.tasks = task_sections;
     drop(forward);
     Ok(Searched {
         model,
@@ -315,6 +344,67 @@ fn held_out_eval(
             })
             .collect()
     })
+}
+
+/// Accuracy on each `--task` of the original, the chosen plan and the
+/// best plan of every pair count (recorded in `outcome`); each plan scored
+/// once.
+fn task_eval(
+    forward: &Forward,
+    outcome: &mut search::SearchOutcome,
+    tasks: &[Task],
+    tokenizer: Option<&Tokenizer>,
+    limit: Option<usize>,
+    progress: &dyn Progress,
+) -> Result<Vec<TaskSection>> {
+    let Some(tokenizer) = tokenizer.filter(|_| !tasks.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let bar = progress.bar("tasks  {msg:>12} {bar:30} {pos}/{len} docs, {eta} left");
+    bar.set_message("original");
+    let runs = tasks
+        .iter()
+        .map(|t| TaskRun::new(forward, t, tokenizer, limit, &bar))
+        .collect::<Result<Vec<_>>>()?;
+    let mut scored: Vec<(Plan, Vec<Retained>)> = Vec::new();
+    let mut score = |plan: &Plan| -> Result<Vec<Retained>> {
+        if let Some((_, r)) = scored.iter().find(|(p, _)| p == plan) {
+            return Ok(r.clone());
+        }
+        bar.set_message(format!("{} pairs", plan.groups().count()));
+        let r = runs
+            .iter()
+            .map(|run| {
+                let accuracy = run.accuracy(forward, plan, &bar)?;
+                Ok(Retained {
+                    task: run.task.name.clone(),
+                    retained: run.retained(&accuracy),
+                    accuracy,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        scored.push((plan.clone(), r.clone()));
+        Ok(r)
+    };
+    let chosen = score(&outcome.chosen.plan)?;
+    for b in &mut outcome.best_by_pairs {
+        b.tasks = score(&b.plan)?;
+        b.accuracy_retained = search::tasks::mean_retained(b.tasks.iter().map(|t| t.retained));
+    }
+    bar.finish_and_clear();
+    Ok(runs
+        .iter()
+        .zip(chosen)
+        .map(|(run, c)| TaskSection {
+            name: run.task.name.clone(),
+            path: run.task.path.display().to_string(),
+            primary_metric: run.task.primary,
+            docs: run.docs(),
+            original: run.original.clone(),
+            chosen: c.accuracy,
+            retained: c.retained,
+        })
+        .collect())
 }
 
 /// What `compile` does besides the search.

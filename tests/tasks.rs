@@ -187,3 +187,72 @@ fn bad_request_files_name_file_and_line() {
     assert_eq!(code, 1);
     assert!(stderr.contains("arc_easy"), "{stderr}");
 }
+
+#[test]
+fn search_reports_the_accuracy_each_plan_retains() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let model = real_model_path();
+    let calib = common::text_path("macbeth_gut.txt");
+    let (code, stdout, stderr) = depthc(&[
+        "search",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--max-tokens",
+        "2048",
+        "--pairs",
+        "2",
+        "--task",
+        "arc_easy",
+        "--task-limit",
+        "20",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let summary: Value = serde_json::from_str(&stdout).unwrap();
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("search-report.json")).unwrap())
+            .unwrap();
+    let t = &report["tasks"][0];
+    assert_eq!(
+        (t["name"].as_str(), t["docs"].as_u64()),
+        (Some("arc_easy"), Some(20))
+    );
+    let retained =
+        t["chosen"]["acc_raw"].as_f64().unwrap() / t["original"]["acc_raw"].as_f64().unwrap();
+    assert!(
+        (t["retained"].as_f64().unwrap() - retained).abs() < 1e-12,
+        "{t}"
+    );
+    assert_eq!(report["accuracy_retained"], t["retained"]);
+    assert_eq!(summary["accuracy_retained"], t["retained"]);
+    // Every plan of the front is scored; the chosen plan's entry is the
+    // chosen plan's score.
+    for b in report["best_by_pairs"].as_array().unwrap() {
+        assert!(b["accuracy_retained"].as_f64().is_some(), "{b}");
+        if b["plan"] == report["chosen_plan"] {
+            assert_eq!(b["accuracy_retained"], report["accuracy_retained"]);
+        }
+    }
+    let md = std::fs::read_to_string(out.join("search-report.md")).unwrap();
+    assert!(
+        md.contains("## Task accuracy") && md.contains("accuracy retained"),
+        "{md}"
+    );
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/search-report.schema.json");
+    let checked = common::run_python(
+        "check_report.py",
+        &[out.to_str().unwrap(), schema.to_str().unwrap()],
+    );
+    assert!(
+        checked["svg"]["accuracy.svg"]["polyline"]
+            .as_u64()
+            .unwrap_or(0)
+            + checked["svg"]["accuracy.svg"]["path"].as_u64().unwrap_or(0)
+            > 0,
+        "{checked}"
+    );
+}

@@ -18,6 +18,8 @@ use super::{float_of, int4_of, runtime_options, summary_json, Terminal};
 fn search_config(f: &SearchFlags, weight_cache: &WeightCache) -> SearchConfig {
     SearchConfig {
         weight_cache: weight_cache.budget(),
+        tasks: f.task.clone(),
+        task_limit: f.task_limit,
         calib: f.calib.clone(),
         seq_len: f.seq_len,
         max_tokens: f.max_tokens,
@@ -65,6 +67,25 @@ fn print_search_summary(report: &depthc::report::SearchReport) {
             e.generation.tokens,
             e.generation.mean_first_difference,
             e.generation.prompts
+        );
+    }
+    for t in &report.tasks {
+        let metric = t.primary_metric;
+        println!(
+            "task           {} ({} docs): {} {:.4} -> {:.4}, {:.1}% retained",
+            t.name,
+            t.docs,
+            metric.name(),
+            t.original.primary(metric),
+            t.chosen.primary(metric),
+            100.0 * t.retained
+        );
+    }
+    if let Some(r) = report.accuracy_retained {
+        println!(
+            "accuracy       {:.1}% of the original's retained, averaged over {} tasks",
+            100.0 * r,
+            report.tasks.len()
         );
     }
     println!(

@@ -134,6 +134,8 @@ pub fn summary_json(report: &depthc::report::SearchReport) -> serde_json::Value 
         "kl": report.chosen.scores.kl,
         "top1_agreement": report.chosen.scores.top1_agreement,
         "eval": report.eval,
+        "tasks": report.tasks,
+        "accuracy_retained": report.accuracy_retained,
         "candidates": report.candidates.len(),
         "search_forward_multiple": report.timings.search_forward_multiple,
     })

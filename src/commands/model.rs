@@ -242,8 +242,7 @@ fn bar(len: u64, template: &str) -> Result<ProgressBar> {
 
 /// The mean of the tasks' retained accuracy (with a candidate).
 fn mean_retained(results: &[depthc::search::tasks::TaskResult]) -> Option<f64> {
-    let r: Vec<f64> = results.iter().filter_map(|t| t.retained).collect();
-    (!r.is_empty()).then(|| r.iter().sum::<f64>() / r.len() as f64)
+    depthc::search::tasks::mean_retained(results.iter().filter_map(|t| t.retained))
 }
 
 fn print_text_eval(report: &search::EvalReport, layers: usize) {

@@ -44,6 +44,20 @@ pub struct EvalSection {
     pub generation: crate::search::Agreement,
 }
 
+/// Accuracy on one `--task`: the original's and the chosen plan's.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskSection {
+    pub name: String,
+    pub path: String,
+    pub primary_metric: crate::search::tasks::PrimaryMetric,
+    /// Docs scored (the first `--task-limit` of the file).
+    pub docs: usize,
+    pub original: crate::search::tasks::Accuracy,
+    pub chosen: crate::search::tasks::Accuracy,
+    /// The chosen plan's primary metric over the original's.
+    pub retained: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Timings {
     pub load_s: f64,
@@ -52,6 +66,8 @@ pub struct Timings {
     pub search_forward_multiple: f64,
     pub strategy_forward_multiples: Vec<(Strategy, f64)>,
     pub eval_s: f64,
+    /// Task accuracy of the original, the chosen plan and the front.
+    pub tasks_s: f64,
     pub total_s: f64,
 }
 
@@ -96,6 +112,12 @@ pub struct SearchReport {
     pub depth_after: usize,
     /// One section per `--eval` text.
     pub eval: Vec<EvalSection>,
+    /// One section per `--task`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<TaskSection>,
+    /// The chosen plan's accuracy retained, averaged over the tasks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy_retained: Option<f64>,
     pub activation_cache: CacheSection,
     pub timings: Timings,
     /// `depthc compile`: ONNX Runtime against the reference, per emitted model.
@@ -168,6 +190,8 @@ impl SearchReport {
             depth_before: layers,
             depth_after: outcome.chosen.depth,
             eval,
+            tasks: Vec::new(),
+            accuracy_retained: None,
             activation_cache: CacheSection {
                 memory_bytes: outcome.cache_memory_bytes,
                 disk_bytes: outcome.cache_disk_bytes,
@@ -189,6 +213,9 @@ impl SearchReport {
         std::fs::write(&path, self.markdown()).map_err(|e| Error::io(&path, e))?;
         self.heatmap(&dir.join("heatmap.svg"))?;
         self.pairs_plot(&dir.join("pairs.svg"))?;
+        if self.accuracy_retained.is_some() {
+            self.front_plot(&dir.join("accuracy.svg"))?;
+        }
         Ok(())
     }
 
@@ -197,6 +224,7 @@ impl SearchReport {
         let mut s = String::new();
         self.md_header(&mut s);
         self.md_chosen(&mut s);
+        self.md_tasks(&mut s);
         self.md_best_by_pairs(&mut s);
         self.md_greedy_against_contiguous(&mut s);
         self.md_cost(&mut s);
@@ -271,6 +299,39 @@ impl SearchReport {
         }
     }
 
+    /// Task accuracy of the chosen plan against the original's.
+    fn md_tasks(&self, s: &mut String) {
+        if self.tasks.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "## Task accuracy\n\n| task | docs | metric | original | chosen plan | retained |\n|---|---|---|---|---|---|"
+        );
+        for t in &self.tasks {
+            let m = t.primary_metric;
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.4} +- {:.4} | {:.4} +- {:.4} | {:.1}% |",
+                t.name,
+                t.docs,
+                m.name(),
+                t.original.primary(m),
+                t.original.stderr(m),
+                t.chosen.primary(m),
+                t.chosen.stderr(m),
+                100.0 * t.retained
+            );
+        }
+        if let Some(r) = self.accuracy_retained {
+            let _ = writeln!(
+                s,
+                "\nAccuracy retained, averaged over the tasks: {:.1}%.\n",
+                100.0 * r
+            );
+        }
+    }
+
     /// The best plan of each pair count, with its generation agreement when measured.
     fn md_best_by_pairs(&self, s: &mut String) {
         let m = self.metric;
@@ -281,12 +342,21 @@ impl SearchReport {
         } else {
             ("", "")
         };
+        let tasks = self
+            .best_by_pairs
+            .iter()
+            .any(|b| b.accuracy_retained.is_some());
+        let (task_head, task_rule) = if tasks {
+            (" accuracy retained |", "---|")
+        } else {
+            ("", "")
+        };
         let _ = writeln!(
             s,
-            "| pairs | depth | strategy | plan | {} | windows |{head}",
+            "| pairs | depth | strategy | plan | {} | windows |{head}{task_head}",
             m.name()
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|{rule}");
+        let _ = writeln!(s, "|---|---|---|---|---|---|{rule}{task_rule}");
         for b in &self.best_by_pairs {
             let generation = b.generation.as_ref().map_or(String::new(), |g| {
                 format!(
@@ -295,9 +365,14 @@ impl SearchReport {
                     g.mean_first_difference
                 )
             });
+            let retained = match (tasks, b.accuracy_retained) {
+                (true, Some(r)) => format!(" {:.1}% |", 100.0 * r),
+                (true, None) => " |".to_string(),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | `{}` | {:.6} | {} |{generation}",
+                "| {} | {} | {} | `{}` | {:.6} | {} |{generation}{retained}",
                 b.pairs,
                 self.depth_before - b.pairs,
                 b.strategy.name(),
@@ -618,6 +693,80 @@ impl SearchReport {
                 b.draw_series(pts.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
             }
             b.configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+            root.present()?;
+            Ok(())
+        };
+        draw().map_err(|e| Error::output(path, format!("cannot draw: {e}")))
+    }
+}
+
+impl SearchReport {
+    /// The depth/quality front with `--task`: per strategy, the accuracy its
+    /// best plan of each depth retains (and, with `--eval`, the greedy tokens
+    /// equal to the original's), in percent against depth, the original's
+    /// depth at 100%.
+    fn front_plot(&self, path: &Path) -> Result<()> {
+        let l = self.depth_before;
+        let min_depth = self
+            .best_by_pairs
+            .iter()
+            .map(|b| l - b.pairs)
+            .min()
+            .unwrap_or(l)
+            .saturating_sub(1);
+        let lowest = self
+            .best_by_pairs
+            .iter()
+            .flat_map(|b| {
+                [
+                    b.accuracy_retained,
+                    b.generation.as_ref().map(|g| g.equal_fraction),
+                ]
+            })
+            .flatten()
+            .fold(1.0f64, f64::min);
+        let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+            let root = SVGBackend::new(path, (760, 420)).into_drawing_area();
+            root.fill(&WHITE)?;
+            let mut c = ChartBuilder::on(&root)
+                .caption(
+                    "best plan of each depth: accuracy retained (solid), greedy tokens equal (dashed)",
+                    ("sans-serif", 16),
+                )
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(60)
+                .build_cartesian_2d(min_depth..l + 1, (100.0 * lowest - 5.0).max(0.0)..105.0)?;
+            c.configure_mesh()
+                .x_desc("depth (steps)")
+                .y_desc("% of the original")
+                .draw()?;
+            for (k, st) in self.strategies.iter().enumerate() {
+                let colour = [&RED, &BLUE, &GREEN][k % 3];
+                let of = |f: &dyn Fn(&BestAtPairs) -> Option<f64>| -> Vec<(usize, f64)> {
+                    std::iter::once((l, 100.0))
+                        .chain(
+                            self.best_by_pairs
+                                .iter()
+                                .filter(|b| b.strategy == *st)
+                                .filter_map(|b| f(b).map(|v| (l - b.pairs, 100.0 * v))),
+                        )
+                        .collect()
+                };
+                let acc = of(&|b| b.accuracy_retained);
+                c.draw_series(LineSeries::new(acc.clone(), colour))?
+                    .label(st.name())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
+                c.draw_series(acc.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
+                let generation = of(&|b| b.generation.as_ref().map(|g| g.equal_fraction));
+                if generation.len() > 1 {
+                    c.draw_series(DashedLineSeries::new(generation, 4, 4, colour.into()))?;
+                }
+            }
+            c.configure_series_labels()
                 .background_style(WHITE.mix(0.8))
                 .border_style(BLACK)
                 .draw()?;

@@ -266,6 +266,13 @@ pub struct BestAtPairs {
     /// held-out prompts (the depth/quality front), when there are some.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation: Option<Agreement>,
+    /// Accuracy retained on each `--task` (the candidate's primary metric
+    /// over the original's), when there are some.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<tasks::Retained>,
+    /// Their mean.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy_retained: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -401,6 +408,8 @@ fn best_by_pairs(candidates: &[strategy::Candidate], opts: &SearchOptions) -> Ve
                     value: metric.of(&c.scores),
                     windows: c.windows,
                     generation: None,
+                    tasks: Vec::new(),
+                    accuracy_retained: None,
                 });
             }
         }

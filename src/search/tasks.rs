@@ -457,6 +457,14 @@ impl Accuracy {
             PrimaryMetric::AccPerChar => self.acc_per_char,
         }
     }
+
+    /// The standard error of [`Accuracy::primary`].
+    pub fn stderr(&self, metric: PrimaryMetric) -> f64 {
+        match metric {
+            PrimaryMetric::AccRaw => self.acc_raw_stderr,
+            PrimaryMetric::AccPerChar => self.acc_per_char_stderr,
+        }
+    }
 }
 
 /// The mean and its standard error (sample standard deviation over the
@@ -472,6 +480,59 @@ fn mean_and_stderr(v: &[f64]) -> (f64, f64) {
     }
     let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
     (mean, (var / n).sqrt())
+}
+
+/// A task's docs, tokenized, and the original model's accuracy on them: what
+/// every candidate is compared with.
+pub struct TaskRun<'t> {
+    pub task: &'t Task,
+    docs: Vec<EncodedDoc>,
+    pub original: Accuracy,
+}
+
+impl<'t> TaskRun<'t> {
+    /// Tokenize the first `limit` docs of `task` and score them on the
+    /// original model (`reference`, every layer in turn).
+    pub fn new(
+        reference: &Forward,
+        task: &'t Task,
+        tokenizer: &Tokenizer,
+        limit: Option<usize>,
+        progress: &ProgressBar,
+    ) -> Result<TaskRun<'t>> {
+        let docs = encode(task, tokenizer, reference.model.config.window_bos(), limit)?;
+        progress.inc_length(docs.len() as u64);
+        let layers = reference.model.config.num_hidden_layers;
+        let lls = log_likelihoods(reference, &Plan::sequential(layers), &docs, progress)?;
+        let original = Accuracy::of(&docs, &lls);
+        Ok(TaskRun {
+            task,
+            docs,
+            original,
+        })
+    }
+
+    pub fn docs(&self) -> usize {
+        self.docs.len()
+    }
+
+    /// Accuracy of `plan` run by `forward` (the original's weights, or the
+    /// weights a candidate is emitted with).
+    pub fn accuracy(
+        &self,
+        forward: &Forward,
+        plan: &Plan,
+        progress: &ProgressBar,
+    ) -> Result<Accuracy> {
+        progress.inc_length(self.docs.len() as u64);
+        let lls = log_likelihoods(forward, plan, &self.docs, progress)?;
+        Ok(Accuracy::of(&self.docs, &lls))
+    }
+
+    /// `candidate`'s primary metric over the original's.
+    pub fn retained(&self, candidate: &Accuracy) -> f64 {
+        candidate.primary(self.task.primary) / self.original.primary(self.task.primary)
+    }
 }
 
 /// A task scored on the original model and, with a candidate, on it too.
@@ -502,34 +563,34 @@ pub fn evaluate(
     progress: &ProgressBar,
 ) -> Result<TaskResult> {
     let t0 = std::time::Instant::now();
-    let bos = reference.model.config.window_bos();
-    let docs = encode(task, tokenizer, bos, limit)?;
-    progress.set_length(
-        progress.length().unwrap_or(0) + (docs.len() * (1 + candidate.is_some() as usize)) as u64,
-    );
-    let layers = reference.model.config.num_hidden_layers;
-    let original = Accuracy::of(
-        &docs,
-        &log_likelihoods(reference, &Plan::sequential(layers), &docs, progress)?,
-    );
+    let run = TaskRun::new(reference, task, tokenizer, limit, progress)?;
     let candidate = candidate
-        .map(|(f, plan)| {
-            log_likelihoods(f, plan, &docs, progress).map(|lls| Accuracy::of(&docs, &lls))
-        })
+        .map(|(f, plan)| run.accuracy(f, plan, progress))
         .transpose()?;
-    let retained = candidate
-        .as_ref()
-        .map(|c| c.primary(task.primary) / original.primary(task.primary));
     Ok(TaskResult {
         name: task.name.clone(),
         path: task.path.display().to_string(),
         primary_metric: task.primary,
-        docs: docs.len(),
-        original,
+        docs: run.docs(),
+        retained: candidate.as_ref().map(|c| run.retained(c)),
+        original: run.original,
         candidate,
-        retained,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// A plan's accuracy on one task, and how much of the original's it keeps.
+#[derive(Debug, Clone, Serialize)]
+pub struct Retained {
+    pub task: String,
+    pub accuracy: Accuracy,
+    pub retained: f64,
+}
+
+/// The mean of several tasks' retained accuracy.
+pub fn mean_retained(retained: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let r: Vec<f64> = retained.into_iter().collect();
+    (!r.is_empty()).then(|| r.iter().sum::<f64>() / r.len() as f64)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 """Check a `depthc search` report folder: search-report.json against its JSON Schema
-(draft 2020-12), and both SVGs as well-formed SVG documents with drawn content.
+(draft 2020-12), and its SVGs (accuracy.svg too with --task) as well-formed SVG documents
+with drawn content.
 
   python check_report.py REPORT_DIR SCHEMA
 Prints one JSON object: chosen plan and the number of rectangles/paths per SVG.
@@ -20,7 +21,10 @@ jsonschema.Draft202012Validator.check_schema(schema)
 jsonschema.Draft202012Validator(schema).validate(report)
 
 svgs = {}
-for name in ["heatmap.svg", "pairs.svg"]:
+names = ["heatmap.svg", "pairs.svg"]
+if "accuracy_retained" in report:
+    names.append("accuracy.svg")
+for name in names:
     root = ET.parse(os.path.join(report_dir, name)).getroot()
     assert root.tag == "{http://www.w3.org/2000/svg}svg", root.tag
     assert float(root.get("width")) > 0 and float(root.get("height")) > 0
