@@ -185,3 +185,66 @@ fn kv_cache_decode_equals_full_forward_for_32_steps() {
         decode_matches_full(&r.model, &plan, ids, ids.len() - 32, 1e-4);
     }
 }
+
+/// Sequences run together (one product per weight for all their rows, each
+/// its own attention and cache) give each sequence the bits it gets alone:
+/// prefills of different lengths, then decode steps, with and without a
+/// plan; greedy decoding of several prompts at once gives each prompt's own
+/// tokens.
+#[test]
+fn sequences_run_together_equal_each_alone() {
+    use depthc::forward::{Forward, KvCache, Logits, Options};
+    let r = real();
+    let ids = ids_of(&golden()["texts"][0]["ids"]);
+    let layers = r.model.config.num_hidden_layers;
+    let f = Forward::new(&r.model);
+    let opts = Options {
+        logits: Logits::All,
+        capture_residuals: false,
+    };
+    let prompts: Vec<Vec<u32>> = vec![
+        ids[..7].to_vec(),
+        ids[10..41].to_vec(),
+        ids[50..51].to_vec(),
+    ];
+    for plan in [
+        Plan::sequential(layers),
+        Plan::parse("14-15,20..24", layers).unwrap(),
+    ] {
+        let mut alone: Vec<KvCache> = vec![KvCache::new(layers); prompts.len()];
+        let mut together: Vec<KvCache> = vec![KvCache::new(layers); prompts.len()];
+        let mut steps: Vec<Vec<u32>> = prompts.clone();
+        for step in 0..3 {
+            let want: Vec<f32> = steps
+                .iter()
+                .zip(&mut alone)
+                .flat_map(|(s, c)| f.run(&plan, s, c, opts).unwrap().logits)
+                .collect();
+            let refs: Vec<&[u32]> = steps.iter().map(Vec::as_slice).collect();
+            let got = f
+                .run_many(&plan, &refs, &mut together, opts)
+                .unwrap()
+                .logits;
+            // Bit for bit with depthc's own kernel (AVX-512); elsewhere the
+            // gemm crate may block by the number of rows: float rounding.
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                assert!(
+                    want == got,
+                    "{plan} step {step}: {}",
+                    max_abs_diff(&want, &got)
+                );
+            } else {
+                assert!(max_abs_diff(&want, &got) <= 1e-4, "{plan} step {step}");
+            }
+            steps = (0..prompts.len())
+                .map(|k| vec![ids[60 + 3 * k + step]])
+                .collect();
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            let many = f.greedy_many(&plan, &prompts, 8).unwrap();
+            for (p, g) in prompts.iter().zip(&many) {
+                assert_eq!(&f.greedy(&plan, p, 8).unwrap(), g, "{plan}");
+            }
+        }
+    }
+}

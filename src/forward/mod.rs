@@ -55,6 +55,12 @@ impl KvCache {
     }
 }
 
+/// One sequence of a forward over several: its cache and its new rows.
+struct Seq<'c> {
+    cache: &'c mut KvCache,
+    t: usize,
+}
+
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -129,6 +135,23 @@ impl<'m> Forward<'m> {
         cache: &mut KvCache,
         opts: Options,
     ) -> Result<Output> {
+        self.run_many(plan, &[ids], std::slice::from_mut(cache), opts)
+    }
+
+    /// Run several sequences through `plan` at once, `ids[i]` appended to
+    /// `caches[i]`: every product reads each weight once for all of their
+    /// rows, and attention runs per sequence over its own cache. Rows of the
+    /// output follow the sequences in order ([`Logits::Last`]: one row per
+    /// sequence). Each sequence's outputs are the same bits as
+    /// [`Forward::run`] of it alone (every output of a product is its own
+    /// chain of multiply-adds, whatever the other rows).
+    pub fn run_many(
+        &self,
+        plan: &Plan,
+        ids: &[&[u32]],
+        caches: &mut [KvCache],
+        opts: Options,
+    ) -> Result<Output> {
         let cfg = &self.model.config;
         if plan.num_layers != cfg.num_hidden_layers {
             return Err(Error::Input(format!(
@@ -136,18 +159,23 @@ impl<'m> Forward<'m> {
                 plan.num_layers, cfg.num_hidden_layers
             )));
         }
-        if cache.layers.len() != cfg.num_hidden_layers {
+        assert_eq!(ids.len(), caches.len(), "one cache per sequence");
+        if caches
+            .iter()
+            .any(|c| c.layers.len() != cfg.num_hidden_layers)
+        {
             return Err(Error::Input("KV cache was made for another model".into()));
         }
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+        let all: Vec<u32> = ids.concat();
+        if let Some(&bad) = all.iter().find(|&&id| id as usize >= cfg.vocab_size) {
             return Err(Error::Input(format!(
                 "token id {bad} is outside the vocabulary of {}",
                 cfg.vocab_size
             )));
         }
         let h = cfg.hidden_size;
-        let mut x = vec![0f32; ids.len() * h];
-        for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
+        let mut x = vec![0f32; all.len() * h];
+        for (row, &id) in x.chunks_exact_mut(h).zip(&all) {
             let id = id as usize;
             self.model.embed_tokens.read_rows(id..id + 1, row);
         }
@@ -155,24 +183,54 @@ impl<'m> Forward<'m> {
             x.iter_mut().for_each(|v| *v *= s);
         }
         watch(&x, 0, "the token embedding it reads")?;
-        self.run_steps(&plan.steps, x, ids.len(), cache, opts)
+        let mut seqs: Vec<Seq> = caches
+            .iter_mut()
+            .zip(ids)
+            .map(|(cache, ids)| Seq {
+                cache,
+                t: ids.len(),
+            })
+            .collect();
+        self.run_steps(&plan.steps, x, &mut seqs, opts)
     }
 
     /// `n` greedy next tokens of `plan` after `prompt`, decoded with the KV
     /// cache (end-of-sequence tokens included, not stopped at).
     pub fn greedy(&self, plan: &Plan, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
-        let mut cache = KvCache::new(self.model.config.num_hidden_layers);
+        Ok(self
+            .greedy_many(plan, &[prompt.to_vec()], n)?
+            .pop()
+            .unwrap_or_default())
+    }
+
+    /// [`Forward::greedy`] after each of `prompts`, all decoded together: one
+    /// decode step reads the weights once for every prompt. Each prompt's
+    /// tokens are those it gets alone.
+    pub fn greedy_many(
+        &self,
+        plan: &Plan,
+        prompts: &[Vec<u32>],
+        n: usize,
+    ) -> Result<Vec<Vec<u32>>> {
+        let layers = self.model.config.num_hidden_layers;
+        let vocab = self.model.config.vocab_size;
+        let mut caches = vec![KvCache::new(layers); prompts.len()];
         let opts = Options {
             logits: Logits::Last,
             capture_residuals: false,
         };
-        let mut ids = prompt.to_vec();
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            let logits = self.run(plan, &ids, &mut cache, opts)?.logits;
-            let next = ops::argmax(&logits) as u32;
-            out.push(next);
-            ids = vec![next];
+        let mut ids: Vec<Vec<u32>> = prompts.to_vec();
+        let mut out = vec![Vec::with_capacity(n); prompts.len()];
+        for _ in 0..n {
+            let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+            let logits = self.run_many(plan, &refs, &mut caches, opts)?.logits;
+            ids = logits
+                .chunks_exact(vocab)
+                .map(|row| vec![ops::argmax(row) as u32])
+                .collect();
+            for (o, next) in out.iter_mut().zip(&ids) {
+                o.push(next[0]);
+            }
         }
         Ok(out)
     }
@@ -204,7 +262,15 @@ impl<'m> Forward<'m> {
         }
         let t = x.len() / cfg.hidden_size;
         let mut cache = KvCache::new(cfg.num_hidden_layers);
-        self.run_steps(&plan.steps[at..], x, t, &mut cache, opts)
+        self.run_steps(
+            &plan.steps[at..],
+            x,
+            &mut [Seq {
+                cache: &mut cache,
+                t,
+            }],
+            opts,
+        )
     }
 
     /// The residual stream `x [T, hidden]` after `steps` (whole steps of a
@@ -213,7 +279,17 @@ impl<'m> Forward<'m> {
     pub fn advance(&self, steps: &[crate::plan::Step], x: Vec<f32>) -> Result<Vec<f32>> {
         let t = x.len() / self.model.config.hidden_size;
         let mut cache = KvCache::new(self.model.config.num_hidden_layers);
-        Ok(self.layers(steps, x, t, &mut cache, false)?.0)
+        Ok(self
+            .layers(
+                steps,
+                x,
+                &mut [Seq {
+                    cache: &mut cache,
+                    t,
+                }],
+                false,
+            )?
+            .0)
     }
 
     /// [`Forward::advance`], keeping the stream before each step and after
@@ -225,7 +301,15 @@ impl<'m> Forward<'m> {
     ) -> Result<Vec<Vec<f32>>> {
         let t = x.len() / self.model.config.hidden_size;
         let mut cache = KvCache::new(self.model.config.num_hidden_layers);
-        let (x, mut residuals) = self.layers(steps, x, t, &mut cache, true)?;
+        let (x, mut residuals) = self.layers(
+            steps,
+            x,
+            &mut [Seq {
+                cache: &mut cache,
+                t,
+            }],
+            true,
+        )?;
         residuals.push(x);
         Ok(residuals)
     }
@@ -234,23 +318,32 @@ impl<'m> Forward<'m> {
         &self,
         steps: &[crate::plan::Step],
         x: Vec<f32>,
-        t: usize,
-        cache: &mut KvCache,
+        seqs: &mut [Seq],
         opts: Options,
     ) -> Result<Output> {
         let cfg = &self.model.config;
         let h = cfg.hidden_size;
-        let (x, mut residuals) = self.layers(steps, x, t, cache, opts.capture_residuals)?;
+        let t: usize = seqs.iter().map(|s| s.t).sum();
+        let (x, mut residuals) = self.layers(steps, x, seqs, opts.capture_residuals)?;
         if opts.capture_residuals {
             residuals.push(x.clone());
         }
         let final_hidden = rms_norm(&x, &self.model.norm, cfg.rms_norm_eps);
         let logits = match opts.logits {
             Logits::All => matmul_t(&final_hidden, t, self.model.lm_head()),
-            Logits::Last if t > 0 => {
-                matmul_t(&final_hidden[(t - 1) * h..], 1, self.model.lm_head())
+            Logits::Last => {
+                // The last row of each sequence (none of an empty one).
+                let mut end = 0;
+                let mut last = Vec::with_capacity(seqs.len() * h);
+                for s in seqs.iter() {
+                    end += s.t;
+                    if s.t > 0 {
+                        last.extend_from_slice(&final_hidden[(end - 1) * h..end * h]);
+                    }
+                }
+                matmul_t(&last, last.len() / h, self.model.lm_head())
             }
-            _ => Vec::new(),
+            Logits::None => Vec::new(),
         };
         Ok(Output {
             logits,
@@ -259,18 +352,17 @@ impl<'m> Forward<'m> {
         })
     }
 
-    /// `steps` over `x`, appending to `cache`; the stream before each step
-    /// when `capture`.
+    /// `steps` over `x` (the sequences' rows in order), appending to each
+    /// sequence's cache; the stream before each step when `capture`.
     fn layers(
         &self,
         steps: &[crate::plan::Step],
         mut x: Vec<f32>,
-        t: usize,
-        cache: &mut KvCache,
+        seqs: &mut [Seq],
         capture: bool,
     ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
         let cfg = &self.model.config;
-        let start = cache.len;
+        let t: usize = seqs.iter().map(|s| s.t).sum();
         let mut residuals = Vec::new();
         for step in steps {
             if capture {
@@ -282,7 +374,7 @@ impl<'m> Forward<'m> {
             for &l in layers {
                 let layer = &self.model.layers[l];
                 let xn = rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps);
-                let mut a = self.attention(l, &xn, t, start, &mut cache.layers[l]);
+                let mut a = self.attention(l, &xn, seqs);
                 if let Some(w) = &layer.attn_out_norm {
                     a = rms_norm(&a, w, cfg.rms_norm_eps);
                 }
@@ -303,19 +395,15 @@ impl<'m> Forward<'m> {
             }
             x = y;
         }
-        cache.len += t;
+        for s in seqs.iter_mut() {
+            s.cache.len += s.t;
+        }
         Ok((x, residuals))
     }
 
-    /// Grouped-query causal attention of one layer on normed input `xn [T, H]`.
-    fn attention(
-        &self,
-        l: usize,
-        xn: &[f32],
-        t: usize,
-        start: usize,
-        kv: &mut LayerKv,
-    ) -> Vec<f32> {
+    /// Grouped-query causal attention of one layer on normed input `xn`
+    /// (the sequences' rows in order), each sequence over its own cache.
+    fn attention(&self, l: usize, xn: &[f32], seqs: &mut [Seq]) -> Vec<f32> {
         let cfg = &self.model.config;
         let attn: &Attention = &self.model.layers[l].self_attn;
         let rope = &self.ropes[l];
@@ -324,6 +412,7 @@ impl<'m> Forward<'m> {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
+        let t: usize = seqs.iter().map(|s| s.t).sum();
         let [mut q, mut k, v]: [Vec<f32>; 3] =
             linears(xn, t, [&attn.q_proj, &attn.k_proj, &attn.v_proj]);
         // Qwen3: RMS norm over each head (rows of head_dim), before the rotation.
@@ -333,9 +422,40 @@ impl<'m> Forward<'m> {
         if let Some(w) = &attn.k_norm {
             k = rms_norm(&k, w, cfg.rms_norm_eps);
         }
-        rope.apply(&mut q, nh, &mut k, nkv, start);
-        kv.k.extend_from_slice(&k);
-        kv.v.extend_from_slice(&v);
+        let (qw, kvw) = (nh * hd, nkv * hd);
+        let mut merged = vec![0f32; t * qw];
+        let mut row = 0;
+        for seq in seqs.iter_mut() {
+            let (start, n) = (seq.cache.len, seq.t);
+            let q = &mut q[row * qw..(row + n) * qw];
+            let k = &mut k[row * kvw..(row + n) * kvw];
+            rope.apply(q, nh, k, nkv, start);
+            let kv = &mut seq.cache.layers[l];
+            kv.k.extend_from_slice(k);
+            kv.v.extend_from_slice(&v[row * kvw..(row + n) * kvw]);
+            self.attend(l, q, n, start, kv, &mut merged[row * qw..(row + n) * qw]);
+            row += n;
+        }
+        linear(&merged, t, &attn.o_proj)
+    }
+
+    /// One sequence's `t` query rows `q [t, heads * hd]` (positions from
+    /// `start`) against its cached keys and values: `merged [t, heads * hd]`.
+    fn attend(
+        &self,
+        l: usize,
+        q: &[f32],
+        t: usize,
+        start: usize,
+        kv: &LayerKv,
+        merged: &mut [f32],
+    ) {
+        let cfg = &self.model.config;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let s = start + t;
         let (qw, kvw) = (nh * hd, nkv * hd);
         let group = nh / nkv;
@@ -411,14 +531,12 @@ impl<'m> Forward<'m> {
                 out
             })
             .collect();
-        let mut merged = vec![0f32; t * qw];
         for (&(head, r0), out) in tasks.iter().zip(&blocks) {
             for (i, row) in out.chunks_exact(hd).enumerate() {
                 let at = (r0 + i) * qw + head * hd;
                 merged[at..at + hd].copy_from_slice(row);
             }
         }
-        linear(&merged, t, &attn.o_proj)
     }
 }
 

@@ -114,10 +114,7 @@ impl HeldOut {
     /// after each prompt.
     pub fn new(reference: &Forward, prompts: Vec<Vec<u32>>, tokens: usize) -> Result<HeldOut> {
         let original = Plan::sequential(reference.model.config.num_hidden_layers);
-        let original = prompts
-            .iter()
-            .map(|p| reference.greedy(&original, p, tokens))
-            .collect::<Result<Vec<_>>>()?;
+        let original = reference.greedy_many(&original, &prompts, tokens)?;
         Ok(HeldOut {
             prompts,
             tokens,
@@ -137,11 +134,8 @@ impl HeldOut {
         forward: &Forward,
         plan: &Plan,
     ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
-        self.prompts
-            .iter()
-            .zip(&self.original)
-            .map(|(p, o)| Ok((o.clone(), forward.greedy(plan, p, self.tokens)?)))
-            .collect()
+        let generated = forward.greedy_many(plan, &self.prompts, self.tokens)?;
+        Ok(self.original.iter().cloned().zip(generated).collect())
     }
 }
 
