@@ -37,9 +37,10 @@ pub struct Cli {
     /// the checkpoint's stored form (BF16, F16, Q8_0, Q4_K, Q6_K, ...) and are
     /// widened when used; the first that fit this budget are kept, the rest
     /// widened again each time (less memory, more time). A model whose float32
-    /// weights fit runs as if loaded whole
-    #[arg(long, global = true, value_name = "MIB", default_value_t = depthc::model::DEFAULT_WIDEN_BUDGET >> 20)]
-    pub weight_cache: usize,
+    /// weights fit runs as if loaded whole. Default: half of the memory
+    /// available when the command starts (at least 1024)
+    #[arg(long, global = true, value_name = "MIB")]
+    pub weight_cache: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]

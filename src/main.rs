@@ -22,7 +22,12 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    let weight_cache = depthc::model::WeightCache::new(cli.weight_cache.saturating_mul(1 << 20));
+    let weight_cache = WeightCache::new(
+        cli.weight_cache
+            .map_or_else(WeightCache::budget_for_this_machine, |mib| {
+                mib.saturating_mul(1 << 20)
+            }),
+    );
     depthc::output::remove_partial_outputs_on_interrupt();
     // The command runs on a worker of the thread pool, so that a parallel
     // part wakes one other thread, not all of them while this one sleeps.

@@ -22,6 +22,15 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Memory the kernel could give this process now without swapping
+/// (Linux `MemAvailable`); `None` where it does not say.
+pub fn available_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// The median of `v` (the mean of the middle two for an even count; NaN
 /// when empty).
 pub fn median(v: &[f64]) -> f64 {

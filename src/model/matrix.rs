@@ -36,6 +36,19 @@ pub struct WeightCache {
 }
 
 impl WeightCache {
+    /// The budget for the machine at hand: half of the memory available
+    /// now ([`crate::measure::available_memory_bytes`]), at least
+    /// [`DEFAULT_WIDEN_BUDGET`]; [`DEFAULT_WIDEN_BUDGET`] where the kernel
+    /// does not say. Weights are kept only as they are used, so a model
+    /// smaller than this keeps just its own size.
+    pub fn budget_for_this_machine() -> usize {
+        crate::measure::available_memory_bytes().map_or(DEFAULT_WIDEN_BUDGET, |b| {
+            usize::try_from(b / 2)
+                .unwrap_or(usize::MAX)
+                .max(DEFAULT_WIDEN_BUDGET)
+        })
+    }
+
     pub fn new(budget_bytes: usize) -> Arc<WeightCache> {
         Arc::new(WeightCache {
             budget: budget_bytes,
