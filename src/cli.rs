@@ -443,6 +443,34 @@ pub enum DeviceArg {
     Cuda,
 }
 
+/// Healing of a plan's parallel groups (`--heal`).
+#[derive(Debug, Clone, Args)]
+pub struct HealArgs {
+    /// Heal each parallel group of the plan: a least-squares correction of
+    /// its summed MLP output towards its layers run in turn, fitted on
+    /// calibration text and folded into its down_proj weights (no new
+    /// operator, the same cost); a group it does not improve on held-out
+    /// calibration windows is left as it was
+    #[arg(long)]
+    pub heal: bool,
+    /// Ridge strength of the fit, relative to the mean diagonal of X^T X.
+    #[arg(long, default_value_t = depthc::heal::HealOptions::default().ridge)]
+    pub heal_ridge: f64,
+}
+
+/// The calibration text healing fits on, for commands without search flags.
+#[derive(Debug, Clone, Args)]
+pub struct HealCalibArgs {
+    /// With --heal: calibration input, repeatable (as `search --calib`);
+    /// default: the built-in text. `emit --heal` and `validate --heal` of the
+    /// same model need the same --calib and --max-tokens.
+    #[arg(long)]
+    pub calib: Vec<PathBuf>,
+    /// With --heal: calibration tokens used at most (windows of 256).
+    #[arg(long, default_value_t = 8192)]
+    pub max_tokens: usize,
+}
+
 #[derive(Debug, Args)]
 pub struct EmitArgs {
     /// Model directory or .gguf file.
@@ -537,6 +565,10 @@ pub struct EvalArgs {
     /// Score only the first N docs of each --task.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+    #[command(flatten)]
+    pub heal: HealArgs,
+    #[command(flatten)]
+    pub heal_calib: HealCalibArgs,
     /// Layers to run in parallel: `20-21,22-23` (explicit groups) or `20..24`
     /// (the range [20, 24) split into adjacent pairs). Empty: the original model.
     #[arg(long)]

@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod forward;
 pub mod graph;
+pub mod heal;
 pub mod measure;
 pub mod model;
 pub mod onnx;

@@ -140,3 +140,52 @@ pub fn summary_json(report: &depthc::report::SearchReport) -> serde_json::Value 
         "search_forward_multiple": report.timings.search_forward_multiple,
     })
 }
+
+/// `model` with `plan`'s groups healed as `--heal` asks, the fit's report
+/// printed to stderr.
+pub fn heal(
+    model: &Model,
+    model_path: &Path,
+    tokenizer: Option<&depthc::checkpoint::tokenizer::Tokenizer>,
+    plan: &depthc::plan::Plan,
+    args: &HealArgs,
+    calib: &HealCalibArgs,
+) -> Result<Model> {
+    let pb = spinner(&format!("healing {plan}"));
+    let (healed, report) = depthc::heal::heal_on(
+        model,
+        model_path,
+        tokenizer,
+        plan,
+        &depthc::heal::HealCalibration {
+            calib: &calib.calib,
+            seq_len: depthc::pipeline::SearchConfig::default().seq_len,
+            max_tokens: calib.max_tokens,
+        },
+        depthc::heal::HealOptions {
+            ridge: args.heal_ridge,
+        },
+        &pb,
+    )?;
+    pb.finish_and_clear();
+    print_heal(&report);
+    Ok(healed)
+}
+
+/// One line per group healed, on stderr (stdout may be JSON).
+pub fn print_heal(report: &depthc::heal::HealReport) {
+    for g in &report.groups {
+        let layers: Vec<String> = g.layers.iter().map(|l| l.to_string()).collect();
+        eprintln!(
+            "heal           group {}: held-out deviation {:.4} -> {:.4} ({}, {} ridge {}, {} fit / {} held-out tokens)",
+            layers.join("-"),
+            g.deviation_before,
+            g.deviation_after,
+            if g.applied { "applied" } else { "left as it was" },
+            g.kind,
+            g.ridge,
+            g.fit_tokens,
+            g.held_out_tokens
+        );
+    }
+}

@@ -142,16 +142,30 @@ pub fn eval(a: EvalArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
         (_, Some(_)) => Some(Plan::sequential(layers)),
         _ => None,
     };
-    // The candidate: the plan on the float weights, or the weights `emit
-    // --dtype int4` writes for the plan.
+    // --heal: the plan's groups healed on the calibration text (before int4,
+    // which then quantises the healed matrices).
+    let healed = match (&candidate_plan, a.heal.heal) {
+        (Some(p), true) => Some(super::heal(
+            &model,
+            &a.model,
+            Some(&tokenizer),
+            p,
+            &a.heal,
+            &a.heal_calib,
+        )?),
+        _ => None,
+    };
+    // The candidate: the plan on the float (or healed) weights, or the
+    // weights `emit --dtype int4` writes for the plan.
     let quantised = match (int4, &candidate_plan) {
         (Some(q), Some(p)) => {
             let form = emit_options(a.form, a.dtype, a.int4, OpsArg::Portable).form;
-            Some(depthc::graph::lp::weights_as_emitted(&model, p, form, Some(q))?.into_owned())
+            let from = healed.as_ref().unwrap_or(&model);
+            Some(depthc::graph::lp::weights_as_emitted(from, p, form, Some(q))?.into_owned())
         }
         _ => None,
     };
-    let candidate_forward = quantised.as_ref().map(Forward::new);
+    let candidate_forward = quantised.as_ref().or(healed.as_ref()).map(Forward::new);
     let candidate = candidate_plan
         .as_ref()
         .map(|p| (candidate_forward.as_ref().unwrap_or(&forward), p));

@@ -166,23 +166,7 @@ impl<'m> Forward<'m> {
         {
             return Err(Error::Input("KV cache was made for another model".into()));
         }
-        let all: Vec<u32> = ids.concat();
-        if let Some(&bad) = all.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-            return Err(Error::Input(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                cfg.vocab_size
-            )));
-        }
-        let h = cfg.hidden_size;
-        let mut x = vec![0f32; all.len() * h];
-        for (row, &id) in x.chunks_exact_mut(h).zip(&all) {
-            let id = id as usize;
-            self.model.embed_tokens.read_rows(id..id + 1, row);
-        }
-        if let Some(s) = cfg.embed_scale {
-            x.iter_mut().for_each(|v| *v *= s);
-        }
-        watch(&x, 0, "the token embedding it reads")?;
+        let x = self.embed(&ids.concat())?;
         let mut seqs: Vec<Seq> = caches
             .iter_mut()
             .zip(ids)
@@ -192,6 +176,29 @@ impl<'m> Forward<'m> {
             })
             .collect();
         self.run_steps(&plan.steps, x, &mut seqs, opts)
+    }
+
+    /// The residual stream entering the first layer: the token embedding
+    /// of `ids` (scaled where the family scales it).
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let cfg = &self.model.config;
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                cfg.vocab_size
+            )));
+        }
+        let h = cfg.hidden_size;
+        let mut x = vec![0f32; ids.len() * h];
+        for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
+            let id = id as usize;
+            self.model.embed_tokens.read_rows(id..id + 1, row);
+        }
+        if let Some(s) = cfg.embed_scale {
+            x.iter_mut().for_each(|v| *v *= s);
+        }
+        watch(&x, 0, "the token embedding it reads")?;
+        Ok(x)
     }
 
     /// `n` greedy next tokens of `plan` after `prompt`, decoded with the KV
@@ -292,6 +299,26 @@ impl<'m> Forward<'m> {
             .0)
     }
 
+    /// The residual stream after each half of one `step` entering with
+    /// `x [T, hidden]`: `h` after its attention sublayers and `y` after its
+    /// MLP sublayers (healing fits the MLP half's output, `y - h`).
+    pub fn advance_halves(
+        &self,
+        step: &crate::plan::Step,
+        x: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let t = x.len() / self.model.config.hidden_size;
+        let mut cache = KvCache::new(self.model.config.num_hidden_layers);
+        self.step(
+            step,
+            x,
+            &mut [Seq {
+                cache: &mut cache,
+                t,
+            }],
+        )
+    }
+
     /// [`Forward::advance`], keeping the stream before each step and after
     /// the last.
     pub fn advance_capturing(
@@ -361,44 +388,56 @@ impl<'m> Forward<'m> {
         seqs: &mut [Seq],
         capture: bool,
     ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
-        let cfg = &self.model.config;
-        let t: usize = seqs.iter().map(|s| s.t).sum();
         let mut residuals = Vec::new();
         for step in steps {
             if capture {
                 residuals.push(x.clone());
             }
-            let layers = step.layers();
-            // Attention sublayers all read x.
-            let mut hsum = x.clone();
-            for &l in layers {
-                let layer = &self.model.layers[l];
-                let xn = rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps);
-                let mut a = self.attention(l, &xn, seqs);
-                if let Some(w) = &layer.attn_out_norm {
-                    a = rms_norm(&a, w, cfg.rms_norm_eps);
-                }
-                add_assign(&mut hsum, &a);
-                watch(&hsum, l, "self_attn")?;
-            }
-            // MLP sublayers all read h.
-            let mut y = hsum.clone();
-            for &l in layers {
-                let layer: &DecoderLayer = &self.model.layers[l];
-                let hn = rms_norm(&hsum, &layer.post_attention_layernorm, cfg.rms_norm_eps);
-                let mut m = mlp(&layer.mlp, &hn, t, cfg.activation);
-                if let Some(w) = &layer.mlp_out_norm {
-                    m = rms_norm(&m, w, cfg.rms_norm_eps);
-                }
-                add_assign(&mut y, &m);
-                watch(&y, l, "mlp")?;
-            }
-            x = y;
+            x = self.step(step, &x, seqs)?.1;
         }
         for s in seqs.iter_mut() {
             s.cache.len += s.t;
         }
         Ok((x, residuals))
+    }
+
+    /// One step of a plan over the residual `x`: its attention sublayers
+    /// all read `x` (`h = x + sum Attn_i`), then its MLP sublayers all read
+    /// `h` (`y = h + sum MLP_i`). Returns `(h, y)`.
+    fn step(
+        &self,
+        step: &crate::plan::Step,
+        x: &[f32],
+        seqs: &mut [Seq],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let cfg = &self.model.config;
+        let t: usize = seqs.iter().map(|s| s.t).sum();
+        let layers = step.layers();
+        // Attention sublayers all read x.
+        let mut hsum = x.to_vec();
+        for &l in layers {
+            let layer = &self.model.layers[l];
+            let xn = rms_norm(x, &layer.input_layernorm, cfg.rms_norm_eps);
+            let mut a = self.attention(l, &xn, seqs);
+            if let Some(w) = &layer.attn_out_norm {
+                a = rms_norm(&a, w, cfg.rms_norm_eps);
+            }
+            add_assign(&mut hsum, &a);
+            watch(&hsum, l, "self_attn")?;
+        }
+        // MLP sublayers all read h.
+        let mut y = hsum.clone();
+        for &l in layers {
+            let layer: &DecoderLayer = &self.model.layers[l];
+            let hn = rms_norm(&hsum, &layer.post_attention_layernorm, cfg.rms_norm_eps);
+            let mut m = mlp(&layer.mlp, &hn, t, cfg.activation);
+            if let Some(w) = &layer.mlp_out_norm {
+                m = rms_norm(&m, w, cfg.rms_norm_eps);
+            }
+            add_assign(&mut y, &m);
+            watch(&y, l, "mlp")?;
+        }
+        Ok((hsum, y))
     }
 
     /// Grouped-query causal attention of one layer on normed input `xn`
