@@ -257,6 +257,9 @@ pub struct CompileArgs {
     pub force: bool,
     #[command(flatten)]
     pub search: SearchFlags,
+    /// `--heal`: fitted on the search's --calib text (up to --max-tokens).
+    #[command(flatten)]
+    pub heal: HealArgs,
     /// How parallel groups are written; `auto` emits both, benchmarks each against
     /// the unmodified model and keeps the faster on --workload.
     #[arg(long, value_enum, default_value_t = AutoFormArg::Auto)]
@@ -473,6 +476,10 @@ pub struct HealCalibArgs {
 
 #[derive(Debug, Args)]
 pub struct EmitArgs {
+    #[command(flatten)]
+    pub heal: HealArgs,
+    #[command(flatten)]
+    pub heal_calib: HealCalibArgs,
     /// Model directory or .gguf file.
     pub model: PathBuf,
     /// Layers to run in parallel (`20-21,22-23` or `20..24`); none or empty: the
@@ -497,6 +504,12 @@ pub struct EmitArgs {
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
+    /// A model emitted with --heal: heal the reference the same way (the same
+    /// --calib and --max-tokens).
+    #[command(flatten)]
+    pub heal: HealArgs,
+    #[command(flatten)]
+    pub heal_calib: HealCalibArgs,
     /// Directory written by `depthc emit`.
     pub dir: PathBuf,
     /// The checkpoint it was emitted from (directory or .gguf file).

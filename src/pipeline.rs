@@ -428,6 +428,9 @@ pub struct CompileOptions {
     pub runs: usize,
     /// Replace an existing output directory (once the new one is complete).
     pub force: bool,
+    /// Heal the chosen plan's groups on the search's calibration text before
+    /// emitting it (the baseline stays the unmodified model).
+    pub heal: Option<crate::heal::HealOptions>,
 }
 
 impl Default for CompileOptions {
@@ -449,6 +452,7 @@ impl Default for CompileOptions {
             batch: 1,
             runs: 3,
             force: false,
+            heal: None,
         }
     }
 }
@@ -501,8 +505,34 @@ pub fn compile(
     })?;
     let mut report = searched.report.clone();
     let chosen = report.chosen_plan.clone();
+    let healed = match opts.heal {
+        Some(h) => {
+            let s = &opts.search;
+            let pb = progress.bar("heal   {bar:30} {pos}/{len} window steps, {eta} left");
+            let (model, r) = timed(&stages, "heal".into(), || {
+                crate::heal::heal_on(
+                    &searched.model,
+                    model_path,
+                    searched.tokenizer.as_ref(),
+                    &chosen,
+                    &crate::heal::HealCalibration {
+                        calib: &s.calib,
+                        seq_len: s.seq_len,
+                        max_tokens: s.max_tokens,
+                    },
+                    h,
+                    &pb,
+                )
+            })?;
+            pb.finish_and_clear();
+            report.healing = Some(r);
+            Some(model)
+        }
+        None => None,
+    };
     let candidates = Candidates {
         model: &searched.model,
+        compiled_model: healed.as_ref().unwrap_or(&searched.model),
         source: Source {
             path: model_path,
             tokenizer: searched.tokenizer.as_ref(),
@@ -552,7 +582,10 @@ pub fn compile(
 
 /// What `compile` emits, validates and benchmarks its candidates with.
 struct Candidates<'a> {
+    /// The unmodified model (the baselines).
     model: &'a Model,
+    /// The model the chosen plan is emitted from (healed with `--heal`).
+    compiled_model: &'a Model,
     source: Source<'a>,
     /// The prefill of every validation.
     prompt: Vec<u32>,
@@ -605,6 +638,7 @@ impl Candidates<'_> {
             let base_dir = work.join(format!("baseline-{}", ops.name()));
             let label = format!("baseline {}", ops.name());
             let base_v = self.emit_checked(
+                self.model,
                 &base_dir,
                 &Plan::sequential(layers),
                 Form::Fused,
@@ -621,7 +655,7 @@ impl Candidates<'_> {
                 written.push(form);
                 let name = format!("{}-{}", ops.name(), form.name());
                 let dir = work.join(&name);
-                let v = self.emit_checked(&dir, chosen, form, ops, &name)?;
+                let v = self.emit_checked(self.compiled_model, &dir, chosen, form, ops, &name)?;
                 let r = self.bench(&base_dir, &dir, &name)?;
                 candidates.push(CandidateSpeed {
                     form: form.name().to_string(),
@@ -643,6 +677,7 @@ impl Candidates<'_> {
     /// Emit one model to `path` and check it against the reference forward.
     fn emit_checked(
         &self,
+        model: &Model,
         path: &Path,
         plan: &Plan,
         form: Form,
@@ -657,9 +692,10 @@ impl Candidates<'_> {
             float: self.opts.float,
             ops,
             int4: self.opts.int4,
+            healed: !std::ptr::eq(model, self.model),
         };
         timed(self.stages, format!("emit {label}"), || {
-            package::emit(self.model, plan, &self.source, &emit, path, &pb)
+            package::emit(model, plan, &self.source, &emit, path, &pb)
         })?;
         pb.finish_and_clear();
         let sp = self.progress.spinner(&format!("validate {label}"));
@@ -668,7 +704,7 @@ impl Candidates<'_> {
         let results = timed(self.stages, format!("validate {label}"), || {
             validate_emitted(
                 &Emitted::open(path)?,
-                self.model,
+                model,
                 &self.prompt,
                 self.opts.steps,
                 None,

@@ -112,6 +112,7 @@ fn onnx_runtime_matches_the_reference_in_both_forms() {
                         float: ElemType::F32,
                         ops,
                         int4: None,
+                        healed: false,
                     },
                     &out,
                     &ProgressBar::hidden(),

@@ -127,6 +127,7 @@ fn onnx_runtime_and_genai_match_the_reference() {
                 float: ElemType::F32,
                 ops,
                 int4: None,
+                healed: false,
             },
             &out,
             &indicatif::ProgressBar::hidden(),

@@ -68,6 +68,7 @@ fn both_forms_and_op_sets_validate_and_generate_in_int4() {
                     float: ElemType::F32,
                     ops,
                     int4: Some(int4),
+                    healed: false,
                 },
                 &out,
                 &ProgressBar::hidden(),

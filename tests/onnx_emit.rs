@@ -46,6 +46,7 @@ fn emit_to(
             float,
             ops: depthc::graph::Ops::Portable,
             int4: None,
+            healed: false,
         },
         &out,
         &ProgressBar::hidden(),
@@ -349,6 +350,7 @@ fn ort_ops_match_the_reference_and_genai() {
                 float: ElemType::F32,
                 ops: Ops::Ort,
                 int4: None,
+                healed: false,
             },
             &out,
             &ProgressBar::hidden(),
@@ -414,6 +416,7 @@ fn bound_decode_generates_the_reference_tokens() {
             float: ElemType::F32,
             ops,
             int4: None,
+            healed: false,
         };
         let source = Source {
             path: &ckpt.path,

@@ -162,6 +162,7 @@ fn two_pairs_validate_in_onnx_runtime_and_generate_in_genai() {
             float: ElemType::F16,
             ops: depthc::graph::Ops::Portable,
             int4: None,
+            healed: false,
         };
         emit(
             &q.model,
@@ -237,6 +238,7 @@ fn two_pairs_in_int4_validate_in_both_forms_and_op_sets() {
                 float: ElemType::F32,
                 ops,
                 int4: Some(Int4::default()),
+                healed: false,
             };
             emit(
                 &q.model,
@@ -280,6 +282,7 @@ fn two_pairs_in_int4_validate_in_both_forms_and_op_sets() {
         float: ElemType::F32,
         ops: depthc::graph::Ops::Portable,
         int4: Some(exact),
+        healed: false,
     };
     emit(
         &q.model,

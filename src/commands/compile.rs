@@ -162,6 +162,9 @@ pub fn compile_command(a: CompileArgs, weight_cache: &Arc<WeightCache>) -> Resul
         batch: a.batch,
         runs: a.runs,
         force: a.force,
+        heal: a.heal.heal.then_some(depthc::heal::HealOptions {
+            ridge: a.heal.heal_ridge,
+        }),
     };
     let compiled = pipeline::compile(&a.model, &a.output, &opts, &Terminal)?;
     let report = &compiled.report;
@@ -192,6 +195,9 @@ pub fn compile_command(a: CompileArgs, weight_cache: &Arc<WeightCache>) -> Resul
         return Ok(());
     }
     print_search_summary(report);
+    if let Some(h) = &report.healing {
+        super::print_heal(h);
+    }
     for (name, v) in validations {
         println!(
             "validated      {name}: logits max abs {:.2e}, greedy tokens {}",

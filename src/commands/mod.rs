@@ -100,6 +100,7 @@ pub fn emit_options(
         },
         float: float_of(dtype),
         int4: int4_of(dtype, int4),
+        healed: false,
     }
 }
 
@@ -136,6 +137,7 @@ pub fn summary_json(report: &depthc::report::SearchReport) -> serde_json::Value 
         "eval": report.eval,
         "tasks": report.tasks,
         "accuracy_retained": report.accuracy_retained,
+        "healing": report.healing,
         "candidates": report.candidates.len(),
         "search_forward_multiple": report.timings.search_forward_multiple,
     })

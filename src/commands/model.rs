@@ -377,6 +377,7 @@ pub fn bench_forward(a: BenchForwardArgs, weight_cache: &Arc<WeightCache>) -> Re
                 form: depthc::graph::Form::Fused,
                 float: depthc::graph::ElemType::F32,
                 int4: None,
+                healed: false,
             },
             &out,
             &ProgressBar::hidden(),

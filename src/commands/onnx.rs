@@ -25,7 +25,23 @@ pub fn emit(a: EmitArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
     let pb = spinner(&format!("loading {}", a.model.display()));
     let model = Model::load(&ckpt.source, &ckpt.config, weight_cache)?;
     pb.finish_and_clear();
-    let opts = emit_options(a.form, a.dtype, a.int4, a.ops);
+    let mut opts = emit_options(a.form, a.dtype, a.int4, a.ops);
+    let model = if a.heal.heal {
+        if plan.is_sequential() {
+            bail!("--heal heals a plan's parallel groups: give --plan");
+        }
+        opts.healed = true;
+        super::heal(
+            &model,
+            &a.model,
+            ckpt.tokenizer.as_ref(),
+            &plan,
+            &a.heal,
+            &a.heal_calib,
+        )?
+    } else {
+        model
+    };
     let progress = bar(0, "emit {bar:30} {pos}/{len} weights, {eta} left")?;
     let t0 = Instant::now();
     let written = package::emit(
@@ -105,6 +121,26 @@ pub fn validate(a: ValidateArgs, weight_cache: &Arc<WeightCache>) -> Result<()> 
     };
     let pb = spinner(&format!("loading {}", a.model.display()));
     let model = Model::load(&ckpt.source, &ckpt.config, weight_cache)?;
+    let model = match (emitted.healed, a.heal.heal) {
+        (true, true) => super::heal(
+            &model,
+            &a.model,
+            ckpt.tokenizer.as_ref(),
+            &emitted.plan,
+            &a.heal,
+            &a.heal_calib,
+        )?,
+        (false, false) => model,
+        (true, false) => bail!(
+            "{} was emitted with --heal: pass --heal with the --calib and --max-tokens it was \
+             emitted with, so that the reference heals the same way",
+            a.dir.display()
+        ),
+        (false, true) => bail!(
+            "{} was emitted without --heal: validate it without --heal",
+            a.dir.display()
+        ),
+    };
     drop(ckpt);
     pb.set_message(format!("validating {}", emitted.model_path.display()));
     let tolerance = (a.tolerance.is_some() || a.rel_tolerance.is_some()).then_some(Tolerance {

@@ -116,6 +116,8 @@ pub const WEIGHTS: &str = "depthc.weights";
 pub const INT4_BLOCK_SIZE: &str = "depthc.int4.block_size";
 pub const INT4_ACCURACY_LEVEL: &str = "depthc.int4.accuracy_level";
 pub const INT4_SOURCE: &str = "depthc.int4.source";
+/// `true` when the plan's groups were healed (`--heal`); absent otherwise.
+pub const HEALED: &str = "depthc.healed";
 
 /// What an emitted model was written with: the plan, the form its groups are
 /// in, its float type, its op set and its 4-bit weight settings.
@@ -126,6 +128,8 @@ pub struct Metadata {
     pub float: ElemType,
     pub ops: Ops,
     pub int4: Option<Int4>,
+    /// The groups' down_proj weights carry a healing correction.
+    pub healed: bool,
 }
 
 impl Metadata {
@@ -142,6 +146,9 @@ impl Metadata {
             v.push((INT4_BLOCK_SIZE, q.block_size.to_string()));
             v.push((INT4_ACCURACY_LEVEL, q.accuracy_level.to_string()));
             v.push((INT4_SOURCE, q.source.name().to_string()));
+        }
+        if self.healed {
+            v.push((HEALED, "true".to_string()));
         }
         v
     }
@@ -204,12 +211,18 @@ impl Metadata {
             }
             Some(v) => return Err(bad(WEIGHTS, format!("`{v}` is not int4"))),
         };
+        let healed = match get(HEALED) {
+            None => false,
+            Some("true") => true,
+            Some(v) => return Err(bad(HEALED, format!("`{v}` is not true"))),
+        };
         Ok(Metadata {
             plan,
             form,
             float,
             ops,
             int4,
+            healed,
         })
     }
 }
@@ -246,6 +259,7 @@ mod tests {
                     float,
                     ops,
                     int4,
+                    healed: int4.is_some(),
                 };
                 let back = Metadata::parse(&entries(&m), 8, Path::new("m.onnx")).unwrap();
                 assert_eq!(back, m);
@@ -265,6 +279,7 @@ mod tests {
                 accuracy_level: 4,
                 source: Int4Source::Rtn,
             }),
+            healed: true,
         };
         let file = Path::new("dir/model.onnx");
         for (key, value, says) in [
@@ -278,6 +293,7 @@ mod tests {
             (INT4_SOURCE, Some("awq"), "`awq` is not one of rtn, gguf"),
             (INT4_BLOCK_SIZE, Some("x"), "`x` is not a whole number"),
             (WEIGHTS, Some("int8"), "`int8` is not int4"),
+            (HEALED, Some("yes"), "`yes` is not true"),
         ] {
             let mut e = entries(&m);
             e.retain(|(k, _)| k != key);

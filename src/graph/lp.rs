@@ -224,6 +224,7 @@ pub fn build<'m>(
     ops: Ops,
     float: ElemType,
     int4: Option<Int4>,
+    healed: bool,
 ) -> Graph<'m> {
     assert!(
         int4.is_none() || model.int4_block_size() == int4.map(|q| q.block_size),
@@ -244,6 +245,7 @@ pub fn build<'m>(
         float,
         ops,
         int4,
+        healed,
     };
     for (key, value) in metadata.entries() {
         b.metadata(key, value);

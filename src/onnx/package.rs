@@ -51,6 +51,8 @@ pub struct EmitOptions {
     pub ops: Ops,
     /// 4-bit linear weights (`MatMulNBits`), or the float type's.
     pub int4: Option<Int4>,
+    /// The model's groups were healed (recorded in the metadata).
+    pub healed: bool,
 }
 
 /// Where the model came from: its tokenizer files are copied or built.
@@ -81,7 +83,15 @@ fn fill(
 ) -> Result<Written> {
     let cfg = &model.config;
     let model = &*graph::lp::weights_as_emitted(model, plan, opts.form, opts.int4)?;
-    let graph = graph::build(model, plan, opts.form, opts.ops, opts.float, opts.int4);
+    let graph = graph::build(
+        model,
+        plan,
+        opts.form,
+        opts.ops,
+        opts.float,
+        opts.int4,
+        opts.healed,
+    );
     let written = write(&graph, &dir.join(MODEL_FILE), progress)?;
     drop(graph);
     link_for_transformers_js(dir)?;

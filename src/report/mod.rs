@@ -118,6 +118,9 @@ pub struct SearchReport {
     /// The chosen plan's accuracy retained, averaged over the tasks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accuracy_retained: Option<f64>,
+    /// `compile --heal`: what healing did to each group of the chosen plan.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub healing: Option<crate::heal::HealReport>,
     pub activation_cache: CacheSection,
     pub timings: Timings,
     /// `depthc compile`: ONNX Runtime against the reference, per emitted model.
@@ -192,6 +195,7 @@ impl SearchReport {
             eval,
             tasks: Vec::new(),
             accuracy_retained: None,
+            healing: None,
             activation_cache: CacheSection {
                 memory_bytes: outcome.cache_memory_bytes,
                 disk_bytes: outcome.cache_disk_bytes,
@@ -225,6 +229,7 @@ impl SearchReport {
         self.md_header(&mut s);
         self.md_chosen(&mut s);
         self.md_tasks(&mut s);
+        self.md_healing(&mut s);
         self.md_best_by_pairs(&mut s);
         self.md_greedy_against_contiguous(&mut s);
         self.md_cost(&mut s);
@@ -330,6 +335,34 @@ impl SearchReport {
                 100.0 * r
             );
         }
+    }
+
+    /// `compile --heal`: each group's held-out deviation before and after.
+    fn md_healing(&self, s: &mut String) {
+        let Some(h) = &self.healing else {
+            return;
+        };
+        let _ = writeln!(
+            s,
+            "## Healing\n\nEach group's summed MLP output corrected towards its layers run in turn \
+             (least squares on {} calibration windows, {} held out), folded into its down_proj \
+             weights.\n\n| group | kind | ridge | held-out deviation before | after | applied |\n|---|---|---|---|---|---|",
+            h.fit_windows, h.held_out_windows
+        );
+        for g in &h.groups {
+            let layers: Vec<String> = g.layers.iter().map(|l| l.to_string()).collect();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.4} | {:.4} | {} |",
+                layers.join("-"),
+                g.kind,
+                g.ridge,
+                g.deviation_before,
+                g.deviation_after,
+                if g.applied { "yes" } else { "no" }
+            );
+        }
+        let _ = writeln!(s);
     }
 
     /// The best plan of each pair count, with its generation agreement when measured.

@@ -143,6 +143,8 @@ pub struct Emitted {
     pub ops: Ops,
     /// Its 4-bit weight settings (`depthc.weights` = `int4`), if any.
     pub int4: Option<Int4>,
+    /// Its groups were healed (`depthc.healed`).
+    pub healed: bool,
 }
 
 impl Emitted {
@@ -163,6 +165,7 @@ impl Emitted {
             float,
             ops,
             int4,
+            healed,
         } = Metadata::parse(&metadata, config.num_hidden_layers, &model_path)?;
         Ok(Emitted {
             model_path,
@@ -172,6 +175,7 @@ impl Emitted {
             float,
             ops,
             int4,
+            healed,
         })
     }
 
