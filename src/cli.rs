@@ -175,6 +175,10 @@ pub struct SearchArgs {
     pub output: PathBuf,
     #[command(flatten)]
     pub flags: SearchFlags,
+    /// `--heal`: every plan of the front is also healed on the calibration
+    /// text and measured again (perplexity on --eval, generation, --task).
+    #[command(flatten)]
+    pub heal: HealArgs,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,

@@ -85,6 +85,9 @@ pub struct SearchConfig {
     /// every pair count's best plan are scored on, and docs of each at most.
     pub tasks: Vec<String>,
     pub task_limit: Option<usize>,
+    /// Heal every plan of the front on the calibration windows and measure
+    /// it again (`search --heal`).
+    pub heal: Option<crate::heal::HealOptions>,
 }
 
 impl Default for SearchConfig {
@@ -105,6 +108,7 @@ impl Default for SearchConfig {
             weight_cache: crate::model::DEFAULT_WIDEN_BUDGET,
             tasks: Vec::new(),
             task_limit: None,
+            heal: None,
         }
     }
 }
@@ -193,10 +197,10 @@ pub fn search(
     bar.finish_and_clear();
     let t_eval = Instant::now();
     let mut outcome = outcome;
-    let eval = held_out_eval(&forward, &mut outcome, &eval_texts, progress)?;
+    let (eval, held_out) = held_out_eval(&forward, &mut outcome, &eval_texts, progress)?;
     let eval_s = t_eval.elapsed().as_secs_f64();
     let t_tasks = Instant::now();
-    let task_sections = task_eval(
+    let (task_sections, task_runs) = task_eval(
         &forward,
         &mut outcome,
         &tasks,
@@ -205,6 +209,21 @@ pub fn search(
         progress,
     )?;
     let tasks_s = t_tasks.elapsed().as_secs_f64();
+    let t_heal = Instant::now();
+    if let Some(h) = f.heal {
+        healed_front(
+            &model,
+            &mut outcome,
+            &calibration.windows,
+            &eval_texts,
+            held_out.as_ref(),
+            &task_runs,
+            h,
+            progress,
+        )?;
+    }
+    let heal_s = t_heal.elapsed().as_secs_f64();
+    drop(task_runs);
     let timings = Timings {
         load_s,
         one_forward_s: outcome.timings.one_forward_s,
@@ -213,6 +232,7 @@ pub fn search(
         strategy_forward_multiples: outcome.timings.strategy_forward_multiples.clone(),
         eval_s,
         tasks_s,
+        heal_s,
         total_s: t0.elapsed().as_secs_f64(),
     };
     let mut report = SearchReport::new(
@@ -294,9 +314,9 @@ fn held_out_eval(
     outcome: &mut search::SearchOutcome,
     eval_texts: &[(String, Vec<Vec<u32>>)],
     progress: &dyn Progress,
-) -> Result<Vec<EvalSection>> {
+) -> Result<(Vec<EvalSection>, Option<search::HeldOut>)> {
     Ok(if eval_texts.is_empty() {
-        Vec::new()
+        (Vec::new(), None)
     } else {
         // Perplexity on each text, the original's generation on the
         // held-out prompts of all of them, then every plan's.
@@ -326,11 +346,12 @@ fn held_out_eval(
         bar.inc(1);
         for b in &mut outcome.best_by_pairs {
             b.generation = Some(held_out.agreement(forward, &b.plan)?);
+            b.perplexity = perplexities_of(forward, &b.plan, eval_texts)?;
             bar.inc(1);
         }
         let chosen = held_out.continuations(forward, &outcome.chosen.plan)?;
         bar.finish_and_clear();
-        eval_texts
+        let sections = eval_texts
             .iter()
             .zip(perplexities)
             .zip(ranges)
@@ -342,23 +363,91 @@ fn held_out_eval(
                 perplexity_after: r.perplexity,
                 generation: search::Agreement::of(&chosen[range]),
             })
-            .collect()
+            .collect();
+        (sections, Some(held_out))
     })
+}
+
+/// `plan`'s perplexity on each held-out text.
+fn perplexities_of(
+    forward: &Forward,
+    plan: &Plan,
+    eval_texts: &[(String, Vec<Vec<u32>>)],
+) -> Result<Vec<f64>> {
+    eval_texts
+        .iter()
+        .map(|(_, w)| {
+            Ok(search::evaluate(forward, Some(plan), w, &ProgressBar::hidden())?.perplexity)
+        })
+        .collect()
+}
+
+/// `search --heal`: each plan of the front healed on the calibration
+/// windows and measured again on what was measured unhealed (held-out
+/// perplexity, generation agreement, task accuracy).
+#[allow(clippy::too_many_arguments)]
+fn healed_front(
+    model: &Model,
+    outcome: &mut search::SearchOutcome,
+    windows: &[Vec<u32>],
+    eval_texts: &[(String, Vec<Vec<u32>>)],
+    held_out: Option<&search::HeldOut>,
+    task_runs: &[TaskRun],
+    opts: crate::heal::HealOptions,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let bar = progress.bar("heal   {msg:>12} {bar:30} {pos}/{len} plans, {eta} left");
+    bar.set_length(outcome.best_by_pairs.len() as u64);
+    let mut done: Vec<(Plan, search::HealedScores)> = Vec::new();
+    for b in &mut outcome.best_by_pairs {
+        bar.set_message(format!("{} pairs", b.pairs));
+        if let Some((_, h)) = done.iter().find(|(p, _)| *p == b.plan) {
+            b.healed = Some(h.clone());
+            bar.inc(1);
+            continue;
+        }
+        let (healed, report) =
+            crate::heal::heal(model, &b.plan, windows, opts, &ProgressBar::hidden())?;
+        let f = Forward::new(&healed);
+        let tasks = task_runs
+            .iter()
+            .map(|run| {
+                let accuracy = run.accuracy(&f, &b.plan, &ProgressBar::hidden())?;
+                Ok(Retained {
+                    task: run.task.name.clone(),
+                    retained: run.retained(&accuracy),
+                    accuracy,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let h = search::HealedScores {
+            groups_applied: report.groups.iter().filter(|g| g.applied).count(),
+            perplexity: perplexities_of(&f, &b.plan, eval_texts)?,
+            generation: held_out.map(|h| h.agreement(&f, &b.plan)).transpose()?,
+            accuracy_retained: search::tasks::mean_retained(tasks.iter().map(|t| t.retained)),
+            tasks,
+        };
+        done.push((b.plan.clone(), h.clone()));
+        b.healed = Some(h);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(())
 }
 
 /// Accuracy on each `--task` of the original, the chosen plan and the
 /// best plan of every pair count (recorded in `outcome`); each plan scored
 /// once.
-fn task_eval(
+fn task_eval<'t>(
     forward: &Forward,
     outcome: &mut search::SearchOutcome,
-    tasks: &[Task],
+    tasks: &'t [Task],
     tokenizer: Option<&Tokenizer>,
     limit: Option<usize>,
     progress: &dyn Progress,
-) -> Result<Vec<TaskSection>> {
+) -> Result<(Vec<TaskSection>, Vec<TaskRun<'t>>)> {
     let Some(tokenizer) = tokenizer.filter(|_| !tasks.is_empty()) else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     };
     let bar = progress.bar("tasks  {msg:>12} {bar:30} {pos}/{len} docs, {eta} left");
     bar.set_message("original");
@@ -392,7 +481,7 @@ fn task_eval(
         b.accuracy_retained = search::tasks::mean_retained(b.tasks.iter().map(|t| t.retained));
     }
     bar.finish_and_clear();
-    Ok(runs
+    let sections = runs
         .iter()
         .zip(chosen)
         .map(|(run, c)| TaskSection {
@@ -404,7 +493,8 @@ fn task_eval(
             chosen: c.accuracy,
             retained: c.retained,
         })
-        .collect())
+        .collect();
+    Ok((sections, runs))
 }
 
 /// What `compile` does besides the search.

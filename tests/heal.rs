@@ -135,3 +135,57 @@ fn compile_heal_reports_each_group() {
     let md = std::fs::read_to_string(out.join("report/search-report.md")).unwrap();
     assert!(md.contains("## Healing"), "{md}");
 }
+
+#[test]
+fn search_heal_measures_every_front_plan_healed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let (model, hamlet, macbeth) = (
+        real_model_path(),
+        text_path("hamlet_gut.txt"),
+        text_path("macbeth_gut.txt"),
+    );
+    let (code, _, stderr) = depthc(&[
+        "search",
+        s(&model),
+        "-o",
+        s(&out),
+        "--calib",
+        s(&macbeth),
+        "--max-tokens",
+        "2048",
+        "--pairs",
+        "2",
+        "--strategy",
+        "greedy",
+        "--eval",
+        s(&hamlet),
+        "--eval-windows",
+        "2",
+        "--task",
+        "arc_easy",
+        "--task-limit",
+        "10",
+        "--heal",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("search-report.json")).unwrap())
+            .unwrap();
+    for b in report["best_by_pairs"].as_array().unwrap() {
+        let h = &b["healed"];
+        assert_eq!(h["perplexity"].as_array().unwrap().len(), 1, "{b}");
+        assert_eq!(b["perplexity"].as_array().unwrap().len(), 1, "{b}");
+        assert!(h["generation"]["equal_fraction"].as_f64().is_some(), "{b}");
+        assert!(h["accuracy_retained"].as_f64().is_some(), "{b}");
+        // Healing changes the plan only where a group improved.
+        if h["groups_applied"] == 0 {
+            assert_eq!(h["perplexity"], b["perplexity"], "{b}");
+        }
+    }
+    let schema =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas/search-report.schema.json");
+    common::run_python("check_report.py", &[s(&out), s(&schema)]);
+    let md = std::fs::read_to_string(out.join("search-report.md")).unwrap();
+    assert!(md.contains("healed: perplexity"), "{md}");
+}

@@ -20,6 +20,7 @@ fn search_config(f: &SearchFlags, weight_cache: &WeightCache) -> SearchConfig {
         weight_cache: weight_cache.budget(),
         tasks: f.task.clone(),
         task_limit: f.task_limit,
+        heal: None,
         calib: f.calib.clone(),
         seq_len: f.seq_len,
         max_tokens: f.max_tokens,
@@ -109,7 +110,11 @@ fn print_search_summary(report: &depthc::report::SearchReport) {
 
 pub fn search_command(a: SearchArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
     depthc::output::check_output(&a.output, false, false)?;
-    let searched = pipeline::search(&a.model, &search_config(&a.flags, weight_cache), &Terminal)?;
+    let mut config = search_config(&a.flags, weight_cache);
+    config.heal = a.heal.heal.then_some(depthc::heal::HealOptions {
+        ridge: a.heal.heal_ridge,
+    });
+    let searched = pipeline::search(&a.model, &config, &Terminal)?;
     let report = &searched.report;
     depthc::output::new_directory(&a.output, |dir| report.write(dir))?;
     if a.json {

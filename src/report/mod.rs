@@ -68,6 +68,8 @@ pub struct Timings {
     pub eval_s: f64,
     /// Task accuracy of the original, the chosen plan and the front.
     pub tasks_s: f64,
+    /// `search --heal`: healing every plan of the front and measuring it.
+    pub heal_s: f64,
     pub total_s: f64,
 }
 
@@ -384,12 +386,30 @@ impl SearchReport {
         } else {
             ("", "")
         };
+        let with_perplexity = self.best_by_pairs.iter().any(|b| !b.perplexity.is_empty());
+        let healed_front = self.best_by_pairs.iter().any(|b| b.healed.is_some());
+        let (p_head, p_rule) = if with_perplexity {
+            (" perplexity |", "---|")
+        } else {
+            ("", "")
+        };
+        let (h_head, h_rule) = if healed_front {
+            (
+                " healed: perplexity | healed: greedy tokens equal | healed: accuracy retained |",
+                "---|---|---|",
+            )
+        } else {
+            ("", "")
+        };
         let _ = writeln!(
             s,
-            "| pairs | depth | strategy | plan | {} | windows |{head}{task_head}",
+            "| pairs | depth | strategy | plan | {} | windows |{p_head}{head}{task_head}{h_head}",
             m.name()
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|{rule}{task_rule}");
+        let _ = writeln!(
+            s,
+            "|---|---|---|---|---|---|{p_rule}{rule}{task_rule}{h_rule}"
+        );
         for b in &self.best_by_pairs {
             let generation = b.generation.as_ref().map_or(String::new(), |g| {
                 format!(
@@ -403,9 +423,34 @@ impl SearchReport {
                 (true, None) => " |".to_string(),
                 _ => String::new(),
             };
+            let healed = match (healed_front, &b.healed) {
+                (true, Some(h)) => format!(
+                    " {} | {} | {} |",
+                    h.perplexity
+                        .first()
+                        .map_or("-".into(), |p| format!("{p:.3}")),
+                    h.generation
+                        .as_ref()
+                        .map_or("-".into(), |g| format!("{:.1}%", 100.0 * g.equal_fraction)),
+                    h.accuracy_retained
+                        .map_or("-".into(), |r| format!("{:.1}%", 100.0 * r))
+                ),
+                (true, None) => " | | |".to_string(),
+                _ => String::new(),
+            };
+            let perplexity = if with_perplexity {
+                format!(
+                    " {} |",
+                    b.perplexity
+                        .first()
+                        .map_or("-".into(), |p| format!("{p:.3}"))
+                )
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | `{}` | {:.6} | {} |{generation}{retained}",
+                "| {} | {} | {} | `{}` | {:.6} | {} |{perplexity}{generation}{retained}{healed}",
                 b.pairs,
                 self.depth_before - b.pairs,
                 b.strategy.name(),
@@ -766,7 +811,7 @@ impl SearchReport {
             root.fill(&WHITE)?;
             let mut c = ChartBuilder::on(&root)
                 .caption(
-                    "best plan of each depth: accuracy retained (solid), greedy tokens equal (dashed)",
+                    "best plan of each depth: accuracy retained (dots; healed: crosses), greedy tokens equal (dashed)",
                     ("sans-serif", 16),
                 )
                 .margin(12)
@@ -797,6 +842,12 @@ impl SearchReport {
                 let generation = of(&|b| b.generation.as_ref().map(|g| g.equal_fraction));
                 if generation.len() > 1 {
                     c.draw_series(DashedLineSeries::new(generation, 4, 4, colour.into()))?;
+                }
+                // search --heal: the same plans healed, crosses.
+                let healed = of(&|b| b.healed.as_ref().and_then(|h| h.accuracy_retained));
+                if healed.len() > 1 {
+                    c.draw_series(LineSeries::new(healed.clone(), colour.mix(0.5)))?;
+                    c.draw_series(healed.iter().map(|&p| Cross::new(p, 4, colour)))?;
                 }
             }
             c.configure_series_labels()

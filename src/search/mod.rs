@@ -267,6 +267,28 @@ pub struct BestAtPairs {
     /// Their mean.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accuracy_retained: Option<f64>,
+    /// Perplexity on each `--eval` text, in their order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub perplexity: Vec<f64>,
+    /// `search --heal`: the same measures of the plan healed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub healed: Option<HealedScores>,
+}
+
+/// A front plan healed on the calibration windows, measured again.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealedScores {
+    /// Groups whose correction was folded in (the others did not improve
+    /// on held-out calibration windows).
+    pub groups_applied: usize,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub perplexity: Vec<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<Agreement>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<tasks::Retained>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy_retained: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -404,6 +426,8 @@ fn best_by_pairs(candidates: &[strategy::Candidate], opts: &SearchOptions) -> Ve
                     generation: None,
                     tasks: Vec::new(),
                     accuracy_retained: None,
+                    perplexity: Vec::new(),
+                    healed: None,
                 });
             }
         }
