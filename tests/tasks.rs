@@ -88,6 +88,17 @@ fn smollm2_matches_transformers_on_arc_easy_and_hellaswag() {
     matches_golden(&real_model_path(), &fixture("tasks/golden_smollm2.json"));
 }
 
+/// About 10 minutes on 2 cores (200 docs of a 1.5B model): a slower check,
+/// `cargo test --release --test tasks -- --ignored` (docs/TESTING.md).
+#[test]
+#[ignore]
+fn qwen2_5_matches_transformers_on_arc_easy_and_hellaswag() {
+    matches_golden(
+        &common::qwen2_5_path(),
+        &fixture("tasks/golden_qwen2.5.json"),
+    );
+}
+
 fn depthc(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_depthc"))
         .args(args)

@@ -18,7 +18,7 @@ pub fn spinner(msg: &str) -> ProgressBar {
     let pb = if std::io::stderr().is_terminal() {
         ProgressBar::new_spinner()
     } else {
-        ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden())
+        ProgressBar::with_draw_target(None, plain_lines())
     };
     pb.set_message(msg.to_string());
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
@@ -26,13 +26,78 @@ pub fn spinner(msg: &str) -> ProgressBar {
 }
 
 pub fn bar(len: u64, template: &str) -> Result<ProgressBar> {
-    Ok(if std::io::stderr().is_terminal() {
-        let pb = ProgressBar::new(len);
-        pb.set_style(ProgressStyle::with_template(template)?);
-        pb
+    let pb = if std::io::stderr().is_terminal() {
+        ProgressBar::new(len)
     } else {
-        ProgressBar::hidden()
-    })
+        ProgressBar::with_draw_target(Some(len), plain_lines())
+    };
+    pb.set_style(ProgressStyle::with_template(template)?);
+    Ok(pb)
+}
+
+/// Where progress goes when stderr is not a terminal (a log, CI): a plain
+/// line now and then instead of a bar redrawn in place.
+fn plain_lines() -> ProgressDrawTarget {
+    ProgressDrawTarget::term_like_with_hz(Box::new(PlainLines::default()), 1)
+}
+
+/// A progress line on stderr at most every [`PlainLines::EVERY`], the first
+/// once the work has taken that long (quick work and errors print nothing
+/// more), and only when it says something new.
+#[derive(Debug)]
+struct PlainLines {
+    last: std::sync::Mutex<(std::time::Instant, String)>,
+}
+
+impl Default for PlainLines {
+    fn default() -> Self {
+        PlainLines {
+            last: std::sync::Mutex::new((std::time::Instant::now(), String::new())),
+        }
+    }
+}
+
+impl PlainLines {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+}
+
+impl indicatif::TermLike for PlainLines {
+    fn width(&self) -> u16 {
+        100
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        let line = s.trim_end();
+        if line.is_empty() {
+            return Ok(());
+        }
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.1 != line && last.0.elapsed() >= Self::EVERY {
+            eprintln!("{line}");
+            *last = (std::time::Instant::now(), line.to_string());
+        }
+        Ok(())
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.write_line(s)
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Open a checkpoint and load its weights as f32, then release the mapping.

@@ -1,13 +1,12 @@
 //! `inspect`, `eval`, `convert`, `bench-forward`: the checkpoint and the reference forward.
 
-use std::io::IsTerminal;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use std::sync::Arc;
 
 use depthc::model::WeightCache;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde_json::json;
 
 use crate::cli::*;
@@ -241,17 +240,6 @@ pub fn eval(a: EvalArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A progress bar on a terminal, nothing elsewhere.
-fn bar(len: u64, template: &str) -> Result<ProgressBar> {
-    Ok(if std::io::stderr().is_terminal() {
-        let pb = ProgressBar::new(len);
-        pb.set_style(ProgressStyle::with_template(template)?);
-        pb
-    } else {
-        ProgressBar::hidden()
-    })
 }
 
 /// The mean of the tasks' retained accuracy (with a candidate).

