@@ -345,8 +345,8 @@ fn held_out_eval(
         let held_out = search::HeldOut::new(forward, prompts, search::HELD_OUT_GENERATED_TOKENS)?;
         bar.inc(1);
         for b in &mut outcome.best_by_pairs {
-            b.generation = Some(held_out.agreement(forward, &b.plan)?);
-            b.perplexity = perplexities_of(forward, &b.plan, eval_texts)?;
+            b.quality.generation = Some(held_out.agreement(forward, &b.plan)?);
+            b.quality.perplexity = perplexities_of(forward, &b.plan, eval_texts)?;
             bar.inc(1);
         }
         let chosen = held_out.continuations(forward, &outcome.chosen.plan)?;
@@ -422,10 +422,12 @@ fn healed_front(
             .collect::<Result<Vec<_>>>()?;
         let h = search::HealedScores {
             groups_applied: report.groups.iter().filter(|g| g.applied).count(),
-            perplexity: perplexities_of(&f, &b.plan, eval_texts)?,
-            generation: held_out.map(|h| h.agreement(&f, &b.plan)).transpose()?,
-            accuracy_retained: search::tasks::mean_retained(tasks.iter().map(|t| t.retained)),
-            tasks,
+            quality: search::Quality {
+                perplexity: perplexities_of(&f, &b.plan, eval_texts)?,
+                generation: held_out.map(|h| h.agreement(&f, &b.plan)).transpose()?,
+                accuracy_retained: search::tasks::mean_retained(tasks.iter().map(|t| t.retained)),
+                tasks,
+            },
         };
         done.push((b.plan.clone(), h.clone()));
         b.healed = Some(h);
@@ -477,8 +479,9 @@ fn task_eval<'t>(
     };
     let chosen = score(&outcome.chosen.plan)?;
     for b in &mut outcome.best_by_pairs {
-        b.tasks = score(&b.plan)?;
-        b.accuracy_retained = search::tasks::mean_retained(b.tasks.iter().map(|t| t.retained));
+        b.quality.tasks = score(&b.plan)?;
+        b.quality.accuracy_retained =
+            search::tasks::mean_retained(b.quality.tasks.iter().map(|t| t.retained));
     }
     bar.finish_and_clear();
     let sections = runs

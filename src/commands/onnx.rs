@@ -121,12 +121,12 @@ pub fn validate(a: ValidateArgs, weight_cache: &Arc<WeightCache>) -> Result<()> 
     };
     let pb = spinner(&format!("loading {}", a.model.display()));
     let model = Model::load(&ckpt.source, &ckpt.config, weight_cache)?;
-    let model = match (emitted.healed, a.heal.heal) {
+    let model = match (emitted.metadata.healed, a.heal.heal) {
         (true, true) => super::heal(
             &model,
             &a.model,
             ckpt.tokenizer.as_ref(),
-            &emitted.plan,
+            &emitted.metadata.plan,
             &a.heal,
             &a.heal_calib,
         )?,
@@ -282,7 +282,7 @@ pub fn bench_command(a: BenchArgs) -> Result<()> {
     use depthc::runtime::Emitted;
     let ea = Emitted::open(&a.a)?;
     let eb = Emitted::open(&a.b)?;
-    if ea.config.vocab_size != eb.config.vocab_size || ea.float != eb.float {
+    if ea.config.vocab_size != eb.config.vocab_size || ea.metadata.float != eb.metadata.float {
         bail!(
             "{} and {} are not the same model in the same dtype",
             a.a.display(),

@@ -371,7 +371,10 @@ impl SearchReport {
     fn md_best_by_pairs(&self, s: &mut String) {
         let m = self.metric;
         let _ = writeln!(s, "## Best plan for each pair count ({})\n", m.name());
-        let front = self.best_by_pairs.iter().any(|b| b.generation.is_some());
+        let front = self
+            .best_by_pairs
+            .iter()
+            .any(|b| b.quality.generation.is_some());
         let (head, rule) = if front {
             (" greedy tokens equal | first difference |", "---|---|")
         } else {
@@ -380,13 +383,16 @@ impl SearchReport {
         let tasks = self
             .best_by_pairs
             .iter()
-            .any(|b| b.accuracy_retained.is_some());
+            .any(|b| b.quality.accuracy_retained.is_some());
         let (task_head, task_rule) = if tasks {
             (" accuracy retained |", "---|")
         } else {
             ("", "")
         };
-        let with_perplexity = self.best_by_pairs.iter().any(|b| !b.perplexity.is_empty());
+        let with_perplexity = self
+            .best_by_pairs
+            .iter()
+            .any(|b| !b.quality.perplexity.is_empty());
         let healed_front = self.best_by_pairs.iter().any(|b| b.healed.is_some());
         let (p_head, p_rule) = if with_perplexity {
             (" perplexity |", "---|")
@@ -411,14 +417,14 @@ impl SearchReport {
             "|---|---|---|---|---|---|{p_rule}{rule}{task_rule}{h_rule}"
         );
         for b in &self.best_by_pairs {
-            let generation = b.generation.as_ref().map_or(String::new(), |g| {
+            let generation = b.quality.generation.as_ref().map_or(String::new(), |g| {
                 format!(
                     " {:.1}% | {:.1} |",
                     100.0 * g.equal_fraction,
                     g.mean_first_difference
                 )
             });
-            let retained = match (tasks, b.accuracy_retained) {
+            let retained = match (tasks, b.quality.accuracy_retained) {
                 (true, Some(r)) => format!(" {:.1}% |", 100.0 * r),
                 (true, None) => " |".to_string(),
                 _ => String::new(),
@@ -426,13 +432,16 @@ impl SearchReport {
             let healed = match (healed_front, &b.healed) {
                 (true, Some(h)) => format!(
                     " {} | {} | {} |",
-                    h.perplexity
+                    h.quality
+                        .perplexity
                         .first()
                         .map_or("-".into(), |p| format!("{p:.3}")),
-                    h.generation
+                    h.quality
+                        .generation
                         .as_ref()
                         .map_or("-".into(), |g| format!("{:.1}%", 100.0 * g.equal_fraction)),
-                    h.accuracy_retained
+                    h.quality
+                        .accuracy_retained
                         .map_or("-".into(), |r| format!("{:.1}%", 100.0 * r))
                 ),
                 (true, None) => " | | |".to_string(),
@@ -441,7 +450,8 @@ impl SearchReport {
             let perplexity = if with_perplexity {
                 format!(
                     " {} |",
-                    b.perplexity
+                    b.quality
+                        .perplexity
                         .first()
                         .map_or("-".into(), |p| format!("{p:.3}"))
                 )
@@ -800,8 +810,8 @@ impl SearchReport {
             .iter()
             .flat_map(|b| {
                 [
-                    b.accuracy_retained,
-                    b.generation.as_ref().map(|g| g.equal_fraction),
+                    b.quality.accuracy_retained,
+                    b.quality.generation.as_ref().map(|g| g.equal_fraction),
                 ]
             })
             .flatten()
@@ -834,17 +844,17 @@ impl SearchReport {
                         )
                         .collect()
                 };
-                let acc = of(&|b| b.accuracy_retained);
+                let acc = of(&|b| b.quality.accuracy_retained);
                 c.draw_series(LineSeries::new(acc.clone(), colour))?
                     .label(st.name())
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
                 c.draw_series(acc.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
-                let generation = of(&|b| b.generation.as_ref().map(|g| g.equal_fraction));
+                let generation = of(&|b| b.quality.generation.as_ref().map(|g| g.equal_fraction));
                 if generation.len() > 1 {
                     c.draw_series(DashedLineSeries::new(generation, 4, 4, colour.into()))?;
                 }
                 // search --heal: the same plans healed, crosses.
-                let healed = of(&|b| b.healed.as_ref().and_then(|h| h.accuracy_retained));
+                let healed = of(&|b| b.healed.as_ref().and_then(|h| h.quality.accuracy_retained));
                 if healed.len() > 1 {
                     c.draw_series(LineSeries::new(healed.clone(), colour.mix(0.5)))?;
                     c.draw_series(healed.iter().map(|&p| Cross::new(p, 4, colour)))?;

@@ -19,9 +19,7 @@ use ort::value::{DynValue, Tensor};
 
 use crate::checkpoint::ModelConfig;
 use crate::graph::contract::{self, Metadata};
-use crate::graph::{ElemType, Form, Ops};
-use crate::model::int4::Int4;
-use crate::plan::Plan;
+use crate::graph::ElemType;
 use crate::{Error, Result};
 use half::f16;
 
@@ -130,21 +128,12 @@ fn environment(opts: &RuntimeOptions) -> Result<&'static Environment> {
     env.as_ref().map_err(|e| Error::Runtime(e.clone()))
 }
 
-/// A directory written by `depthc emit`: its config, plan and float type.
+/// A directory written by `depthc emit`: its config and what it was
+/// written with (plan, form, float type, op set, int4, healing).
 pub struct Emitted {
     pub model_path: PathBuf,
     pub config: ModelConfig,
-    /// The plan recorded in the model's `depthc.plan` metadata.
-    pub plan: Plan,
-    /// The form its groups were written in (`depthc.form`).
-    pub form: Form,
-    pub float: ElemType,
-    /// The op set it was written with (`depthc.ops`).
-    pub ops: Ops,
-    /// Its 4-bit weight settings (`depthc.weights` = `int4`), if any.
-    pub int4: Option<Int4>,
-    /// Its groups were healed (`depthc.healed`).
-    pub healed: bool,
+    pub metadata: Metadata,
 }
 
 impl Emitted {
@@ -159,28 +148,16 @@ impl Emitted {
         }
         let metadata = crate::onnx::read_metadata(&model_path)?;
         let config = ModelConfig::from_hf_dir(dir)?;
-        let Metadata {
-            plan,
-            form,
-            float,
-            ops,
-            int4,
-            healed,
-        } = Metadata::parse(&metadata, config.num_hidden_layers, &model_path)?;
+        let metadata = Metadata::parse(&metadata, config.num_hidden_layers, &model_path)?;
         Ok(Emitted {
             model_path,
             config,
-            plan,
-            form,
-            float,
-            ops,
-            int4,
-            healed,
+            metadata,
         })
     }
 
     pub fn session(&self, opts: &RuntimeOptions) -> Result<DecoderSession> {
-        DecoderSession::open(&self.model_path, &self.config, self.float, opts)
+        DecoderSession::open(&self.model_path, &self.config, self.metadata.float, opts)
     }
 
     /// A session of this graph with its `MatMulNBits` at accuracy level 0
@@ -188,7 +165,7 @@ impl Emitted {
     /// it loads is removed again once the session holds it.
     pub fn session_at_accuracy_level_zero(&self, opts: &RuntimeOptions) -> Result<DecoderSession> {
         let path = crate::onnx::at_accuracy_level_zero(&self.model_path)?;
-        let session = DecoderSession::open(&path, &self.config, self.float, opts);
+        let session = DecoderSession::open(&path, &self.config, self.metadata.float, opts);
         std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
         session
     }

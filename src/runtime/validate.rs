@@ -344,9 +344,13 @@ pub fn validate_emitted(
     opts: &super::RuntimeOptions,
 ) -> Result<Vec<(String, Validation)>> {
     use crate::graph::lp::weights_as_emitted;
-    let plan = &emitted.plan;
-    let mut written = weights_as_emitted(model, plan, emitted.form, emitted.int4)?;
-    let tol = tolerance.unwrap_or(Tolerance::default_for(emitted.float, emitted.int4));
+    let plan = &emitted.metadata.plan;
+    let mut written =
+        weights_as_emitted(model, plan, emitted.metadata.form, emitted.metadata.int4)?;
+    let tol = tolerance.unwrap_or(Tolerance::default_for(
+        emitted.metadata.float,
+        emitted.metadata.int4,
+    ));
     let mut session = emitted.session(opts)?;
     let v = validate(
         &mut session,
@@ -359,7 +363,7 @@ pub fn validate_emitted(
     // The twin opens once this session is gone.
     drop(session);
     let mut out = vec![(String::new(), v)];
-    if let Some(q) = emitted.int4.filter(|q| q.accuracy_level != 0) {
+    if let Some(q) = emitted.metadata.int4.filter(|q| q.accuracy_level != 0) {
         let exact = Int4 {
             accuracy_level: 0,
             ..q
@@ -367,7 +371,7 @@ pub fn validate_emitted(
         let mut twin = emitted.session_at_accuracy_level_zero(opts)?;
         // The same 4-bit weights (an owned model: int4), computed in float32.
         written.to_mut().set_accuracy_level(0);
-        let tol = tolerance.unwrap_or(Tolerance::default_for(emitted.float, Some(exact)));
+        let tol = tolerance.unwrap_or(Tolerance::default_for(emitted.metadata.float, Some(exact)));
         let v = validate(&mut twin, &Forward::new(&written), plan, prompt, steps, tol)?;
         out.push(("accuracy level 0".to_string(), v));
     }

@@ -256,23 +256,32 @@ pub struct BestAtPairs {
     pub value: f64,
     /// Calibration windows `value` is measured on.
     pub windows: usize,
+    /// Generation agreement, perplexity and task accuracy retained: the
+    /// depth/quality front, where measured.
+    #[serde(flatten)]
+    pub quality: Quality,
+    /// `search --heal`: the same measures of the plan healed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub healed: Option<HealedScores>,
+}
+
+/// What a plan keeps of the original on held-out text and tasks.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Quality {
     /// Greedy generation against the original's on the `--eval` texts'
-    /// held-out prompts (the depth/quality front), when there are some.
+    /// held-out prompts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation: Option<Agreement>,
-    /// Accuracy retained on each `--task` (the candidate's primary metric
-    /// over the original's), when there are some.
+    /// Perplexity on each `--eval` text, in their order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub perplexity: Vec<f64>,
+    /// Accuracy retained on each `--task` (the plan's primary metric over
+    /// the original's).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tasks: Vec<tasks::Retained>,
     /// Their mean.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accuracy_retained: Option<f64>,
-    /// Perplexity on each `--eval` text, in their order.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub perplexity: Vec<f64>,
-    /// `search --heal`: the same measures of the plan healed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub healed: Option<HealedScores>,
 }
 
 /// A front plan healed on the calibration windows, measured again.
@@ -281,14 +290,8 @@ pub struct HealedScores {
     /// Groups whose correction was folded in (the others did not improve
     /// on held-out calibration windows).
     pub groups_applied: usize,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub perplexity: Vec<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub generation: Option<Agreement>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub tasks: Vec<tasks::Retained>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub accuracy_retained: Option<f64>,
+    #[serde(flatten)]
+    pub quality: Quality,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -423,10 +426,7 @@ fn best_by_pairs(candidates: &[strategy::Candidate], opts: &SearchOptions) -> Ve
                     plan: c.plan.clone(),
                     value: metric.of(&c.scores),
                     windows: c.windows,
-                    generation: None,
-                    tasks: Vec::new(),
-                    accuracy_retained: None,
-                    perplexity: Vec::new(),
+                    quality: Quality::default(),
                     healed: None,
                 });
             }
