@@ -480,10 +480,6 @@ pub struct HealCalibArgs {
 
 #[derive(Debug, Args)]
 pub struct EmitArgs {
-    #[command(flatten)]
-    pub heal: HealArgs,
-    #[command(flatten)]
-    pub heal_calib: HealCalibArgs,
     /// Model directory or .gguf file.
     pub model: PathBuf,
     /// Layers to run in parallel (`20-21,22-23` or `20..24`); none or empty: the
@@ -504,16 +500,14 @@ pub struct EmitArgs {
     pub dtype: OnnxDtype,
     #[command(flatten)]
     pub int4: Int4Args,
-}
-
-#[derive(Debug, Args)]
-pub struct ValidateArgs {
-    /// A model emitted with --heal: heal the reference the same way (the same
-    /// --calib and --max-tokens).
     #[command(flatten)]
     pub heal: HealArgs,
     #[command(flatten)]
     pub heal_calib: HealCalibArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
     /// Directory written by `depthc emit`.
     pub dir: PathBuf,
     /// The checkpoint it was emitted from (directory or .gguf file).
@@ -551,6 +545,12 @@ pub struct ValidateArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// A model emitted with --heal: heal the reference the same way (the same
+    /// --calib and --max-tokens).
+    #[command(flatten)]
+    pub heal: HealArgs,
+    #[command(flatten)]
+    pub heal_calib: HealCalibArgs,
 }
 
 #[derive(Debug, Args)]
