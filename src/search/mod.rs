@@ -480,10 +480,11 @@ fn choose(
             let c = best_with(candidates, want, metric, None).ok_or_else(|| {
                 Error::Input(format!("no strategy produced a plan with {want} pairs"))
             })?;
+            let n = opts.strategies.len();
             let reason = format!(
-                "the best {} of every {want}-pair plan scored ({} strategies: {})",
+                "the best {} of every {want}-pair plan scored ({n} {}: {})",
                 metric.name(),
-                opts.strategies.len(),
+                if n == 1 { "strategy" } else { "strategies" },
                 opts.strategies
                     .iter()
                     .map(|s| s.name())
