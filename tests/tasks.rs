@@ -7,9 +7,10 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{fixture, load, real_model_path};
+use common::{fixture, load_with_cache, real_model_path};
 use depthc::checkpoint::setup_caches;
 use depthc::forward::Forward;
+use depthc::model::WeightCache;
 use depthc::plan::Plan;
 use depthc::search::tasks::{encode, log_likelihoods, Accuracy, Task};
 use indicatif::ProgressBar;
@@ -20,7 +21,10 @@ use serde_json::Value;
 /// tokens, and the same accuracy both ways.
 fn matches_golden(model_path: &Path, golden: &Path) {
     let golden: Value = serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap();
-    let (ckpt, model) = load(model_path);
+    // Every weight kept widened where the machine has room (a 1.5B model's
+    // 7 GB): each doc is several forwards.
+    let cache = WeightCache::new(WeightCache::budget_for_this_machine());
+    let (ckpt, model) = load_with_cache(model_path, &cache);
     let tokenizer = ckpt.tokenizer.as_ref().unwrap();
     let forward = Forward::new(&model);
     let plan = Plan::sequential(model.config.num_hidden_layers);
