@@ -465,6 +465,20 @@ pub struct HealArgs {
     pub heal_ridge: f64,
 }
 
+impl HealArgs {
+    /// How the fit is made (`--heal-ridge`).
+    pub fn fit(&self) -> depthc::heal::HealOptions {
+        depthc::heal::HealOptions {
+            ridge: self.heal_ridge,
+        }
+    }
+
+    /// The healing `--heal` asks for, if it does.
+    pub fn options(&self) -> Option<depthc::heal::HealOptions> {
+        self.heal.then(|| self.fit())
+    }
+}
+
 /// The calibration text healing fits on, for commands without search flags.
 #[derive(Debug, Clone, Args)]
 pub struct HealCalibArgs {

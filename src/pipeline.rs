@@ -346,7 +346,12 @@ fn held_out_eval(
         bar.inc(1);
         for b in &mut outcome.best_by_pairs {
             b.quality.generation = Some(held_out.agreement(forward, &b.plan)?);
-            b.quality.perplexity = perplexities_of(forward, &b.plan, eval_texts)?;
+            // The chosen plan's was measured above.
+            b.quality.perplexity = if b.plan == outcome.chosen.plan {
+                perplexities.iter().map(|r| r.perplexity).collect()
+            } else {
+                perplexities_of(forward, &b.plan, eval_texts)?
+            };
             bar.inc(1);
         }
         let chosen = held_out.continuations(forward, &outcome.chosen.plan)?;
@@ -376,9 +381,7 @@ fn perplexities_of(
 ) -> Result<Vec<f64>> {
     eval_texts
         .iter()
-        .map(|(_, w)| {
-            Ok(search::evaluate(forward, Some(plan), w, &ProgressBar::hidden())?.perplexity)
-        })
+        .map(|(_, w)| search::perplexity(forward, plan, w))
         .collect()
 }
 
@@ -411,14 +414,7 @@ fn healed_front(
         let f = Forward::new(&healed);
         let tasks = task_runs
             .iter()
-            .map(|run| {
-                let accuracy = run.accuracy(&f, &b.plan, &ProgressBar::hidden())?;
-                Ok(Retained {
-                    task: run.task.name.clone(),
-                    retained: run.retained(&accuracy),
-                    accuracy,
-                })
-            })
+            .map(|run| run.score(&f, &b.plan, &ProgressBar::hidden()))
             .collect::<Result<Vec<_>>>()?;
         let h = search::HealedScores {
             groups_applied: report.groups.iter().filter(|g| g.applied).count(),
@@ -465,14 +461,7 @@ fn task_eval<'t>(
         bar.set_message(format!("{} pairs", plan.groups().count()));
         let r = runs
             .iter()
-            .map(|run| {
-                let accuracy = run.accuracy(forward, plan, &bar)?;
-                Ok(Retained {
-                    task: run.task.name.clone(),
-                    retained: run.retained(&accuracy),
-                    accuracy,
-                })
-            })
+            .map(|run| run.score(forward, plan, &bar))
             .collect::<Result<Vec<_>>>()?;
         scored.push((plan.clone(), r.clone()));
         Ok(r)

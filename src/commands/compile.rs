@@ -111,9 +111,7 @@ fn print_search_summary(report: &depthc::report::SearchReport) {
 pub fn search_command(a: SearchArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
     depthc::output::check_output(&a.output, false, false)?;
     let mut config = search_config(&a.flags, weight_cache);
-    config.heal = a.heal.heal.then_some(depthc::heal::HealOptions {
-        ridge: a.heal.heal_ridge,
-    });
+    config.heal = a.heal.options();
     let searched = pipeline::search(&a.model, &config, &Terminal)?;
     let report = &searched.report;
     depthc::output::new_directory(&a.output, |dir| report.write(dir))?;
@@ -167,9 +165,7 @@ pub fn compile_command(a: CompileArgs, weight_cache: &Arc<WeightCache>) -> Resul
         batch: a.batch,
         runs: a.runs,
         force: a.force,
-        heal: a.heal.heal.then_some(depthc::heal::HealOptions {
-            ridge: a.heal.heal_ridge,
-        }),
+        heal: a.heal.options(),
     };
     let compiled = pipeline::compile(&a.model, &a.output, &opts, &Terminal)?;
     let report = &compiled.report;

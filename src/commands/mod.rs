@@ -229,9 +229,7 @@ pub fn heal(
             seq_len: depthc::pipeline::SearchConfig::default().seq_len,
             max_tokens: calib.max_tokens,
         },
-        depthc::heal::HealOptions {
-            ridge: args.heal_ridge,
-        },
+        args.fit(),
         &pb,
     )?;
     pb.finish_and_clear();

@@ -252,7 +252,6 @@ impl<'m> Forward<'m> {
         x: Vec<f32>,
         opts: Options,
     ) -> Result<Output> {
-        let cfg = &self.model.config;
         let at = plan
             .steps
             .iter()
@@ -267,35 +266,28 @@ impl<'m> Forward<'m> {
                 "plan `{plan}` changes layers before {first_layer}"
             )));
         }
-        let t = x.len() / cfg.hidden_size;
+        self.alone(x.len(), |seqs| {
+            self.run_steps(&plan.steps[at..], x, seqs, opts)
+        })
+    }
+
+    /// `f` on a residual stream of `len` values entered mid-model: one
+    /// sequence with a fresh cache (no positions before it).
+    fn alone<R>(&self, len: usize, f: impl FnOnce(&mut [Seq]) -> R) -> R {
+        let cfg = &self.model.config;
         let mut cache = KvCache::new(cfg.num_hidden_layers);
-        self.run_steps(
-            &plan.steps[at..],
-            x,
-            &mut [Seq {
-                cache: &mut cache,
-                t,
-            }],
-            opts,
-        )
+        f(&mut [Seq {
+            cache: &mut cache,
+            t: len / cfg.hidden_size,
+        }])
     }
 
     /// The residual stream `x [T, hidden]` after `steps` (whole steps of a
     /// plan, starting where `x` enters), without the final norm: how far a
     /// changed span moves the stream, for the search's local screening.
     pub fn advance(&self, steps: &[crate::plan::Step], x: Vec<f32>) -> Result<Vec<f32>> {
-        let t = x.len() / self.model.config.hidden_size;
-        let mut cache = KvCache::new(self.model.config.num_hidden_layers);
         Ok(self
-            .layers(
-                steps,
-                x,
-                &mut [Seq {
-                    cache: &mut cache,
-                    t,
-                }],
-                false,
-            )?
+            .alone(x.len(), |seqs| self.layers(steps, x, seqs, false))?
             .0)
     }
 
@@ -307,16 +299,7 @@ impl<'m> Forward<'m> {
         step: &crate::plan::Step,
         x: &[f32],
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let t = x.len() / self.model.config.hidden_size;
-        let mut cache = KvCache::new(self.model.config.num_hidden_layers);
-        self.step(
-            step,
-            x,
-            &mut [Seq {
-                cache: &mut cache,
-                t,
-            }],
-        )
+        self.alone(x.len(), |seqs| self.step(step, x, seqs))
     }
 
     /// [`Forward::advance`], keeping the stream before each step and after
@@ -326,17 +309,7 @@ impl<'m> Forward<'m> {
         steps: &[crate::plan::Step],
         x: Vec<f32>,
     ) -> Result<Vec<Vec<f32>>> {
-        let t = x.len() / self.model.config.hidden_size;
-        let mut cache = KvCache::new(self.model.config.num_hidden_layers);
-        let (x, mut residuals) = self.layers(
-            steps,
-            x,
-            &mut [Seq {
-                cache: &mut cache,
-                t,
-            }],
-            true,
-        )?;
+        let (x, mut residuals) = self.alone(x.len(), |seqs| self.layers(steps, x, seqs, true))?;
         residuals.push(x);
         Ok(residuals)
     }

@@ -150,6 +150,31 @@ pub fn evaluate(
     evaluate_against(forward, plan.map(|p| (forward, p)), windows, progress)
 }
 
+/// Add to `nll` the negative log-likelihood of each next token of `window`
+/// under `logits [window, vocab]`, position by position (the last position
+/// predicts nothing).
+fn add_next_token_nll(nll: &mut f64, logits: &[f32], window: &[u32], vocab: usize) {
+    for (pos, &target) in window.iter().skip(1).enumerate() {
+        *nll -= log_prob(&logits[pos * vocab..(pos + 1) * vocab], target as usize);
+    }
+}
+
+/// The perplexity of `plan` alone over `windows` (no reference run).
+pub fn perplexity(forward: &Forward, plan: &Plan, windows: &[Vec<u32>]) -> Result<f64> {
+    let cfg = &forward.model.config;
+    let opts = Options {
+        logits: Logits::All,
+        capture_residuals: false,
+    };
+    let (mut nll, mut predictions) = (0f64, 0usize);
+    for window in windows {
+        let out = forward.run(plan, window, &mut KvCache::new(cfg.num_hidden_layers), opts)?;
+        add_next_token_nll(&mut nll, &out.logits, window, cfg.vocab_size);
+        predictions += window.len().saturating_sub(1);
+    }
+    Ok((nll / predictions as f64).exp())
+}
+
 /// Perplexity of `reference` (the original model, run sequentially) over
 /// `windows`; with a `candidate` (a model and the plan it runs: the same
 /// model with an LP plan, or its int4 weights with or without one), also
@@ -186,18 +211,11 @@ pub fn evaluate_against(
             }
             None => None,
         };
-        for pos in 0..window.len() {
-            let next = window.get(pos + 1).map(|&id| id as usize);
-            if let Some(target) = next {
-                let row =
-                    |logits: &[f32]| log_prob(&logits[pos * vocab..(pos + 1) * vocab], target);
-                nll_original -= row(&reference.logits);
-                if let Some(r) = &rewritten {
-                    nll_plan -= row(&r.logits);
-                }
-                predictions += 1;
-            }
+        add_next_token_nll(&mut nll_original, &reference.logits, window, vocab);
+        if let Some(r) = &rewritten {
+            add_next_token_nll(&mut nll_plan, &r.logits, window, vocab);
         }
+        predictions += window.len().saturating_sub(1);
         if let Some(r) = &rewritten {
             let original = Reference::new(&reference.logits, reference.final_hidden, vocab);
             comparison.add(&original.compare(&r.final_hidden, &r.logits));

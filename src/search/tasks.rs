@@ -533,6 +533,22 @@ impl<'t> TaskRun<'t> {
     pub fn retained(&self, candidate: &Accuracy) -> f64 {
         candidate.primary(self.task.primary) / self.original.primary(self.task.primary)
     }
+
+    /// `plan` run by `forward` on this task: its accuracy and how much of the
+    /// original's it keeps.
+    pub fn score(
+        &self,
+        forward: &Forward,
+        plan: &Plan,
+        progress: &ProgressBar,
+    ) -> Result<Retained> {
+        let accuracy = self.accuracy(forward, plan, progress)?;
+        Ok(Retained {
+            task: self.task.name.clone(),
+            retained: self.retained(&accuracy),
+            accuracy,
+        })
+    }
 }
 
 /// A task scored on the original model and, with a candidate, on it too.
