@@ -192,11 +192,10 @@ pub fn search(
         metric: f.metric,
         memory_budget_bytes: f.memory_budget_mib * 1024 * 1024,
     };
-    let outcome = search::search(&forward, &calibration.windows, &opts, &bar)
+    let mut outcome = search::search(&forward, &calibration.windows, &opts, &bar)
         .map_err(|e| Error::Input(format!("{}: {e}", model_path.display())))?;
     bar.finish_and_clear();
     let t_eval = Instant::now();
-    let mut outcome = outcome;
     let (eval, held_out) = held_out_eval(&forward, &mut outcome, &eval_texts, progress)?;
     let eval_s = t_eval.elapsed().as_secs_f64();
     let t_tasks = Instant::now();
@@ -223,7 +222,6 @@ pub fn search(
         )?;
     }
     let heal_s = t_heal.elapsed().as_secs_f64();
-    drop(task_runs);
     let timings = Timings {
         load_s,
         one_forward_s: outcome.timings.one_forward_s,
