@@ -247,6 +247,11 @@ pub struct SearchFlags {
     /// Activation cache kept in memory (MiB); the rest spills to a temporary file.
     #[arg(long, default_value_t = search_default().memory_budget_mib)]
     pub memory_budget_mib: u64,
+    /// Score every plan each strategy considers on every calibration window and
+    /// position, instead of screening and scoring the closest on a sample: tens of
+    /// forward passes; the reference the default search is measured against.
+    #[arg(long)]
+    pub exhaustive: bool,
 }
 
 #[derive(Debug, Args)]

@@ -75,6 +75,8 @@ pub struct SearchConfig {
     pub beam_width: usize,
     /// Residuals kept in memory before spilling to disk.
     pub memory_budget_mib: u64,
+    /// Score every plan on every window ([`SearchOptions::exhaustive`]).
+    pub exhaustive: bool,
     /// Held-out texts for perplexity before and after and generation
     /// agreement, and windows of each at most.
     pub eval: Vec<PathBuf>,
@@ -103,6 +105,7 @@ impl Default for SearchConfig {
             strategies: vec![Strategy::Contiguous, Strategy::Greedy],
             beam_width: 4,
             memory_budget_mib: 2048,
+            exhaustive: false,
             eval: Vec::new(),
             eval_windows: 16,
             weight_cache: crate::model::DEFAULT_WIDEN_BUDGET,
@@ -191,6 +194,7 @@ pub fn search(
         space,
         metric: f.metric,
         memory_budget_bytes: f.memory_budget_mib * 1024 * 1024,
+        exhaustive: f.exhaustive,
     };
     let mut outcome = search::search(&forward, &calibration.windows, &opts, &bar)
         .map_err(|e| Error::Input(format!("{}: {e}", model_path.display())))?;

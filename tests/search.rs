@@ -116,6 +116,21 @@ fn report_validates_against_its_schema_and_svgs_are_well_formed() {
     // Scored end to end: the closest two single pairs and the one 2-pair range.
     assert_eq!(contiguous("candidates"), 3);
     assert!(svg["svg"]["pairs.svg"]["circle"].as_u64().unwrap() > 0);
+    // The best plan of every pair count is measured on every window.
+    let all = report["calibration"]["windows"].as_u64().unwrap();
+    for pairs in 1..=2 {
+        let best = front
+            .iter()
+            .filter(|b| b["pairs"] == pairs)
+            .min_by(|a, b| {
+                a["value"]
+                    .as_f64()
+                    .unwrap()
+                    .total_cmp(&b["value"].as_f64().unwrap())
+            })
+            .unwrap();
+        assert_eq!(best["windows"], all, "{pairs} pairs: {best}");
+    }
     assert_eq!(report["depth_before"], 4);
     assert_eq!(report["depth_after"], 2);
     assert_eq!(report["chosen_plan"], "0-1,2-3");
@@ -133,6 +148,58 @@ fn report_validates_against_its_schema_and_svgs_are_well_formed() {
         md.contains("greedy tokens equal | first difference"),
         "{md}"
     );
+}
+
+#[test]
+fn exhaustive_greedy_scores_every_extension_on_every_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = text_path("tempest_gut.txt");
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let model = tiny();
+        let mut args = vec![
+            "search",
+            s(&model),
+            "-o",
+            s(&out),
+            "--calib",
+            s(&calib),
+            "--seq-len",
+            "16",
+            "--max-tokens",
+            "1024",
+            "--protect-first",
+            "0",
+            "--protect-last",
+            "0",
+            "--strategy",
+            "greedy",
+            "--pairs",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let (code, _, stderr) = depthc(&args);
+        assert_eq!(code, 0, "{stderr}");
+        read_json(&out.join("search-report.json"))
+    };
+    let exhaustive = run("exhaustive", &["--exhaustive"]);
+    let staged = run("staged", &[]);
+    let all = exhaustive["calibration"]["windows"].clone();
+    let candidates = exhaustive["candidates"].as_array().unwrap();
+    // 4 layers: round 1 adds 0-1, 1-2 or 2-3; round 2 the one pair left
+    // free beside the kept plan (0-1 or 2-3), or none.
+    let round1 = candidates.iter().filter(|c| c["pairs"] == 1).count();
+    assert_eq!(round1, 3, "{candidates:?}");
+    assert!(candidates.iter().all(|c| c["windows"] == all));
+    // Both measure the chosen plan on every window; the staged search, on
+    // this model, finds the same plan.
+    assert_eq!(staged["chosen"]["windows"], all);
+    assert_eq!(staged["chosen_plan"], exhaustive["chosen_plan"]);
+    let (a, b) = (
+        staged["chosen"]["kl"].as_f64().unwrap(),
+        exhaustive["chosen"]["kl"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-9 * b.max(1.0), "{a} vs {b}");
 }
 
 #[test]

@@ -36,6 +36,7 @@ fn search_config(f: &SearchFlags, weight_cache: &WeightCache) -> SearchConfig {
         strategies: f.strategy.iter().map(|s| s.strategy()).collect(),
         beam_width: f.beam_width,
         memory_budget_mib: f.memory_budget_mib,
+        exhaustive: f.exhaustive,
         eval: f.eval.clone(),
         eval_windows: f.eval_windows,
     }

@@ -266,9 +266,19 @@ impl<'m> Forward<'m> {
                 "plan `{plan}` changes layers before {first_layer}"
             )));
         }
-        self.alone(x.len(), |seqs| {
-            self.run_steps(&plan.steps[at..], x, seqs, opts)
-        })
+        self.run_steps_from(&plan.steps[at..], x, opts)
+    }
+
+    /// Continue a full-sequence forward with `steps` (whole steps of a plan,
+    /// to its end) from the residual stream `x [T, hidden]` entering the
+    /// first: the stream another plan that agrees before them left there.
+    pub fn run_steps_from(
+        &self,
+        steps: &[crate::plan::Step],
+        x: Vec<f32>,
+        opts: Options,
+    ) -> Result<Output> {
+        self.alone(x.len(), |seqs| self.run_steps(steps, x, seqs, opts))
     }
 
     /// `f` on a residual stream of `len` values entered mid-model: one

@@ -650,8 +650,7 @@ impl SearchReport {
         let cells: Vec<(usize, usize, f64)> = self
             .screened
             .iter()
-            .filter(|c| c.strategy == Strategy::Contiguous)
-            .map(|c| (c.first_changed_layer, c.span_end, c.deviation))
+            .filter_map(|c| Some((c.first_changed_layer, c.span_end, c.deviation?)))
             .collect();
         let l = self.model.layers;
         let (lo, hi) = cells
@@ -705,7 +704,7 @@ impl SearchReport {
                 .screened
                 .iter()
                 .filter(|c| c.pairs == 1)
-                .map(|c| (c.first_changed_layer, c.deviation))
+                .filter_map(|c| Some((c.first_changed_layer, c.deviation?)))
                 .collect();
             v.sort_by_key(|x| x.0);
             v.dedup_by_key(|x| x.0);

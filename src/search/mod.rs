@@ -263,6 +263,10 @@ pub struct SearchOptions {
     pub metric: strategy::Metric,
     /// Residuals kept in memory before spilling to disk.
     pub memory_budget_bytes: u64,
+    /// Score every plan a strategy considers on every window and position
+    /// ([`strategy::Stages::exhaustive`]): slow, the reference the staged
+    /// search is measured against.
+    pub exhaustive: bool,
 }
 
 /// The best plan found by one strategy for one pair count.
@@ -358,7 +362,12 @@ pub fn search(
             e => e,
         })?;
     let one_forward_s = t0.elapsed().as_secs_f64();
-    let scorer = Scorer::new(forward, &cache, progress);
+    let stages = if opts.exhaustive {
+        strategy::Stages::exhaustive(windows.len())
+    } else {
+        strategy::Stages::of(windows.len(), windows.first().map_or(1, Vec::len))
+    };
+    let scorer = Scorer::new(forward, &cache, stages, progress);
     let stop = match opts.budget {
         Budget::MinSimilarity(x) => Some(x),
         _ => None,
@@ -382,16 +391,19 @@ pub fn search(
         screened.extend(seen);
     }
     let metric = opts.metric;
-    // The plan the budget chooses is scored again on every window and
-    // position (for a similarity floor: from the most pairs down, until one
-    // still meets it there).
+    // The best plan of every pair count is scored again on every window and
+    // position, so that the budget chooses among, and the front shows, what
+    // `depthc eval` gives (for a similarity floor: from the most pairs down,
+    // until one still meets it there, and then the rest of the front).
     progress.set_message("finish");
     let mut finish = |pairs: usize| -> Result<Option<strategy::Candidate>> {
         let Some(c) = best_with(&candidates, pairs, metric, None) else {
             return Ok(None);
         };
         let mut c = c.clone();
-        scorer.finish(&mut c)?;
+        if c.windows < windows.len() || stages.score_stride > 1 {
+            scorer.finish(&mut c)?;
+        }
         if let Some(slot) = candidates
             .iter_mut()
             .find(|x| x.plan == c.plan && x.strategy == c.strategy)
@@ -400,17 +412,17 @@ pub fn search(
         }
         Ok(Some(c))
     };
-    match opts.budget {
-        Budget::MinSimilarity(x) => {
-            for k in (1..=want).rev() {
-                if finish(k)?.is_some_and(|c| metric.meets(metric.of(&c.scores), x)) {
-                    break;
-                }
+    let mut finished = want + 1;
+    if let Budget::MinSimilarity(x) = opts.budget {
+        for k in (1..=want).rev() {
+            finished = k;
+            if finish(k)?.is_some_and(|c| metric.meets(metric.of(&c.scores), x)) {
+                break;
             }
         }
-        _ => {
-            finish(want)?;
-        }
+    }
+    for k in (1..finished.min(want + 1)).rev() {
+        finish(k)?;
     }
     let search_s = t1.elapsed().as_secs_f64();
     let best_by_pairs = best_by_pairs(&candidates, opts);

@@ -69,6 +69,20 @@ impl Metric {
         key(a).total_cmp(&key(b))
     }
 
+    /// How far `v` is from the original's own value (KL: `v`; cosine and
+    /// top-1: `1 - v`): what the pairs of a plan add up to, nearly.
+    pub fn loss(self, v: f64) -> f64 {
+        match self {
+            Metric::Kl => v,
+            _ => 1.0 - v,
+        }
+    }
+
+    /// The value at `loss` ([`Metric::loss`] inverted).
+    pub fn at_loss(self, loss: f64) -> f64 {
+        self.loss(loss)
+    }
+
     /// Does `v` meet a `--min-similarity` threshold?
     pub fn meets(self, v: f64, threshold: f64) -> bool {
         match self {
@@ -144,6 +158,10 @@ pub struct Candidate {
     pub scores: Scores,
     #[serde(skip)]
     pub groups: Vec<(usize, usize)>,
+    /// The windows scored at every position and the sums there, which
+    /// [`Scorer::finish`] adds to.
+    #[serde(skip)]
+    pub scored: Option<(Vec<usize>, Similarity)>,
 }
 
 pub struct SearchSpace {
@@ -166,10 +184,11 @@ impl SearchSpace {
     }
 }
 
-/// A plan a strategy considered, screened by the local measure: how far its
-/// changed span moves the residual stream at the span's end, before the rest
-/// of the network. Every contiguous range and every greedy extension is
-/// screened; only the closest go on to be scored end to end ([`Candidate`]).
+/// A plan a strategy considered, screened before any end-to-end scoring:
+/// a contiguous range by the local measure (how far its changed span moves
+/// the residual stream at the span's end, before the rest of the network), a
+/// greedy or beam extension by the metric its pairs predict. Only the
+/// closest go on to be scored end to end ([`Candidate`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct Screened {
     pub plan: Plan,
@@ -179,10 +198,14 @@ pub struct Screened {
     /// The layer boundary the deviation is measured at: the end of the
     /// changed span (of the pair added, in a greedy or beam round).
     pub span_end: usize,
-    /// Mean over positions of `|r - r0|^2 / |r0|^2`, `r` the plan's residual
-    /// stream at `span_end` and `r0` the original's (a greedy or beam round:
-    /// the base plan's, so that it measures the pair added).
-    pub deviation: f64,
+    /// Contiguous ranges: mean over positions of `|r - r0|^2 / |r0|^2`, `r`
+    /// the plan's residual stream at `span_end` and `r0` the original's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deviation: Option<f64>,
+    /// Greedy and beam rounds: the metric predicted from the kept plan's
+    /// loss plus the pair added's alone ([`Metric::loss`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predicted: Option<f64>,
     /// Calibration windows it was measured on.
     pub windows: usize,
 }
@@ -192,33 +215,63 @@ pub struct Screened {
 /// 1. screening: the local measure ([`Screened`]) on the first `1/16` of the
 ///    windows;
 /// 2. scoring: the closest few per pair count (contiguous) or per round
-///    (greedy, beam) end to end on the first `1/8` of the windows, with
-///    logits, KL and top-1 at every 4th position (the LM head and the
-///    metrics are a third of a candidate's cost);
-/// 3. the plan the budget chooses: every window, every position
-///    ([`Scorer::finish`]).
+///    (greedy, beam) end to end on the first `1/8` of the windows but never
+///    fewer than [`COMMIT_TOKENS`] tokens (all of them when there are fewer),
+///    with logits, KL and top-1 at every 4th position (the LM head and the
+///    metrics are a third of a candidate's cost); a greedy or beam round
+///    commits to its best here;
+/// 3. the best plan of every pair count, the one the budget chooses among
+///    them: every window, every position ([`Scorer::finish`]).
+///
+/// [`Stages::exhaustive`] scores every plan a strategy considers on every
+/// window and position: the reference the staged search is measured against.
 #[derive(Debug, Clone, Copy)]
 pub struct Stages {
     pub screen_windows: usize,
     pub score_windows: usize,
     pub score_stride: usize,
+    /// Contiguous ranges scored end to end per pair count, after screening.
+    pub contiguous_scored: usize,
+    /// Extensions scored end to end per greedy round (beam: the width plus
+    /// this less one), after screening.
+    pub round_scored: usize,
 }
 
+/// Calibration tokens a plan is committed on at least: one window of 256
+/// tokens is too few to tell plans a few percent apart.
+pub const COMMIT_TOKENS: usize = 1024;
+
 impl Stages {
-    pub fn of(windows: usize) -> Stages {
+    /// The staged search on `windows` windows of `seq_len` tokens.
+    pub fn of(windows: usize, seq_len: usize) -> Stages {
+        let commit = COMMIT_TOKENS.div_ceil(seq_len.max(1));
         Stages {
             screen_windows: (windows / 16).max(1),
-            score_windows: (windows / 8).max(1),
-            score_stride: 4,
+            score_windows: (windows / 8).max(commit).min(windows).max(1),
+            score_stride: 1,
+            contiguous_scored: 2,
+            round_scored: 3,
+        }
+    }
+
+    /// Every plan scored on every window and position.
+    pub fn exhaustive(windows: usize) -> Stages {
+        Stages {
+            screen_windows: 1,
+            score_windows: windows.max(1),
+            score_stride: 1,
+            contiguous_scored: usize::MAX,
+            round_scored: usize::MAX,
         }
     }
 }
 
-/// Contiguous ranges scored end to end per pair count, after screening.
-const CONTIGUOUS_SCORED: usize = 2;
-/// Extensions scored end to end per greedy round (beam: the width plus this
-/// less one), after screening.
-const ROUND_SCORED: usize = 3;
+/// `count` of the `n` windows, spread evenly over them (all of them when
+/// `count >= n`): a sample of the whole calibration text, not its start.
+pub fn spread(count: usize, n: usize) -> Vec<usize> {
+    let count = count.min(n);
+    (0..count).map(|i| i * n / count).collect()
+}
 
 /// Sums of one candidate's metrics over positions.
 #[derive(Debug, Clone, Copy, Default)]
@@ -272,6 +325,7 @@ fn deviation(r: &[f32], r0: &[f32], width: usize) -> (f64, usize) {
 /// One set's end-to-end result.
 struct Scored {
     scores: Scores,
+    similarity: Similarity,
     non_finite: Option<NonFinite>,
 }
 
@@ -290,25 +344,35 @@ struct Planned {
     groups: Vec<(usize, usize)>,
     plan: Plan,
     first: usize,
+    /// In a greedy or beam round: the kept plan it extends (its index) and
+    /// the first layer of the pair added. The two plans agree before that
+    /// layer, so the extension runs from there on the kept plan's stream.
+    extends: Option<(usize, usize)>,
 }
 
 impl<'a> Scorer<'a> {
     pub fn new(
         forward: &'a Forward<'a>,
         cache: &'a ActivationCache,
+        stages: Stages,
         progress: &'a ProgressBar,
     ) -> Scorer<'a> {
         Scorer {
             forward,
             cache,
             progress,
-            stages: Stages::of(cache.len()),
+            stages,
             references: std::sync::OnceLock::new(),
         }
     }
 
     fn layers(&self) -> usize {
         self.forward.model.config.num_hidden_layers
+    }
+
+    /// The scoring stage's windows.
+    fn score_sample(&self) -> Vec<usize> {
+        spread(self.stages.score_windows, self.cache.len())
     }
 
     fn planned(&self, mut groups: Vec<(usize, usize)>) -> Result<Planned> {
@@ -320,6 +384,7 @@ impl<'a> Scorer<'a> {
             groups,
             plan,
             first,
+            extends: None,
         })
     }
 
@@ -332,21 +397,30 @@ impl<'a> Scorer<'a> {
         });
     }
 
-    /// End-to-end scores of `plans` on the first `windows` windows, KL and
-    /// top-1 at every `stride`-th position, in parallel over plans.
-    fn score(&self, plans: &[&Planned], windows: usize, stride: usize) -> Result<Vec<Scored>> {
+    /// End-to-end scores of `plans` (extensions of `bases`, or starting from
+    /// the cache) on the windows `sample`, KL and top-1 at every `stride`-th
+    /// position, in parallel over plans.
+    fn score(
+        &self,
+        plans: &[&Planned],
+        bases: &[Planned],
+        sample: &[usize],
+        stride: usize,
+    ) -> Result<Vec<Scored>> {
         let cfg = &self.forward.model.config;
         let layers = cfg.num_hidden_layers;
         let mut sums = vec![Sums::default(); plans.len()];
-        self.progress.inc_length((plans.len() * windows) as u64);
+        self.progress
+            .inc_length((plans.len() * sample.len()) as u64);
         let st = self.stages;
-        let kept = (windows <= st.score_windows && stride == st.score_stride)
+        let kept = (sample == self.score_sample() && stride == st.score_stride && stride > 1)
             .then(|| -> Result<&Vec<Reference>> {
                 if let Some(r) = self.references.get() {
                     return Ok(r);
                 }
-                let made = (0..st.score_windows)
-                    .map(|w| {
+                let made = sample
+                    .iter()
+                    .map(|&w| {
                         Ok(reference(
                             self.forward,
                             &self.cache.residual(w, layers)?,
@@ -357,15 +431,29 @@ impl<'a> Scorer<'a> {
                 Ok(self.references.get_or_init(|| made))
             })
             .transpose()?;
-        for w in 0..windows {
+        for (i, &w) in sample.iter().enumerate() {
             let made;
             let original = match kept {
-                Some(r) => &r[w],
+                Some(r) => &r[i],
                 None => {
                     made = reference(self.forward, &self.cache.residual(w, layers)?, stride);
                     &made
                 }
             };
+            // The kept plans' streams on this window, where an extension
+            // starts from one.
+            let streams: Vec<Option<BaseStream>> = bases
+                .iter()
+                .enumerate()
+                .map(|(b, base)| {
+                    plans
+                        .iter()
+                        .filter_map(|p| p.extends.filter(|e| e.0 == b).map(|e| e.1))
+                        .max()
+                        .map(|until| BaseStream::of(self, base, w, until))
+                        .transpose()
+                })
+                .collect::<Result<_>>()?;
             let per: Vec<Sums> = plans
                 .par_iter()
                 .zip(&sums)
@@ -374,16 +462,23 @@ impl<'a> Scorer<'a> {
                         self.progress.inc(1);
                         return Ok(Sums::default());
                     }
-                    let x = self.cache.residual(w, p.first)?;
-                    let out = self.forward.run_from(
-                        &p.plan,
-                        p.first,
-                        x,
-                        Options {
-                            logits: Logits::None,
-                            capture_residuals: false,
-                        },
-                    );
+                    let opts = Options {
+                        logits: Logits::None,
+                        capture_residuals: false,
+                    };
+                    let out = match p.extends {
+                        Some((b, a)) => {
+                            let stream = streams[b].as_ref().expect("made above");
+                            let at = p.plan.steps.iter().position(|s| s.layers()[0] == a);
+                            let at = at.expect("the pair added starts a step");
+                            let x = stream.entering(a).to_vec();
+                            self.forward.run_steps_from(&p.plan.steps[at..], x, opts)
+                        }
+                        None => {
+                            let x = self.cache.residual(w, p.first)?;
+                            self.forward.run_from(&p.plan, p.first, x, opts)
+                        }
+                    };
                     let result = match out {
                         Ok(out) => {
                             let hidden = every(&out.final_hidden, cfg.hidden_size, stride);
@@ -412,6 +507,7 @@ impl<'a> Scorer<'a> {
         Ok(sums
             .iter()
             .map(|s| Scored {
+                similarity: s.similarity,
                 scores: Scores {
                     cosine: s.similarity.mean_cosine(),
                     kl: s.similarity.mean_kl(),
@@ -424,10 +520,16 @@ impl<'a> Scorer<'a> {
 
     /// Score `plans` at the scoring stage; plans that go non-finite are
     /// reported and dropped.
-    fn candidates(&self, plans: Vec<Planned>, strategy: Strategy) -> Result<Vec<Candidate>> {
+    fn candidates(
+        &self,
+        plans: Vec<Planned>,
+        bases: &[Planned],
+        strategy: Strategy,
+    ) -> Result<Vec<Candidate>> {
         let refs: Vec<&Planned> = plans.iter().collect();
         let st = self.stages;
-        let scored = self.score(&refs, st.score_windows, st.score_stride)?;
+        let sample = self.score_sample();
+        let scored = self.score(&refs, bases, &sample, st.score_stride)?;
         let mut out = Vec::new();
         for (p, s) in plans.into_iter().zip(scored) {
             if let Some(nf) = s.non_finite {
@@ -440,33 +542,43 @@ impl<'a> Scorer<'a> {
                 strategy,
                 pairs: p.groups.len(),
                 first_changed_layer: p.first,
-                windows: st.score_windows,
+                windows: sample.len(),
                 scores: s.scores,
                 groups: p.groups,
+                scored: (st.score_stride == 1).then(|| (sample.clone(), s.similarity)),
             });
         }
         Ok(out)
     }
 
-    /// Score `c` again on every window at every position: the plan the
-    /// budget chooses, so that its scores are those `depthc eval` gives.
+    /// Score `c` again on every window at every position: the best plan of a
+    /// pair count, so that its scores are those `depthc eval` gives.
     pub fn finish(&self, c: &mut Candidate) -> Result<()> {
         let p = self.planned(c.groups.clone())?;
         let all = self.cache.len();
-        let s = self.score(&[&p], all, 1)?.remove(0);
+        // The windows it was scored on at every position already count.
+        let (done, mut similarity) = c.scored.take().unwrap_or_default();
+        let rest: Vec<usize> = (0..all).filter(|w| !done.contains(w)).collect();
+        let s = self.score(&[&p], &[], &rest, 1)?.remove(0);
         if let Some(nf) = s.non_finite {
             return Err(Error::NonFinite {
                 layer: nf.0,
                 sublayer: nf.1,
             });
         }
-        c.scores = s.scores;
+        similarity.add(&s.similarity);
+        c.scores = Scores {
+            cosine: similarity.mean_cosine(),
+            kl: similarity.mean_kl(),
+            top1_agreement: similarity.top1_agreement(),
+        };
         c.windows = all;
+        c.scored = Some(((0..all).collect(), similarity));
         Ok(())
     }
 
     /// Every even-length range `[s, e)` inside the search space, screened;
-    /// the closest [`CONTIGUOUS_SCORED`] of each pair count up to
+    /// the closest `contiguous_scored` ([`Stages`]) of each pair count up to
     /// `max_scored` scored end to end.
     pub fn contiguous(
         &self,
@@ -531,7 +643,8 @@ impl<'a> Scorer<'a> {
                     pairs: (e - s) / 2,
                     first_changed_layer: s,
                     span_end: e,
-                    deviation: d / n.max(1) as f64,
+                    deviation: Some(d / n.max(1) as f64),
+                    predicted: None,
                     windows,
                 });
                 planned.push(p);
@@ -548,12 +661,10 @@ impl<'a> Scorer<'a> {
                 continue;
             }
             group.sort_by(|&a, &b| {
-                screened[a]
-                    .deviation
-                    .total_cmp(&screened[b].deviation)
-                    .then(a.cmp(&b))
+                let d = |i: usize| screened[i].deviation.unwrap_or(f64::INFINITY);
+                d(a).total_cmp(&d(b)).then(a.cmp(&b))
             });
-            chosen.extend(group.into_iter().take(CONTIGUOUS_SCORED));
+            chosen.extend(group.into_iter().take(self.stages.contiguous_scored));
         }
         chosen.sort();
         let to_score: Vec<Planned> = planned
@@ -562,13 +673,16 @@ impl<'a> Scorer<'a> {
             .filter(|(i, _)| chosen.binary_search(i).is_ok())
             .map(|(_, p)| p)
             .collect();
-        let scored = self.candidates(to_score, Strategy::Contiguous)?;
+        let scored = self.candidates(to_score, &[], Strategy::Contiguous)?;
         Ok((scored, screened))
     }
 
     /// Greedy (`width == 1`) or beam search over disjoint adjacent pairs, up
-    /// to `max_pairs`: each round screens every free pair added to each kept
-    /// plan against that plan's stream, scores the closest end to end and
+    /// to `max_pairs`. Every free pair is first scored alone, end to end on
+    /// the screening windows. Each round predicts every kept plan with one
+    /// more free pair as the kept plan's loss plus the pair's alone (the
+    /// pairs' losses nearly add up), scores the closest end to end on the
+    /// scoring windows, from the pair added on the kept plan's stream, and
     /// keeps the `width` best; `stop` ends early once a round's best fails it.
     pub fn beam(
         &self,
@@ -584,47 +698,74 @@ impl<'a> Scorer<'a> {
             Strategy::Beam
         };
         let (lo, hi) = space.range();
-        let windows = self.stages.screen_windows.min(self.cache.len());
-        let mut beam: Vec<Vec<(usize, usize)>> = vec![Vec::new()];
+        let st = self.stages;
+        // Every free pair alone (none when every plan is scored anyway).
+        let firsts: Vec<usize> = (lo..hi.saturating_sub(1)).collect();
+        let alone: Vec<Option<f64>> = if st.round_scored == usize::MAX {
+            vec![Some(0.0); firsts.len()]
+        } else {
+            let singles: Vec<Planned> = firsts
+                .iter()
+                .map(|&a| self.planned(vec![(a, a + 1)]))
+                .collect::<Result<_>>()?;
+            let refs: Vec<&Planned> = singles.iter().collect();
+            let sample = spread(st.screen_windows, self.cache.len());
+            let scored = self.score(&refs, &[], &sample, st.score_stride)?;
+            singles
+                .iter()
+                .zip(scored)
+                .map(|(p, s)| match s.non_finite {
+                    Some(nf) => {
+                        self.warn_dropped(&p.plan, nf);
+                        None
+                    }
+                    None => Some(metric.loss(metric.of(&s.scores))),
+                })
+                .collect()
+        };
+        let mut beam: Vec<(Vec<(usize, usize)>, f64)> = vec![(Vec::new(), 0.0)];
         let mut all = Vec::new();
         let mut all_screened = Vec::new();
         for _ in 0..max_pairs {
-            let ext = Extension::all(&beam, lo, hi);
-            if ext.is_empty() {
-                break;
-            }
-            let devs = self.screen_extensions(&beam, &ext, windows)?;
+            let kept: Vec<Vec<(usize, usize)>> = beam.iter().map(|b| b.0.clone()).collect();
+            let ext = Extension::all(&kept, lo, hi);
             let mut ranked: Vec<(f64, Planned)> = Vec::new();
-            for (e, dev) in ext.into_iter().zip(devs) {
+            for e in ext {
                 let a = e.first;
-                let p = self.planned(e.groups)?;
-                match dev {
-                    Ok(d) => {
-                        all_screened.push(Screened {
-                            plan: p.plan.clone(),
-                            strategy,
-                            pairs: p.groups.len(),
-                            first_changed_layer: p.first,
-                            span_end: a + 2,
-                            deviation: d,
-                            windows,
-                        });
-                        ranked.push((d, p));
-                    }
-                    Err(nf) => self.warn_dropped(&p.plan, nf),
-                }
+                let Some(pair) = alone[a - lo] else { continue };
+                let predicted = beam[e.base].1 + pair;
+                let mut p = self.planned(e.groups)?;
+                p.extends = Some((e.base, a));
+                all_screened.push(Screened {
+                    plan: p.plan.clone(),
+                    strategy,
+                    pairs: p.groups.len(),
+                    first_changed_layer: p.first,
+                    span_end: a + 2,
+                    deviation: None,
+                    predicted: Some(metric.at_loss(predicted)),
+                    windows: st.screen_windows.min(self.cache.len()),
+                });
+                ranked.push((predicted, p));
+            }
+            if ranked.is_empty() {
+                break;
             }
             ranked.sort_by(|x, y| {
                 x.0.total_cmp(&y.0)
                     .then_with(|| x.1.groups.cmp(&y.1.groups))
             });
             let keep = if width <= 1 {
-                ROUND_SCORED
+                st.round_scored
             } else {
-                width + ROUND_SCORED - 1
+                st.round_scored.saturating_add(width - 1)
             };
             let to_score: Vec<Planned> = ranked.into_iter().take(keep).map(|r| r.1).collect();
-            let mut round = self.candidates(to_score, strategy)?;
+            let bases: Vec<Planned> = kept
+                .iter()
+                .map(|b| self.planned(b.clone()))
+                .collect::<Result<_>>()?;
+            let mut round = self.candidates(to_score, &bases, strategy)?;
             if round.is_empty() {
                 break;
             }
@@ -637,7 +778,7 @@ impl<'a> Scorer<'a> {
             beam = round
                 .iter()
                 .take(width.max(1))
-                .map(|c| c.groups.clone())
+                .map(|c| (c.groups.clone(), metric.loss(metric.of(&c.scores))))
                 .collect();
             all.extend(round);
             if stop.is_some_and(|t| !metric.meets(best, t)) {
@@ -645,63 +786,6 @@ impl<'a> Scorer<'a> {
             }
         }
         Ok((all, all_screened))
-    }
-
-    /// Screening of a round: each kept plan's stream at every step boundary
-    /// on the first `windows` windows, then each extension's added pair on
-    /// the stream entering it; its mean deviation where it reaches the next
-    /// boundary, or where the NaN/Inf watch stopped it.
-    fn screen_extensions(
-        &self,
-        beam: &[Vec<(usize, usize)>],
-        ext: &[Extension],
-        windows: usize,
-    ) -> Result<Vec<std::result::Result<f64, NonFinite>>> {
-        let h = self.forward.model.config.hidden_size;
-        // Screening: each base's stream at every step boundary, then each
-        // added pair on the stream entering it.
-        self.progress
-            .inc_length((beam.len() * windows + ext.len() * windows) as u64);
-        let streams: Vec<Vec<BaseStream>> = beam
-            .iter()
-            .map(|base| -> Result<Vec<BaseStream>> {
-                let p = self.planned(base.clone())?;
-                (0..windows)
-                    .map(|w| {
-                        let s = BaseStream::of(self, &p, w);
-                        self.progress.inc(1);
-                        s
-                    })
-                    .collect()
-            })
-            .collect::<Result<_>>()?;
-        let devs: Vec<std::result::Result<f64, NonFinite>> = ext
-            .par_iter()
-            .map(|e| -> Result<std::result::Result<f64, NonFinite>> {
-                let a = e.first;
-                let step = Step::Parallel(ParallelGroup {
-                    layers: vec![a, a + 1],
-                });
-                let (mut d, mut n) = (0.0, 0);
-                for stream in &streams[e.base] {
-                    self.progress.inc(1);
-                    let x = stream.entering(a).to_vec();
-                    match self.forward.advance(std::slice::from_ref(&step), x) {
-                        Ok(y) => {
-                            let (dd, nn) = deviation(&y, stream.entering(a + 2), h);
-                            d += dd;
-                            n += nn;
-                        }
-                        Err(Error::NonFinite { layer, sublayer }) => {
-                            return Ok(Err((layer, sublayer)))
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(Ok(d / n.max(1) as f64))
-            })
-            .collect::<Result<_>>()?;
-        Ok(devs)
     }
 }
 
@@ -753,26 +837,33 @@ struct BaseStream {
 }
 
 impl BaseStream {
-    fn of(scorer: &Scorer, p: &Planned, w: usize) -> Result<BaseStream> {
+    /// Up to the boundary `until`.
+    fn of(scorer: &Scorer, p: &Planned, w: usize, until: usize) -> Result<BaseStream> {
         let layers = scorer.layers();
-        let mut at: Vec<(usize, Vec<f32>)> = (0..=p.first.min(layers))
+        let mut at: Vec<(usize, Vec<f32>)> = (0..=p.first.min(until).min(layers))
             .map(|b| scorer.cache.residual(w, b).map(|r| (b, r)))
             .collect::<Result<_>>()?;
-        if p.first < layers {
+        if p.first < until.min(layers) {
             let from = p
                 .plan
                 .steps
                 .iter()
                 .position(|s| s.layers()[0] >= p.first)
                 .unwrap_or(p.plan.steps.len());
-            let steps = &p.plan.steps[from..];
+            let to = p
+                .plan
+                .steps
+                .iter()
+                .position(|s| s.layers()[0] >= until)
+                .unwrap_or(p.plan.steps.len());
+            let steps = &p.plan.steps[from..to];
             let x = at
                 .pop()
                 .expect("the stream entering the first changed layer")
                 .1;
             let stream = scorer.forward.advance_capturing(steps, x)?;
             let mut starts: Vec<usize> = steps.iter().map(|s| s.layers()[0]).collect();
-            starts.push(layers);
+            starts.push(p.plan.steps.get(to).map_or(layers, |s| s.layers()[0]));
             at.extend(starts.into_iter().zip(stream));
         }
         Ok(BaseStream { at })
@@ -835,4 +926,35 @@ pub fn pairs_for(budget: Budget, space: &SearchSpace) -> Result<usize> {
         )));
     }
     Ok(want)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{spread, Stages, COMMIT_TOKENS};
+
+    #[test]
+    fn samples_spread_over_the_windows() {
+        assert_eq!(spread(4, 8), [0, 2, 4, 6]);
+        assert_eq!(spread(3, 10), [0, 3, 6]);
+        assert_eq!(spread(5, 3), [0, 1, 2]);
+        assert!(spread(0, 3).is_empty());
+    }
+
+    #[test]
+    fn plans_are_committed_on_at_least_the_commit_tokens() {
+        for (windows, seq_len) in [(8, 256), (16, 256), (64, 256), (200, 64), (3, 256), (1, 16)] {
+            let st = Stages::of(windows, seq_len);
+            let tokens = st.score_windows * seq_len;
+            assert!(
+                tokens >= COMMIT_TOKENS.min(windows * seq_len),
+                "{windows} x {seq_len}: {st:?}"
+            );
+            assert!(st.score_windows <= windows && st.score_windows >= windows / 8);
+            assert_eq!(st.score_stride, 1);
+        }
+        assert_eq!(Stages::of(8, 256).score_windows, 4);
+        assert_eq!(Stages::of(64, 256).score_windows, 8);
+        let ex = Stages::exhaustive(8);
+        assert_eq!((ex.score_windows, ex.round_scored), (8, usize::MAX));
+    }
 }
