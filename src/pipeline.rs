@@ -231,6 +231,8 @@ pub fn search(
         one_forward_s: outcome.timings.one_forward_s,
         search_s: outcome.timings.search_s,
         search_forward_multiple: outcome.timings.search_s / outcome.timings.one_forward_s,
+        front_s: outcome.timings.front_s,
+        front_forward_multiple: outcome.timings.front_s / outcome.timings.one_forward_s,
         strategy_forward_multiples: outcome.timings.strategy_forward_multiples.clone(),
         eval_s,
         tasks_s,

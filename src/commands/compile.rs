@@ -91,13 +91,15 @@ fn print_search_summary(report: &depthc::report::SearchReport) {
         );
     }
     println!(
-        "search         {} plans screened, {} scored end to end, in {:.1} s = {:.2}x one forward ({:.2} s, {} tokens)",
+        "search         {} plans screened, {} scored end to end, in {:.1} s = {:.2}x one forward ({:.2} s, {} tokens); the front on every window {:.1} s = {:.2}x",
         report.screened.len(),
         report.candidates.len(),
         report.timings.search_s,
         report.timings.search_forward_multiple,
         report.timings.one_forward_s,
-        report.calibration.tokens
+        report.calibration.tokens,
+        report.timings.front_s,
+        report.timings.front_forward_multiple
     );
     println!(
         "calibration    {} tokens in {} windows of {}; budget {}",
