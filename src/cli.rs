@@ -523,6 +523,51 @@ pub struct EmitArgs {
     pub heal: HealArgs,
     #[command(flatten)]
     pub heal_calib: HealCalibArgs,
+    #[command(flatten)]
+    pub format: FormatArgs,
+}
+
+/// What the output is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// An ONNX directory (ONNX Runtime, onnxruntime-genai, Optimum, transformers.js).
+    Onnx,
+    /// `model.gguf` of llama.cpp's `deci` architecture (per-layer head counts):
+    /// llama.cpp and the apps built on it. From a GGUF source (its tokenizer is
+    /// copied); Llama, Mistral and Qwen2 families; groups in the fused form.
+    Gguf,
+}
+
+/// How `--format gguf` encodes the matrices a fused group changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GgufEncodingArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    F16,
+    F32,
+}
+
+impl GgufEncodingArg {
+    pub fn encoding(self) -> depthc::llamacpp::Encoding {
+        use depthc::llamacpp::Encoding;
+        match self {
+            GgufEncodingArg::Q8_0 => Encoding::Q8_0,
+            GgufEncodingArg::F16 => Encoding::F16,
+            GgufEncodingArg::F32 => Encoding::F32,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct FormatArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = FormatArg::Onnx)]
+    pub format: FormatArg,
+    /// --format gguf: encoding of the q/k/v and gate/up matrices of each parallel
+    /// group (their input norms are folded in, so they are encoded again; every
+    /// other tensor is copied as stored).
+    #[arg(long, value_enum, default_value_t = GgufEncodingArg::Q8_0)]
+    pub gguf_encoding: GgufEncodingArg,
 }
 
 #[derive(Debug, Args)]

@@ -13,6 +13,7 @@ pub mod error;
 pub mod forward;
 pub mod graph;
 pub mod heal;
+pub mod llamacpp;
 pub mod measure;
 pub mod model;
 pub mod onnx;

@@ -74,6 +74,9 @@ pub struct GgufFile {
     pub version: u32,
     pub metadata: BTreeMap<String, Value>,
     pub tensors: Vec<GgufTensor>,
+    /// Each metadata value's type and where its bytes lie in the file, to be
+    /// copied as stored ([`GgufFile::raw_value`]).
+    raw: BTreeMap<String, (u32, Range<usize>)>,
     mmap: Mmap,
     data_start: usize,
 }
@@ -236,10 +239,13 @@ impl GgufFile {
         let n_tensors = c.u64("tensor count")? as usize;
         let n_kv = c.u64("metadata count")? as usize;
         let mut metadata = BTreeMap::new();
+        let mut raw = BTreeMap::new();
         for _ in 0..n_kv {
             let key = c.string("metadata key")?;
             let ty = c.u32(&key)?;
+            let start = c.pos;
             let v = c.value(ty, &key, 0)?;
+            raw.insert(key.clone(), (ty, start..c.pos));
             metadata.insert(key, v);
         }
         if n_tensors > mmap.len() {
@@ -315,9 +321,23 @@ impl GgufFile {
             version,
             metadata,
             tensors,
+            raw,
             mmap,
             data_start,
         })
+    }
+
+    /// Metadata `key`'s GGUF value type and its bytes as stored (after the
+    /// type), for copying into another file unchanged.
+    pub fn raw_value(&self, key: &str) -> Option<(u32, &[u8])> {
+        let (ty, range) = self.raw.get(key)?;
+        Some((*ty, &self.mmap[range.clone()]))
+    }
+
+    /// The bytes of tensor `t` as stored, or `None` for a type depthc does
+    /// not read.
+    pub fn stored_bytes(&self, t: &GgufTensor) -> Option<&[u8]> {
+        Some(self.tensor_bytes(t, ggml_dtype(t.ggml_type)?))
     }
 
     pub fn architecture(&self) -> Result<&str> {
@@ -694,6 +714,36 @@ impl TensorSource for GgufSource {
             b.offsets = unpermute_rows(&b.offsets, heads, rows, cols / 32);
         }
         Some(Ok(b))
+    }
+    fn stored(&self, name: &str) -> Option<Result<(DType, Vec<u8>)>> {
+        let m = self.mapped.get(name)?;
+        if m.minus_one {
+            return None;
+        }
+        let t = &self.file.tensors[m.index];
+        let dtype = m.info.dtype;
+        let bytes = self.file.tensor_bytes(t, dtype);
+        let (rows, cols) = super::rows_cols(&m.info.shape);
+        let row_bytes = dequant::byte_size(dtype, cols)?;
+        let out = match m.unpermute_heads {
+            None => bytes.to_vec(),
+            Some(heads) => {
+                if let Err(e) = self.check_heads(name, heads, rows) {
+                    return Some(Err(e));
+                }
+                let head_dim = rows / heads;
+                (0..rows)
+                    .flat_map(|r| {
+                        let src = permuted_row(r, head_dim);
+                        &bytes[src * row_bytes..(src + 1) * row_bytes]
+                    })
+                    .copied()
+                    .collect()
+            }
+        };
+        let begin = self.file.data_start + t.offset;
+        super::release_pages(&self.file.mmap, begin, begin + bytes.len());
+        Some(Ok((dtype, out)))
     }
     fn read_rows(&self, name: &str, rows: Range<usize>, out: &mut [f32]) -> Result<()> {
         let Some(m) = self.mapped.get(name) else {

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod dequant;
 pub mod gguf;
+pub mod gguf_writer;
 pub mod safetensors;
 pub mod tokenizer;
 
@@ -91,6 +92,13 @@ pub trait TensorSource: Send + Sync {
     /// The tensor's own 4-bit blocks of 32 (GGUF Q4_0, Q4_1, Q4_K), in Hugging
     /// Face row order; `None` when it is stored otherwise.
     fn load_four_bit(&self, _name: &str) -> Option<Result<dequant::FourBitBlocks>> {
+        None
+    }
+    /// The tensor's bytes as stored (ggml blocks, or elements) with rows in
+    /// Hugging Face order, and their type: what a writer copies instead of
+    /// encoding again. `None` where the values read differ from the bytes
+    /// (Gemma's `1 + w` norms) or the source does not offer them.
+    fn stored(&self, _name: &str) -> Option<Result<(DType, Vec<u8>)>> {
         None
     }
     /// The file a tensor lives in, for error messages.

@@ -42,6 +42,9 @@ pub fn emit(a: EmitArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
     } else {
         model
     };
+    if a.format.format == crate::cli::FormatArg::Gguf {
+        return emit_gguf(&a, &model, &plan, opts.healed);
+    }
     let progress = bar(0, "emit {bar:30} {pos}/{len} weights, {eta} left")?;
     let t0 = Instant::now();
     let written = package::emit(
@@ -89,6 +92,39 @@ pub fn emit(a: EmitArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
     if let Some(p) = depthc::measure::peak_rss_bytes() {
         println!("  peak RSS {:.1} MiB", p as f64 / 1048576.0);
     }
+    Ok(())
+}
+
+/// `emit --format gguf`.
+fn emit_gguf(a: &EmitArgs, model: &Model, plan: &Plan, healed: bool) -> Result<()> {
+    use crate::cli::{FormArg, OnnxDtype};
+    if matches!(a.form, FormArg::Branches) || a.dtype != OnnxDtype::F32 {
+        bail!(
+            "--format gguf writes each parallel group as one wider layer: --form branches and \
+             --dtype are ONNX options (the GGUF keeps the checkpoint's own encodings; \
+             --gguf-encoding sets the groups')"
+        );
+    }
+    let t0 = Instant::now();
+    let pb = spinner(&format!("writing {}", a.output.display()));
+    let enc = a.format.gguf_encoding.encoding();
+    let w = depthc::llamacpp::emit(model, plan, &a.model, enc, healed, &a.output)?;
+    pb.finish_and_clear();
+    println!(
+        "wrote {} (llama.cpp `deci`, plan `{plan}`, depth {} of {})",
+        a.output.join(depthc::llamacpp::FILE).display(),
+        plan.depth(),
+        model.config.num_hidden_layers
+    );
+    println!(
+        "  {:.1} MiB, {} tensors: {} matrices copied as stored, {} encoded as {} in {:.1} s",
+        w.bytes as f64 / 1048576.0,
+        w.tensors,
+        w.copied,
+        w.encoded,
+        w.encoding,
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -192,6 +192,18 @@ impl Matrix {
         }
     }
 
+    /// The checkpoint bytes this matrix holds unchanged (rows in Hugging Face
+    /// order) and their type; `None` for values computed in memory.
+    pub fn stored_bytes(&self) -> Option<crate::Result<(crate::checkpoint::DType, Vec<u8>)>> {
+        match &self.values {
+            Values::Lazy(l) => match &l.from {
+                Origin::Stored { source, name } => source.stored(name),
+                Origin::Codes(_) => None,
+            },
+            Values::F32(_) => None,
+        }
+    }
+
     /// The matrix `q`'s codes stand for, the codes kept beside it.
     pub fn from_codes(q: Q4, cache: &Arc<WeightCache>) -> Matrix {
         let q = Arc::new(q);
