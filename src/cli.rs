@@ -269,6 +269,10 @@ pub struct CompileArgs {
     /// `--heal`: fitted on the search's --calib text (up to --max-tokens).
     #[command(flatten)]
     pub heal: HealArgs,
+    /// `--format gguf`: OUT/model.gguf for llama.cpp and OUT/report/ (no ONNX
+    /// Runtime validation or benchmark; the options below are ONNX's).
+    #[command(flatten)]
+    pub format: FormatArgs,
     /// How parallel groups are written; `auto` emits both, benchmarks each against
     /// the unmodified model and keeps the faster on --workload.
     #[arg(long, value_enum, default_value_t = AutoFormArg::Auto)]
@@ -668,6 +672,10 @@ pub struct EvalArgs {
     pub dtype: OnnxDtype,
     #[command(flatten)]
     pub int4: Int4Args,
+    /// `--format gguf`: score the weights `emit --format gguf` writes for --plan
+    /// (the groups' folded projections in --gguf-encoding), against the original.
+    #[command(flatten)]
+    pub format: FormatArgs,
     /// With --dtype int4: the form the emitted model writes groups in (the
     /// fused form quantises norm-folded weights).
     #[arg(long, value_enum, default_value_t = FormArg::Fused)]

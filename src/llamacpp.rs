@@ -52,6 +52,16 @@ impl Encoding {
 /// cannot: one line naming what stands in the way.
 pub fn check(model: &Model, plan: &Plan) -> Result<()> {
     let cfg = &model.config;
+    check_config(cfg)?;
+    for g in plan.groups() {
+        crate::graph::lp::fusable(cfg, &g.layers)
+            .map_err(|why| Error::Input(format!("--format gguf: {why}")))?;
+    }
+    Ok(())
+}
+
+/// What [`check`] asks of the model's family and configuration.
+pub fn check_config(cfg: &crate::checkpoint::ModelConfig) -> Result<()> {
     let refuse = |why: String| Err(Error::Input(format!("--format gguf: {why}")));
     match cfg.family {
         Family::Llama | Family::Mistral | Family::Qwen2 => {}
@@ -95,9 +105,6 @@ pub fn check(model: &Model, plan: &Plan) -> Result<()> {
     let d = cfg.head_dim as f64;
     if (cfg.query_scale - 1.0 / d.sqrt()).abs() > 1e-9 / d.sqrt() {
         return refuse("llama.cpp's `deci` graph scales attention by 1/sqrt(head_dim) only".into());
-    }
-    for g in plan.groups() {
-        crate::graph::lp::fusable(cfg, &g.layers).or_else(&refuse)?;
     }
     Ok(())
 }
@@ -610,26 +617,34 @@ pub fn write(
 /// The file name of the GGUF in an output directory.
 pub const FILE: &str = "model.gguf";
 
-/// Write `model` under `plan` as `out/model.gguf` (`out` must not exist;
-/// written under a temporary name and renamed when complete). `source` is
-/// the GGUF checkpoint the model was read from; `healed` is recorded.
-pub fn emit(
+/// Whether the writer takes `source` (a GGUF file, whose tokenizer it
+/// copies) and a model of `cfg`'s family at all, before any long work.
+pub fn check_source(source: &Path, cfg: &crate::checkpoint::ModelConfig) -> Result<()> {
+    check_config(cfg)?;
+    if !source.is_file() {
+        return Err(Error::Input(format!(
+            "--format gguf: {} is a Hugging Face directory; the GGUF writer copies its \
+             tokenizer from a GGUF source and does not write one from tokenizer.json yet: \
+             convert the model to GGUF with llama.cpp first",
+            source.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Write `model` under `plan` as `dir/model.gguf`; `source` is the GGUF
+/// checkpoint the model was read from; `healed` is recorded.
+pub fn write_into(
     model: &Model,
     plan: &Plan,
     source: &Path,
     enc: Encoding,
     healed: bool,
-    out: &Path,
+    dir: &Path,
 ) -> Result<Written> {
+    check_source(source, &model.config)?;
     check(model, plan)?;
-    let file = if source.is_file() {
-        GgufFile::open(source)?
-    } else {
-        return Err(Error::Input(format!(
-            "--format gguf: {} is a Hugging Face directory; the GGUF writer copies its              tokenizer from a GGUF source and does not write one from tokenizer.json yet:              convert the model to GGUF with llama.cpp first",
-            source.display()
-        )));
-    };
+    let file = GgufFile::open(source)?;
     let extra = [
         ("depthc.plan", Meta::Str(plan.to_string())),
         (
@@ -639,9 +654,22 @@ pub fn emit(
         ("depthc.encoding", Meta::Str(enc.name().into())),
         ("depthc.healed", Meta::Bool(healed)),
     ];
-    crate::output::new_directory(out, |dir| {
-        write(model, plan, &file, enc, &extra, &dir.join(FILE))
-    })
+    write(model, plan, &file, enc, &extra, &dir.join(FILE))
+}
+
+/// [`write_into`] a new directory `out` (which must not exist; written
+/// under a temporary name and renamed when complete).
+pub fn emit(
+    model: &Model,
+    plan: &Plan,
+    source: &Path,
+    enc: Encoding,
+    healed: bool,
+    out: &Path,
+) -> Result<Written> {
+    check_source(source, &model.config)?;
+    check(model, plan)?;
+    crate::output::new_directory(out, |dir| write_into(model, plan, source, enc, healed, dir))
 }
 
 #[cfg(test)]

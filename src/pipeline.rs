@@ -666,6 +666,83 @@ pub fn compile(
     })
 }
 
+/// `compile --format gguf`: the search, its plan healed with `heal`, and
+/// `out/model.gguf` of llama.cpp's `deci` architecture ([`crate::llamacpp`])
+/// with `out/report/`. ONNX Runtime plays no part: the GGUF is checked
+/// against the reference forward by llama.cpp itself (tests/llamacpp.rs).
+pub struct CompiledGguf {
+    pub plan: Plan,
+    pub report: SearchReport,
+    pub gguf: PathBuf,
+    pub report_dir: PathBuf,
+    pub written: crate::llamacpp::Written,
+}
+
+pub fn compile_gguf(
+    model_path: &Path,
+    out: &Path,
+    opts: &CompileOptions,
+    encoding: crate::llamacpp::Encoding,
+    progress: &dyn Progress,
+) -> Result<CompiledGguf> {
+    crate::output::check_output(out, opts.force, true)?;
+    // Fail before the search, not after it, on a source the writer refuses.
+    let ckpt = crate::checkpoint::Checkpoint::open(model_path)?;
+    crate::llamacpp::check_source(model_path, &ckpt.config)?;
+    drop(ckpt);
+    let stages = RefCell::new(Vec::new());
+    let searched = timed(&stages, "search".into(), || {
+        search(model_path, &opts.search, progress)
+    })?;
+    let mut report = searched.report.clone();
+    let chosen = report.chosen_plan.clone();
+    let healed = match opts.heal {
+        Some(h) => {
+            let s = &opts.search;
+            let pb = progress.bar("heal   {bar:30} {pos}/{len} window steps, {eta} left");
+            let (model, r) = timed(&stages, "heal".into(), || {
+                crate::heal::heal_on(
+                    &searched.model,
+                    model_path,
+                    searched.tokenizer.as_ref(),
+                    &chosen,
+                    &crate::heal::HealCalibration {
+                        calib: &s.calib,
+                        seq_len: s.seq_len,
+                        max_tokens: s.max_tokens,
+                    },
+                    h,
+                    &pb,
+                )
+            })?;
+            pb.finish_and_clear();
+            report.healing = Some(r);
+            Some(model)
+        }
+        None => None,
+    };
+    let model = healed.as_ref().unwrap_or(&searched.model);
+    let written = crate::output::write_directory(out, opts.force, |dir| {
+        let pb = progress.spinner("writing model.gguf");
+        let w = timed(&stages, "write gguf".into(), || {
+            crate::llamacpp::write_into(model, &chosen, model_path, encoding, healed.is_some(), dir)
+        })?;
+        pb.finish_and_clear();
+        report.stages = Some(stages.borrow().clone());
+        let report_dir = dir.join("report");
+        std::fs::create_dir(&report_dir).map_err(|e| Error::io(&report_dir, e))?;
+        report.write(&report_dir)?;
+        Ok(w)
+    })?;
+    Ok(CompiledGguf {
+        plan: chosen,
+        report,
+        gguf: out.join(crate::llamacpp::FILE),
+        report_dir: out.join("report"),
+        written,
+    })
+}
+
 /// What `compile` emits, validates and benchmarks its candidates with.
 struct Candidates<'a> {
     /// The unmodified model (the baselines).

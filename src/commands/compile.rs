@@ -134,6 +134,51 @@ pub fn search_command(a: SearchArgs, weight_cache: &Arc<WeightCache>) -> Result<
     Ok(())
 }
 
+/// Each stage's time and peak memory.
+fn print_stages(report: &depthc::report::SearchReport) {
+    for st in report.stages.iter().flatten() {
+        let rss = st.peak_rss_bytes.map_or("-".to_string(), |b| {
+            format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+        });
+        println!(
+            "stage          {:<24} {:>8.1} s  peak RSS {rss}",
+            st.stage, st.seconds
+        );
+    }
+}
+
+/// `compile --format gguf`.
+fn compile_gguf(a: &CompileArgs, opts: &depthc::pipeline::CompileOptions) -> Result<()> {
+    let enc = a.format.gguf_encoding.encoding();
+    let c = pipeline::compile_gguf(&a.model, &a.output, opts, enc, &Terminal)?;
+    let report = &c.report;
+    if a.json {
+        let mut v = summary_json(report);
+        v["gguf"] = json!(c.written);
+        v["stages"] = json!(report.stages);
+        v["output"] = json!(a.output);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    print_search_summary(report);
+    if let Some(h) = &report.healing {
+        super::print_heal(h);
+    }
+    let w = &c.written;
+    println!(
+        "wrote          {} (llama.cpp `deci`, {} layers, {:.1} MiB: {} matrices copied as stored, {} encoded as {})",
+        c.gguf.display(),
+        w.layers,
+        w.bytes as f64 / 1048576.0,
+        w.copied,
+        w.encoded,
+        w.encoding
+    );
+    print_stages(report);
+    println!("report         {}", c.report_dir.display());
+    Ok(())
+}
+
 pub fn compile_command(a: CompileArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
     use depthc::graph::{Form, Ops};
     use depthc::runtime::bench::Workload;
@@ -170,6 +215,9 @@ pub fn compile_command(a: CompileArgs, weight_cache: &Arc<WeightCache>) -> Resul
         force: a.force,
         heal: a.heal.options(),
     };
+    if a.format.format == FormatArg::Gguf {
+        return compile_gguf(&a, &opts);
+    }
     let compiled = pipeline::compile(&a.model, &a.output, &opts, &Terminal)?;
     let report = &compiled.report;
     let validations = &compiled.validations;
@@ -223,15 +271,7 @@ pub fn compile_command(a: CompileArgs, weight_cache: &Arc<WeightCache>) -> Resul
     }
     println!("kept           {}", speed.why);
     print_bench(bench_result, "baseline", "compiled");
-    for st in report.stages.iter().flatten() {
-        let rss = st.peak_rss_bytes.map_or("-".to_string(), |b| {
-            format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
-        });
-        println!(
-            "stage          {:<24} {:>8.1} s  peak RSS {rss}",
-            st.stage, st.seconds
-        );
-    }
+    print_stages(report);
     println!(
         "output         {}/{{baseline,compiled,report}}",
         a.output.display()

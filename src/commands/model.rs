@@ -156,7 +156,16 @@ pub fn eval(a: EvalArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
     };
     // The candidate: the plan on the float (or healed) weights, or the
     // weights `emit --dtype int4` writes for the plan.
+    let gguf = a.format.format == crate::cli::FormatArg::Gguf;
+    if gguf && (int4.is_some() || candidate_plan.is_none()) {
+        bail!("--format gguf scores the weights a GGUF of --plan holds: give --plan, not --dtype int4");
+    }
     let quantised = match (int4, &candidate_plan) {
+        (None, Some(p)) if gguf => {
+            let from = healed.as_ref().unwrap_or(&model);
+            let enc = a.format.gguf_encoding.encoding();
+            Some(depthc::llamacpp::weights_as_written(from, p, enc)?)
+        }
         (Some(q), Some(p)) => {
             let form = emit_options(a.form, a.dtype, a.int4, OpsArg::Portable).form;
             let from = healed.as_ref().unwrap_or(&model);
