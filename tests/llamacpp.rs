@@ -319,3 +319,26 @@ fn what_llama_cpp_cannot_hold_is_refused() {
         assert!(!out.exists(), "nothing written for {args:?}");
     }
 }
+
+/// Qwen2.5-Coder-1.5B (Q4_K_M) with 4 pairs: about 2 minutes on 2 cores, so
+/// off the default run: `cargo test --release --test llamacpp -- --ignored`.
+#[test]
+#[ignore]
+fn a_qwen2_5_plan_in_llama_cpp_generates_the_reference_tokens() {
+    let path = common::qwen2_5_path();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = "9-10,14-15,17-18,19-20";
+    let out = dir.path().join("out");
+    emit(&path, spec, &out);
+    let (_, model) = load(&path);
+    let plan = Plan::parse(spec, model.config.num_hidden_layers).unwrap();
+    let written = weights_as_written(&model, &plan, Encoding::Q8_0).unwrap();
+    check(
+        &out.join(depthc::llamacpp::FILE),
+        &written,
+        &plan,
+        &prompt_of(&path),
+        16,
+        0.05,
+    );
+}
