@@ -549,6 +549,10 @@ pub enum GgufEncodingArg {
     Q8_0,
     F16,
     F32,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
 }
 
 impl GgufEncodingArg {
@@ -558,6 +562,8 @@ impl GgufEncodingArg {
             GgufEncodingArg::Q8_0 => Encoding::Q8_0,
             GgufEncodingArg::F16 => Encoding::F16,
             GgufEncodingArg::F32 => Encoding::F32,
+            GgufEncodingArg::Q4_0 => Encoding::Q4_0,
+            GgufEncodingArg::Q4_1 => Encoding::Q4_1,
         }
     }
 }

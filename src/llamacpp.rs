@@ -33,6 +33,8 @@ pub enum Encoding {
     Q8_0,
     F16,
     F32,
+    Q4_0,
+    Q4_1,
 }
 
 impl Encoding {
@@ -41,6 +43,8 @@ impl Encoding {
             Encoding::Q8_0 => DType::Q8_0,
             Encoding::F16 => DType::F16,
             Encoding::F32 => DType::F32,
+            Encoding::Q4_0 => DType::Q4_0,
+            Encoding::Q4_1 => DType::Q4_1,
         }
     }
     pub fn name(self) -> &'static str {

@@ -2,7 +2,8 @@
 //! typed metadata, tensor table (dims fastest-varying first), and the data
 //! section, each tensor padded to [`ALIGNMENT`] bytes with offsets back to
 //! back (llama.cpp refuses any other offset). Values for the encodings a
-//! writer may need to produce ([`encode`]): F32, F16, BF16 and Q8_0.
+//! writer may need to produce ([`encode`]): F32, F16, BF16, Q8_0, Q4_0 and Q4_1
+//! (llama.cpp's reference rounding of each).
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -55,9 +56,12 @@ pub fn ggml_type(dtype: DType) -> u32 {
     }
 }
 
-/// `values` in `dtype` (llama.cpp's reference rounding for Q8_0: per block
-/// of 32, `d = max|x| / 127` as f16, `q = round(x / d)`), or `None` for a
-/// type this writer does not produce or a length not of whole blocks.
+/// `values` in `dtype`, rounded as llama.cpp's reference quantisers round
+/// (per block of 32: Q8_0 `d = max|x| / 127`, `q = round(x / d)`; Q4_0 `d` =
+/// the largest-magnitude value over -8, `q = x / d + 8`; Q4_1 `d = (max -
+/// min) / 15`, `q = (x - min) / d`; the 4-bit codes truncated after adding
+/// one half, at most 15), or `None` for a type this writer does not produce
+/// or a length not of whole blocks.
 pub fn encode(dtype: DType, values: &[f32]) -> Option<Vec<u8>> {
     let size = dequant::byte_size(dtype, values.len())?;
     let mut out = Vec::with_capacity(size);
@@ -76,6 +80,31 @@ pub fn encode(dtype: DType, values: &[f32]) -> Option<Vec<u8>> {
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 out.extend(half::f16::from_f32(d).to_le_bytes());
                 out.extend(block.iter().map(|&v| (v * id).round() as i8 as u8));
+            }
+        }
+        DType::Q4_0 => {
+            for block in values.chunks_exact(32) {
+                // The value of largest magnitude, with its sign, is -8 codes.
+                let max = block
+                    .iter()
+                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(half::f16::from_f32(d).to_le_bytes());
+                let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+                out.extend((0..16).map(|j| q(block[j]) | (q(block[j + 16]) << 4)));
+            }
+        }
+        DType::Q4_1 => {
+            for block in values.chunks_exact(32) {
+                let min = block.iter().fold(f32::MAX, |m, &v| m.min(v));
+                let max = block.iter().fold(f32::MIN, |m, &v| m.max(v));
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(half::f16::from_f32(d).to_le_bytes());
+                out.extend(half::f16::from_f32(min).to_le_bytes());
+                let q = |v: f32| (((v - min) * id + 0.5) as i8).min(15) as u8;
+                out.extend((0..16).map(|j| q(block[j]) | (q(block[j + 16]) << 4)));
             }
         }
         _ => return None,
@@ -251,6 +280,18 @@ mod tests {
         }
         assert!(encode(DType::Q8_0, &x[..31]).is_none());
         assert!(encode(DType::Q4_K, &x).is_none());
+        // 4-bit: within half a step of each block's scale (and its f16 rounding).
+        for dtype in [DType::Q4_0, DType::Q4_1] {
+            let bytes = encode(dtype, &x).unwrap();
+            dequant::to_f32(dtype, &bytes, &mut back);
+            for (a, b) in x.chunks(32).zip(back.chunks(32)) {
+                let (lo, hi) = a.iter().fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+                let step = if dtype == DType::Q4_1 { (hi - lo) / 15.0 } else { hi.abs().max(lo.abs()) / 8.0 };
+                for (u, v) in a.iter().zip(b) {
+                    assert!((u - v).abs() <= step * 0.5 + step * 0.01 + 1e-6, "{dtype:?}: {u} vs {v}");
+                }
+            }
+        }
         // All zeros: scale 0, codes 0.
         assert!(encode(DType::Q8_0, &[0.0; 32])
             .unwrap()

@@ -7,9 +7,10 @@
 //!   least each round, re-scored end to end;
 //! - `beam`: the same with the `B` best plans kept each round.
 //!
-//! Every plan a strategy considers is first screened by a local measure (how
-//! far its changed span moves the residual stream, [`Screened`]); only the
-//! closest are scored end to end ([`Stages`]). Metrics per scored candidate
+//! Every plan a strategy considers is first screened ([`Screened`]: a
+//! contiguous range by how far its changed span moves the residual stream, a
+//! greedy or beam extension by the loss its pairs predict); only the closest
+//! are scored end to end ([`Stages`]), on at least [`COMMIT_TOKENS`]. Metrics per scored candidate
 //! (means over the positions scored): cosine of final hidden states (after
 //! the final norm), KL(original || candidate) of next-token distributions,
 //! top-1 agreement.

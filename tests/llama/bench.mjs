@@ -1,16 +1,19 @@
 // Prefill and decode speed of two GGUFs in llama.cpp (node-llama-cpp's
 // prebuilt CPU binary), measured back to back in alternating rounds:
 //
-//   node bench.mjs A.gguf B.gguf ROUNDS PROMPT_TOKENS DECODE_TOKENS THREADS
+//   node bench.mjs A.gguf B.gguf ROUNDS PROMPT_TOKENS DECODE_TOKENS THREADS [flash]
 //
 // Each round, for A then B (B then A on odd rounds): a fresh context, the
 // prompt (PROMPT_TOKENS ids cycling through the first thousand of the
 // vocabulary after BOS) evaluated in one batch, then DECODE_TOKENS greedy
-// tokens one at a time. Llama.cpp's defaults otherwise (its F16 KV cache).
+// tokens one at a time. Llama.cpp's defaults otherwise (its F16 KV cache);
+// `flash`: flash attention (without it, llama.cpp pads every layer's V cache
+// to the widest layer's when their widths differ, as a `deci` file's do).
 // Prints one JSON object: per model, per round, prefill and decode tokens/s.
 import { getLlama, LlamaLogLevel } from "node-llama-cpp";
 
-const [a, b, rounds, promptTokens, decodeTokens, threads] = process.argv.slice(2);
+const [a, b, rounds, promptTokens, decodeTokens, threads, fa] = process.argv.slice(2);
+const flash = fa === "flash";
 const llama = await getLlama({
   gpu: false,
   build: "never",
@@ -34,6 +37,7 @@ for (let r = 0; r < Number(rounds); r++) {
       batchSize: n,
       sequences: 1,
       threads: Number(threads),
+      flashAttention: flash,
     });
     const seq = ctx.getSequence();
     const prompt = [model.tokens.bos ?? 1];
