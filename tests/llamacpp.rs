@@ -200,6 +200,52 @@ fn a_smollm2_plan_in_llama_cpp_generates_the_reference_tokens() {
 }
 
 #[test]
+fn compile_format_gguf_writes_what_llama_cpp_runs() {
+    // The whole command: search (short), then model.gguf and the report.
+    let path = real_model_path();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, stdout, stderr) = common::run_depthc(&[
+        "compile",
+        path.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--format",
+        "gguf",
+        "--pairs",
+        "3",
+        "--strategy",
+        "greedy",
+        "--max-tokens",
+        "1024",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("llama.cpp `deci`, 27 layers"), "{stdout}");
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(names, ["model.gguf", "report"]);
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("report/search-report.json")).unwrap(),
+    )
+    .unwrap();
+    let spec = report["chosen_plan"].as_str().unwrap();
+    let gguf = out.join(depthc::llamacpp::FILE);
+    let meta = common::run_python("check_gguf.py", &[gguf.to_str().unwrap()]);
+    assert_eq!(meta["meta"]["depthc.plan"], spec);
+    let (_, model) = load(&path);
+    let plan = Plan::parse(spec, model.config.num_hidden_layers).unwrap();
+    let written = weights_as_written(&model, &plan, Encoding::Q8_0).unwrap();
+    // The plan is the search's, the prompt's continuation less certain: the
+    // KL bound is that of llama.cpp's own noise at some positions (on the
+    // unmodified SmolLM2 from 1.7e-4 to 2.0e-2 over the prompt's last 8).
+    check(&gguf, &written, &plan, &prompt_of(&path), 16, 0.1);
+}
+
+#[test]
 fn a_qwen2_plan_in_llama_cpp_generates_the_reference_tokens() {
     // Qwen2 GGUFs keep Q/K rows in Hugging Face order (their rotation is not
     // interleaved): the writer permutes them, biases too, for `deci`.

@@ -285,10 +285,19 @@ mod tests {
             let bytes = encode(dtype, &x).unwrap();
             dequant::to_f32(dtype, &bytes, &mut back);
             for (a, b) in x.chunks(32).zip(back.chunks(32)) {
-                let (lo, hi) = a.iter().fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
-                let step = if dtype == DType::Q4_1 { (hi - lo) / 15.0 } else { hi.abs().max(lo.abs()) / 8.0 };
+                let (lo, hi) = a
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+                let step = if dtype == DType::Q4_1 {
+                    (hi - lo) / 15.0
+                } else {
+                    hi.abs().max(lo.abs()) / 8.0
+                };
                 for (u, v) in a.iter().zip(b) {
-                    assert!((u - v).abs() <= step * 0.5 + step * 0.01 + 1e-6, "{dtype:?}: {u} vs {v}");
+                    assert!(
+                        (u - v).abs() <= step * 0.5 + step * 0.01 + 1e-6,
+                        "{dtype:?}: {u} vs {v}"
+                    );
                 }
             }
         }
