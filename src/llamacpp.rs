@@ -21,6 +21,7 @@ use std::path::Path;
 use crate::checkpoint::config::Activation;
 use crate::checkpoint::gguf::GgufFile;
 use crate::checkpoint::gguf_writer::{encode, GgufWriter, Meta, TensorData};
+use crate::checkpoint::tokenizer::Tokenizer;
 use crate::checkpoint::{dequant, DType, Family, RopeScaling};
 use crate::model::{Matrix, Model};
 use crate::plan::{Plan, Step};
@@ -470,34 +471,10 @@ pub struct Written {
     pub copied: usize,
 }
 
-/// Write `model` under `plan` to `path` as a `deci` GGUF; `source` is the
-/// GGUF the model was read from (its tokenizer and `general.*` keys are
-/// copied), `extra` more metadata (depthc's plan and version).
-pub fn write(
-    model: &Model,
-    plan: &Plan,
-    source: &GgufFile,
-    enc: Encoding,
-    extra: &[(&str, Meta)],
-    path: &Path,
-) -> Result<Written> {
-    let a = assemble(model, plan, enc)?;
-    let cfg = &model.config;
-    let arch = source.architecture()?.to_string();
-    let mut w = GgufWriter::new();
-    w.meta("general.architecture", Meta::Str("deci".into()));
-    let copy = |w: &mut GgufWriter, key: &str, to: &str| {
-        if let Some((ty, bytes)) = source.raw_value(key) {
-            w.meta(
-                to,
-                Meta::Raw {
-                    ty,
-                    bytes: bytes.to_vec(),
-                },
-            );
-        }
-    };
-    for key in source.metadata.keys() {
+/// Every `tokenizer.*` and `general.*` key of `file` as stored (not its
+/// architecture, alignment or file type).
+fn copy_gguf_keys(w: &mut GgufWriter, file: &GgufFile) -> Result<()> {
+    for key in file.metadata.keys() {
         let keep = (key.starts_with("general.")
             && ![
                 "general.architecture",
@@ -506,41 +483,120 @@ pub fn write(
             ]
             .contains(&key.as_str()))
             || key.starts_with("tokenizer.");
-        if keep {
-            copy(&mut w, key, key);
+        if let (true, Some((ty, bytes))) = (keep, file.raw_value(key)) {
+            w.meta(
+                key,
+                Meta::Raw {
+                    ty,
+                    bytes: bytes.to_vec(),
+                },
+            );
         }
     }
     // A byte-level BPE vocabulary that needs no merges may have no merges
     // key; llama.cpp refuses a BPE vocabulary without one: an empty list.
-    let bpe = source
+    let model = file
         .metadata
         .get("tokenizer.ggml.model")
-        .and_then(|v| v.as_str())
-        == Some("gpt2");
-    if bpe && source.raw_value("tokenizer.ggml.merges").is_none() {
-        let mut empty = 8u32.to_le_bytes().to_vec(); // array of strings
-        empty.extend(0u64.to_le_bytes());
-        w.meta(
-            "tokenizer.ggml.merges",
-            Meta::Raw {
-                ty: 9,
-                bytes: empty,
-            },
-        );
+        .and_then(|v| v.as_str());
+    if model == Some("gpt2") && file.raw_value("tokenizer.ggml.merges").is_none() {
+        w.meta("tokenizer.ggml.merges", Meta::Strs(Vec::new()));
     }
-    if source.raw_value("tokenizer.ggml.model").is_none() {
+    if model.is_none() {
         return Err(Error::Input(format!(
             "--format gguf: {} has no tokenizer (`tokenizer.ggml.*`) to copy, and llama.cpp \
              needs one",
-            source.path.display()
+            file.path.display()
         )));
     }
+    Ok(())
+}
+
+/// Where the model was read from: its tokenizer (and `general.*` keys) go
+/// into the GGUF.
+pub enum Origin {
+    /// A GGUF file: every `tokenizer.*` and `general.*` key copied as stored.
+    Gguf(GgufFile),
+    /// A Hugging Face directory: the byte-level BPE of its `tokenizer.json`
+    /// written as llama.cpp's keys ([`Tokenizer::gguf_bpe`]).
+    HuggingFace {
+        dir: std::path::PathBuf,
+        tokenizer: Tokenizer,
+    },
+}
+
+impl Origin {
+    /// `source` opened for its metadata; refuses a tokenizer the writer
+    /// cannot write.
+    pub fn open(source: &Path) -> Result<Origin> {
+        if source.is_file() {
+            return Ok(Origin::Gguf(GgufFile::open(source)?));
+        }
+        let tokenizer = Tokenizer::from_hf_dir(source)?.ok_or_else(|| {
+            Error::Input(format!(
+                "--format gguf: {} has no tokenizer.json, and llama.cpp needs the tokenizer",
+                source.display()
+            ))
+        })?;
+        tokenizer.gguf_bpe(&source.join("tokenizer.json"))?;
+        Ok(Origin::HuggingFace {
+            dir: source.to_path_buf(),
+            tokenizer,
+        })
+    }
+}
+
+/// Write `model` under `plan` to `path` as a `deci` GGUF; `source` is what
+/// the model was read from ([`Origin`]), `extra` more metadata (depthc's
+/// plan and version).
+pub fn write(
+    model: &Model,
+    plan: &Plan,
+    source: &Origin,
+    enc: Encoding,
+    extra: &[(&str, Meta)],
+    path: &Path,
+) -> Result<Written> {
+    let a = assemble(model, plan, enc)?;
+    let cfg = &model.config;
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", Meta::Str("deci".into()));
     let u32_of = |v: usize| Meta::U32(v as u32);
-    let ctx = source
-        .metadata
-        .get(&format!("{arch}.context_length"))
-        .and_then(|v| v.as_u64())
-        .map_or(cfg.max_position_embeddings, |v| v as usize);
+    let ctx = match source {
+        Origin::Gguf(file) => {
+            copy_gguf_keys(&mut w, file)?;
+            let arch = file.architecture()?;
+            file.metadata
+                .get(&format!("{arch}.context_length"))
+                .and_then(|v| v.as_u64())
+                .map_or(cfg.max_position_embeddings, |v| v as usize)
+        }
+        Origin::HuggingFace { dir, tokenizer } => {
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            w.meta("general.name", Meta::Str(name.unwrap_or_default()));
+            let bpe = tokenizer.gguf_bpe(&dir.join("tokenizer.json"))?;
+            w.meta("tokenizer.ggml.model", Meta::Str("gpt2".into()));
+            w.meta("tokenizer.ggml.pre", Meta::Str(bpe.pre.into()));
+            w.meta("tokenizer.ggml.tokens", Meta::Strs(bpe.tokens));
+            w.meta("tokenizer.ggml.token_type", Meta::I32s(bpe.token_types));
+            w.meta("tokenizer.ggml.merges", Meta::Strs(bpe.merges));
+            if let Some(id) = cfg.bos_token_id {
+                w.meta("tokenizer.ggml.bos_token_id", Meta::U32(id));
+            }
+            if let Some(id) = cfg.eos_token_id {
+                w.meta("tokenizer.ggml.eos_token_id", Meta::U32(id));
+            }
+            w.meta("tokenizer.ggml.add_bos_token", Meta::Bool(cfg.add_bos));
+            let tc = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok();
+            let template = tc
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v["chat_template"].as_str().map(String::from));
+            if let Some(t) = template {
+                w.meta("tokenizer.chat_template", Meta::Str(t));
+            }
+            cfg.max_position_embeddings
+        }
+    };
     w.meta("deci.context_length", u32_of(ctx));
     w.meta("deci.embedding_length", u32_of(cfg.hidden_size));
     w.meta("deci.block_count", u32_of(a.layers.len()));
@@ -621,34 +677,23 @@ pub fn write(
 /// The file name of the GGUF in an output directory.
 pub const FILE: &str = "model.gguf";
 
-/// Whether the writer takes `source` (a GGUF file, whose tokenizer it
-/// copies) and a model of `cfg`'s family at all, before any long work.
-pub fn check_source(source: &Path, cfg: &crate::checkpoint::ModelConfig) -> Result<()> {
-    check_config(cfg)?;
-    if !source.is_file() {
-        return Err(Error::Input(format!(
-            "--format gguf: {} is a Hugging Face directory; the GGUF writer copies its \
-             tokenizer from a GGUF source and does not write one from tokenizer.json yet: \
-             convert the model to GGUF with llama.cpp first",
-            source.display()
-        )));
-    }
-    Ok(())
+/// Whether the writer takes a model of `cfg`'s family at all, before any
+/// long work.
+pub fn check_source(cfg: &crate::checkpoint::ModelConfig) -> Result<()> {
+    check_config(cfg)
 }
 
-/// Write `model` under `plan` as `dir/model.gguf`; `source` is the GGUF
+/// Write `model` under `plan` as `dir/model.gguf`; `source` is the
 /// checkpoint the model was read from; `healed` is recorded.
 pub fn write_into(
     model: &Model,
     plan: &Plan,
-    source: &Path,
+    source: &Origin,
     enc: Encoding,
     healed: bool,
     dir: &Path,
 ) -> Result<Written> {
-    check_source(source, &model.config)?;
     check(model, plan)?;
-    let file = GgufFile::open(source)?;
     let extra = [
         ("depthc.plan", Meta::Str(plan.to_string())),
         (
@@ -658,7 +703,7 @@ pub fn write_into(
         ("depthc.encoding", Meta::Str(enc.name().into())),
         ("depthc.healed", Meta::Bool(healed)),
     ];
-    write(model, plan, &file, enc, &extra, &dir.join(FILE))
+    write(model, plan, source, enc, &extra, &dir.join(FILE))
 }
 
 /// [`write_into`] a new directory `out` (which must not exist; written
@@ -671,9 +716,11 @@ pub fn emit(
     healed: bool,
     out: &Path,
 ) -> Result<Written> {
-    check_source(source, &model.config)?;
     check(model, plan)?;
-    crate::output::new_directory(out, |dir| write_into(model, plan, source, enc, healed, dir))
+    let origin = Origin::open(source)?;
+    crate::output::new_directory(out, |dir| {
+        write_into(model, plan, &origin, enc, healed, dir)
+    })
 }
 
 #[cfg(test)]

@@ -688,8 +688,9 @@ pub fn compile_gguf(
     crate::output::check_output(out, opts.force, true)?;
     // Fail before the search, not after it, on a source the writer refuses.
     let ckpt = crate::checkpoint::Checkpoint::open(model_path)?;
-    crate::llamacpp::check_source(model_path, &ckpt.config)?;
+    crate::llamacpp::check_source(&ckpt.config)?;
     drop(ckpt);
+    let origin = crate::llamacpp::Origin::open(model_path)?;
     let stages = RefCell::new(Vec::new());
     let searched = timed(&stages, "search".into(), || {
         search(model_path, &opts.search, progress)
@@ -725,7 +726,7 @@ pub fn compile_gguf(
     let written = crate::output::write_directory(out, opts.force, |dir| {
         let pb = progress.spinner("writing model.gguf");
         let w = timed(&stages, "write gguf".into(), || {
-            crate::llamacpp::write_into(model, &chosen, model_path, encoding, healed.is_some(), dir)
+            crate::llamacpp::write_into(model, &chosen, &origin, encoding, healed.is_some(), dir)
         })?;
         pb.finish_and_clear();
         report.stages = Some(stages.borrow().clone());

@@ -32,6 +32,8 @@ pub enum Meta {
     Str(String),
     /// An INT32 array (how gguf-py writes lists of integers).
     I32s(Vec<i32>),
+    /// An array of strings.
+    Strs(Vec<String>),
     /// A value copied as another file stores it: its type and bytes.
     Raw {
         ty: u32,
@@ -247,6 +249,12 @@ fn put_meta(out: &mut Vec<u8>, value: &Meta) {
             out.extend(TY_I32.to_le_bytes());
             out.extend((v.len() as u64).to_le_bytes());
             v.iter().for_each(|x| out.extend(x.to_le_bytes()));
+        }
+        Meta::Strs(v) => {
+            out.extend(TY_ARRAY.to_le_bytes());
+            out.extend(TY_STRING.to_le_bytes());
+            out.extend((v.len() as u64).to_le_bytes());
+            v.iter().for_each(|x| put_string(out, x));
         }
         Meta::Raw { ty, bytes } => {
             out.extend(ty.to_le_bytes());

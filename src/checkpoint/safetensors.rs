@@ -224,6 +224,10 @@ impl TensorSource for SafetensorsSource {
     fn info(&self, name: &str) -> Option<&TensorInfo> {
         self.entries.get(name).map(|e| &e.info)
     }
+    fn stored(&self, name: &str) -> Option<Result<(DType, Vec<u8>)>> {
+        let e = self.entries.get(name)?;
+        Some(Ok((e.info.dtype, self.bytes(name)?.to_vec())))
+    }
     fn read_rows(&self, name: &str, rows: Range<usize>, out: &mut [f32]) -> Result<()> {
         let e = self
             .entries

@@ -277,4 +277,124 @@ impl Tokenizer {
     pub fn to_json(&self) -> &str {
         &self.json
     }
+
+    /// The byte-level BPE as llama.cpp's `tokenizer.ggml.*` keys hold it
+    /// (the inverse of [`Tokenizer::from_gguf_bpe`]): every token by id, its
+    /// type (1 normal, 3 control for a special added token, 4 user-defined
+    /// for another added token), the merges as `"a b"`, and the
+    /// pre-tokenizer's llama.cpp name, recognised from the splits this file
+    /// makes (`smollm`, `gpt2`, `llama-bpe`, `qwen2`).
+    pub fn gguf_bpe(&self, path: &Path) -> Result<GgufBpe> {
+        let bad = |msg: String| Error::Tokenizer {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let v: Value = serde_json::from_str(&self.json).map_err(|e| bad(format!("{e}")))?;
+        let model = &v["model"];
+        if model["type"] != "BPE" {
+            return Err(bad(format!(
+                "a `{}` model: llama.cpp's GGUF is written for byte-level BPE only",
+                model["type"].as_str().unwrap_or("?")
+            )));
+        }
+        let mut tokens: Vec<Option<String>> = Vec::new();
+        let mut types: Vec<i32> = Vec::new();
+        let mut put = |id: usize, tok: &str, ty: i32| {
+            if tokens.len() <= id {
+                tokens.resize(id + 1, None);
+                types.resize(id + 1, 1);
+            }
+            tokens[id] = Some(tok.to_string());
+            types[id] = ty;
+        };
+        for (tok, id) in model["vocab"]
+            .as_object()
+            .ok_or_else(|| bad("no vocab".into()))?
+        {
+            put(
+                id.as_u64()
+                    .ok_or_else(|| bad(format!("token `{tok}` has no id")))?
+                    as usize,
+                tok,
+                1,
+            );
+        }
+        for t in v["added_tokens"].as_array().into_iter().flatten() {
+            let (Some(id), Some(tok)) = (t["id"].as_u64(), t["content"].as_str()) else {
+                return Err(bad("an added token without id or content".into()));
+            };
+            let ty = if t["special"] == true {
+                TOKEN_TYPE_CONTROL
+            } else {
+                TOKEN_TYPE_USER_DEFINED
+            };
+            put(id as usize, tok, ty as i32);
+        }
+        let tokens = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(id, t)| t.ok_or_else(|| bad(format!("no token has id {id}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let merges = model["merges"]
+            .as_array()
+            .ok_or_else(|| bad("no merges".into()))?
+            .iter()
+            .map(|m| match m {
+                Value::String(s) => Ok(s.clone()),
+                Value::Array(p) if p.len() == 2 => Ok(format!(
+                    "{} {}",
+                    p[0].as_str().unwrap_or_default(),
+                    p[1].as_str().unwrap_or_default()
+                )),
+                _ => Err(bad(format!("merge {m} is neither \"a b\" nor [a, b]"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pre = &v["pre_tokenizer"];
+        let parts: Vec<&Value> = match pre["type"].as_str() {
+            Some("Sequence") => pre["pretokenizers"]
+                .as_array()
+                .map(|a| a.iter().collect())
+                .unwrap_or_default(),
+            _ => vec![pre],
+        };
+        let split = |regex: &str| {
+            parts.len() == 2
+                && parts[0]["type"] == "Split"
+                && parts[0]["pattern"]["Regex"] == regex
+                && parts[1]["type"] == "ByteLevel"
+        };
+        let pre = if parts.len() == 2
+            && parts[0]["type"] == "Digits"
+            && parts[0]["individual_digits"] == true
+            && parts[1]["type"] == "ByteLevel"
+        {
+            "smollm"
+        } else if parts.len() == 1 && parts[0]["type"] == "ByteLevel" {
+            "gpt2"
+        } else if split(LLAMA3_SPLIT) {
+            "llama-bpe"
+        } else if split(QWEN2_SPLIT) {
+            "qwen2"
+        } else {
+            return Err(bad(
+                "its pre-tokenizer is none llama.cpp's GGUF names for depthc (smollm, gpt2, \
+                 llama-bpe, qwen2): convert the model to GGUF with llama.cpp first"
+                    .into(),
+            ));
+        };
+        Ok(GgufBpe {
+            tokens,
+            token_types: types,
+            merges,
+            pre,
+        })
+    }
+}
+
+/// A byte-level BPE vocabulary in llama.cpp's GGUF terms ([`Tokenizer::gguf_bpe`]).
+pub struct GgufBpe {
+    pub tokens: Vec<String>,
+    pub token_types: Vec<i32>,
+    pub merges: Vec<String>,
+    pub pre: &'static str,
 }
