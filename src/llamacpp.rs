@@ -521,7 +521,7 @@ pub enum Origin {
     /// written as llama.cpp's keys ([`Tokenizer::gguf_bpe`]).
     HuggingFace {
         dir: std::path::PathBuf,
-        tokenizer: Tokenizer,
+        tokenizer: Box<Tokenizer>,
     },
 }
 
@@ -541,7 +541,7 @@ impl Origin {
         tokenizer.gguf_bpe(&source.join("tokenizer.json"))?;
         Ok(Origin::HuggingFace {
             dir: source.to_path_buf(),
-            tokenizer,
+            tokenizer: Box::new(tokenizer),
         })
     }
 }
