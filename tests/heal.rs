@@ -189,3 +189,25 @@ fn search_heal_measures_every_front_plan_healed() {
     let md = std::fs::read_to_string(out.join("search-report.md")).unwrap();
     assert!(md.contains("healed: perplexity"), "{md}");
 }
+
+#[test]
+fn heal_without_a_plan_is_refused() {
+    let model = common::real_model_path();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for args in [
+        vec![
+            "eval",
+            s(&model),
+            "--text",
+            s(&common::text_path("hamlet_gut.txt")),
+            "--heal",
+        ],
+        vec!["emit", s(&model), "-o", s(&out), "--heal"],
+    ] {
+        let (code, _, stderr) = depthc(&args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(stderr.contains("give --plan"), "{args:?}: {stderr}");
+        assert!(!out.exists());
+    }
+}

@@ -141,6 +141,9 @@ pub fn eval(a: EvalArgs, weight_cache: &Arc<WeightCache>) -> Result<()> {
         (_, Some(_)) => Some(Plan::sequential(layers)),
         _ => None,
     };
+    if a.heal.heal && plan.as_ref().is_none_or(|p| p.is_sequential()) {
+        bail!("--heal heals a plan's parallel groups: give --plan");
+    }
     // --heal: the plan's groups healed on the calibration text (before int4,
     // which then quantises the healed matrices).
     let healed = match (&candidate_plan, a.heal.heal) {
