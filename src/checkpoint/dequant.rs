@@ -90,7 +90,9 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
 }
 
 /// [`to_f32`] of whole rows of `cols` elements, rows in parallel (each
-/// value converted as [`to_f32`] converts it).
+/// value converted as [`to_f32`] converts it). A few rows (up to
+/// [`SERIAL_ROWS`]: a panel of the forward's products, widened by the
+/// thread that uses it) are converted on the calling thread.
 pub fn rows_to_f32(dtype: DType, bytes: &[u8], cols: usize, out: &mut [f32]) {
     use rayon::prelude::*;
     const ROWS_PER_TASK: usize = 16;
@@ -100,8 +102,13 @@ pub fn rows_to_f32(dtype: DType, bytes: &[u8], cols: usize, out: &mut [f32]) {
     let row_bytes = byte_size(dtype, cols).expect("rows of whole blocks");
     out.par_chunks_mut(cols * ROWS_PER_TASK)
         .zip(bytes.par_chunks(row_bytes * ROWS_PER_TASK))
+        .with_min_len(SERIAL_ROWS / ROWS_PER_TASK)
         .for_each(|(o, b)| to_f32(dtype, b, o));
 }
+
+/// Rows that [`rows_to_f32`] converts on the calling thread rather than
+/// sharing them out over the thread pool.
+pub const SERIAL_ROWS: usize = 64;
 
 /// Convert `bytes` (exactly `byte_size(dtype, out.len())` long) into `out`.
 pub fn to_f32(dtype: DType, bytes: &[u8], out: &mut [f32]) {

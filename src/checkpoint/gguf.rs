@@ -781,10 +781,13 @@ impl TensorSource for GgufSource {
             Some(heads) => {
                 self.check_heads(name, heads, total)?;
                 let head_dim = total / heads;
-                out.par_chunks_mut(cols).enumerate().for_each(|(i, row)| {
-                    let src = permuted_row(rows.start + i, head_dim);
-                    dequant::to_f32(dtype, &bytes[src * row_bytes..(src + 1) * row_bytes], row);
-                });
+                out.par_chunks_mut(cols)
+                    .enumerate()
+                    .with_min_len(dequant::SERIAL_ROWS)
+                    .for_each(|(i, row)| {
+                        let src = permuted_row(rows.start + i, head_dim);
+                        dequant::to_f32(dtype, &bytes[src * row_bytes..(src + 1) * row_bytes], row);
+                    });
                 super::release_pages(&self.file.mmap, begin, begin + bytes.len());
             }
         }

@@ -6,18 +6,14 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::gemm::{products, Nt, Weight};
+use super::gemm::{products, Weight};
 use crate::checkpoint::config::Activation;
-use crate::model::matrix::TILE_VALUES;
 use crate::model::Matrix;
 
 /// `x [rows, w.cols] @ w^T -> [rows, w.rows]`. A 4-bit weight written at
 /// an accuracy level that rounds its activations has them rounded first, as
 /// `MatMulNBits` does ([`crate::model::Q4::round_activations`]).
 pub fn matmul_t(x: &[f32], rows: usize, w: &Matrix) -> Vec<f32> {
-    let len = rows * w.rows;
-    let mut out = Vec::with_capacity(len);
-    advise_huge_pages(out.spare_capacity_mut());
     let rounded;
     let x = match w.int4.as_deref().filter(|q| q.rounds_activations()) {
         Some(q) => {
@@ -26,45 +22,59 @@ pub fn matmul_t(x: &[f32], rows: usize, w: &Matrix) -> Vec<f32> {
         }
         None => x,
     };
-    // A weight kept widened is kept as packed panels; one not kept is
-    // widened a tile of output rows at a time, each tile's product written
-    // to its columns of `out`.
-    if let Some(panels) = w.kept_panels() {
-        assert_eq!(x.len(), rows * w.cols, "matmul input has the wrong size");
-        let weight = Weight::Panels {
-            values: panels,
-            n: w.rows,
-        };
-        products(
-            x,
-            rows,
-            w.cols,
-            &[weight],
-            &mut [&mut out.spare_capacity_mut()[..len]],
-        );
-        // SAFETY: `products` writes every output.
-        unsafe { out.set_len(len) };
-        return out;
-    }
-    let mut covered = 0;
-    w.visit_tiles(TILE_VALUES, |outputs, tile| {
-        assert_eq!(outputs.start, covered, "weight tiles out of order");
-        covered = outputs.end;
-        gemm_into(
-            &mut out.spare_capacity_mut()[..len],
-            w.rows,
-            outputs.start,
-            x,
-            rows,
-            tile,
-            w.cols,
-        )
-    });
-    assert_eq!(covered, w.rows, "weight tiles do not cover the matrix");
-    // SAFETY: the tiles cover every output column, and each product writes
-    // all of its columns of every row.
-    unsafe { out.set_len(len) };
+    let [out] = products_of(x, rows, &[w]).try_into().expect("one product");
     out
+}
+
+/// How a product reads `w`: packed panels when kept widened, its rows when
+/// computed in memory, else widened a panel at a time by the thread that
+/// uses it ([`super::gemm::WidenRows`]), never as a whole.
+fn weight(w: &Matrix) -> Weight<'_> {
+    if let Some(values) = w.kept_panels() {
+        Weight::Panels { values, n: w.rows }
+    } else if let Some(values) = w.row_values() {
+        Weight::Rows(values)
+    } else {
+        Weight::Widened { rows: w, n: w.rows }
+    }
+}
+
+impl super::gemm::WidenRows for Matrix {
+    fn widen_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        self.read_rows(rows, out);
+    }
+}
+
+/// `x [rows, k] @ w^T` for each of `ws` (all `[_, k]`), their output
+/// blocks shared out over the thread pool together
+/// ([`super::gemm::products`]).
+fn products_of(x: &[f32], rows: usize, ws: &[&Matrix]) -> Vec<Vec<f32>> {
+    let k = ws.first().map_or(0, |w| w.cols);
+    assert!(
+        ws.iter().all(|w| w.cols == k),
+        "weights of different widths"
+    );
+    assert_eq!(x.len(), rows * k, "matmul input has the wrong size");
+    let weights: Vec<Weight> = ws.iter().map(|w| weight(w)).collect();
+    let mut outs: Vec<Vec<f32>> = ws
+        .iter()
+        .map(|w| {
+            let mut o = Vec::with_capacity(rows * w.rows);
+            advise_huge_pages(o.spare_capacity_mut());
+            o
+        })
+        .collect();
+    let mut views: Vec<&mut [MaybeUninit<f32>]> = outs
+        .iter_mut()
+        .zip(ws)
+        .map(|(o, w)| &mut o.spare_capacity_mut()[..rows * w.rows])
+        .collect();
+    products(x, rows, k, &weights, &mut views);
+    for (o, w) in outs.iter_mut().zip(ws) {
+        // SAFETY: `products` writes every output.
+        unsafe { o.set_len(rows * w.rows) };
+    }
+    outs
 }
 
 /// Ask Linux to back the whole 2 MiB pages of a large buffer (at least
@@ -91,64 +101,16 @@ fn advise_huge_pages<T>(buf: &[T]) {
 }
 
 /// `x [rows, k] @ w^T` for each of `ws` (all `[_, k]`), computed together
-/// ([`super::gemm::products`]) when all are in memory and none rounds its
-/// activations; one by one otherwise.
+/// ([`super::gemm::products`]) when none rounds its activations; one by one
+/// otherwise.
 pub fn matmul_t_many(x: &[f32], rows: usize, ws: &[&Matrix]) -> Vec<Vec<f32>> {
-    let kept: Option<Vec<Weight>> = ws
+    if ws
         .iter()
-        .map(|w| {
-            let rounds = w.int4.as_deref().is_some_and(|q| q.rounds_activations());
-            if rounds {
-                None
-            } else if let Some(values) = w.kept_panels() {
-                Some(Weight::Panels { values, n: w.rows })
-            } else {
-                w.row_values().map(Weight::Rows)
-            }
-        })
-        .collect();
-    let Some(kept) = kept else {
+        .any(|w| w.int4.as_deref().is_some_and(|q| q.rounds_activations()))
+    {
         return ws.iter().map(|w| matmul_t(x, rows, w)).collect();
-    };
-    let k = ws.first().map_or(0, |w| w.cols);
-    assert!(
-        ws.iter().all(|w| w.cols == k),
-        "weights of different widths"
-    );
-    assert_eq!(x.len(), rows * k, "matmul input has the wrong size");
-    let mut outs: Vec<Vec<f32>> = ws
-        .iter()
-        .map(|w| Vec::with_capacity(rows * w.rows))
-        .collect();
-    let mut views: Vec<&mut [MaybeUninit<f32>]> = outs
-        .iter_mut()
-        .zip(ws)
-        .map(|(o, w)| &mut o.spare_capacity_mut()[..rows * w.rows])
-        .collect();
-    products(x, rows, k, &kept, &mut views);
-    for (o, w) in outs.iter_mut().zip(ws) {
-        // SAFETY: `products` writes every output.
-        unsafe { o.set_len(rows * w.rows) };
     }
-    outs
-}
-
-/// `out[:, col0..col0 + n] = x [m, k] @ w^T` for the `[n, k]` weight rows `w`,
-/// `out` having `out_cols` columns.
-fn gemm_into(
-    out: &mut [MaybeUninit<f32>],
-    out_cols: usize,
-    col0: usize,
-    x: &[f32],
-    m: usize,
-    w: &[f32],
-    k: usize,
-) {
-    let n = w.len() / k.max(1);
-    assert_eq!(x.len(), m * k, "matmul input has the wrong size");
-    assert_eq!(out.len(), m * out_cols, "matmul output has the wrong size");
-    assert!(col0 + n <= out_cols, "matmul tile outside the output");
-    Nt::rows(m, k, x, w).run_uninit(&mut out[col0..], out_cols, true);
+    products_of(x, rows, ws)
 }
 
 /// Index of the first largest value of a row (greedy decoding, top-1).
@@ -431,7 +393,6 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Int4, Q4};
 
     fn spread(len: usize, scale: f32) -> Vec<f32> {
         (0..len)
@@ -496,58 +457,6 @@ mod tests {
             assert!(
                 (p as f64 - want).abs() <= (1e-6 + shifted * 1.2e-7) * want + 1e-38,
                 "{j}: {p} against {want}"
-            );
-        }
-    }
-
-    /// A product computed a tile of output rows at a time equals the whole
-    /// bit for bit where the AVX-512 kernel runs (each output one chain of
-    /// multiply-adds, whatever tile it is in); elsewhere the `gemm` crate's
-    /// blocking may follow the number of outputs, within float rounding
-    /// (measured: 3.1e-6 of a largest value of 2.5).
-    #[test]
-    fn tiled_product_equals_the_whole() {
-        let (m, n, k) = (7, 203, 576);
-        let w = Matrix::new(
-            n,
-            k,
-            (0..n * k)
-                .map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5)
-                .collect(),
-        );
-        let w = Matrix::from_codes(
-            Q4::quantize(
-                &w,
-                Int4 {
-                    accuracy_level: 0,
-                    ..Int4::default()
-                },
-            ),
-            &crate::model::WeightCache::new(crate::model::DEFAULT_WIDEN_BUDGET),
-        );
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 31) % 97) as f32 / 97.0 - 0.5)
-            .collect();
-        let product = |tiles: Option<usize>| {
-            let mut out = vec![MaybeUninit::new(f32::NAN); m * n];
-            match tiles {
-                None => gemm_into(&mut out, n, 0, &x, m, &w.values(), k),
-                Some(rows) => w.widen_tiles(rows * k, |outputs, tile| {
-                    gemm_into(&mut out, n, outputs.start, &x, m, tile, k)
-                }),
-            }
-            // SAFETY: initialised above, and every output written since.
-            out.into_iter()
-                .map(|v| unsafe { v.assume_init() })
-                .collect::<Vec<f32>>()
-        };
-        let whole = product(None);
-        assert!(whole.iter().all(|v| v.is_finite()));
-        for rows_per_tile in [1, 16, 50, 203] {
-            assert_eq!(
-                product(Some(rows_per_tile)),
-                whole,
-                "tiles of {rows_per_tile} rows"
             );
         }
     }

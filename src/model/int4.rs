@@ -263,21 +263,25 @@ impl Q4 {
         if out.is_empty() {
             return;
         }
-        out.par_chunks_mut(self.k).enumerate().for_each(|(i, row)| {
-            let r = rows.start + i;
-            let bytes = &self.packed[r * row_bytes..(r + 1) * row_bytes];
-            let sc = &self.scales[r * blocks..(r + 1) * blocks];
-            let zp = self
-                .zero_points
-                .as_ref()
-                .map(|z| &z[r * blocks..(r + 1) * blocks]);
-            for (i, v) in row.iter_mut().enumerate() {
-                let byte = bytes[i / 2];
-                let q = if i % 2 == 0 { byte & 0x0f } else { byte >> 4 };
-                let zero = zp.map_or(8.0, |z| z[i / bs]);
-                *v = (q as f32 - zero) * sc[i / bs];
-            }
-        });
+        let serial = crate::checkpoint::dequant::SERIAL_ROWS;
+        out.par_chunks_mut(self.k)
+            .enumerate()
+            .with_min_len(serial)
+            .for_each(|(i, row)| {
+                let r = rows.start + i;
+                let bytes = &self.packed[r * row_bytes..(r + 1) * row_bytes];
+                let sc = &self.scales[r * blocks..(r + 1) * blocks];
+                let zp = self
+                    .zero_points
+                    .as_ref()
+                    .map(|z| &z[r * blocks..(r + 1) * blocks]);
+                for (i, v) in row.iter_mut().enumerate() {
+                    let byte = bytes[i / 2];
+                    let q = if i % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+                    let zero = zp.map_or(8.0, |z| z[i / bs]);
+                    *v = (q as f32 - zero) * sc[i / bs];
+                }
+            });
     }
 
     /// Weights side by side along the outputs (`[q | k | v]`): their rows

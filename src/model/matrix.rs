@@ -7,10 +7,11 @@
 //! ([`super::panels::pack_panels`]), while the model's [`WeightCache`] has
 //! room, first come first kept: a forward
 //! pass reads the matrices in the same order every time, so the first ones
-//! stay and the rest are widened again on each use into a reused per-thread
-//! buffer, a large one a tile of rows at a time. A small model fits the
-//! budget whole and runs exactly as if loaded as f32; a large one is held in
-//! its stored size plus the budget.
+//! stay. The forward's products read the rest from their stored blocks, a
+//! panel of rows at a time on the thread that uses it ([`Matrix::read_rows`]
+//! through `forward::gemm::WidenRows`). A small model fits the budget whole
+//! and runs exactly as if loaded as f32; a large one is held in its stored
+//! size plus the budget, at the same bits.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -318,7 +319,8 @@ impl Matrix {
     /// Run `f` on the values, tile by tile: `f(rows, values of those rows)`.
     /// Values computed in memory come in one tile; others are widened into
     /// the thread's scratch buffer, `max_tile` values at a time, never kept
-    /// (the forward asks [`Matrix::kept_panels`] first).
+    /// (quantisation and emission; the forward's products use
+    /// [`Matrix::kept_panels`] or widen a panel at a time).
     pub fn visit_tiles(&self, max_tile: usize, mut f: impl FnMut(Range<usize>, &[f32])) {
         match self.row_values() {
             Some(v) => f(0..self.rows, v),
