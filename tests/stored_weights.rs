@@ -14,7 +14,7 @@ use std::path::Path;
 use common::{cache_dir, fixture, load_with_cache, logits, real_model_path};
 use std::sync::Arc;
 
-use depthc::checkpoint::{dequant, DType, TensorInfo, TensorSource};
+use depthc::checkpoint::{dequant, DType, Pages, TensorInfo, TensorSource};
 use depthc::forward::ops::matmul_t;
 use depthc::model::{Matrix, WeightCache};
 use depthc::plan::Plan;
@@ -182,11 +182,12 @@ impl TensorSource for Blocks {
     fn info(&self, name: &str) -> Option<&TensorInfo> {
         (name == "w").then_some(&self.info)
     }
-    fn read_rows(
+    fn read_rows_with(
         &self,
         _name: &str,
         rows: std::ops::Range<usize>,
         out: &mut [f32],
+        _pages: Pages,
     ) -> depthc::Result<()> {
         let k = self.info.shape[1];
         let row_bytes = dequant::byte_size(self.info.dtype, k).unwrap();

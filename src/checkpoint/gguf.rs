@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::config::{self, Activation, Family, ModelConfig, RopeScaling};
 use super::tokenizer::Tokenizer;
-use super::{dequant, DType, TensorInfo, TensorSource};
+use super::{dequant, DType, Pages, TensorInfo, TensorSource};
 use crate::{Error, Result};
 
 /// A metadata value.
@@ -704,7 +704,7 @@ impl TensorSource for GgufSource {
         let bytes = self.file.tensor_bytes(t, m.info.dtype);
         let mut b = dequant::four_bit_blocks(m.info.dtype, bytes)?;
         let begin = self.file.data_start + t.offset;
-        super::release_pages(&self.file.mmap, begin, begin + bytes.len());
+        super::release_pages(&self.file.mmap, begin, begin + bytes.len(), Pages::Release);
         if let (Some(heads), &[rows, cols]) = (m.unpermute_heads, m.info.shape.as_slice()) {
             if let Err(e) = self.check_heads(name, heads, rows) {
                 return Some(Err(e));
@@ -742,10 +742,16 @@ impl TensorSource for GgufSource {
             }
         };
         let begin = self.file.data_start + t.offset;
-        super::release_pages(&self.file.mmap, begin, begin + bytes.len());
+        super::release_pages(&self.file.mmap, begin, begin + bytes.len(), Pages::Release);
         Some(Ok((dtype, out)))
     }
-    fn read_rows(&self, name: &str, rows: Range<usize>, out: &mut [f32]) -> Result<()> {
+    fn read_rows_with(
+        &self,
+        name: &str,
+        rows: Range<usize>,
+        out: &mut [f32],
+        pages: Pages,
+    ) -> Result<()> {
         let Some(m) = self.mapped.get(name) else {
             let why = self.unsupported(name);
             return Err(Error::tensor(
@@ -776,6 +782,7 @@ impl TensorSource for GgufSource {
                     &self.file.mmap,
                     begin + rows.start * row_bytes,
                     begin + rows.end * row_bytes,
+                    pages,
                 );
             }
             Some(heads) => {
@@ -788,7 +795,7 @@ impl TensorSource for GgufSource {
                         let src = permuted_row(rows.start + i, head_dim);
                         dequant::to_f32(dtype, &bytes[src * row_bytes..(src + 1) * row_bytes], row);
                     });
-                super::release_pages(&self.file.mmap, begin, begin + bytes.len());
+                super::release_pages(&self.file.mmap, begin, begin + bytes.len(), pages);
             }
         }
         if m.minus_one {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use serde::Deserialize;
 
-use super::{dequant, DType, TensorInfo, TensorSource};
+use super::{dequant, DType, Pages, TensorInfo, TensorSource};
 use crate::{Error, Result};
 
 struct Shard {
@@ -228,7 +228,13 @@ impl TensorSource for SafetensorsSource {
         let e = self.entries.get(name)?;
         Some(Ok((e.info.dtype, self.bytes(name)?.to_vec())))
     }
-    fn read_rows(&self, name: &str, rows: Range<usize>, out: &mut [f32]) -> Result<()> {
+    fn read_rows_with(
+        &self,
+        name: &str,
+        rows: Range<usize>,
+        out: &mut [f32],
+        pages: Pages,
+    ) -> Result<()> {
         let e = self
             .entries
             .get(name)
@@ -242,7 +248,7 @@ impl TensorSource for SafetensorsSource {
         );
         let mmap = &self.shards[e.shard].mmap;
         dequant::rows_to_f32(e.info.dtype, &mmap[begin..end], shape.1, out);
-        super::release_pages(mmap, begin, end);
+        super::release_pages(mmap, begin, end, pages);
         Ok(())
     }
     fn file_of(&self, name: &str) -> PathBuf {

@@ -41,7 +41,7 @@ fn weight(w: &Matrix) -> Weight<'_> {
 
 impl super::gemm::WidenRows for Matrix {
     fn widen_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) {
-        self.read_rows(rows, out);
+        self.read_rows_in_use(rows, out);
     }
 }
 

@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 
 use super::panels::AlignedF32;
 use super::Q4;
-use crate::checkpoint::TensorSource;
+use crate::checkpoint::{Pages, TensorSource};
 
 /// The widening budget unless set otherwise: 1 GiB.
 pub const DEFAULT_WIDEN_BUDGET: usize = 1 << 30;
@@ -235,6 +235,16 @@ impl Matrix {
 
     /// Rows `rows` into `out` (`rows.len() * cols` values).
     pub fn read_rows(&self, rows: Range<usize>, out: &mut [f32]) {
+        self.read_rows_with(rows, out, Pages::Release);
+    }
+
+    /// [`Matrix::read_rows`] of a panel a product is about to use: a stored
+    /// tensor's file pages stay resident ([`Pages::Keep`]).
+    pub fn read_rows_in_use(&self, rows: Range<usize>, out: &mut [f32]) {
+        self.read_rows_with(rows, out, Pages::Keep);
+    }
+
+    fn read_rows_with(&self, rows: Range<usize>, out: &mut [f32], pages: Pages) {
         assert!(rows.end <= self.rows && out.len() == rows.len() * self.cols);
         if let Some(v) = self.row_values() {
             out.copy_from_slice(&v[rows.start * self.cols..rows.end * self.cols]);
@@ -256,7 +266,7 @@ impl Matrix {
         }
         match &l.from {
             Origin::Stored { source, name } => source
-                .read_rows(name, rows, out)
+                .read_rows_with(name, rows, out, pages)
                 .unwrap_or_else(|e| panic!("checked when loaded: {e}")),
             Origin::Codes(q) => q.dequantize_rows(rows, out),
         }
