@@ -480,6 +480,9 @@ const NR: usize = PANEL_COLS;
 /// Rows of `x` per kernel call.
 #[cfg(target_arch = "x86_64")]
 const MR: usize = 8;
+/// Terms of a weight panel per pass over the rows of `x`.
+#[cfg(target_arch = "x86_64")]
+const KC: usize = 2048;
 
 /// The jobs' output columns in blocks, shared over the thread pool (about 8
 /// blocks a thread) when `parallel` and large enough. Blocks after a job's
@@ -605,48 +608,62 @@ impl Job<'_> {
                 ),
                 _ => (self.w, 1, 0, 0),
             };
+            // A long panel is used in passes of `KC` terms, each over every
+            // row of `x`, so that the part in use stays in L2 beside the
+            // next panel's; a pass after the first continues each output's
+            // chain of multiply-adds from the value the last one stored.
+            let chunk = if self.causal == Causal::None {
+                KC
+            } else {
+                self.k
+            };
+            let passes = self.k.div_ceil(chunk);
             let lines = next_rows * lines_per_row;
-            let per_step = lines.div_ceil(self.m.div_ceil(MR)).max(1);
+            let per_step = lines.div_ceil(self.m.div_ceil(MR) * passes).max(1);
             // The next line to fetch: its row in the next panel, its line in the row.
             let (mut row, mut line) = (0, 0);
-            let mut i = 0;
-            while i < self.m {
-                let mr = MR.min(self.m - i);
-                for _ in 0..per_step {
-                    if row >= next_rows {
-                        break;
+            for p0 in (0..self.k).step_by(chunk) {
+                let p1 = (p0 + chunk).min(self.k);
+                let mut i = 0;
+                while i < self.m {
+                    let mr = MR.min(self.m - i);
+                    for _ in 0..per_step {
+                        if row >= next_rows {
+                            break;
+                        }
+                        let at = start.wrapping_add(row * row_stride + line * 16);
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                            at.cast::<i8>(),
+                        );
+                        line += 1;
+                        if line == lines_per_row {
+                            (row, line) = (row + 1, 0);
+                        }
                     }
-                    let at = start.wrapping_add(row * row_stride + line * 16);
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                        at.cast::<i8>(),
-                    );
-                    line += 1;
-                    if line == lines_per_row {
-                        (row, line) = (row + 1, 0);
-                    }
-                }
-                // The last row of the block decides what it computes.
-                let (cols, terms) = match self.causal {
-                    Causal::None => (nr, self.k),
-                    Causal::Outputs { first } => {
-                        (nr.min((first + i + mr).saturating_sub(jp)), self.k)
-                    }
-                    Causal::Terms { first } => (nr, self.k.min(first + i + mr)),
-                };
-                if cols > 0 {
-                    let tile = Tile {
-                        x: self.x.add(i * self.x_stride),
-                        x_stride: self.x_stride,
-                        b,
-                        b_stride,
-                        k: terms,
-                        out: self.out.add(i * self.out_stride + jp),
-                        out_stride: self.out_stride,
-                        cols,
+                    // The last row of the block decides what it computes.
+                    let (cols, terms) = match self.causal {
+                        Causal::None => (nr, p1 - p0),
+                        Causal::Outputs { first } => {
+                            (nr.min((first + i + mr).saturating_sub(jp)), self.k)
+                        }
+                        Causal::Terms { first } => (nr, self.k.min(first + i + mr)),
                     };
-                    tile.dispatch(mr);
+                    if cols > 0 {
+                        let tile = Tile {
+                            x: self.x.add(i * self.x_stride + p0),
+                            x_stride: self.x_stride,
+                            b: b.add(p0 * b_stride),
+                            b_stride,
+                            k: terms,
+                            out: self.out.add(i * self.out_stride + jp),
+                            out_stride: self.out_stride,
+                            cols,
+                            continued: p0 > 0,
+                        };
+                        tile.dispatch(mr);
+                    }
+                    i += mr;
                 }
-                i += mr;
             }
             jp += nr;
         }
@@ -670,6 +687,9 @@ struct Tile {
     out_stride: usize,
     /// Output columns, 1 to 48.
     cols: usize,
+    /// Whether the outputs hold the sums of the terms before these (a
+    /// later pass over a long panel), to be continued rather than started.
+    continued: bool,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -709,6 +729,13 @@ impl Tile {
         let mut mask = [0xffffu16; V];
         mask[V - 1] = lanes(self.cols - 16 * (V - 1));
         let mut acc = [[_mm512_setzero_ps(); V]; R];
+        if self.continued {
+            for (i, row) in acc.iter_mut().enumerate() {
+                for (v, a) in row.iter_mut().enumerate() {
+                    *a = _mm512_maskz_loadu_ps(mask[v], self.out.add(i * self.out_stride + 16 * v));
+                }
+            }
+        }
         let mut x = self.x;
         let mut b = self.b;
         for _ in 0..self.k {
@@ -1027,6 +1054,25 @@ mod tests {
         let cols = whole(m, &x, &w[5 * k..12 * k], 7, false);
         for i in 0..m {
             assert_eq!(&cols[i * 7..(i + 1) * 7], &all[i * n + 5..i * n + 12]);
+        }
+    }
+
+    /// A weight longer than a pass ([`KC`] terms) is used in passes, each
+    /// continuing the outputs' chains: the same bits as one pass over all
+    /// terms (a product whose causal terms reach past `k` runs in one).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn passes_over_a_long_panel_equal_one_pass() {
+        for (m, n, k) in [(9, 100, 2 * KC + 37), (1, 48, KC + 1), (17, 5, 3 * KC)] {
+            let x = values(m * k, 14);
+            let w = values(n * k, 15);
+            let p = Nt::rows(m, k, &x, &w);
+            let mut passes = vec![f32::NAN; m * n];
+            p.run(&mut passes, n, true, Causal::None);
+            let mut one = vec![f32::NAN; m * n];
+            p.run(&mut one, n, true, Causal::Terms { first: k });
+            assert_eq!(passes, one, "{m}x{n}x{k}");
+            assert_near(&passes, &reference(&p), k, "passes");
         }
     }
 
