@@ -225,9 +225,10 @@ pub struct SearchFlags {
     /// Tokens per calibration window.
     #[arg(long, default_value_t = search_default().seq_len)]
     pub seq_len: usize,
-    /// Calibration tokens used at most.
-    #[arg(long, default_value_t = search_default().max_tokens)]
-    pub max_tokens: usize,
+    /// Calibration tokens used at most. Default: 16384, or 2048 for a model of more
+    /// than 500M parameters (so that the search takes minutes on a 2-core machine).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
     /// Text for perplexity before and after the chosen plan, and greedy generation on its
     /// held-out prompts, kept apart from calibration; repeatable (e.g. prose and code:
     /// each text is reported on its own, the front's generation on all of them).
@@ -274,7 +275,8 @@ pub struct CompileArgs {
     #[command(flatten)]
     pub format: FormatArgs,
     /// How parallel groups are written; `auto` emits both, benchmarks each against
-    /// the unmodified model and keeps the faster on --workload.
+    /// the unmodified model and keeps the faster on --workload (for a model of more
+    /// than 500M parameters, `auto` is the fused form only).
     #[arg(long, value_enum, default_value_t = AutoFormArg::Auto)]
     pub form: AutoFormArg,
     /// Operators of the emitted graph; `auto` tries every op set --target loads.
@@ -306,6 +308,10 @@ pub struct CompileArgs {
     /// Measured benchmark runs (after one warm-up each).
     #[arg(long, default_value_t = compile_default().runs)]
     pub runs: usize,
+    /// Tokens each benchmark run decodes after its prompt. Default: 128, or 32 for a
+    /// model of more than 500M parameters.
+    #[arg(long)]
+    pub decode_tokens: Option<usize>,
     /// ONNX Runtime shared library (default: $ORT_DYLIB_PATH, then .cache/onnxruntime/).
     #[arg(long)]
     pub ort_lib: Option<PathBuf>,
@@ -364,7 +370,7 @@ pub enum OpsArg {
 /// `compile --form`: a form, or every form (`auto`).
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum AutoFormArg {
-    /// Both forms, the faster kept.
+    /// Both forms, the faster kept (the fused form only above 500M parameters).
     Auto,
     Fused,
     Branches,

@@ -63,8 +63,8 @@ pub struct SearchConfig {
     pub calib: Vec<PathBuf>,
     /// Window length in tokens.
     pub seq_len: usize,
-    /// Calibration tokens at most.
-    pub max_tokens: usize,
+    /// Calibration tokens at most; `None`: as [`Sizing`] says for the model.
+    pub max_tokens: Option<usize>,
     /// `None`: one pair per 8 layers.
     pub budget: Option<Budget>,
     pub protect_first: usize,
@@ -97,7 +97,7 @@ impl Default for SearchConfig {
         SearchConfig {
             calib: Vec::new(),
             seq_len: 256,
-            max_tokens: 16384,
+            max_tokens: None,
             budget: None,
             protect_first: 2,
             protect_last: 2,
@@ -113,6 +113,59 @@ impl Default for SearchConfig {
             task_limit: None,
             heal: None,
         }
+    }
+}
+
+/// The defaults that scale with the model, so that `search` and `compile`
+/// finish on a 2-core machine in minutes: a forward pass costs about one
+/// multiply-add per parameter and token, and a float32 decode step reads
+/// every weight. Up to [`Sizing::LARGE_PARAMETERS`] the full defaults;
+/// above, fewer calibration tokens (never fewer than the 1,024 the search
+/// commits on), the fused form only (on a CPU the two forms measure within
+/// each other's noise, docs/RESULTS.md) and a shorter benchmark decode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sizing {
+    pub parameters: usize,
+    pub max_tokens: usize,
+    pub forms: Vec<Form>,
+    /// Tokens each benchmark run decodes.
+    pub decode_tokens: usize,
+}
+
+impl Sizing {
+    /// Models above this many parameters get the smaller defaults.
+    pub const LARGE_PARAMETERS: usize = 500_000_000;
+
+    pub fn of(config: &crate::checkpoint::ModelConfig) -> Sizing {
+        let parameters = config.parameter_count();
+        let large = parameters > Sizing::LARGE_PARAMETERS;
+        Sizing {
+            parameters,
+            max_tokens: if large { 2048 } else { 16384 },
+            forms: if large {
+                vec![Form::Fused]
+            } else {
+                vec![Form::Fused, Form::Branches]
+            },
+            decode_tokens: if large {
+                32
+            } else {
+                crate::runtime::bench::BenchOptions::default().decode_tokens
+            },
+        }
+    }
+
+    /// Whether these are the smaller defaults.
+    pub fn is_large(&self) -> bool {
+        self.parameters > Sizing::LARGE_PARAMETERS
+    }
+}
+
+impl SearchConfig {
+    /// Calibration tokens at most for the model `config` describes.
+    pub fn max_tokens_for(&self, config: &crate::checkpoint::ModelConfig) -> usize {
+        self.max_tokens
+            .unwrap_or_else(|| Sizing::of(config).max_tokens)
     }
 }
 
@@ -141,7 +194,7 @@ pub fn search(
         ckpt.tokenizer.as_ref(),
         cfg.vocab_size,
         f.seq_len,
-        f.max_tokens,
+        f.max_tokens_for(&cfg),
     )?;
     let eval_texts = eval_windows(&ckpt, f)?;
     let tasks = f
@@ -159,7 +212,7 @@ pub fn search(
         protect_last: f.protect_last,
     };
     search::strategy::pairs_for(budget, &space)?;
-    progress.note(&calibration_note(f, &calibration, budget, layers));
+    progress.note(&calibration_note(f, &cfg, &calibration, budget));
     let mut strategies: Vec<Strategy> = Vec::new();
     for &s in &f.strategies {
         if !strategies.contains(&s) {
@@ -282,10 +335,11 @@ fn eval_windows(ckpt: &Checkpoint, f: &SearchConfig) -> Result<Vec<(String, Vec<
 /// The line that says what the search calibrates on and looks for.
 fn calibration_note(
     f: &SearchConfig,
+    config: &crate::checkpoint::ModelConfig,
     calibration: &calib::Calibration,
     budget: Budget,
-    layers: usize,
 ) -> String {
+    let layers = config.num_hidden_layers;
     format!(
         "calibration    {} tokens in {} windows of {} ({}{}); budget {}{}",
         calibration.tokens(),
@@ -296,10 +350,14 @@ fn calibration_note(
         } else {
             "--calib"
         },
-        if calibration.tokens() + f.seq_len > f.max_tokens {
-            format!(", --max-tokens {}", f.max_tokens)
-        } else {
-            String::new()
+        match f.max_tokens {
+            Some(n) if calibration.tokens() + f.seq_len > n => format!(", --max-tokens {n}"),
+            None if Sizing::of(config).is_large() => format!(
+                ", at most {} for a model of {:.2}B parameters: --max-tokens to change",
+                f.max_tokens_for(config),
+                config.parameter_count() as f64 / 1e9
+            ),
+            _ => String::new(),
         },
         budget.describe(f.metric),
         if f.budget.is_none() {
@@ -502,16 +560,18 @@ pub struct CompileOptions {
     pub int4: Option<Int4>,
     /// The forms and op sets to try: every pair is emitted, validated and
     /// benchmarked against the unmodified model of its op set, and the
-    /// fastest on `workload` is kept.
-    pub forms: Vec<Form>,
+    /// fastest on `workload` is kept. `None` forms: as [`Sizing`] says.
+    pub forms: Option<Vec<Form>>,
     pub ops: Vec<Ops>,
     pub workload: Workload,
     pub runtime: RuntimeOptions,
     /// Greedy decode steps of the validation.
     pub steps: usize,
-    /// Batch size and measured rounds of the benchmark.
+    /// Batch size and measured rounds of the benchmark, and tokens each
+    /// run decodes (`None`: as [`Sizing`] says).
     pub batch: usize,
     pub runs: usize,
+    pub decode_tokens: Option<usize>,
     /// Replace an existing output directory (once the new one is complete).
     pub force: bool,
     /// Heal the chosen plan's groups on the search's calibration text before
@@ -525,7 +585,7 @@ impl Default for CompileOptions {
             search: SearchConfig::default(),
             float: ElemType::F32,
             int4: None,
-            forms: vec![Form::Fused, Form::Branches],
+            forms: None,
             ops: vec![Ops::Portable],
             workload: Workload::Mixed,
             runtime: RuntimeOptions {
@@ -537,6 +597,7 @@ impl Default for CompileOptions {
             steps: validate::DEFAULT_STEPS,
             batch: 1,
             runs: 3,
+            decode_tokens: None,
             force: false,
             heal: None,
         }
@@ -578,7 +639,7 @@ pub fn compile(
     progress: &dyn Progress,
 ) -> Result<Compiled> {
     crate::output::check_output(out, opts.force, true)?;
-    if opts.forms.is_empty() || opts.ops.is_empty() {
+    if opts.forms.as_ref().is_some_and(|f| f.is_empty()) || opts.ops.is_empty() {
         return Err(Error::Input(
             "compile needs at least one form and one op set".into(),
         ));
@@ -604,7 +665,7 @@ pub fn compile(
                     &crate::heal::HealCalibration {
                         calib: &s.calib,
                         seq_len: s.seq_len,
-                        max_tokens: s.max_tokens,
+                        max_tokens: s.max_tokens_for(&searched.model.config),
                     },
                     h,
                     &pb,
@@ -616,6 +677,20 @@ pub fn compile(
         }
         None => None,
     };
+    let sizing = Sizing::of(&searched.model.config);
+    if sizing.is_large() && (opts.forms.is_none() || opts.decode_tokens.is_none()) {
+        progress.note(&format!(
+            "sized          a model of {:.2}B parameters: {}{} decode tokens a benchmark run \
+             (--form, --decode-tokens to change)",
+            sizing.parameters as f64 / 1e9,
+            if opts.forms.is_none() {
+                "the fused form only, "
+            } else {
+                ""
+            },
+            opts.decode_tokens.unwrap_or(sizing.decode_tokens),
+        ));
+    }
     let candidates = Candidates {
         model: &searched.model,
         compiled_model: healed.as_ref().unwrap_or(&searched.model),
@@ -630,6 +705,7 @@ pub fn compile(
             searched.model.config.vocab_size,
         )?,
         opts,
+        sizing,
         stages: &stages,
         progress,
     };
@@ -710,7 +786,7 @@ pub fn compile_gguf(
                     &crate::heal::HealCalibration {
                         calib: &s.calib,
                         seq_len: s.seq_len,
-                        max_tokens: s.max_tokens,
+                        max_tokens: s.max_tokens_for(&searched.model.config),
                     },
                     h,
                     &pb,
@@ -754,6 +830,8 @@ struct Candidates<'a> {
     /// The prefill of every validation.
     prompt: Vec<u32>,
     opts: &'a CompileOptions,
+    /// The forms and decode length when `opts` leaves them to the model.
+    sizing: Sizing,
     stages: &'a RefCell<Vec<crate::measure::StageCost>>,
     progress: &'a dyn Progress,
 }
@@ -810,7 +888,7 @@ impl Candidates<'_> {
                 &label,
             )?;
             let mut written = Vec::new();
-            for &form in &self.opts.forms {
+            for &form in self.opts.forms.as_ref().unwrap_or(&self.sizing.forms) {
                 // A group without an exact fused form is written as branches.
                 let form = crate::graph::written_form(self.model, chosen, form);
                 if written.contains(&form) {
@@ -903,6 +981,7 @@ impl Candidates<'_> {
         let options = BenchOptions {
             batch: self.opts.batch.max(1),
             runs: self.opts.runs.max(1),
+            decode_tokens: self.opts.decode_tokens.unwrap_or(self.sizing.decode_tokens),
             ..BenchOptions::default()
         };
         let pb = self.progress.bar(&format!(

@@ -214,13 +214,13 @@ fn library_compile_matches_the_binary() {
     let opts = CompileOptions {
         search: SearchConfig {
             seq_len: 16,
-            max_tokens: 256,
+            max_tokens: Some(256),
             protect_first: 0,
             protect_last: 0,
             budget: Some(Budget::Pairs(1)),
             ..SearchConfig::default()
         },
-        forms: vec![depthc::graph::Form::Fused],
+        forms: Some(vec![depthc::graph::Form::Fused]),
         steps: 4,
         runs: 1,
         ..CompileOptions::default()
@@ -429,5 +429,50 @@ fn assert_speed_is_consistent(b: &Value) {
         for r in runs(&c["ratios"]) {
             assert!(f(&c["min"]) <= r && r <= f(&c["max"]), "{c}");
         }
+    }
+}
+
+/// The defaults that scale with the model: SmolLM2-135M and Gemma 3 270M
+/// get the full ones, Qwen2.5-Coder-1.5B the smaller ones; the parameter
+/// count they go by is the checkpoint's own (every tensor's elements, a tied
+/// LM head once) within 0.1%.
+#[test]
+fn defaults_scale_with_the_model() {
+    use depthc::checkpoint::Checkpoint;
+    use depthc::graph::Form;
+    use depthc::pipeline::Sizing;
+    for (path, large) in [
+        (common::real_model_path(), false),
+        (common::gemma_path(), false),
+        (common::qwen2_5_path(), true),
+    ] {
+        if !path.exists() {
+            eprintln!("{} missing: skipped", path.display());
+            continue;
+        }
+        let ckpt = Checkpoint::open(&path).unwrap();
+        let sizing = Sizing::of(&ckpt.config);
+        let stored: usize = ckpt.source.tensors().iter().map(|t| t.numel()).sum();
+        let ratio = sizing.parameters as f64 / stored as f64;
+        assert!(
+            (ratio - 1.0).abs() < 1e-3,
+            "{}: {} parameters counted, {stored} stored",
+            path.display(),
+            sizing.parameters
+        );
+        assert_eq!(sizing.is_large(), large, "{}", path.display());
+        let want = if large {
+            (2048, vec![Form::Fused], 32)
+        } else {
+            (16384, vec![Form::Fused, Form::Branches], 128)
+        };
+        assert_eq!(
+            (sizing.max_tokens, sizing.forms.clone(), sizing.decode_tokens),
+            want,
+            "{}",
+            path.display()
+        );
+        let config = depthc::pipeline::SearchConfig::default();
+        assert_eq!(config.max_tokens_for(&ckpt.config), want.0);
     }
 }

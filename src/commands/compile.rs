@@ -183,9 +183,9 @@ pub fn compile_command(a: CompileArgs, weight_cache: &Arc<WeightCache>) -> Resul
     use depthc::graph::{Form, Ops};
     use depthc::runtime::bench::Workload;
     let forms = match a.form {
-        AutoFormArg::Auto => vec![Form::Fused, Form::Branches],
-        AutoFormArg::Fused => vec![Form::Fused],
-        AutoFormArg::Branches => vec![Form::Branches],
+        AutoFormArg::Auto => None,
+        AutoFormArg::Fused => Some(vec![Form::Fused]),
+        AutoFormArg::Branches => Some(vec![Form::Branches]),
     };
     let ops = match (a.ops, a.target) {
         (AutoOpsArg::Auto, TargetArg::Portable) => vec![Ops::Portable],
@@ -212,6 +212,7 @@ pub fn compile_command(a: CompileArgs, weight_cache: &Arc<WeightCache>) -> Resul
         steps: a.steps,
         batch: a.batch,
         runs: a.runs,
+        decode_tokens: a.decode_tokens,
         force: a.force,
         heal: a.heal.options(),
     };
