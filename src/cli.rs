@@ -368,7 +368,7 @@ pub enum OpsArg {
 }
 
 /// `compile --form`: a form, or every form (`auto`).
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AutoFormArg {
     /// Both forms, the faster kept (the fused form only above 500M parameters).
     Auto,

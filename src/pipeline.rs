@@ -174,6 +174,8 @@ pub struct Searched {
     pub model: Model,
     pub tokenizer: Option<Tokenizer>,
     pub report: SearchReport,
+    /// The defaults the model's size gives.
+    pub sizing: Sizing,
 }
 
 /// Load the checkpoint at `model_path` and search its plan.
@@ -309,6 +311,7 @@ pub fn search(
     report.tasks = task_sections;
     drop(forward);
     Ok(Searched {
+        sizing: Sizing::of(&model.config),
         model,
         tokenizer,
         report,
@@ -608,6 +611,8 @@ impl Default for CompileOptions {
 /// validation and the benchmark measured (also in `report`).
 pub struct Compiled {
     pub plan: Plan,
+    /// The defaults the model's size gives.
+    pub sizing: Sizing,
     /// The search report with its validation, benchmark and speed sections.
     pub report: SearchReport,
     /// The unmodified model, the chosen plan, and the report's directory.
@@ -677,20 +682,7 @@ pub fn compile(
         }
         None => None,
     };
-    let sizing = Sizing::of(&searched.model.config);
-    if sizing.is_large() && (opts.forms.is_none() || opts.decode_tokens.is_none()) {
-        progress.note(&format!(
-            "sized          a model of {:.2}B parameters: {}{} decode tokens a benchmark run \
-             (--form, --decode-tokens to change)",
-            sizing.parameters as f64 / 1e9,
-            if opts.forms.is_none() {
-                "the fused form only, "
-            } else {
-                ""
-            },
-            opts.decode_tokens.unwrap_or(sizing.decode_tokens),
-        ));
-    }
+    let sizing = searched.sizing.clone();
     let candidates = Candidates {
         model: &searched.model,
         compiled_model: healed.as_ref().unwrap_or(&searched.model),
@@ -731,6 +723,7 @@ pub fn compile(
         Ok((r, validations, speed))
     })?;
     Ok(Compiled {
+        sizing: searched.sizing.clone(),
         plan: chosen,
         report,
         baseline: out.join("baseline"),
@@ -748,6 +741,8 @@ pub fn compile(
 /// against the reference forward by llama.cpp itself (tests/llamacpp.rs).
 pub struct CompiledGguf {
     pub plan: Plan,
+    /// The defaults the model's size gives.
+    pub sizing: Sizing,
     pub report: SearchReport,
     pub gguf: PathBuf,
     pub report_dir: PathBuf,
@@ -812,6 +807,7 @@ pub fn compile_gguf(
         Ok(w)
     })?;
     Ok(CompiledGguf {
+        sizing: searched.sizing.clone(),
         plan: chosen,
         report,
         gguf: out.join(crate::llamacpp::FILE),

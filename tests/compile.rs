@@ -467,7 +467,11 @@ fn defaults_scale_with_the_model() {
             (16384, vec![Form::Fused, Form::Branches], 128)
         };
         assert_eq!(
-            (sizing.max_tokens, sizing.forms.clone(), sizing.decode_tokens),
+            (
+                sizing.max_tokens,
+                sizing.forms.clone(),
+                sizing.decode_tokens
+            ),
             want,
             "{}",
             path.display()

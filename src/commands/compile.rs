@@ -8,7 +8,12 @@ use depthc::model::WeightCache;
 use serde_json::json;
 
 use crate::cli::*;
-use depthc::pipeline::{self, CompileOptions, SearchConfig};
+use depthc::pipeline::{self, CompileOptions, SearchConfig, Sizing};
+
+/// The sizing to mention when the model's size chose the calibration length.
+fn sized<'s>(f: &SearchFlags, s: &'s Sizing) -> Option<&'s Sizing> {
+    (f.max_tokens.is_none() && s.is_large()).then_some(s)
+}
 use depthc::search::strategy::Budget;
 
 use super::onnx::print_bench;
@@ -42,7 +47,9 @@ fn search_config(f: &SearchFlags, weight_cache: &WeightCache) -> SearchConfig {
     }
 }
 
-fn print_search_summary(report: &depthc::report::SearchReport) {
+/// The search's summary; `sized`: the model's size chose the calibration
+/// length (no --max-tokens given).
+fn print_search_summary(report: &depthc::report::SearchReport, sized: Option<&Sizing>) {
     let c = &report.chosen;
     println!(
         "chosen plan    {} ({}, depth {} -> {})",
@@ -102,10 +109,15 @@ fn print_search_summary(report: &depthc::report::SearchReport) {
         report.timings.front_forward_multiple
     );
     println!(
-        "calibration    {} tokens in {} windows of {}; budget {}",
+        "calibration    {} tokens in {} windows of {}{}; budget {}",
         report.calibration.tokens,
         report.calibration.windows,
         report.calibration.calibration.seq_len,
+        sized.map_or(String::new(), |s| format!(
+            " (at most {} for a model of {:.2}B parameters; --max-tokens to change)",
+            s.max_tokens,
+            s.parameters as f64 / 1e9
+        )),
         report.budget.describe(report.metric)
     );
     println!("why            {}", report.reason);
@@ -129,7 +141,7 @@ pub fn search_command(a: SearchArgs, weight_cache: &Arc<WeightCache>) -> Result<
         );
         return Ok(());
     }
-    print_search_summary(report);
+    print_search_summary(report, sized(&a.flags, &searched.sizing));
     println!("report         {}", a.output.display());
     Ok(())
 }
@@ -160,7 +172,7 @@ fn compile_gguf(a: &CompileArgs, opts: &depthc::pipeline::CompileOptions) -> Res
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    print_search_summary(report);
+    print_search_summary(report, sized(&a.search, &c.sizing));
     if let Some(h) = &report.healing {
         super::print_heal(h);
     }
@@ -247,9 +259,18 @@ pub fn compile_command(a: CompileArgs, weight_cache: &Arc<WeightCache>) -> Resul
         );
         return Ok(());
     }
-    print_search_summary(report);
+    print_search_summary(report, sized(&a.search, &compiled.sizing));
     if let Some(h) = &report.healing {
         super::print_heal(h);
+    }
+    let s = &compiled.sizing;
+    if s.is_large() && (a.form == AutoFormArg::Auto || a.decode_tokens.is_none()) {
+        println!(
+            "sized          a model of {:.2}B parameters: {}{} decode tokens a benchmark run (--form, --decode-tokens to change)",
+            s.parameters as f64 / 1e9,
+            if a.form == AutoFormArg::Auto { "the fused form only, " } else { "" },
+            a.decode_tokens.unwrap_or(s.decode_tokens)
+        );
     }
     for (name, v) in validations {
         println!(
