@@ -11,7 +11,7 @@ folder's tokenizer.json, no special tokens, non-overlapping windows of
 log-likelihood over all of them.
 
     python3 benches/heal_onnx.py [--model GGUF] [--plan P] [--calib FILE ...]
-        [--max-tokens 8192] [--text FILE] [--windows 8]
+        [--max-tokens 8192] [--text FILE] [--windows 8] [--heal-kind full|diagonal|best]
 
 Run from the repository root after scripts/setup.sh and cargo build --release;
 adds `tokenizers` to the shared venv (scripts/venv.sh). Prints a markdown table.
@@ -39,6 +39,7 @@ ap.add_argument("--calib", nargs="+", default=[os.path.join(TEXTS, "macbeth_gut.
 ap.add_argument("--max-tokens", default="8192")
 ap.add_argument("--text", default=os.path.join(TEXTS, "hamlet_gut.txt"))
 ap.add_argument("--windows", type=int, default=8)
+ap.add_argument("--heal-kind", default="full", choices=["full", "diagonal", "best"])
 ap.add_argument("--seq-len", type=int, default=256)
 ap.add_argument("--bench-runs", default="5")
 ap.add_argument("--in-venv", action="store_true", help=argparse.SUPPRESS)
@@ -83,7 +84,7 @@ def perplexity(folder, windows):
 
 
 with tempfile.TemporaryDirectory() as tmp:
-    heal = ["--heal", "--max-tokens", args.max_tokens]
+    heal = ["--heal", "--heal-kind", args.heal_kind, "--max-tokens", args.max_tokens]
     for c in args.calib:
         heal += ["--calib", c]
     folders = {}

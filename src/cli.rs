@@ -478,6 +478,37 @@ pub struct HealArgs {
     /// Ridge strength of the fit, relative to the mean diagonal of X^T X.
     #[arg(long, default_value_t = depthc::heal::HealOptions::default().ridge)]
     pub heal_ridge: f64,
+    /// The correction fitted to each group: a dense hidden x hidden matrix (`full`), one
+    /// scale per hidden dimension (`diagonal`), or both with each group keeping the one
+    /// with the lower held-out deviation (`best`).
+    #[arg(long, value_enum, default_value_t = HealKindArg::of(depthc::heal::HealOptions::default().kind))]
+    pub heal_kind: HealKindArg,
+}
+
+/// `--heal-kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HealKindArg {
+    Full,
+    Diagonal,
+    Best,
+}
+
+impl HealKindArg {
+    fn of(k: depthc::heal::TKind) -> HealKindArg {
+        match k {
+            depthc::heal::TKind::Full => HealKindArg::Full,
+            depthc::heal::TKind::Diagonal => HealKindArg::Diagonal,
+            depthc::heal::TKind::Best => HealKindArg::Best,
+        }
+    }
+
+    fn kind(self) -> depthc::heal::TKind {
+        match self {
+            HealKindArg::Full => depthc::heal::TKind::Full,
+            HealKindArg::Diagonal => depthc::heal::TKind::Diagonal,
+            HealKindArg::Best => depthc::heal::TKind::Best,
+        }
+    }
 }
 
 impl HealArgs {
@@ -485,6 +516,7 @@ impl HealArgs {
     pub fn fit(&self) -> depthc::heal::HealOptions {
         depthc::heal::HealOptions {
             ridge: self.heal_ridge,
+            kind: self.heal_kind.kind(),
         }
     }
 

@@ -20,7 +20,9 @@
 //! operator, the same FLOPs. The last eighth of the windows is held out: a
 //! group whose held-out deviation `|X T - Y|^2 / |Y|^2` is not below its
 //! unhealed `|X - Y|^2 / |Y|^2` is left as it was, so healing never makes a
-//! group worse than unhealed on text it did not fit.
+//! group worse than unhealed on text it did not fit; one that passes is
+//! fitted again on every window before it is folded in. `T` is dense, or
+//! diagonal, or whichever of the two holds out better ([`TKind`]).
 //!
 //! Families with a norm after each sublayer (Gemma 3) are not healed: the
 //! norm between the summed MLP output and the residual keeps `T` from
@@ -42,11 +44,39 @@ use crate::{Error, Result};
 pub struct HealOptions {
     /// Ridge strength, relative to the mean diagonal of `X^T X`.
     pub ridge: f64,
+    pub kind: TKind,
 }
 
 impl Default for HealOptions {
     fn default() -> Self {
-        HealOptions { ridge: 0.1 }
+        HealOptions {
+            ridge: 0.1,
+            kind: TKind::Full,
+        }
+    }
+}
+
+/// The correction fitted to each group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TKind {
+    /// A dense `hidden x hidden` `T`.
+    Full,
+    /// A diagonal `T`: one scale per hidden dimension,
+    /// `t_j = (X^T Y + lambda)_jj / (X^T X + lambda)_jj`.
+    Diagonal,
+    /// Both fitted; each group keeps the one with the lower held-out
+    /// deviation.
+    Best,
+}
+
+impl TKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TKind::Full => "full",
+            TKind::Diagonal => "diagonal",
+            TKind::Best => "best",
+        }
     }
 }
 
@@ -54,9 +84,12 @@ impl Default for HealOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct GroupHeal {
     pub layers: Vec<usize>,
-    /// `full`: a dense `hidden x hidden` correction.
+    /// `full`: a dense `hidden x hidden` correction; `diagonal`: one scale
+    /// per hidden dimension.
     pub kind: &'static str,
     pub ridge: f64,
+    /// Tokens `T` was fitted on for the held-out check; an applied `T` is
+    /// fitted again on these and the held-out tokens together.
     pub fit_tokens: usize,
     pub held_out_tokens: usize,
     /// Held-out `|X - Y|^2 / |Y|^2`: the group unhealed against its layers
@@ -159,33 +192,27 @@ pub fn heal(
                     Ok((diff(&y, &hh), diff(&y_seq, &hh)))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let (mut a, mut b) = (vec![0f64; h * h], vec![0f64; h * h]);
-            for (xx, yy) in &parts[..fit] {
-                add_gram(&mut a, xx, xx, h);
-                add_gram(&mut b, xx, yy, h);
+            // Each kind fitted on the fitting windows and checked on the
+            // held-out ones; the lowest held-out deviation is the group's.
+            let (mut kind, mut before, mut after) = (opts.kind, 0.0, f64::INFINITY);
+            for (k, t) in fit_t(&parts[..fit], opts, h, &g.layers)? {
+                let (b0, a0) = held_out_deviation(&parts[fit..], &t, h);
+                if a0 < after {
+                    (kind, before, after) = (k, b0, a0);
+                }
             }
-            let mean_diag = (0..h).map(|i| a[i * h + i]).sum::<f64>() / h as f64;
-            let lambda = opts.ridge * mean_diag.max(f64::MIN_POSITIVE);
-            for i in 0..h {
-                a[i * h + i] += lambda;
-                b[i * h + i] += lambda;
-            }
-            let t = solve_spd(a, b, h).ok_or_else(|| {
-                Error::Input(format!(
-                    "--heal: group {:?}: the least-squares system is not positive definite",
-                    g.layers
-                ))
-            })?;
-            let (before, after) = held_out_deviation(&parts[fit..], &t, h);
             let applied = after < before;
             if applied {
+                // The kind that held out best, fitted again on every window.
+                let one = HealOptions { kind, ..opts };
+                let (_, t) = fit_t(&parts, one, h, &g.layers)?.remove(0);
                 for &l in &g.layers {
                     fold(&mut healed.layers[l].mlp.down_proj, &t, h);
                 }
             }
             groups.push(GroupHeal {
                 layers: g.layers.clone(),
-                kind: "full",
+                kind: kind.name(),
                 ridge: opts.ridge,
                 fit_tokens: windows[..fit].iter().map(Vec::len).sum(),
                 held_out_tokens: windows[fit..].iter().map(Vec::len).sum(),
@@ -212,6 +239,44 @@ pub fn heal(
             seconds: t0.elapsed().as_secs_f64(),
         },
     ))
+}
+
+/// `T` of each kind `opts` asks for (`Best`: diagonal, then full) fitted on
+/// `parts` (per window: `X`, `Y`), with the ridge towards the identity.
+fn fit_t(
+    parts: &[(Vec<f32>, Vec<f32>)],
+    opts: HealOptions,
+    h: usize,
+    layers: &[usize],
+) -> Result<Vec<(TKind, Vec<f64>)>> {
+    let (mut a, mut b) = (vec![0f64; h * h], vec![0f64; h * h]);
+    for (xx, yy) in parts {
+        add_gram(&mut a, xx, xx, h);
+        add_gram(&mut b, xx, yy, h);
+    }
+    let mean_diag = (0..h).map(|i| a[i * h + i]).sum::<f64>() / h as f64;
+    let lambda = opts.ridge * mean_diag.max(f64::MIN_POSITIVE);
+    for i in 0..h {
+        a[i * h + i] += lambda;
+        b[i * h + i] += lambda;
+    }
+    let mut fits = Vec::new();
+    if opts.kind != TKind::Full {
+        let mut t = vec![0f64; h * h];
+        for j in 0..h {
+            t[j * h + j] = b[j * h + j] / a[j * h + j];
+        }
+        fits.push((TKind::Diagonal, t));
+    }
+    if opts.kind != TKind::Diagonal {
+        let t = solve_spd(a, b, h).ok_or_else(|| {
+            Error::Input(format!(
+                "--heal: group {layers:?}: the least-squares system is not positive definite"
+            ))
+        })?;
+        fits.push((TKind::Full, t));
+    }
+    Ok(fits)
 }
 
 fn diff(a: &[f32], b: &[f32]) -> Vec<f32> {
@@ -438,5 +503,38 @@ mod tests {
             .map(|(k, v)| t[k * h] * v)
             .sum();
         assert!((b[0] as f64 - want0).abs() < 1e-5);
+    }
+
+    /// With `Y = X diag(s)` and a negligible ridge, the diagonal fit finds
+    /// `s` and the full fit `diag(s)`; `Best` fits both, diagonal first.
+    #[test]
+    fn each_kind_of_fit_recovers_a_diagonal_map() {
+        let (rows, h) = (40, 6);
+        let s: Vec<f32> = (0..h).map(|j| 0.5 + j as f32 * 0.25).collect();
+        // Full rank: values from a multiplicative hash, not a smooth sequence.
+        let x: Vec<f32> = (0..rows * h)
+            .map(|i| ((i * 7919 + 13) % 1009) as f32 / 1009.0 - 0.5)
+            .collect();
+        let y: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * s[i % h]).collect();
+        let parts = vec![(x, y)];
+        let fit = |kind| {
+            let opts = HealOptions { ridge: 1e-9, kind };
+            fit_t(&parts, opts, h, &[1, 2]).unwrap()
+        };
+        let best = fit(TKind::Best);
+        let kinds: Vec<TKind> = best.iter().map(|(k, _)| *k).collect();
+        assert_eq!(kinds, [TKind::Diagonal, TKind::Full]);
+        for (kind, t) in [fit(TKind::Diagonal), fit(TKind::Full)]
+            .into_iter()
+            .flatten()
+        {
+            for i in 0..h {
+                for j in 0..h {
+                    let want = if i == j { s[j] as f64 } else { 0.0 };
+                    let got = t[i * h + j];
+                    assert!((got - want).abs() < 1e-5, "{kind:?} [{i}, {j}]: {got}");
+                }
+            }
+        }
     }
 }

@@ -242,7 +242,7 @@ pub fn print_heal(report: &depthc::heal::HealReport) {
     for g in &report.groups {
         let layers: Vec<String> = g.layers.iter().map(|l| l.to_string()).collect();
         eprintln!(
-            "heal           group {}: held-out deviation {:.4} -> {:.4} ({}, {} ridge {}, {} fit / {} held-out tokens)",
+            "heal           group {}: held-out deviation {:.4} -> {:.4} ({}, {} ridge {}, checked fitting {} / holding out {} tokens{})",
             layers.join("-"),
             g.deviation_before,
             g.deviation_after,
@@ -250,7 +250,8 @@ pub fn print_heal(report: &depthc::heal::HealReport) {
             g.kind,
             g.ridge,
             g.fit_tokens,
-            g.held_out_tokens
+            g.held_out_tokens,
+            if g.applied { ", then fitted on all" } else { "" }
         );
     }
 }
