@@ -108,7 +108,6 @@ impl<'a> Nt<'a> {
             w: self.w.as_ptr(),
             w_stride: self.w_stride,
             layout: Layout::Rows,
-            widen: None,
             out,
             out_stride,
             causal,
@@ -157,7 +156,6 @@ impl<'a> Nn<'a> {
             w: self.b.as_ptr(),
             w_stride: self.b_stride,
             layout: Layout::Cols,
-            widen: None,
             out: out.as_mut_ptr(),
             out_stride,
             causal,
@@ -226,7 +224,6 @@ pub fn products(
                     w: values.as_ptr(),
                     w_stride: PANEL_COLS,
                     layout: Layout::Panels,
-                    widen: None,
                     out: out.as_mut_ptr().cast(),
                     out_stride: n,
                     causal: Causal::None,
@@ -246,8 +243,7 @@ pub fn products(
                     x_stride: k,
                     w: std::ptr::null(),
                     w_stride: k,
-                    layout: Layout::Widened,
-                    widen: Some(rows),
+                    layout: Layout::Widened(rows),
                     out: out.as_mut_ptr().cast(),
                     out_stride: n,
                     causal: Causal::None,
@@ -332,17 +328,17 @@ unsafe fn transpose_avx512(
 }
 
 /// How a product's second operand is stored.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Layout {
+#[derive(Clone, Copy)]
+enum Layout<'a> {
     /// `w [n, k]`, rows `w_stride` apart: packed into panels as it is used.
     Rows,
     /// `b [k, n]`, rows `w_stride` apart: read in place.
     Cols,
     /// Packed panels ([`pack_panels`](crate::model::panels::pack_panels)).
     Panels,
-    /// `[n, k]` rows widened by [`Job::widen`] as they are used, then
-    /// packed as [`Layout::Rows`] are.
-    Widened,
+    /// `[n, k]` rows widened by their [`WidenRows`] as they are used, then
+    /// packed as [`Layout::Rows`] are (`w` is unused).
+    Widened(&'a dyn WidenRows),
 }
 
 /// One product's raw operands, shared by the threads computing its blocks.
@@ -355,9 +351,7 @@ struct Job<'a> {
     x_stride: usize,
     w: *const f32,
     w_stride: usize,
-    layout: Layout,
-    /// The weight of a [`Layout::Widened`] product (`w` is unused).
-    widen: Option<&'a dyn WidenRows>,
+    layout: Layout<'a>,
     out: *mut f32,
     out_stride: usize,
     causal: Causal,
@@ -374,7 +368,7 @@ impl Job<'_> {
     /// own edges instead).
     #[cfg(target_arch = "x86_64")]
     fn lead(&self) -> usize {
-        if self.layout == Layout::Panels {
+        if matches!(self.layout, Layout::Panels) {
             0
         } else {
             (16 - (self.out as usize / 4) % 16) % 16
@@ -408,7 +402,7 @@ impl Job<'_> {
         } else {
             gemm::Parallelism::None
         };
-        if let Some(source) = self.widen {
+        if let Layout::Widened(source) = self.layout {
             // Tiles of whole panels' rows (about 4 MiB), each widened and
             // then multiplied as rows.
             let per_tile = ((1 << 20) / self.k / PANEL_COLS).max(1) * PANEL_COLS;
@@ -421,7 +415,6 @@ impl Job<'_> {
                     n: j1 - j0,
                     w: tile.as_ptr(),
                     layout: Layout::Rows,
-                    widen: None,
                     out: self.out.add(j0),
                     ..*self
                 };
@@ -433,7 +426,7 @@ impl Job<'_> {
         // starts, its strides (column, row).
         let parts: Vec<(std::ops::Range<usize>, *const f32, isize, isize)> = match self.layout {
             Layout::Rows => vec![(0..self.n, self.w, self.w_stride as isize, 1)],
-            Layout::Widened => unreachable!("widened above"),
+            Layout::Widened(_) => unreachable!("widened above"),
             Layout::Cols => vec![(0..self.n, self.w, 1, self.w_stride as isize)],
             Layout::Panels => (0..self.n)
                 .step_by(PANEL_COLS)
@@ -550,10 +543,10 @@ impl Job<'_> {
         let mut panel = PANEL.with(|p| p.take());
         let mut widened = AlignedF32::default();
         let kp = self.k.next_multiple_of(16);
-        if matches!(self.layout, Layout::Rows | Layout::Widened) && panel.len() < kp * NR {
+        if matches!(self.layout, Layout::Rows | Layout::Widened(_)) && panel.len() < kp * NR {
             panel.resize_zeroed(kp * NR);
         }
-        if self.widen.is_some() {
+        if matches!(self.layout, Layout::Widened(_)) {
             widened = WIDENED.with(|p| p.take());
             if widened.len() < self.k * NR {
                 widened.resize_zeroed(self.k * NR);
@@ -564,7 +557,7 @@ impl Job<'_> {
             // A packed weight's panels end at multiples of 48 columns.
             let nr = match self.layout {
                 Layout::Panels => ((jp / NR + 1) * NR).min(f1) - jp,
-                Layout::Rows | Layout::Cols | Layout::Widened => NR.min(f1 - jp),
+                Layout::Rows | Layout::Cols | Layout::Widened(_) => NR.min(f1 - jp),
             };
             let (b, b_stride) = match self.layout {
                 Layout::Rows => {
@@ -577,11 +570,9 @@ impl Job<'_> {
                     );
                     (panel.as_ptr(), NR)
                 }
-                Layout::Widened => {
+                Layout::Widened(source) => {
                     let rows = &mut widened[..nr * self.k];
-                    self.widen
-                        .expect("a widened product has its weight")
-                        .widen_rows(jp..jp + nr, rows);
+                    source.widen_rows(jp..jp + nr, rows);
                     pack(rows.as_ptr(), self.k, nr, self.k, panel.as_mut_ptr());
                     (panel.as_ptr(), NR)
                 }
@@ -668,7 +659,7 @@ impl Job<'_> {
             jp += nr;
         }
         PANEL.with(|p| p.replace(panel));
-        if self.widen.is_some() {
+        if matches!(self.layout, Layout::Widened(_)) {
             WIDENED.with(|p| p.replace(widened));
         }
     }
@@ -825,7 +816,6 @@ mod tests {
             w: w.as_ptr(),
             w_stride,
             layout,
-            widen: None,
             out: out.as_mut_ptr(),
             out_stride: n,
             causal: Causal::None,
@@ -964,8 +954,7 @@ mod tests {
                 x_stride: k,
                 w: std::ptr::null(),
                 w_stride: k,
-                layout: Layout::Widened,
-                widen: Some(&held),
+                layout: Layout::Widened(&held),
                 out: out.as_mut_ptr(),
                 out_stride: n,
                 causal: Causal::None,
