@@ -194,8 +194,9 @@ pub fn heal(
                 .collect::<Result<Vec<_>>>()?;
             // Each kind fitted on the fitting windows and checked on the
             // held-out ones; the lowest held-out deviation is the group's.
+            let mut grams = Grams::of(&parts[..fit], h);
             let (mut kind, mut before, mut after) = (opts.kind, 0.0, f64::INFINITY);
-            for (k, t) in fit_t(&parts[..fit], opts, h, &g.layers)? {
+            for (k, t) in fit_t(&grams, opts, h, &g.layers)? {
                 let (b0, a0) = held_out_deviation(&parts[fit..], &t, h);
                 if a0 < after {
                     (kind, before, after) = (k, b0, a0);
@@ -203,9 +204,11 @@ pub fn heal(
             }
             let applied = after < before;
             if applied {
-                // The kind that held out best, fitted again on every window.
+                // The kind that held out best, fitted again on every window
+                // (the held-out windows' terms added to the fitting ones').
+                grams.add(&parts[fit..], h);
                 let one = HealOptions { kind, ..opts };
-                let (_, t) = fit_t(&parts, one, h, &g.layers)?.remove(0);
+                let (_, t) = fit_t(&grams, one, h, &g.layers)?.remove(0);
                 for &l in &g.layers {
                     fold(&mut healed.layers[l].mlp.down_proj, &t, h);
                 }
@@ -241,19 +244,40 @@ pub fn heal(
     ))
 }
 
-/// `T` of each kind `opts` asks for (`Best`: diagonal, then full) fitted on
-/// `parts` (per window: `X`, `Y`), with the ridge towards the identity.
+/// `X^T X` and `X^T Y` summed over windows (per window: `X`, `Y`), in f64.
+struct Grams {
+    xx: Vec<f64>,
+    xy: Vec<f64>,
+}
+
+impl Grams {
+    fn of(parts: &[(Vec<f32>, Vec<f32>)], h: usize) -> Grams {
+        let mut g = Grams {
+            xx: vec![0f64; h * h],
+            xy: vec![0f64; h * h],
+        };
+        g.add(parts, h);
+        g
+    }
+
+    /// The windows' terms added, in order.
+    fn add(&mut self, parts: &[(Vec<f32>, Vec<f32>)], h: usize) {
+        for (xx, yy) in parts {
+            add_gram(&mut self.xx, xx, xx, h);
+            add_gram(&mut self.xy, xx, yy, h);
+        }
+    }
+}
+
+/// `T` of each kind `opts` asks for (`Best`: diagonal, then full) from the
+/// sums `g`, with the ridge towards the identity.
 fn fit_t(
-    parts: &[(Vec<f32>, Vec<f32>)],
+    g: &Grams,
     opts: HealOptions,
     h: usize,
     layers: &[usize],
 ) -> Result<Vec<(TKind, Vec<f64>)>> {
-    let (mut a, mut b) = (vec![0f64; h * h], vec![0f64; h * h]);
-    for (xx, yy) in parts {
-        add_gram(&mut a, xx, xx, h);
-        add_gram(&mut b, xx, yy, h);
-    }
+    let (mut a, mut b) = (g.xx.clone(), g.xy.clone());
     let mean_diag = (0..h).map(|i| a[i * h + i]).sum::<f64>() / h as f64;
     let lambda = opts.ridge * mean_diag.max(f64::MIN_POSITIVE);
     for i in 0..h {
@@ -516,10 +540,10 @@ mod tests {
             .map(|i| ((i * 7919 + 13) % 1009) as f32 / 1009.0 - 0.5)
             .collect();
         let y: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * s[i % h]).collect();
-        let parts = vec![(x, y)];
+        let grams = Grams::of(&[(x, y)], h);
         let fit = |kind| {
             let opts = HealOptions { ridge: 1e-9, kind };
-            fit_t(&parts, opts, h, &[1, 2]).unwrap()
+            fit_t(&grams, opts, h, &[1, 2]).unwrap()
         };
         let best = fit(TKind::Best);
         let kinds: Vec<TKind> = best.iter().map(|(k, _)| *k).collect();
