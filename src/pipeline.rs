@@ -159,6 +159,15 @@ impl Sizing {
     pub fn is_large(&self) -> bool {
         self.parameters > Sizing::LARGE_PARAMETERS
     }
+
+    /// What the calibration line says when the model's size chose its length.
+    pub fn calibration_note(&self) -> String {
+        format!(
+            "at most {} for a model of {:.2}B parameters; --max-tokens to change",
+            self.max_tokens,
+            self.parameters as f64 / 1e9
+        )
+    }
 }
 
 impl SearchConfig {
@@ -353,13 +362,9 @@ fn calibration_note(
         } else {
             "--calib"
         },
-        match f.max_tokens {
-            Some(n) if calibration.tokens() + f.seq_len > n => format!(", --max-tokens {n}"),
-            None if Sizing::of(config).is_large() => format!(
-                ", at most {} for a model of {:.2}B parameters: --max-tokens to change",
-                f.max_tokens_for(config),
-                config.parameter_count() as f64 / 1e9
-            ),
+        match (f.max_tokens, Sizing::of(config)) {
+            (Some(n), _) if calibration.tokens() + f.seq_len > n => format!(", --max-tokens {n}"),
+            (None, s) if s.is_large() => format!(", {}", s.calibration_note()),
             _ => String::new(),
         },
         budget.describe(f.metric),

@@ -9,15 +9,15 @@ use serde_json::json;
 
 use crate::cli::*;
 use depthc::pipeline::{self, CompileOptions, SearchConfig, Sizing};
+use depthc::search::strategy::Budget;
+
+use super::onnx::print_bench;
+use super::{float_of, int4_of, runtime_options, summary_json, Terminal};
 
 /// The sizing to mention when the model's size chose the calibration length.
 fn sized<'s>(f: &SearchFlags, s: &'s Sizing) -> Option<&'s Sizing> {
     (f.max_tokens.is_none() && s.is_large()).then_some(s)
 }
-use depthc::search::strategy::Budget;
-
-use super::onnx::print_bench;
-use super::{float_of, int4_of, runtime_options, summary_json, Terminal};
 
 /// The search flags as the library's options.
 fn search_config(f: &SearchFlags, weight_cache: &WeightCache) -> SearchConfig {
@@ -113,11 +113,7 @@ fn print_search_summary(report: &depthc::report::SearchReport, sized: Option<&Si
         report.calibration.tokens,
         report.calibration.windows,
         report.calibration.calibration.seq_len,
-        sized.map_or(String::new(), |s| format!(
-            " (at most {} for a model of {:.2}B parameters; --max-tokens to change)",
-            s.max_tokens,
-            s.parameters as f64 / 1e9
-        )),
+        sized.map_or(String::new(), |s| format!(" ({})", s.calibration_note())),
         report.budget.describe(report.metric)
     );
     println!("why            {}", report.reason);
