@@ -204,9 +204,15 @@ pub struct SearchFlags {
     /// Plans kept each round by the beam strategy.
     #[arg(long, default_value_t = search_default().beam_width)]
     pub beam_width: usize,
-    /// Budget: exactly this many pairs.
+    /// Budget: exactly this many pairs (with --drop-layers: layers dropped).
     #[arg(long)]
     pub pairs: Option<usize>,
+    /// Drop whole layers instead of pairing them: depth pruning, the baseline
+    /// Layer Parallelism is measured against. The same strategies, budget and
+    /// metric choose which layers (each dropped layer takes one step of depth
+    /// away, as a pair does); plans read `d12,d20`.
+    #[arg(long)]
+    pub drop_layers: bool,
     /// Budget: the most pairs whose --metric stays at least this good (for kl: at most).
     #[arg(long)]
     pub min_similarity: Option<f64>,

@@ -24,6 +24,12 @@
 //! fitted again on every window before it is folded in. `T` is dense, or
 //! diagonal, or whichever of the two holds out better ([`TKind`]).
 //!
+//! Dropped layers (depth pruning, the baseline) are healed as ReplaceMe
+//! heals them: the step before them stands in for them, with `Y` its
+//! layers and the dropped ones run in turn on `x`, less `h`, and `T` folded
+//! into its `down_proj`. Layers dropped before any step that computes are
+//! not healed.
+//!
 //! Families with a norm after each sublayer (Gemma 3) are not healed: the
 //! norm between the summed MLP output and the residual keeps `T` from
 //! passing through to `down_proj`.
@@ -83,7 +89,12 @@ impl TKind {
 /// What healing did to one group.
 #[derive(Debug, Clone, Serialize)]
 pub struct GroupHeal {
+    /// The layers whose `down_proj` carries the correction: a parallel
+    /// group's, or the single layer before dropped ones.
     pub layers: Vec<usize>,
+    /// The dropped layers right after them, whose contribution the
+    /// correction stands in for (none for a group alone).
+    pub dropped: Vec<usize>,
     /// `full`: a dense `hidden x hidden` correction; `diagonal`: one scale
     /// per hidden dimension.
     pub kind: &'static str,
@@ -99,6 +110,23 @@ pub struct GroupHeal {
     pub deviation_after: f64,
     /// Whether `T` was folded in (only when it lowers the held-out deviation).
     pub applied: bool,
+}
+
+impl GroupHeal {
+    /// `12-13` (a group), `11 for d12` (a layer standing in for the one
+    /// dropped after it), `12-13 for d14-15`.
+    pub fn name(&self) -> String {
+        let layers: Vec<String> = self.layers.iter().map(|l| l.to_string()).collect();
+        let mut name = layers.join("-");
+        if let (Some(a), Some(b)) = (self.dropped.first(), self.dropped.last()) {
+            name += &if a == b {
+                format!(" for d{a}")
+            } else {
+                format!(" for d{a}-{b}")
+            };
+        }
+        name
+    }
 }
 
 /// What healing did to a plan.
@@ -178,12 +206,24 @@ pub fn heal(
     };
     progress.set_length((plan.steps.len() * windows.len()) as u64);
     let mut groups = Vec::new();
-    for step in &plan.steps {
-        if let Step::Parallel(g) = step {
+    for (i, step) in plan.steps.iter().enumerate() {
+        // The layers dropped right after this step: its correction stands in
+        // for them too.
+        let dropped: Vec<usize> = plan.steps[i + 1..]
+            .iter()
+            .take_while(|s| s.is_dropped())
+            .map(|s| s.layers()[0])
+            .collect();
+        let computed = step.computed();
+        if !computed.is_empty() && (computed.len() > 1 || !dropped.is_empty()) {
             let f = Forward::new(&healed);
-            let singles: Vec<Step> = g.layers.iter().map(|&l| Step::Layer(l)).collect();
-            // Per window: X (the group's MLP output) and Y (its layers in
-            // turn, less h).
+            let singles: Vec<Step> = computed
+                .iter()
+                .chain(&dropped)
+                .map(|&l| Step::Layer(l))
+                .collect();
+            // Per window: X (the step's MLP output) and Y (its layers and the
+            // dropped ones in turn, less h).
             let parts = streams
                 .iter()
                 .map(|x| -> Result<(Vec<f32>, Vec<f32>)> {
@@ -196,7 +236,7 @@ pub fn heal(
             // held-out ones; the lowest held-out deviation is the group's.
             let mut grams = Grams::of(&parts[..fit], h);
             let (mut kind, mut before, mut after) = (opts.kind, 0.0, f64::INFINITY);
-            for (k, t) in fit_t(&grams, opts, h, &g.layers)? {
+            for (k, t) in fit_t(&grams, opts, h, computed)? {
                 let (b0, a0) = held_out_deviation(&parts[fit..], &t, h);
                 if a0 < after {
                     (kind, before, after) = (k, b0, a0);
@@ -208,13 +248,14 @@ pub fn heal(
                 // (the held-out windows' terms added to the fitting ones').
                 grams.add(&parts[fit..], h);
                 let one = HealOptions { kind, ..opts };
-                let (_, t) = fit_t(&grams, one, h, &g.layers)?.remove(0);
-                for &l in &g.layers {
+                let (_, t) = fit_t(&grams, one, h, computed)?.remove(0);
+                for &l in computed {
                     fold(&mut healed.layers[l].mlp.down_proj, &t, h);
                 }
             }
             groups.push(GroupHeal {
-                layers: g.layers.clone(),
+                layers: computed.to_vec(),
+                dropped,
                 kind: kind.name(),
                 ridge: opts.ridge,
                 fit_tokens: windows[..fit].iter().map(Vec::len).sum(),

@@ -9,7 +9,7 @@
 //! encoded again ([`Encoding`]); its o_proj and down_proj are the layers'
 //! matrices side by side along their inputs, copied as stored when every
 //! layer stores them alike. Layers outside groups keep their tensors as
-//! stored. Q and K rows are written in the order llama.cpp's interleaved
+//! stored; a dropped layer is not written. Q and K rows are written in the order llama.cpp's interleaved
 //! rotation expects (its converter's `permute`): the reader hands Hugging
 //! Face order, whatever the source.
 //!
@@ -218,6 +218,11 @@ fn assemble(model: &Model, plan: &Plan, enc: Encoding) -> Result<Assembled> {
     let (mut encoded_n, mut copied_n) = (0, 0);
     let mut layers = Vec::new();
     for step in &plan.steps {
+        // A dropped layer is not written: the file has one layer per step
+        // that computes.
+        if step.is_dropped() {
+            continue;
+        }
         let ls = step.layers();
         let fused = matches!(step, Step::Parallel(_));
         let k = ls.len();

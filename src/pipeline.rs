@@ -28,7 +28,7 @@ use crate::runtime::bench::{
 };
 use crate::runtime::validate::{validate_emitted, Validation};
 use crate::runtime::{validate, Emitted, RuntimeOptions};
-use crate::search::strategy::{Budget, Metric, SearchSpace, Strategy};
+use crate::search::strategy::{Budget, Metric, SearchSpace, Strategy, Unit};
 use crate::search::tasks::{Retained, Task, TaskRun};
 use crate::search::{self, calib, SearchOptions};
 use crate::{Error, Result};
@@ -67,6 +67,8 @@ pub struct SearchConfig {
     pub max_tokens: Option<usize>,
     /// `None`: one pair per 8 layers.
     pub budget: Option<Budget>,
+    /// Pairs run in parallel, or layers dropped (the depth-pruning baseline).
+    pub unit: Unit,
     pub protect_first: usize,
     pub protect_last: usize,
     pub metric: Metric,
@@ -99,6 +101,7 @@ impl Default for SearchConfig {
             seq_len: 256,
             max_tokens: None,
             budget: None,
+            unit: Unit::Pair,
             protect_first: 2,
             protect_last: 2,
             metric: Metric::Kl,
@@ -221,6 +224,7 @@ pub fn search(
         num_layers: layers,
         protect_first: f.protect_first,
         protect_last: f.protect_last,
+        unit: f.unit,
     };
     search::strategy::pairs_for(budget, &space)?;
     progress.note(&calibration_note(f, &cfg, &calibration, budget));
@@ -315,6 +319,7 @@ pub fn search(
         eval,
         timings,
     );
+    report.unit = f.unit;
     report.accuracy_retained =
         search::tasks::mean_retained(task_sections.iter().map(|t| t.retained));
     report.tasks = task_sections;
@@ -367,7 +372,7 @@ fn calibration_note(
             (None, s) if s.is_large() => format!(", {}", s.calibration_note()),
             _ => String::new(),
         },
-        budget.describe(f.metric),
+        budget.describe(f.metric, f.unit),
         if f.budget.is_none() {
             format!(" (one per 8 of {layers} layers; --pairs, --min-similarity or --max-depth to choose)")
         } else {

@@ -6,9 +6,13 @@
 //! Command-line syntax, comma-separated items:
 //! - `20-21` an explicit group of consecutive layers (`20-22` is a group of three);
 //! - `20+21` the same group as a list of its layers (which must still be consecutive);
-//! - `20..24` the paper's contiguous range `[20, 24)`, split into adjacent pairs.
+//! - `20..24` the paper's contiguous range `[20, 24)`, split into adjacent pairs;
+//! - `d12` layer 12 dropped, `d12-14` layers 12, 13 and 14 dropped: depth
+//!   pruning, the baseline Layer Parallelism is measured against.
 //!
-//! The empty string is the original model.
+//! The empty string is the original model. A dropped layer is skipped by the
+//! reference forward and absent from what is emitted: the emitted model is
+//! the one of [`Plan::without_dropped`], with fewer layers.
 
 use std::fmt;
 
@@ -20,19 +24,34 @@ pub struct ParallelGroup {
     pub layers: Vec<usize>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     Layer(usize),
     Parallel(ParallelGroup),
+    /// A layer skipped: the residual stream passes it unchanged.
+    Dropped(usize),
 }
 
 impl Step {
+    /// The original layers the step stands for (a dropped layer's too: steps
+    /// start at layer boundaries whatever they compute).
     pub fn layers(&self) -> &[usize] {
         match self {
-            Step::Layer(i) => std::slice::from_ref(i),
+            Step::Layer(i) | Step::Dropped(i) => std::slice::from_ref(i),
             Step::Parallel(g) => &g.layers,
         }
+    }
+
+    /// The layers the step computes: none for a dropped layer.
+    pub fn computed(&self) -> &[usize] {
+        match self {
+            Step::Dropped(_) => &[],
+            s => s.layers(),
+        }
+    }
+
+    pub fn is_dropped(&self) -> bool {
+        matches!(self, Step::Dropped(_))
     }
 }
 
@@ -60,14 +79,31 @@ impl Plan {
 
     /// A plan from parallel groups (each ascending, consecutive, at least two layers);
     /// every other layer runs on its own.
-    pub fn from_groups(num_layers: usize, mut groups: Vec<Vec<usize>>) -> Result<Plan> {
+    pub fn from_groups(num_layers: usize, groups: Vec<Vec<usize>>) -> Result<Plan> {
+        Plan::new(num_layers, groups, Vec::new())
+    }
+
+    /// A plan from parallel groups and dropped layers; every other layer runs
+    /// on its own. At least one layer must be kept.
+    pub fn new(
+        num_layers: usize,
+        mut groups: Vec<Vec<usize>>,
+        dropped: Vec<usize>,
+    ) -> Result<Plan> {
         groups.sort();
         let err = |msg: String| {
-            let spec: Vec<String> = groups.iter().map(|g| group_name(g)).collect();
+            let mut spec: Vec<String> = groups.iter().map(|g| group_name(g)).collect();
+            spec.extend(dropped.iter().map(|l| format!("d{l}")));
             Err(Error::Plan {
                 spec: spec.join(","),
                 msg,
             })
+        };
+        let out_of_range = |l: usize| {
+            format!(
+                "layer {l} is out of range (the model has {num_layers} layers, 0 to {})",
+                num_layers.saturating_sub(1)
+            )
         };
         let mut owner = vec![None; num_layers];
         for (g, layers) in groups.iter().enumerate() {
@@ -94,10 +130,7 @@ impl Plan {
             }
             for &l in layers {
                 if l >= num_layers {
-                    return err(format!(
-                        "layer {l} is out of range (the model has {num_layers} layers, 0 to {})",
-                        num_layers - 1
-                    ));
+                    return err(out_of_range(l));
                 }
                 if let Some(other) = owner[l] {
                     let o: &Vec<usize> = &groups[other];
@@ -112,9 +145,37 @@ impl Plan {
                 owner[l] = Some(g);
             }
         }
+        let mut is_dropped = vec![false; num_layers];
+        for &l in &dropped {
+            if l >= num_layers {
+                return err(out_of_range(l));
+            }
+            if let Some(g) = owner[l] {
+                let o: &Vec<usize> = &groups[g];
+                return err(format!(
+                    "layer {l} is dropped and in group {}-{}",
+                    o[0],
+                    o[o.len() - 1]
+                ));
+            }
+            if is_dropped[l] {
+                return err(format!("layer {l} is dropped twice"));
+            }
+            is_dropped[l] = true;
+        }
+        if num_layers > 0 && dropped.len() == num_layers {
+            return err(format!(
+                "every layer is dropped: keep at least one of the {num_layers}"
+            ));
+        }
         let mut steps = Vec::new();
         let mut l = 0;
         while l < num_layers {
+            if is_dropped[l] {
+                steps.push(Step::Dropped(l));
+                l += 1;
+                continue;
+            }
             match owner[l] {
                 Some(g) => {
                     steps.push(Step::Parallel(ParallelGroup {
@@ -154,8 +215,24 @@ impl Plan {
             }
         };
         let mut groups = Vec::new();
+        let mut dropped = Vec::new();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            if let Some((a, b)) = item.split_once("..") {
+            if let Some(d) = item.strip_prefix('d') {
+                let (first, last) = match d.split_once('-') {
+                    Some((a, b)) => (num(a)?, num(b)?),
+                    None => {
+                        let l = num(d)?;
+                        (l, l)
+                    }
+                };
+                if last < first {
+                    return Err(err(format!(
+                        "dropped range d{first}-{last} must name ascending layers"
+                    )));
+                }
+                in_range(last)?;
+                dropped.extend(first..=last);
+            } else if let Some((a, b)) = item.split_once("..") {
                 let (start, end) = (num(a)?, num(b)?);
                 if end <= start || (end - start) % 2 != 0 {
                     return Err(err(format!(
@@ -181,13 +258,14 @@ impl Plan {
             } else {
                 let l = num(item)?;
                 return Err(err(format!(
-                    "`{l}` alone is not a group: write a pair like {l}-{} or a range like {l}..{}",
+                    "`{l}` alone is not a group: write a pair like {l}-{} or a range like {l}..{} \
+                     (or d{l} to drop it)",
                     l + 1,
                     l + 2
                 )));
             }
         }
-        Plan::from_groups(num_layers, groups).map_err(|e| match e {
+        Plan::new(num_layers, groups, dropped).map_err(|e| match e {
             Error::Plan { msg, .. } => err(msg),
             e => e,
         })
@@ -199,20 +277,65 @@ impl Plan {
         Plan::from_groups(num_layers, groups)
     }
 
+    /// A plan of dropped layers only, as the search's depth-pruning baseline
+    /// builds them.
+    pub fn from_dropped(num_layers: usize, dropped: &[usize]) -> Result<Plan> {
+        Plan::new(num_layers, Vec::new(), dropped.to_vec())
+    }
+
     pub fn groups(&self) -> impl Iterator<Item = &ParallelGroup> {
         self.steps.iter().filter_map(|s| match s {
             Step::Parallel(g) => Some(g),
-            Step::Layer(_) => None,
+            _ => None,
         })
     }
 
-    pub fn is_sequential(&self) -> bool {
-        self.groups().next().is_none()
+    /// The dropped layers, ascending.
+    pub fn dropped(&self) -> Vec<usize> {
+        self.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Dropped(l) => Some(*l),
+                _ => None,
+            })
+            .collect()
     }
 
-    /// Effective depth: the number of steps.
+    /// The original model: no group, no layer dropped.
+    pub fn is_sequential(&self) -> bool {
+        self.steps.iter().all(|s| matches!(s, Step::Layer(_)))
+    }
+
+    /// Effective depth: the number of steps that compute.
     pub fn depth(&self) -> usize {
-        self.steps.len()
+        self.steps.iter().filter(|s| !s.is_dropped()).count()
+    }
+
+    /// The layers kept (original indices, ascending) and this plan over them
+    /// alone, renumbered `0..kept.len()`: the model an emitted file holds
+    /// when layers are dropped. Without dropped layers, every layer and the
+    /// plan itself.
+    pub fn without_dropped(&self) -> (Vec<usize>, Plan) {
+        let kept: Vec<usize> = (0..self.num_layers)
+            .filter(|l| !self.steps.contains(&Step::Dropped(*l)))
+            .collect();
+        let index = |l: usize| kept.binary_search(&l).expect("a kept layer");
+        let steps = self
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Dropped(_) => None,
+                Step::Layer(l) => Some(Step::Layer(index(*l))),
+                Step::Parallel(g) => Some(Step::Parallel(ParallelGroup {
+                    layers: g.layers.iter().map(|&l| index(l)).collect(),
+                })),
+            })
+            .collect();
+        let plan = Plan {
+            num_layers: kept.len(),
+            steps,
+        };
+        (kept, plan)
     }
 }
 
@@ -224,13 +347,38 @@ impl serde::Serialize for Plan {
     }
 }
 
-/// Canonical syntax: explicit groups `20-21,22-23`; empty for the original model.
+/// Canonical syntax, in layer order: explicit groups `20-21,22-23` and
+/// dropped runs `d12`, `d12-14`; empty for the original model.
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = self
-            .groups()
-            .map(|g| format!("{}-{}", g.layers[0], g.layers[g.layers.len() - 1]))
-            .collect();
+        let mut parts: Vec<String> = Vec::new();
+        let mut run: Option<(usize, usize)> = None;
+        let close = |run: &mut Option<(usize, usize)>, parts: &mut Vec<String>| {
+            if let Some((a, b)) = run.take() {
+                parts.push(if a == b {
+                    format!("d{a}")
+                } else {
+                    format!("d{a}-{b}")
+                });
+            }
+        };
+        for s in &self.steps {
+            match s {
+                Step::Dropped(l) => match &mut run {
+                    Some((_, b)) if *b + 1 == *l => *b = *l,
+                    _ => {
+                        close(&mut run, &mut parts);
+                        run = Some((*l, *l));
+                    }
+                },
+                Step::Parallel(g) => {
+                    close(&mut run, &mut parts);
+                    parts.push(format!("{}-{}", g.layers[0], g.layers[g.layers.len() - 1]));
+                }
+                Step::Layer(_) => close(&mut run, &mut parts),
+            }
+        }
+        close(&mut run, &mut parts);
         write!(f, "{}", parts.join(","))
     }
 }
@@ -287,6 +435,32 @@ mod tests {
         assert!(msg("22-12421242123", 28).contains("layer 12421242123 is out of range"));
         assert!(msg("0..99999999998", 28).contains("out of range"));
         assert!(msg("1+99999999999", 28).contains("out of range"));
+    }
+
+    #[test]
+    fn dropped_layers() {
+        let p = Plan::parse("d12-13, 4-5, d20", 24).unwrap();
+        assert_eq!(p.to_string(), "4-5,d12-13,d20");
+        assert_eq!(p.dropped(), [12, 13, 20]);
+        assert_eq!(p.depth(), 24 - 1 - 3);
+        assert!(!p.is_sequential());
+        assert_eq!(Plan::parse(&p.to_string(), 24).unwrap(), p);
+        let (kept, q) = p.without_dropped();
+        assert_eq!(kept.len(), 21);
+        assert_eq!(kept[12], 14);
+        assert_eq!(q.num_layers, 21);
+        assert_eq!(q.to_string(), "4-5");
+        assert_eq!(q.depth(), p.depth());
+        let q = Plan::parse("d3,5-6", 8).unwrap().without_dropped().1;
+        assert_eq!(q.to_string(), "4-5");
+        assert!(msg("d3,3-4", 8).contains("layer 3 is dropped and in group 3-4"));
+        assert!(msg("d3,d3", 8).contains("dropped twice"));
+        assert!(msg("d0-3", 4).contains("every layer is dropped"));
+        assert!(msg("d9", 8).contains("out of range"));
+        assert!(msg("d5-4", 8).contains("ascending"));
+        assert!(msg("4", 8).contains("d4 to drop it"));
+        // Adjacent drop items print as one run.
+        assert_eq!(Plan::parse("d2,d3", 8).unwrap().to_string(), "d2-3");
     }
 
     #[test]

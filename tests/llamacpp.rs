@@ -147,7 +147,11 @@ fn check(gguf: &Path, model: &Model, plan: &Plan, prompt: &[u32], n: usize, max_
 const TIE: f32 = 1.0;
 
 fn emit(source: &Path, plan: &str, out: &Path) {
-    let (code, stdout, stderr) = common::run_depthc(&[
+    emit_with(source, plan, out, &[]);
+}
+
+fn emit_with(source: &Path, plan: &str, out: &Path, extra: &[&str]) {
+    let args = [
         "emit",
         source.to_str().unwrap(),
         "-o",
@@ -156,7 +160,8 @@ fn emit(source: &Path, plan: &str, out: &Path) {
         "gguf",
         "--plan",
         plan,
-    ]);
+    ];
+    let (code, stdout, stderr) = common::run_depthc(&[&args[..], extra].concat());
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("llama.cpp `deci`"), "{stdout}");
 }
@@ -179,16 +184,17 @@ fn llama_cpp_runs_smollm2_as_depthc_reads_it() {
     check(&path, &model, &plan, &prompt_of(&path), 16, 0.05);
 }
 
-#[test]
-fn a_smollm2_plan_in_llama_cpp_generates_the_reference_tokens() {
+/// `spec` on SmolLM2, emitted as a GGUF with `--gguf-encoding enc`: llama.cpp
+/// generates the reference forward's tokens of the weights as written.
+fn smollm2_plan_in_llama_cpp(spec: &str, enc: Encoding) {
     let path = real_model_path();
     let dir = tempfile::tempdir().unwrap();
-    let spec = "12-13,14-15,17-18,21-22,24-25,26-27";
     let out = dir.path().join("out");
-    emit(&path, spec, &out);
+    let name = enc.name().to_lowercase();
+    emit_with(&path, spec, &out, &["--gguf-encoding", &name]);
     let (_, model) = load(&path);
     let plan = Plan::parse(spec, model.config.num_hidden_layers).unwrap();
-    let written = weights_as_written(&model, &plan, Encoding::Q8_0).unwrap();
+    let written = weights_as_written(&model, &plan, enc).unwrap();
     check(
         &out.join(depthc::llamacpp::FILE),
         &written,
@@ -197,6 +203,18 @@ fn a_smollm2_plan_in_llama_cpp_generates_the_reference_tokens() {
         16,
         0.05,
     );
+}
+
+#[test]
+fn a_smollm2_plan_in_llama_cpp_generates_the_reference_tokens() {
+    smollm2_plan_in_llama_cpp("12-13,14-15,17-18,21-22,24-25,26-27", Encoding::Q8_0);
+}
+
+#[test]
+fn a_plan_that_drops_layers_in_llama_cpp_generates_the_reference_tokens() {
+    // The file holds the 26 layers left (the pair as one): llama.cpp runs
+    // the model without the dropped ones.
+    smollm2_plan_in_llama_cpp("d12,14-15,d20-21", Encoding::F32);
 }
 
 #[test]

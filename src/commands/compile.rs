@@ -35,6 +35,11 @@ fn search_config(f: &SearchFlags, weight_cache: &WeightCache) -> SearchConfig {
             (_, _, Some(d)) => Some(Budget::MaxDepth(d)),
             _ => None,
         },
+        unit: if f.drop_layers {
+            depthc::search::strategy::Unit::Drop
+        } else {
+            depthc::search::strategy::Unit::Pair
+        },
         protect_first: f.protect_first,
         protect_last: f.protect_last,
         metric: f.metric.metric(),
@@ -114,7 +119,7 @@ fn print_search_summary(report: &depthc::report::SearchReport, sized: Option<&Si
         report.calibration.windows,
         report.calibration.calibration.seq_len,
         sized.map_or(String::new(), |s| format!(" ({})", s.calibration_note())),
-        report.budget.describe(report.metric)
+        report.budget.describe(report.metric, report.unit)
     );
     println!("why            {}", report.reason);
 }

@@ -240,10 +240,9 @@ pub fn heal(
 /// One line per group healed, on stderr (stdout may be JSON).
 pub fn print_heal(report: &depthc::heal::HealReport) {
     for g in &report.groups {
-        let layers: Vec<String> = g.layers.iter().map(|l| l.to_string()).collect();
         eprintln!(
             "heal           group {}: held-out deviation {:.4} -> {:.4} ({}, {} ridge {}, checked fitting {} / holding out {} tokens{})",
-            layers.join("-"),
+            g.name(),
             g.deviation_before,
             g.deviation_after,
             if g.applied { "applied" } else { "left as it was" },

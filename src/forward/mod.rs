@@ -260,7 +260,7 @@ impl<'m> Forward<'m> {
         let prefix_is_original = plan.steps[..at]
             .iter()
             .enumerate()
-            .all(|(i, s)| s.layers() == [i]);
+            .all(|(i, s)| *s == crate::plan::Step::Layer(i));
         if !prefix_is_original || at != first_layer {
             return Err(Error::Input(format!(
                 "plan `{plan}` changes layers before {first_layer}"
@@ -386,7 +386,8 @@ impl<'m> Forward<'m> {
 
     /// One step of a plan over the residual `x`: its attention sublayers
     /// all read `x` (`h = x + sum Attn_i`), then its MLP sublayers all read
-    /// `h` (`y = h + sum MLP_i`). Returns `(h, y)`.
+    /// `h` (`y = h + sum MLP_i`). Returns `(h, y)`; a dropped layer returns
+    /// `(x, x)`.
     fn step(
         &self,
         step: &crate::plan::Step,
@@ -395,7 +396,8 @@ impl<'m> Forward<'m> {
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let cfg = &self.model.config;
         let t: usize = seqs.iter().map(|s| s.t).sum();
-        let layers = step.layers();
+        // A dropped layer computes nothing: h = y = x.
+        let layers = step.computed();
         // Attention sublayers all read x.
         let mut hsum = x.to_vec();
         for &l in layers {

@@ -12,7 +12,8 @@
 //! | `present.{i}.key` / `.value` | float | `[batch_size, kv_heads, total_sequence_length, head_dim]` |
 //!
 //! One past/present pair for every original layer, paired or not, with the
-//! original head counts as literal dims.
+//! original head counts as literal dims (a layer the plan drops is not in the
+//! model: the config counts the layers kept).
 //!
 //! The model also carries what depthc wrote it with, as [`Metadata`]: written
 //! by [`Metadata::entries`] and read back by [`Metadata::parse`], which
@@ -118,11 +119,16 @@ pub const INT4_ACCURACY_LEVEL: &str = "depthc.int4.accuracy_level";
 pub const INT4_SOURCE: &str = "depthc.int4.source";
 /// `true` when the plan's groups were healed (`--heal`); absent otherwise.
 pub const HEALED: &str = "depthc.healed";
+/// The source's layer count, when the plan drops layers (the model holds
+/// fewer; `depthc.plan` is over the source's); absent otherwise.
+pub const SOURCE_LAYERS: &str = "depthc.source_layers";
 
 /// What an emitted model was written with: the plan, the form its groups are
 /// in, its float type, its op set and its 4-bit weight settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Metadata {
+    /// The plan over the source's layers (those it drops are not in the
+    /// model).
     pub plan: Plan,
     pub form: Form,
     pub float: ElemType,
@@ -149,6 +155,9 @@ impl Metadata {
         }
         if self.healed {
             v.push((HEALED, "true".to_string()));
+        }
+        if !self.plan.dropped().is_empty() {
+            v.push((SOURCE_LAYERS, self.plan.num_layers.to_string()));
         }
         v
     }
@@ -181,7 +190,22 @@ impl Metadata {
                 .position(|n| *n == v)
                 .ok_or_else(|| bad(key, format!("`{v}` is not one of {}", names.join(", "))))
         };
-        let plan = Plan::parse(need(PLAN)?, num_layers).map_err(|e| bad(PLAN, e.to_string()))?;
+        let source_layers = match get(SOURCE_LAYERS) {
+            None => num_layers,
+            Some(v) => v
+                .parse::<usize>()
+                .map_err(|_| bad(SOURCE_LAYERS, format!("`{v}` is not a whole number")))?,
+        };
+        let plan = Plan::parse(need(PLAN)?, source_layers).map_err(|e| bad(PLAN, e.to_string()))?;
+        if source_layers - plan.dropped().len().min(source_layers) != num_layers {
+            return Err(bad(
+                PLAN,
+                format!(
+                    "`{plan}` over {source_layers} layers leaves {}, the model has {num_layers}",
+                    source_layers - plan.dropped().len().min(source_layers)
+                ),
+            ));
+        }
         let forms = [Form::Branches, Form::Fused];
         let form = forms[one_of(FORM, &forms.map(Form::name))?];
         let floats = [ElemType::F32, ElemType::F16];
@@ -265,6 +289,27 @@ mod tests {
                 assert_eq!(back, m);
             }
         }
+    }
+
+    #[test]
+    fn a_plan_that_drops_layers_is_over_the_source() {
+        let m = Metadata {
+            plan: Plan::parse("2-3,d5-6", 8).unwrap(),
+            form: Form::Fused,
+            float: ElemType::F32,
+            ops: Ops::Portable,
+            int4: None,
+            healed: false,
+        };
+        let e = entries(&m);
+        assert!(e.contains(&(SOURCE_LAYERS.to_string(), "8".to_string())));
+        // The model holds the 6 layers left.
+        assert_eq!(Metadata::parse(&e, 6, Path::new("m.onnx")).unwrap(), m);
+        let err = Metadata::parse(&e, 8, Path::new("m.onnx")).unwrap_err();
+        assert!(
+            err.to_string().contains("leaves 6, the model has 8"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -215,8 +215,21 @@ pub fn weights_as_emitted<'a>(
     })
 }
 
+/// `model` and `plan` as an emitted file holds them: without the layers
+/// `plan` drops (the model's config counts the rest) and the plan over the
+/// rest ([`Plan::without_dropped`]); both as they are when none is dropped.
+pub fn without_dropped<'a>(model: &'a Model, plan: &Plan) -> (Cow<'a, Model>, Plan) {
+    if plan.dropped().is_empty() {
+        return (Cow::Borrowed(model), plan.clone());
+    }
+    let (kept, emitted) = plan.without_dropped();
+    (Cow::Owned(model.keep_layers(&kept)), emitted)
+}
+
 /// The whole decoder graph of `model` under `plan`, with the I/O contract of
-/// [`contract`] and the plan, form, dtype and op set in its metadata.
+/// [`contract`] and the plan, form, dtype and op set in its metadata. A plan
+/// that drops layers comes with the model [`without_dropped`] leaves: the
+/// metadata keeps the plan over the source's layers.
 pub fn build<'m>(
     model: &'m Model,
     plan: &Plan,
@@ -230,6 +243,14 @@ pub fn build<'m>(
         int4.is_none() || model.int4_block_size() == int4.map(|q| q.block_size),
         "an int4 graph needs the model from Model::to_int4 with the same block size"
     );
+    let source_plan = plan;
+    let (kept, plan) = plan.without_dropped();
+    assert_eq!(
+        kept.len(),
+        model.config.num_hidden_layers,
+        "a plan that drops layers needs the model without them (graph::lp::without_dropped)"
+    );
+    let plan = &plan;
     let cfg = &model.config;
     let mut b = Builder::new("depthc", float);
     for v in contract::inputs(cfg, float) {
@@ -240,7 +261,7 @@ pub fn build<'m>(
     }
     let form = written_form(model, plan, form);
     let metadata = contract::Metadata {
-        plan: plan.clone(),
+        plan: source_plan.clone(),
         form,
         float,
         ops,

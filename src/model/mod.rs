@@ -309,6 +309,26 @@ impl Model {
         })
     }
 
+    /// This model with only the layers `kept` (ascending original indices),
+    /// renumbered `0..kept.len()`: what a plan that drops layers leaves
+    /// ([`crate::plan::Plan::without_dropped`]). Its config counts the kept
+    /// layers and keeps their own attention kinds (Gemma's sliding layers).
+    pub fn keep_layers(&self, kept: &[usize]) -> Model {
+        let mut config = self.config.clone();
+        config.num_hidden_layers = kept.len();
+        if let Some(s) = &config.sliding_layers {
+            config.sliding_layers = Some(kept.iter().map(|&l| s[l]).collect());
+        }
+        Model {
+            config,
+            embed_tokens: self.embed_tokens.clone(),
+            layers: kept.iter().map(|&l| self.layers[l].clone()).collect(),
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            weight_cache: self.weight_cache.clone(),
+        }
+    }
+
     /// The output projection (the embedding when tied).
     pub fn lm_head(&self) -> &Matrix {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)

@@ -81,8 +81,9 @@ fn fill(
     dir: &Path,
     progress: &ProgressBar,
 ) -> Result<Written> {
+    let (model, kept_plan) = graph::lp::without_dropped(model, plan);
     let cfg = &model.config;
-    let model = &*graph::lp::weights_as_emitted(model, plan, opts.form, opts.int4)?;
+    let model = &*graph::lp::weights_as_emitted(&model, &kept_plan, opts.form, opts.int4)?;
     let graph = graph::build(
         model,
         plan,

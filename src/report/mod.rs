@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::plan::Plan;
 use crate::search::calib::Calibration;
-use crate::search::strategy::{Budget, Candidate, Metric, Screened, Strategy};
+use crate::search::strategy::{Budget, Candidate, Metric, Screened, Strategy, Unit};
 use crate::search::{BestAtPairs, SearchOutcome};
 use crate::{Error, Result};
 
@@ -106,6 +106,8 @@ pub struct SearchReport {
     pub strategies: Vec<Strategy>,
     pub beam_width: usize,
     pub budget: Budget,
+    /// What the budget counts: pairs run in parallel, or layers dropped.
+    pub unit: Unit,
     pub protect_first: usize,
     pub protect_last: usize,
     pub candidates: Vec<Candidate>,
@@ -188,6 +190,7 @@ impl SearchReport {
             strategies: strategies.to_vec(),
             beam_width,
             budget,
+            unit: Unit::Pair,
             protect_first: protect.0,
             protect_last: protect.1,
             candidates: outcome.candidates.clone(),
@@ -356,11 +359,10 @@ impl SearchReport {
             h.fit_windows, h.held_out_windows
         );
         for g in &h.groups {
-            let layers: Vec<String> = g.layers.iter().map(|l| l.to_string()).collect();
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {:.4} | {:.4} | {} |",
-                layers.join("-"),
+                g.name(),
                 g.kind,
                 g.ridge,
                 g.deviation_before,
@@ -375,6 +377,13 @@ impl SearchReport {
     fn md_best_by_pairs(&self, s: &mut String) {
         let m = self.metric;
         let _ = writeln!(s, "## Best plan for each pair count ({})\n", m.name());
+        if self.unit == Unit::Drop {
+            let _ = writeln!(
+                s,
+                "Layers dropped (`--drop-layers`), not paired: each \"pairs\" count below is \
+                 the number of layers dropped.\n"
+            );
+        }
         let front = self
             .best_by_pairs
             .iter()

@@ -343,10 +343,12 @@ pub fn validate_emitted(
     tolerance: Option<Tolerance>,
     opts: &super::RuntimeOptions,
 ) -> Result<Vec<(String, Validation)>> {
-    use crate::graph::lp::weights_as_emitted;
-    let plan = &emitted.metadata.plan;
+    use crate::graph::lp::{weights_as_emitted, without_dropped};
+    // A plan that drops layers: the model without them, as emitted.
+    let (model, plan) = without_dropped(model, &emitted.metadata.plan);
+    let plan = &plan;
     let mut written =
-        weights_as_emitted(model, plan, emitted.metadata.form, emitted.metadata.int4)?;
+        weights_as_emitted(&model, plan, emitted.metadata.form, emitted.metadata.int4)?;
     let tol = tolerance.unwrap_or(Tolerance::default_for(
         emitted.metadata.float,
         emitted.metadata.int4,
@@ -374,6 +376,10 @@ pub fn validate_emitted(
         let tol = tolerance.unwrap_or(Tolerance::default_for(emitted.metadata.float, Some(exact)));
         let v = validate(&mut twin, &Forward::new(&written), plan, prompt, steps, tol)?;
         out.push(("accuracy level 0".to_string(), v));
+    }
+    // Reported as written: over the source's layers.
+    for (_, v) in &mut out {
+        v.plan = emitted.metadata.plan.clone();
     }
     Ok(out)
 }

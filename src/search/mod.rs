@@ -370,7 +370,7 @@ pub fn search(
     } else {
         strategy::Stages::of(windows.len(), windows.first().map_or(1, Vec::len))
     };
-    let scorer = Scorer::new(forward, &cache, stages, progress);
+    let scorer = Scorer::new(forward, &cache, stages, opts.space.unit, progress);
     let stop = match opts.budget {
         Budget::MinSimilarity(x) => Some(x),
         _ => None,
@@ -480,6 +480,7 @@ fn choose(
 ) -> Result<(strategy::Candidate, String)> {
     use strategy::{best_with, Budget};
     let metric = opts.metric;
+    let unit = opts.space.unit;
     Ok(match opts.budget {
         Budget::MinSimilarity(x) => {
             let k = (1..=want)
@@ -490,18 +491,20 @@ fn choose(
                 })
                 .ok_or_else(|| {
                     Error::Input(format!(
-                        "no plan keeps {} {} {x}, not even one pair: lower --min-similarity",
+                        "no plan keeps {} {} {x}, not even with {}: lower --min-similarity",
                         metric.name(),
                         if metric == strategy::Metric::Kl {
                             "<="
                         } else {
                             ">="
-                        }
+                        },
+                        unit.count(1)
                     ))
                 })?;
             let c = best_with(candidates, k, metric, None).expect("found above");
             let reason = format!(
-                "the most pairs ({k}) whose best plan keeps {} {} {x} ({:.6})",
+                "{}, the most whose best plan keeps {} {} {x} ({:.6})",
+                unit.count(k),
                 metric.name(),
                 if metric == strategy::Metric::Kl {
                     "<="
@@ -514,12 +517,16 @@ fn choose(
         }
         _ => {
             let c = best_with(candidates, want, metric, None).ok_or_else(|| {
-                Error::Input(format!("no strategy produced a plan with {want} pairs"))
+                Error::Input(format!(
+                    "no strategy produced a plan with {}",
+                    unit.count(want)
+                ))
             })?;
             let n = opts.strategies.len();
             let reason = format!(
-                "the best {} of every {want}-pair plan scored ({n} {}: {})",
+                "the best {} of every plan with {} scored ({n} {}: {})",
                 metric.name(),
+                unit.count(want),
                 if n == 1 { "strategy" } else { "strategies" },
                 opts.strategies
                     .iter()

@@ -124,11 +124,16 @@ pub enum Budget {
 
 impl Budget {
     /// In words, for messages: `6 pairs`, `depth 24 at most`.
-    pub fn describe(&self, metric: Metric) -> String {
+    pub fn describe(&self, metric: Metric, unit: Unit) -> String {
         match *self {
-            Budget::Pairs(k) => format!("{k} pairs"),
+            Budget::Pairs(k) => unit.count(k),
             Budget::MinSimilarity(x) => format!(
-                "the most pairs keeping {} {} {x}",
+                "the most {} keeping {} {} {x}",
+                if unit == Unit::Pair {
+                    "pairs"
+                } else {
+                    "layers dropped"
+                },
                 metric.name(),
                 if metric == Metric::Kl { "<=" } else { ">=" }
             ),
@@ -165,23 +170,78 @@ pub struct Candidate {
     pub scored: Option<(Vec<usize>, Similarity)>,
 }
 
+/// What a search adds to a plan, one at a time: a pair of adjacent layers
+/// run in parallel (Layer Parallelism), or, as the baseline it is measured
+/// against, a layer dropped (depth pruning). Either takes one step of depth
+/// away; the budget's "pairs" count these.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unit {
+    #[default]
+    Pair,
+    Drop,
+}
+
+impl Unit {
+    pub fn name(self) -> &'static str {
+        match self {
+            Unit::Pair => "pair",
+            Unit::Drop => "drop",
+        }
+    }
+
+    /// Layers one unit spans.
+    pub fn span(self) -> usize {
+        match self {
+            Unit::Pair => 2,
+            Unit::Drop => 1,
+        }
+    }
+
+    /// `k` of them, in words: `6 pairs`, `1 layer dropped`.
+    pub fn count(self, k: usize) -> String {
+        match (self, k) {
+            (Unit::Pair, 1) => "1 pair".to_string(),
+            (Unit::Pair, k) => format!("{k} pairs"),
+            (Unit::Drop, 1) => "1 layer dropped".to_string(),
+            (Unit::Drop, k) => format!("{k} layers dropped"),
+        }
+    }
+
+    /// The step of one unit starting at layer `a`.
+    fn step(self, a: usize) -> Step {
+        match self {
+            Unit::Pair => Step::Parallel(ParallelGroup {
+                layers: vec![a, a + 1],
+            }),
+            Unit::Drop => Step::Dropped(a),
+        }
+    }
+}
+
 pub struct SearchSpace {
     pub num_layers: usize,
     pub protect_first: usize,
     pub protect_last: usize,
+    pub unit: Unit,
 }
 
 impl SearchSpace {
-    /// Layers that may be paired: `[protect_first, L - protect_last)`.
+    /// Layers that may be paired (or dropped): `[protect_first, L - protect_last)`.
     pub fn range(&self) -> (usize, usize) {
         (
             self.protect_first,
             self.num_layers.saturating_sub(self.protect_last),
         )
     }
+    /// The most units the range holds (one layer is always kept).
     pub fn max_pairs(&self) -> usize {
         let (lo, hi) = self.range();
-        hi.saturating_sub(lo) / 2
+        let most = hi.saturating_sub(lo) / self.unit.span();
+        match self.unit {
+            Unit::Pair => most,
+            Unit::Drop => most.min(self.num_layers.saturating_sub(1)),
+        }
     }
 }
 
@@ -336,11 +396,12 @@ pub struct Scorer<'a> {
     cache: &'a ActivationCache,
     progress: &'a ProgressBar,
     stages: Stages,
+    unit: Unit,
     /// The original on the scoring stage's windows and positions, made once.
     references: std::sync::OnceLock<Vec<Reference>>,
 }
 
-/// One plan to score: its pairs and its plan.
+/// One plan to score: its units (first and last layer of each) and its plan.
 struct Planned {
     groups: Vec<(usize, usize)>,
     plan: Plan,
@@ -356,6 +417,7 @@ impl<'a> Scorer<'a> {
         forward: &'a Forward<'a>,
         cache: &'a ActivationCache,
         stages: Stages,
+        unit: Unit,
         progress: &'a ProgressBar,
     ) -> Scorer<'a> {
         Scorer {
@@ -363,6 +425,7 @@ impl<'a> Scorer<'a> {
             cache,
             progress,
             stages,
+            unit,
             references: std::sync::OnceLock::new(),
         }
     }
@@ -379,7 +442,13 @@ impl<'a> Scorer<'a> {
     fn planned(&self, mut groups: Vec<(usize, usize)>) -> Result<Planned> {
         groups.sort();
         let layers = self.layers();
-        let plan = Plan::from_pairs(layers, &groups)?;
+        let plan = match self.unit {
+            Unit::Pair => Plan::from_pairs(layers, &groups)?,
+            Unit::Drop => {
+                let dropped: Vec<usize> = groups.iter().map(|g| g.0).collect();
+                Plan::from_dropped(layers, &dropped)?
+            }
+        };
         let first = groups.first().map_or(layers, |g| g.0);
         Ok(Planned {
             groups,
@@ -587,28 +656,27 @@ impl<'a> Scorer<'a> {
         max_scored: usize,
     ) -> Result<(Vec<Candidate>, Vec<Screened>)> {
         let (lo, hi) = space.range();
+        let span = self.unit.span();
         let h = self.forward.model.config.hidden_size;
         let windows = self.stages.screen_windows.min(self.cache.len());
-        let starts: Vec<usize> = (lo..hi.saturating_sub(1)).collect();
+        let starts: Vec<usize> = (lo..(hi + 1).saturating_sub(span)).collect();
         self.progress.inc_length((starts.len() * windows) as u64);
-        // Per start s: the ranges [s, e) for e = s + 2, s + 4, ..., each pair
-        // run on the stream the shorter range left (the ranges from one start
-        // share their prefix). Deviation sums and rows per range, and the
+        // Per start s: the ranges [s, e) for e = s + 2, s + 4, ... (pairs; a
+        // layer at a time when dropping), each unit run on the stream the
+        // shorter range left (the ranges from one start share their prefix). Deviation sums and rows per range, and the
         // first range to go non-finite (it and every longer one are dropped).
         type Runs = (Vec<usize>, Vec<(f64, usize)>, Option<(usize, NonFinite)>);
         let per_start: Vec<Runs> = starts
             .par_iter()
             .map(|&s| -> Result<Runs> {
-                let ends: Vec<usize> = (s + 2..=hi).step_by(2).collect();
+                let ends: Vec<usize> = (s + span..=hi).step_by(span).collect();
                 let mut sums = vec![(0.0, 0); ends.len()];
                 let mut dropped: Option<(usize, NonFinite)> = None;
                 for w in 0..windows {
                     let mut x = self.cache.residual(w, s)?;
                     let live = dropped.map_or(ends.len(), |d| d.0);
                     for (j, &e) in ends[..live].iter().enumerate() {
-                        let step = Step::Parallel(ParallelGroup {
-                            layers: vec![e - 2, e - 1],
-                        });
+                        let step = self.unit.step(e - span);
                         match self.forward.advance(std::slice::from_ref(&step), x) {
                             Ok(y) => {
                                 let (d, n) = deviation(&y, &self.cache.residual(w, e)?, h);
@@ -632,7 +700,11 @@ impl<'a> Scorer<'a> {
         let mut planned = Vec::new();
         for (&s, (ends, sums, dropped)) in starts.iter().zip(per_start) {
             for (j, (e, (d, n))) in ends.into_iter().zip(sums).enumerate() {
-                let groups: Vec<(usize, usize)> = (s..e).step_by(2).map(|a| (a, a + 1)).collect();
+                if (e - s) / span > space.max_pairs() {
+                    continue;
+                }
+                let groups: Vec<(usize, usize)> =
+                    (s..e).step_by(span).map(|a| (a, a + span - 1)).collect();
                 let p = self.planned(groups)?;
                 if let Some((_, nf)) = dropped.filter(|d| j >= d.0) {
                     self.warn_dropped(&p.plan, nf);
@@ -641,7 +713,7 @@ impl<'a> Scorer<'a> {
                 screened.push(Screened {
                     plan: p.plan.clone(),
                     strategy: Strategy::Contiguous,
-                    pairs: (e - s) / 2,
+                    pairs: (e - s) / span,
                     first_changed_layer: s,
                     span_end: e,
                     deviation: Some(d / n.max(1) as f64),
@@ -699,15 +771,17 @@ impl<'a> Scorer<'a> {
             Strategy::Beam
         };
         let (lo, hi) = space.range();
+        let span = self.unit.span();
         let st = self.stages;
-        // Every free pair alone (none when every plan is scored anyway).
-        let firsts: Vec<usize> = (lo..hi.saturating_sub(1)).collect();
+        // Every free pair (or layer) alone (none when every plan is scored
+        // anyway).
+        let firsts: Vec<usize> = (lo..(hi + 1).saturating_sub(span)).collect();
         let alone: Vec<Option<f64>> = if st.round_scored == usize::MAX {
             vec![Some(0.0); firsts.len()]
         } else {
             let singles: Vec<Planned> = firsts
                 .iter()
-                .map(|&a| self.planned(vec![(a, a + 1)]))
+                .map(|&a| self.planned(vec![(a, a + span - 1)]))
                 .collect::<Result<_>>()?;
             let refs: Vec<&Planned> = singles.iter().collect();
             let sample = spread(st.screen_windows, self.cache.len());
@@ -729,7 +803,7 @@ impl<'a> Scorer<'a> {
         let mut all_screened = Vec::new();
         for _ in 0..max_pairs {
             let kept: Vec<Vec<(usize, usize)>> = beam.iter().map(|b| b.0.clone()).collect();
-            let ext = Extension::all(&kept, lo, hi);
+            let ext = Extension::all(&kept, lo, hi, span);
             let mut ranked: Vec<(f64, Planned)> = Vec::new();
             for e in ext {
                 let a = e.first;
@@ -742,7 +816,7 @@ impl<'a> Scorer<'a> {
                     strategy,
                     pairs: p.groups.len(),
                     first_changed_layer: p.first,
-                    span_end: a + 2,
+                    span_end: a + span,
                     deviation: None,
                     predicted: Some(metric.at_loss(predicted)),
                     windows: st.screen_windows.min(self.cache.len()),
@@ -804,18 +878,18 @@ struct Extension {
 }
 
 impl Extension {
-    /// Every kept plan of `beam` with one more free pair of layers in
-    /// `lo..hi`, each set of pairs once.
-    fn all(beam: &[Vec<(usize, usize)>], lo: usize, hi: usize) -> Vec<Extension> {
+    /// Every kept plan of `beam` with one more free unit of `span` layers in
+    /// `lo..hi`, each set of units once.
+    fn all(beam: &[Vec<(usize, usize)>], lo: usize, hi: usize, span: usize) -> Vec<Extension> {
         let mut ext: Vec<Extension> = Vec::new();
         for (b, base) in beam.iter().enumerate() {
-            for a in lo..hi.saturating_sub(1) {
-                let free = base.iter().all(|&(x, y)| a > y || a + 1 < x);
+            for a in lo..(hi + 1).saturating_sub(span) {
+                let free = base.iter().all(|&(x, y)| a > y || a + span - 1 < x);
                 if !free {
                     continue;
                 }
                 let mut s = base.clone();
-                s.push((a, a + 1));
+                s.push((a, a + span - 1));
                 s.sort();
                 if !ext.iter().any(|e| e.groups == s) {
                     ext.push(Extension {
@@ -913,17 +987,25 @@ pub fn pairs_for(budget: Budget, space: &SearchSpace) -> Result<usize> {
         Budget::MinSimilarity(_) => max,
     };
     let (lo, hi) = space.range();
+    let unit = space.unit;
     if want == 0 {
         return Err(Error::Input(format!(
-            "the budget asks for no pairs (depth {} already meets it)",
+            "the budget asks for no {} (depth {} already meets it)",
+            if unit == Unit::Pair {
+                "pairs"
+            } else {
+                "layers dropped"
+            },
             space.num_layers
         )));
     }
     if want > max {
         return Err(Error::Input(format!(
-            "the budget needs {want} pairs but layers {lo}..{hi} (after --protect-first {} and \
-             --protect-last {}) hold at most {max}: ask for fewer pairs or protect fewer layers",
-            space.protect_first, space.protect_last
+            "the budget needs {} but layers {lo}..{hi} (after --protect-first {} and \
+             --protect-last {}) hold at most {max}: ask for fewer or protect fewer layers",
+            unit.count(want),
+            space.protect_first,
+            space.protect_last
         )));
     }
     Ok(want)
