@@ -10,6 +10,9 @@ threads) measures for each model:
            by block (each block begun by the next model in turn, after a pause in which
            the last session's threads go idle), so that all meet the same moments of a
            shared machine; a model's time is the sum of its blocks.
+  plain    tokens/s of the same batch-1 decode in a plain loop: each model's 128 steps
+           in one go, the models one after another in the round's order (how a user's
+           own script decodes; the machine's moments are not shared out).
   genai    tokens/s of the same decode through onnxruntime-genai (batch 1), as a
            serving user runs it.
 Models: the builder's export of the same weights (the baseline of every ratio), depthc's
@@ -206,7 +209,8 @@ def gemv_gb_per_s(k=576, n=245760):
         s.run(None, x)
     return w.nbytes * 10 / (time.perf_counter() - t) / 1e9
 
-results = {n: {"prefill_ms": [], "decode_b1": [], "decode_b8": [], "genai_b1": []} for n in sessions}
+results = {n: {"prefill_ms": [], "decode_b1": [], "decode_b8": [], "plain_b1": [], "genai_b1": []}
+           for n in sessions}
 for n in sessions:  # warm-up
     prefill(n, 1); decode_all([n], 1, 0, new=8, blocks=1)
 gemv = gemv_gb_per_s()
@@ -218,6 +222,9 @@ for r in range(spec["runs"]):
     for batch in [1, 8]:
         for n, v in decode_all(list(sessions), batch, r).items():
             results[n][f"decode_b{batch}"].append(v)
+    for n in order:
+        time.sleep(0.03)
+        results[n]["plain_b1"].append(decode_all([n], 1, 0, blocks=1)[n])
     for n in order:
         results[n]["genai_b1"].append(genai_decode(n))
 if spec["profile"]:  # separate sessions: profiling slows every node down
@@ -268,7 +275,7 @@ def main():
                 "profile": a.profile, "profile_dir": work}
         out = json.loads(run([py, "-c", MEASURE, json.dumps(spec)]))
         res = out["models"]
-        metrics = ["prefill_ms", "decode_b1", "decode_b8", "genai_b1"]
+        metrics = ["prefill_ms", "decode_b1", "decode_b8", "plain_b1", "genai_b1"]
         med = {n: {k: statistics.median(r[k]) for k in metrics} for n, r in res.items()}
         # Each round's ratio against the builder's run of the same round (>1 is faster),
         # so that the machine's drift between rounds cancels.
@@ -278,7 +285,8 @@ def main():
         print(f"\nSmolLM2-135M, ONNX Runtime CPU, {a.precision} weights, {a.runs} alternating rounds. Each cell: "
               "median over rounds, then the median [min-max] of the per-round ratio against "
               "the onnxruntime-genai builder's export of the same round (>1 is faster)")
-        heads = ["prefill ms", "decode b1 tok/s", "decode b8 tok/s", "genai b1 tok/s"]
+        heads = ["prefill ms", "decode b1 tok/s", "decode b8 tok/s", "plain b1 tok/s",
+                 "genai b1 tok/s"]
         print(f"{'model':28} {'MB on disk':>10} " + " ".join(f"{h:>30}" for h in heads))
         for n in res:
             cells = []

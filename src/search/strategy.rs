@@ -129,11 +129,7 @@ impl Budget {
             Budget::Pairs(k) => unit.count(k),
             Budget::MinSimilarity(x) => format!(
                 "the most {} keeping {} {} {x}",
-                if unit == Unit::Pair {
-                    "pairs"
-                } else {
-                    "layers dropped"
-                },
+                unit.plural(),
                 metric.name(),
                 if metric == Metric::Kl { "<=" } else { ">=" }
             ),
@@ -198,13 +194,20 @@ impl Unit {
         }
     }
 
+    /// Several, in words: `pairs`, `layers dropped`.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Unit::Pair => "pairs",
+            Unit::Drop => "layers dropped",
+        }
+    }
+
     /// `k` of them, in words: `6 pairs`, `1 layer dropped`.
     pub fn count(self, k: usize) -> String {
         match (self, k) {
             (Unit::Pair, 1) => "1 pair".to_string(),
-            (Unit::Pair, k) => format!("{k} pairs"),
             (Unit::Drop, 1) => "1 layer dropped".to_string(),
-            (Unit::Drop, k) => format!("{k} layers dropped"),
+            (u, k) => format!("{k} {}", u.plural()),
         }
     }
 
@@ -991,11 +994,7 @@ pub fn pairs_for(budget: Budget, space: &SearchSpace) -> Result<usize> {
     if want == 0 {
         return Err(Error::Input(format!(
             "the budget asks for no {} (depth {} already meets it)",
-            if unit == Unit::Pair {
-                "pairs"
-            } else {
-                "layers dropped"
-            },
+            unit.plural(),
             space.num_layers
         )));
     }
