@@ -478,7 +478,7 @@ fn healed_front(
     bar.set_length(outcome.best_by_pairs.len() as u64);
     let mut done: Vec<(Plan, search::HealedScores)> = Vec::new();
     for b in &mut outcome.best_by_pairs {
-        bar.set_message(format!("{} pairs", b.pairs));
+        bar.set_message(format!("depth {}", b.plan.depth()));
         if let Some((_, h)) = done.iter().find(|(p, _)| *p == b.plan) {
             b.healed = Some(h.clone());
             bar.inc(1);
@@ -533,7 +533,7 @@ fn task_eval<'t>(
         if let Some((_, r)) = scored.iter().find(|(p, _)| p == plan) {
             return Ok(r.clone());
         }
-        bar.set_message(format!("{} pairs", plan.groups().count()));
+        bar.set_message(format!("depth {}", plan.depth()));
         let r = runs
             .iter()
             .map(|run| run.score(forward, plan, &bar))
