@@ -489,6 +489,11 @@ pub struct HealArgs {
     /// with the lower held-out deviation (`best`).
     #[arg(long, value_enum, default_value_t = HealKindArg::of(depthc::heal::HealOptions::default().kind))]
     pub heal_kind: HealKindArg,
+    /// Also correct each group's attention half: its summed attention output towards
+    /// each layer's attention on its own input in turn, folded into its o_proj weights
+    /// (checked on held-out windows the same way), before the MLP half is fitted.
+    #[arg(long)]
+    pub heal_attention: bool,
 }
 
 /// `--heal-kind`.
@@ -523,6 +528,7 @@ impl HealArgs {
         depthc::heal::HealOptions {
             ridge: self.heal_ridge,
             kind: self.heal_kind.kind(),
+            attention: self.heal_attention,
         }
     }
 

@@ -24,6 +24,12 @@
 //! fitted again on every window before it is folded in. `T` is dense, or
 //! diagonal, or whichever of the two holds out better ([`TKind`]).
 //!
+//! With [`HealOptions::attention`] (`--heal-attention`) a group's attention
+//! half is corrected first, the same way: `A` the group's attentions summed
+//! on `x`, `A_seq` each layer's attention on its own input with the layers
+//! run in turn, `T` folded into every `o_proj` of the group; the MLP half is
+//! then fitted on the `h` that leaves.
+//!
 //! Dropped layers (depth pruning, the baseline) are healed as ReplaceMe
 //! heals them: the step before them stands in for them, with `Y` its
 //! layers and the dropped ones run in turn on `x`, less `h`, and `T` folded
@@ -51,6 +57,10 @@ pub struct HealOptions {
     /// Ridge strength, relative to the mean diagonal of `X^T X`.
     pub ridge: f64,
     pub kind: TKind,
+    /// Also correct each group's attention half: its summed attention
+    /// output towards each layer's attention on its own input in turn,
+    /// folded into every `o_proj` of the group, before the MLP half is fitted.
+    pub attention: bool,
 }
 
 impl Default for HealOptions {
@@ -58,6 +68,7 @@ impl Default for HealOptions {
         HealOptions {
             ridge: 0.1,
             kind: TKind::Full,
+            attention: false,
         }
     }
 }
@@ -109,6 +120,21 @@ pub struct GroupHeal {
     /// Held-out `|X T - Y|^2 / |Y|^2`.
     pub deviation_after: f64,
     /// Whether `T` was folded in (only when it lowers the held-out deviation).
+    pub applied: bool,
+    /// `--heal-attention`: the same for the group's attention half (its
+    /// `o_proj` weights), fitted first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention: Option<HalfHeal>,
+}
+
+/// The correction of a group's attention half.
+#[derive(Debug, Clone, Serialize)]
+pub struct HalfHeal {
+    pub kind: &'static str,
+    /// Held-out `|A - A_seq|^2 / |A_seq|^2`: the summed attention output
+    /// against each layer's attention on its own input in turn.
+    pub deviation_before: f64,
+    pub deviation_after: f64,
     pub applied: bool,
 }
 
@@ -216,6 +242,43 @@ pub fn heal(
             .collect();
         let computed = step.computed();
         if !computed.is_empty() && (computed.len() > 1 || !dropped.is_empty()) {
+            // The attention half first (a group's only: one layer's attention
+            // reads its own input), then the MLP half on what it leaves.
+            let attention = if opts.attention && computed.len() > 1 {
+                let f = Forward::new(&healed);
+                // Per window: A (the attentions summed on x) and A_seq (each
+                // layer's attention on its own input, the layers in turn).
+                let parts = streams
+                    .iter()
+                    .map(|x| -> Result<(Vec<f32>, Vec<f32>)> {
+                        let (hh, _) = f.advance_halves(step, x)?;
+                        let mut xs = x.clone();
+                        let mut a_seq = vec![0f32; x.len()];
+                        for &l in computed {
+                            let (hl, yl) = f.advance_halves(&Step::Layer(l), &xs)?;
+                            for ((a, &hv), &xv) in a_seq.iter_mut().zip(&hl).zip(&xs) {
+                                *a += hv - xv;
+                            }
+                            xs = yl;
+                        }
+                        Ok((diff(&hh, x), a_seq))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let half = fit_half(&parts, fit, opts, h, computed)?;
+                if let Some(t) = &half.t {
+                    for &l in computed {
+                        fold(&mut healed.layers[l].self_attn.o_proj, t, h);
+                    }
+                }
+                Some(HalfHeal {
+                    kind: half.kind.name(),
+                    deviation_before: half.before,
+                    deviation_after: half.after,
+                    applied: half.t.is_some(),
+                })
+            } else {
+                None
+            };
             let f = Forward::new(&healed);
             let singles: Vec<Step> = computed
                 .iter()
@@ -232,27 +295,14 @@ pub fn heal(
                     Ok((diff(&y, &hh), diff(&y_seq, &hh)))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            // Each kind fitted on the fitting windows and checked on the
-            // held-out ones; the lowest held-out deviation is the group's.
-            let mut grams = Grams::of(&parts[..fit], h);
-            let (mut kind, mut before, mut after) = (opts.kind, 0.0, f64::INFINITY);
-            for (k, t) in fit_t(&grams, opts, h, computed)? {
-                let (b0, a0) = held_out_deviation(&parts[fit..], &t, h);
-                if a0 < after {
-                    (kind, before, after) = (k, b0, a0);
-                }
-            }
-            let applied = after < before;
-            if applied {
-                // The kind that held out best, fitted again on every window
-                // (the held-out windows' terms added to the fitting ones').
-                grams.add(&parts[fit..], h);
-                let one = HealOptions { kind, ..opts };
-                let (_, t) = fit_t(&grams, one, h, computed)?.remove(0);
+            let half = fit_half(&parts, fit, opts, h, computed)?;
+            if let Some(t) = &half.t {
                 for &l in computed {
-                    fold(&mut healed.layers[l].mlp.down_proj, &t, h);
+                    fold(&mut healed.layers[l].mlp.down_proj, t, h);
                 }
             }
+            let (kind, before, after, applied) =
+                (half.kind, half.before, half.after, half.t.is_some());
             groups.push(GroupHeal {
                 layers: computed.to_vec(),
                 dropped,
@@ -263,6 +313,7 @@ pub fn heal(
                 deviation_before: before,
                 deviation_after: after,
                 applied,
+                attention,
             });
         }
         let f = Forward::new(&healed);
@@ -283,6 +334,50 @@ pub fn heal(
             seconds: t0.elapsed().as_secs_f64(),
         },
     ))
+}
+
+/// One half's fit: the kind that held out best, its held-out deviations,
+/// and `T` fitted again on every window when it is applied.
+struct Half {
+    kind: TKind,
+    before: f64,
+    after: f64,
+    t: Option<Vec<f64>>,
+}
+
+/// Each kind of `T` fitted on the fitting windows of `parts` (per window:
+/// `X`, `Y`) and checked on the held-out ones (from `fit` on); the lowest
+/// held-out deviation is the half's, applied only when below the unhealed
+/// one, then fitted again on every window (the held-out windows' terms
+/// added to the fitting ones').
+fn fit_half(
+    parts: &[(Vec<f32>, Vec<f32>)],
+    fit: usize,
+    opts: HealOptions,
+    h: usize,
+    layers: &[usize],
+) -> Result<Half> {
+    let mut grams = Grams::of(&parts[..fit], h);
+    let (mut kind, mut before, mut after) = (opts.kind, 0.0, f64::INFINITY);
+    for (k, t) in fit_t(&grams, opts, h, layers)? {
+        let (b0, a0) = held_out_deviation(&parts[fit..], &t, h);
+        if a0 < after {
+            (kind, before, after) = (k, b0, a0);
+        }
+    }
+    let t = if after < before {
+        grams.add(&parts[fit..], h);
+        let one = HealOptions { kind, ..opts };
+        Some(fit_t(&grams, one, h, layers)?.remove(0).1)
+    } else {
+        None
+    };
+    Ok(Half {
+        kind,
+        before,
+        after,
+        t,
+    })
 }
 
 /// `X^T X` and `X^T Y` summed over windows (per window: `X`, `Y`), in f64.
@@ -583,7 +678,11 @@ mod tests {
         let y: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * s[i % h]).collect();
         let grams = Grams::of(&[(x, y)], h);
         let fit = |kind| {
-            let opts = HealOptions { ridge: 1e-9, kind };
+            let opts = HealOptions {
+                ridge: 1e-9,
+                kind,
+                attention: false,
+            };
             fit_t(&grams, opts, h, &[1, 2]).unwrap()
         };
         let best = fit(TKind::Best);

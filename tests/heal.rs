@@ -27,7 +27,7 @@ fn healing_brings_a_plan_closer_to_the_original_on_held_out_text() {
         text_path("hamlet_gut.txt"),
         text_path("macbeth_gut.txt"),
     );
-    let eval = |heal: bool| -> Value {
+    let eval = |heal: bool, attention: bool| -> Value {
         let mut args = vec![
             "eval",
             s(&model),
@@ -44,19 +44,23 @@ fn healing_brings_a_plan_closer_to_the_original_on_held_out_text() {
         if heal {
             args.extend(["--heal", "--calib", s(&macbeth), "--max-tokens", "4096"]);
         }
+        if attention {
+            args.push("--heal-attention");
+        }
         let (code, stdout, stderr) = depthc(&args);
         assert_eq!(code, 0, "{stderr}");
         if heal {
-            // One line per group on stderr, each lowering its held-out deviation.
+            // One line per group on stderr (and one per attention half),
+            // each lowering its held-out deviation.
             let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("heal ")).collect();
-            assert_eq!(lines.len(), 3, "{stderr}");
+            assert_eq!(lines.len(), if attention { 6 } else { 3 }, "{stderr}");
             for l in lines {
                 assert!(l.contains("(applied,"), "{l}");
             }
         }
         serde_json::from_str(&stdout).unwrap()
     };
-    let (plain, healed) = (eval(false), eval(true));
+    let (plain, healed, both) = (eval(false, false), eval(true, false), eval(true, true));
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap();
     assert_eq!(
         f(&plain, "perplexity_original"),
@@ -72,6 +76,17 @@ fn healing_brings_a_plan_closer_to_the_original_on_held_out_text() {
     );
     assert!(f(&healed, "perplexity") < f(&plain, "perplexity"));
     assert!(f(&healed, "kl") < f(&plain, "kl"));
+    // The attention half corrected too (--heal-attention): every half
+    // applied (above), and still closer than unhealed. Against the MLP half
+    // alone it measured better on one plan and worse on this one
+    // (docs/RESULTS.md, "The attention half too"): not asserted.
+    eprintln!(
+        "with the attention half: perplexity {:.3}, kl {:.4}",
+        f(&both, "perplexity"),
+        f(&both, "kl")
+    );
+    assert!(f(&both, "perplexity") < f(&plain, "perplexity"));
+    assert!(f(&both, "kl") < f(&plain, "kl"));
 }
 
 #[test]

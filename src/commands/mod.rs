@@ -252,5 +252,15 @@ pub fn print_heal(report: &depthc::heal::HealReport) {
             g.held_out_tokens,
             if g.applied { ", then fitted on all" } else { "" }
         );
+        if let Some(a) = &g.attention {
+            eprintln!(
+                "heal           group {} attention (o_proj, fitted first): held-out deviation {:.4} -> {:.4} ({}, {})",
+                g.name(),
+                a.deviation_before,
+                a.deviation_after,
+                if a.applied { "applied" } else { "left as it was" },
+                a.kind
+            );
+        }
     }
 }

@@ -1001,10 +1001,11 @@ pub fn pairs_for(budget: Budget, space: &SearchSpace) -> Result<usize> {
     if want > max {
         return Err(Error::Input(format!(
             "the budget needs {} but layers {lo}..{hi} (after --protect-first {} and \
-             --protect-last {}) hold at most {max}: ask for fewer or protect fewer layers",
+             --protect-last {}) hold at most {max}: ask for fewer {} or protect fewer layers",
             unit.count(want),
             space.protect_first,
-            space.protect_last
+            space.protect_last,
+            unit.plural()
         )));
     }
     Ok(want)
