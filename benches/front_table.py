@@ -85,7 +85,7 @@ def main():
                 row += [""] * 6
         print("| " + " | ".join(row) + " |")
     t = lp["timings"]
-    print(f"\nLP search: {t['total_s'] / 60:.0f} min in all (search {t['search_s']:.0f} s, "
+    print(f"\n{'LP search' if drop else 'search'}: {t['total_s'] / 60:.0f} min in all (search {t['search_s']:.0f} s, "
           f"tasks {t['tasks_s']:.0f} s, healing and the healed front {t['heal_s']:.0f} s)")
     if drop:
         t = drop["timings"]
