@@ -555,8 +555,8 @@ pub struct HealCalibArgs {
 pub struct EmitArgs {
     /// Model directory or .gguf file.
     pub model: PathBuf,
-    /// Layers to run in parallel (`20-21,22-23` or `20..24`); none or empty: the
-    /// unmodified model.
+    /// Layers to run in parallel (`20-21,22-23` or `20..24`), or to drop (`d12`,
+    /// `d12-14`); none or empty: the unmodified model.
     #[arg(long)]
     pub plan: Option<String>,
     /// Output directory (must not exist yet).
@@ -711,7 +711,8 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub heal_calib: HealCalibArgs,
     /// Layers to run in parallel: `20-21,22-23` (explicit groups) or `20..24`
-    /// (the range [20, 24) split into adjacent pairs). Empty: the original model.
+    /// (the range [20, 24) split into adjacent pairs); `d12` or `d12-14` drops
+    /// layers. Empty: the original model.
     #[arg(long)]
     pub plan: Option<String>,
     /// Tokens per window.
