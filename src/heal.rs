@@ -144,12 +144,8 @@ impl GroupHeal {
     pub fn name(&self) -> String {
         let layers: Vec<String> = self.layers.iter().map(|l| l.to_string()).collect();
         let mut name = layers.join("-");
-        if let (Some(a), Some(b)) = (self.dropped.first(), self.dropped.last()) {
-            name += &if a == b {
-                format!(" for d{a}")
-            } else {
-                format!(" for d{a}-{b}")
-            };
+        if let (Some(&a), Some(&b)) = (self.dropped.first(), self.dropped.last()) {
+            name += &format!(" for {}", crate::plan::dropped_run(a, b));
         }
         name
     }
@@ -301,18 +297,16 @@ pub fn heal(
                     fold(&mut healed.layers[l].mlp.down_proj, t, h);
                 }
             }
-            let (kind, before, after, applied) =
-                (half.kind, half.before, half.after, half.t.is_some());
             groups.push(GroupHeal {
                 layers: computed.to_vec(),
                 dropped,
-                kind: kind.name(),
+                kind: half.kind.name(),
                 ridge: opts.ridge,
                 fit_tokens: windows[..fit].iter().map(Vec::len).sum(),
                 held_out_tokens: windows[fit..].iter().map(Vec::len).sum(),
-                deviation_before: before,
-                deviation_after: after,
-                applied,
+                deviation_before: half.before,
+                deviation_after: half.after,
+                applied: half.t.is_some(),
                 attention,
             });
         }

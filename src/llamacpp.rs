@@ -9,9 +9,9 @@
 //! encoded again ([`Encoding`]); its o_proj and down_proj are the layers'
 //! matrices side by side along their inputs, copied as stored when every
 //! layer stores them alike. Layers outside groups keep their tensors as
-//! stored; a dropped layer is not written. Q and K rows are written in the order llama.cpp's interleaved
-//! rotation expects (its converter's `permute`): the reader hands Hugging
-//! Face order, whatever the source.
+//! stored; a dropped layer is not written. Q and K rows are written in the
+//! order llama.cpp's interleaved rotation expects (its converter's
+//! `permute`): the reader hands Hugging Face order, whatever the source.
 //!
 //! [`weights_as_written`] is the model with exactly the values the file
 //! holds: the reference forward that the llama.cpp tests compare against.

@@ -55,6 +55,15 @@ impl Step {
     }
 }
 
+/// `d12` or `d12-14`: the dropped layers `a..=b` as the plan syntax writes them.
+pub fn dropped_run(a: usize, b: usize) -> String {
+    if a == b {
+        format!("d{a}")
+    } else {
+        format!("d{a}-{b}")
+    }
+}
+
 /// `a+b+c`, the way a group is written in messages.
 fn group_name(layers: &[usize]) -> String {
     let names: Vec<String> = layers.iter().map(usize::to_string).collect();
@@ -355,11 +364,7 @@ impl fmt::Display for Plan {
         let mut run: Option<(usize, usize)> = None;
         let close = |run: &mut Option<(usize, usize)>, parts: &mut Vec<String>| {
             if let Some((a, b)) = run.take() {
-                parts.push(if a == b {
-                    format!("d{a}")
-                } else {
-                    format!("d{a}-{b}")
-                });
+                parts.push(dropped_run(a, b));
             }
         };
         for s in &self.steps {

@@ -197,13 +197,12 @@ impl Metadata {
                 .map_err(|_| bad(SOURCE_LAYERS, format!("`{v}` is not a whole number")))?,
         };
         let plan = Plan::parse(need(PLAN)?, source_layers).map_err(|e| bad(PLAN, e.to_string()))?;
-        if source_layers - plan.dropped().len().min(source_layers) != num_layers {
+        // The plan parsed over `source_layers`: it drops fewer than that.
+        let left = source_layers - plan.dropped().len();
+        if left != num_layers {
             return Err(bad(
                 PLAN,
-                format!(
-                    "`{plan}` over {source_layers} layers leaves {}, the model has {num_layers}",
-                    source_layers - plan.dropped().len().min(source_layers)
-                ),
+                format!("`{plan}` over {source_layers} layers leaves {left}, the model has {num_layers}"),
             ));
         }
         let forms = [Form::Branches, Form::Fused];
