@@ -40,6 +40,12 @@ fn matches_golden(model_path: &Path, golden: &Path) {
         .unwrap();
         assert_eq!(docs.len(), want_docs.len(), "{name}");
         let lls = log_likelihoods(&forward, &plan, &docs, &ProgressBar::hidden()).unwrap();
+        // Docs run in batches: a doc scored alone gets the same bits.
+        for (i, batched) in lls.iter().enumerate().take(5) {
+            let alone =
+                log_likelihoods(&forward, &plan, &docs[i..i + 1], &ProgressBar::hidden()).unwrap();
+            assert_eq!(alone[0], *batched, "{name} doc {i} alone");
+        }
         let mut worst = 0f64;
         for ((doc, got), w) in docs.iter().zip(&lls).zip(want_docs) {
             assert_eq!(doc.label as u64, w["label"].as_u64().unwrap(), "{name}");

@@ -19,7 +19,8 @@
 //! tokens then those (a context's trailing spaces move to the
 //! continuation first), with the beginning-of-sequence token first where
 //! the model's calibration windows have one. The context runs once per doc;
-//! each choice continues from its KV cache.
+//! each choice continues from its KV cache. Docs run in batches, each
+//! weight read once for all of a batch's rows.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -354,55 +355,116 @@ pub fn encode(
         .collect()
 }
 
+/// Rows of one batched call: the contexts of several docs together, then
+/// all of their choices' continuations together. Large enough that each
+/// weight read serves many rows, small enough that the continuations'
+/// logits (`rows x vocab` floats) stay a few hundred MB.
+const BATCH_ROWS: usize = 256;
+
 /// Every choice's log-likelihood (natural log, summed over its
-/// continuation's tokens) under `plan`, per doc.
+/// continuation's tokens) under `plan`, per doc. Docs run in batches
+/// ([`Forward::run_many`]: each product reads its weights once for the
+/// batch): first their contexts, then every choice's continuation from a
+/// copy of its doc's KV cache. Each sequence's outputs are the bits it gets
+/// alone, so batching never changes a log-likelihood.
 pub fn log_likelihoods(
     forward: &Forward,
     plan: &Plan,
     docs: &[EncodedDoc],
     progress: &ProgressBar,
 ) -> Result<Vec<Vec<f64>>> {
+    let mut lls = Vec::with_capacity(docs.len());
+    for batch in batches(docs, BATCH_ROWS) {
+        lls.extend(batch_log_likelihoods(forward, plan, batch)?);
+        progress.inc(batch.len() as u64);
+    }
+    Ok(lls)
+}
+
+/// Consecutive runs of `docs` whose contexts, and whose continuations, come
+/// to at most `rows` rows each (a doc larger than that runs alone).
+fn batches(docs: &[EncodedDoc], rows: usize) -> Vec<&[EncodedDoc]> {
+    let mut out = Vec::new();
+    let (mut start, mut ctx, mut cont) = (0, 0, 0);
+    for (i, doc) in docs.iter().enumerate() {
+        let c = doc.context.len();
+        let n: usize = doc.continuations.iter().map(|t| t.len() - 1).sum();
+        if i > start && (ctx + c > rows || cont + n > rows) {
+            out.push(&docs[start..i]);
+            (start, ctx, cont) = (i, 0, 0);
+        }
+        ctx += c;
+        cont += n;
+    }
+    if start < docs.len() {
+        out.push(&docs[start..]);
+    }
+    out
+}
+
+fn batch_log_likelihoods(
+    forward: &Forward,
+    plan: &Plan,
+    docs: &[EncodedDoc],
+) -> Result<Vec<Vec<f64>>> {
     let layers = forward.model.config.num_hidden_layers;
     let vocab = forward.model.config.vocab_size;
-    docs.iter()
-        .map(|doc| {
-            let mut cache = KvCache::new(layers);
-            let last = forward.run(
-                plan,
-                &doc.context,
-                &mut cache,
-                Options {
-                    logits: Logits::Last,
-                    capture_residuals: false,
-                },
-            )?;
-            let lls = doc
-                .continuations
+    let mut caches = vec![KvCache::new(layers); docs.len()];
+    let contexts: Vec<&[u32]> = docs.iter().map(|d| d.context.as_slice()).collect();
+    let last = forward.run_many(
+        plan,
+        &contexts,
+        &mut caches,
+        Options {
+            logits: Logits::Last,
+            capture_residuals: false,
+        },
+    )?;
+    // Each choice's first token from its context's last logits, the rest
+    // from its continuation run (all but its last token read).
+    let mut lls: Vec<Vec<f64>> = docs
+        .iter()
+        .zip(last.logits.chunks_exact(vocab))
+        .map(|(doc, row)| {
+            doc.continuations
                 .iter()
-                .map(|cont| {
-                    let mut ll = log_prob(&last.logits, cont[0] as usize);
-                    if cont.len() > 1 {
-                        let mut c = cache.clone();
-                        let out = forward.run(
-                            plan,
-                            &cont[..cont.len() - 1],
-                            &mut c,
-                            Options {
-                                logits: Logits::All,
-                                capture_residuals: false,
-                            },
-                        )?;
-                        for (row, &t) in out.logits.chunks_exact(vocab).zip(&cont[1..]) {
-                            ll += log_prob(row, t as usize);
-                        }
-                    }
-                    Ok(ll)
-                })
-                .collect::<Result<Vec<f64>>>()?;
-            progress.inc(1);
-            Ok(lls)
+                .map(|cont| log_prob(row, cont[0] as usize))
+                .collect()
         })
-        .collect()
+        .collect();
+    let mut ids: Vec<&[u32]> = Vec::new();
+    let mut seq_caches: Vec<KvCache> = Vec::new();
+    let mut targets: Vec<(usize, usize, &[u32])> = Vec::new();
+    for (d, doc) in docs.iter().enumerate() {
+        for (c, cont) in doc.continuations.iter().enumerate() {
+            if cont.len() > 1 {
+                ids.push(&cont[..cont.len() - 1]);
+                seq_caches.push(caches[d].clone());
+                targets.push((d, c, &cont[1..]));
+            }
+        }
+    }
+    if ids.is_empty() {
+        return Ok(lls);
+    }
+    drop(caches);
+    let out = forward.run_many(
+        plan,
+        &ids,
+        &mut seq_caches,
+        Options {
+            logits: Logits::All,
+            capture_residuals: false,
+        },
+    )?;
+    let mut rows = out.logits.chunks_exact(vocab);
+    for (d, c, next) in targets {
+        for &t in next {
+            let row = rows.next().expect("one logits row per continuation token");
+            lls[d][c] += log_prob(row, t as usize);
+        }
+    }
+    Ok(lls)
 }
 
 /// Accuracy on a task, both ways, with standard errors of the mean.
