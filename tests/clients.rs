@@ -2,7 +2,8 @@
 //! change, and generate the reference forward's greedy tokens:
 //! transformers.js 4.3.2 in Node (`tests/node/`, pinned by its
 //! package-lock.json; `scripts/setup.sh` installs it) and onnxruntime-genai,
-//! on a `depthc compile` folder of the tiny fixture and on SmolLM2 with a plan.
+//! on a `depthc compile` folder of the tiny fixture and on SmolLM2 with a plan,
+//! unhealed and healed.
 //! Optimum's `ORTModelForCausalLM` needs torch; `scripts/optimum_check.sh`
 //! runs the same check with it, off the CI path.
 
@@ -10,7 +11,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fixture, load, real_model_path, reference_greedy};
+use common::{fixture, load, real_model_path, reference_greedy, text_path};
 use depthc::model::Model;
 use depthc::plan::Plan;
 use serde_json::Value;
@@ -164,4 +165,41 @@ fn smollm2_plan_loads_in_transformers_js_and_genai() {
         assert_eq!(code, 0, "{stderr}");
         check_clients(&out, &model, &plan, &prompt, 16);
     }
+}
+
+/// A healed plan (its groups' down_proj weights corrected, `--heal`) loads
+/// as the unhealed one does, and both clients generate the tokens of the
+/// reference forward with the healed weights, which are not the unhealed
+/// plan's.
+#[test]
+fn a_healed_smollm2_plan_loads_in_transformers_js_and_genai() {
+    let path = real_model_path();
+    let (ckpt, model) = load(&path);
+    let spec = "12-13,14-15,17-18,21-22,24-25,26-27";
+    let plan = Plan::parse(spec, model.config.num_hidden_layers).unwrap();
+    let macbeth = text_path("macbeth_gut.txt");
+    let healed = common::healed(&path, &ckpt, &model, &plan, &macbeth, 2048);
+    let prompt = ckpt.tokenizer.as_ref().unwrap().encode(PROMPT).unwrap();
+    assert_ne!(
+        expected(&healed, &plan, &prompt, 16),
+        expected(&model, &plan, &prompt, 16),
+        "healing should change this plan's greedy tokens"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("healed");
+    let (code, _, stderr) = common::run_depthc(&[
+        "emit",
+        path.to_str().unwrap(),
+        "--plan",
+        spec,
+        "--heal",
+        "--calib",
+        macbeth.to_str().unwrap(),
+        "--max-tokens",
+        "2048",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    check_clients(&out, &healed, &plan, &prompt, 16);
 }

@@ -12,7 +12,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fixture, load, real_model_path};
+use common::{fixture, load, real_model_path, text_path};
 use depthc::forward::{Forward, KvCache, Logits, Options};
 use depthc::llamacpp::{weights_as_written, Encoding};
 use depthc::model::Model;
@@ -215,6 +215,44 @@ fn a_plan_that_drops_layers_in_llama_cpp_generates_the_reference_tokens() {
     // The file holds the 26 layers left (the pair as one): llama.cpp runs
     // the model without the dropped ones.
     smollm2_plan_in_llama_cpp("d12,14-15,d20-21", Encoding::F32);
+}
+
+/// A healed plan (`--heal`: corrected down_proj weights, written in the
+/// encoding asked for) in llama.cpp: the tokens of the reference forward
+/// with the healed weights as written.
+#[test]
+fn a_healed_plan_in_llama_cpp_generates_the_reference_tokens() {
+    let path = real_model_path();
+    let spec = "12-13,14-15,17-18,21-22,24-25,26-27";
+    let macbeth = text_path("macbeth_gut.txt");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    emit_with(
+        &path,
+        spec,
+        &out,
+        &[
+            "--gguf-encoding",
+            "q8_0",
+            "--heal",
+            "--calib",
+            macbeth.to_str().unwrap(),
+            "--max-tokens",
+            "2048",
+        ],
+    );
+    let (ckpt, model) = load(&path);
+    let plan = Plan::parse(spec, model.config.num_hidden_layers).unwrap();
+    let healed = common::healed(&path, &ckpt, &model, &plan, &macbeth, 2048);
+    let written = weights_as_written(&healed, &plan, Encoding::Q8_0).unwrap();
+    check(
+        &out.join(depthc::llamacpp::FILE),
+        &written,
+        &plan,
+        &prompt_of(&path),
+        16,
+        0.05,
+    );
 }
 
 #[test]

@@ -279,3 +279,32 @@ pub fn compact_logits_diff(row: &[f32], golden: &serde_json::Value) -> f64 {
     }
     worst
 }
+
+/// What `--heal --calib CALIB --max-tokens MAX_TOKENS` heals `model` into
+/// under `plan` (the same fit, in process): the reference an emitted healed
+/// model is checked against.
+pub fn healed(
+    path: &std::path::Path,
+    ckpt: &Checkpoint,
+    model: &Model,
+    plan: &Plan,
+    calib: &std::path::Path,
+    max_tokens: usize,
+) -> Model {
+    let calib = [calib.to_path_buf()];
+    depthc::heal::heal_on(
+        model,
+        path,
+        ckpt.tokenizer.as_ref(),
+        plan,
+        &depthc::heal::HealCalibration {
+            calib: &calib,
+            seq_len: depthc::pipeline::SearchConfig::default().seq_len,
+            max_tokens,
+        },
+        depthc::heal::HealOptions::default(),
+        &indicatif::ProgressBar::hidden(),
+    )
+    .unwrap_or_else(|e| panic!("heal: {e}"))
+    .0
+}
