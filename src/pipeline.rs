@@ -524,9 +524,14 @@ fn task_eval<'t>(
     };
     let bar = progress.bar("tasks  {msg:>12} {bar:30} {pos}/{len} docs, {eta} left");
     bar.set_message("original");
+    // Every plan scored runs the original's layers before this one.
+    let keep = std::iter::once(&outcome.chosen.plan)
+        .chain(outcome.best_by_pairs.iter().map(|b| &b.plan))
+        .map(Plan::unchanged_layers)
+        .min();
     let runs = tasks
         .iter()
-        .map(|t| TaskRun::new(forward, t, tokenizer, limit, &bar))
+        .map(|t| TaskRun::new(forward, t, tokenizer, limit, keep, &bar))
         .collect::<Result<Vec<_>>>()?;
     let mut scored: Vec<(Plan, Vec<Retained>)> = Vec::new();
     let mut score = |plan: &Plan| -> Result<Vec<Retained>> {

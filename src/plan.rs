@@ -315,6 +315,16 @@ impl Plan {
         self.steps.iter().all(|s| matches!(s, Step::Layer(_)))
     }
 
+    /// Layers before the first step that is not the original's own layer:
+    /// the plan runs them as the original does.
+    pub fn unchanged_layers(&self) -> usize {
+        self.steps
+            .iter()
+            .enumerate()
+            .take_while(|(i, s)| **s == Step::Layer(*i))
+            .count()
+    }
+
     /// Effective depth: the number of steps that compute.
     pub fn depth(&self) -> usize {
         self.steps.iter().filter(|s| !s.is_dropped()).count()

@@ -24,6 +24,17 @@ use crate::{Error, Result};
 use gemm::{Causal, Nn};
 use ops::{matmul_t, matmul_t_many, rms_norm, softmax_within};
 
+/// The index of `plan`'s step that starts at `first_layer`, when every step
+/// before it is the original's own layer.
+fn entering(plan: &Plan, first_layer: usize) -> Result<usize> {
+    if plan.unchanged_layers() < first_layer {
+        return Err(Error::Input(format!(
+            "plan `{plan}` changes layers before {first_layer}"
+        )));
+    }
+    Ok(first_layer)
+}
+
 /// Cached keys and values of one original layer: `len` rows of
 /// `[kv_heads * head_dim]`, RoPE already applied to the keys.
 #[derive(Debug, Clone, Default)]
@@ -252,21 +263,39 @@ impl<'m> Forward<'m> {
         x: Vec<f32>,
         opts: Options,
     ) -> Result<Output> {
-        let at = plan
-            .steps
-            .iter()
-            .position(|s| s.layers()[0] >= first_layer)
-            .unwrap_or(plan.steps.len());
-        let prefix_is_original = plan.steps[..at]
-            .iter()
-            .enumerate()
-            .all(|(i, s)| *s == crate::plan::Step::Layer(i));
-        if !prefix_is_original || at != first_layer {
-            return Err(Error::Input(format!(
-                "plan `{plan}` changes layers before {first_layer}"
-            )));
-        }
+        let at = entering(plan, first_layer)?;
         self.run_steps_from(&plan.steps[at..], x, opts)
+    }
+
+    /// [`Forward::run_many`] entered at `first_layer`: `x` holds the
+    /// sequences' rows in order (`lens[i]` of sequence `i`), the residual
+    /// stream the original's layers before it left there, and the plan's
+    /// steps before it must be those layers. Each cache gets keys and values
+    /// from `first_layer` on only (a run continuing one enters there too);
+    /// positions continue from its length. Outputs are the bits of the whole
+    /// run whose stream `x` is.
+    pub fn run_many_from(
+        &self,
+        plan: &Plan,
+        first_layer: usize,
+        x: Vec<f32>,
+        lens: &[usize],
+        caches: &mut [KvCache],
+        opts: Options,
+    ) -> Result<Output> {
+        let at = entering(plan, first_layer)?;
+        assert_eq!(lens.len(), caches.len(), "one cache per sequence");
+        assert_eq!(
+            lens.iter().sum::<usize>() * self.model.config.hidden_size,
+            x.len(),
+            "rows of x"
+        );
+        let mut seqs: Vec<Seq> = caches
+            .iter_mut()
+            .zip(lens)
+            .map(|(cache, &t)| Seq { cache, t })
+            .collect();
+        self.run_steps(&plan.steps[at..], x, &mut seqs, opts)
     }
 
     /// Continue a full-sequence forward with `steps` (whole steps of a plan,

@@ -268,7 +268,44 @@ impl DecoderLayer {
     }
 }
 
+impl DecoderLayer {
+    /// The very same weights as `other` ([`Matrix::is`]; norms and biases
+    /// equal).
+    fn is(&self, other: &DecoderLayer) -> bool {
+        let lin = |a: &Linear, b: &Linear| a.weight.is(&b.weight) && a.bias == b.bias;
+        let (a, b) = (&self.self_attn, &other.self_attn);
+        let (m, n) = (&self.mlp, &other.mlp);
+        lin(&a.q_proj, &b.q_proj)
+            && lin(&a.k_proj, &b.k_proj)
+            && lin(&a.v_proj, &b.v_proj)
+            && lin(&a.o_proj, &b.o_proj)
+            && a.q_norm == b.q_norm
+            && a.k_norm == b.k_norm
+            && lin(&m.gate_proj, &n.gate_proj)
+            && lin(&m.up_proj, &n.up_proj)
+            && lin(&m.down_proj, &n.down_proj)
+            && self.input_layernorm == other.input_layernorm
+            && self.post_attention_layernorm == other.post_attention_layernorm
+            && self.attn_out_norm == other.attn_out_norm
+            && self.mlp_out_norm == other.mlp_out_norm
+    }
+}
+
 impl Model {
+    /// Leading layers (and the embedding) `self` holds as the very same
+    /// weights as `other`, as a model derived from another by healing does
+    /// before the first layer it corrected: both run them to the same bits.
+    pub fn same_layers_as(&self, other: &Model) -> usize {
+        if !self.embed_tokens.is(&other.embed_tokens) {
+            return 0;
+        }
+        self.layers
+            .iter()
+            .zip(&other.layers)
+            .take_while(|(a, b)| a.is(b))
+            .count()
+    }
+
     /// Open every weight, checking names and shapes: norms and biases are
     /// read as f32, matrices kept as stored ([`Matrix::stored`]) and their
     /// widened values kept in `weight_cache` while it has room.

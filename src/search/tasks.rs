@@ -373,12 +373,56 @@ pub fn log_likelihoods(
     docs: &[EncodedDoc],
     progress: &ProgressBar,
 ) -> Result<Vec<Vec<f64>>> {
+    Ok(scored(forward, plan, docs, Entry::Start, progress)?.0)
+}
+
+/// Where a batch's rows enter the model.
+#[derive(Clone, Copy)]
+enum Entry<'p> {
+    /// At the token embedding.
+    Start,
+    /// At the token embedding, keeping the stream entering this layer.
+    Keep(usize),
+    /// At [`Prefix::layer`], from the original's stream there.
+    From(&'p Prefix),
+}
+
+/// The original's residual stream entering one layer, on every row of a
+/// task's batches: a candidate that runs the layers before it as the
+/// original does (the same plan steps and the very same weights) starts
+/// there, skipping them.
+struct Prefix {
+    layer: usize,
+    batches: Vec<BatchStream>,
+    /// The model whose layers they are.
+    original: crate::model::Model,
+}
+
+/// One batch's stream entering a layer: the contexts' rows, then the
+/// continuations'.
+type BatchStream = (Vec<f32>, Vec<f32>);
+
+/// What a [`Prefix`] may hold at most.
+const PREFIX_BYTES: usize = 1 << 30;
+
+/// [`log_likelihoods`], entering where `entry` says; with [`Entry::Keep`],
+/// the stream kept per batch.
+fn scored(
+    forward: &Forward,
+    plan: &Plan,
+    docs: &[EncodedDoc],
+    entry: Entry,
+    progress: &ProgressBar,
+) -> Result<(Vec<Vec<f64>>, Vec<BatchStream>)> {
     let mut lls = Vec::with_capacity(docs.len());
-    for batch in batches(docs, BATCH_ROWS) {
-        lls.extend(batch_log_likelihoods(forward, plan, batch)?);
+    let mut kept = Vec::new();
+    for (i, batch) in batches(docs, BATCH_ROWS).into_iter().enumerate() {
+        let (l, k) = batch_log_likelihoods(forward, plan, batch, entry, i)?;
+        lls.extend(l);
+        kept.extend(k);
         progress.inc(batch.len() as u64);
     }
-    Ok(lls)
+    Ok((lls, kept))
 }
 
 /// Consecutive runs of `docs` whose contexts, and whose continuations, come
@@ -402,24 +446,43 @@ fn batches(docs: &[EncodedDoc], rows: usize) -> Vec<&[EncodedDoc]> {
     out
 }
 
+/// One batch's log-likelihoods (batch `index` of [`batches`]) and, with
+/// [`Entry::Keep`], its stream entering that layer.
 fn batch_log_likelihoods(
     forward: &Forward,
     plan: &Plan,
     docs: &[EncodedDoc],
-) -> Result<Vec<Vec<f64>>> {
+    entry: Entry,
+    index: usize,
+) -> Result<(Vec<Vec<f64>>, Option<BatchStream>)> {
     let layers = forward.model.config.num_hidden_layers;
     let vocab = forward.model.config.vocab_size;
+    // One run of `ids` (one sequence each, appended to `caches`), entering
+    // where `entry` says; `part` picks the batch's contexts (0) or
+    // continuations (1) from a prefix.
+    let run = |ids: &[&[u32]], caches: &mut [KvCache], logits: Logits, part: usize| {
+        let opts = Options {
+            logits,
+            capture_residuals: matches!(entry, Entry::Keep(_)),
+        };
+        match entry {
+            Entry::Start | Entry::Keep(_) => forward.run_many(plan, ids, caches, opts),
+            Entry::From(p) => {
+                let (c, n) = &p.batches[index];
+                let x = if part == 0 { c } else { n };
+                let lens: Vec<usize> = ids.iter().map(|s| s.len()).collect();
+                forward.run_many_from(plan, p.layer, x.clone(), &lens, caches, opts)
+            }
+        }
+    };
+    let kept = |out: &mut crate::forward::Output| match entry {
+        Entry::Keep(l) => std::mem::take(&mut out.residuals[l]),
+        _ => Vec::new(),
+    };
     let mut caches = vec![KvCache::new(layers); docs.len()];
     let contexts: Vec<&[u32]> = docs.iter().map(|d| d.context.as_slice()).collect();
-    let last = forward.run_many(
-        plan,
-        &contexts,
-        &mut caches,
-        Options {
-            logits: Logits::Last,
-            capture_residuals: false,
-        },
-    )?;
+    let mut last = run(&contexts, &mut caches, Logits::Last, 0)?;
+    let kept_contexts = kept(&mut last);
     // Each choice's first token from its context's last logits, the rest
     // from its continuation run (all but its last token read).
     let mut lls: Vec<Vec<f64>> = docs
@@ -432,6 +495,7 @@ fn batch_log_likelihoods(
                 .collect()
         })
         .collect();
+    drop(last);
     let mut ids: Vec<&[u32]> = Vec::new();
     let mut seq_caches: Vec<KvCache> = Vec::new();
     let mut targets: Vec<(usize, usize, &[u32])> = Vec::new();
@@ -444,27 +508,21 @@ fn batch_log_likelihoods(
             }
         }
     }
-    if ids.is_empty() {
-        return Ok(lls);
-    }
     drop(caches);
-    let out = forward.run_many(
-        plan,
-        &ids,
-        &mut seq_caches,
-        Options {
-            logits: Logits::All,
-            capture_residuals: false,
-        },
-    )?;
-    let mut rows = out.logits.chunks_exact(vocab);
-    for (d, c, next) in targets {
-        for &t in next {
-            let row = rows.next().expect("one logits row per continuation token");
-            lls[d][c] += log_prob(row, t as usize);
+    let mut kept_continuations = Vec::new();
+    if !ids.is_empty() {
+        let mut out = run(&ids, &mut seq_caches, Logits::All, 1)?;
+        kept_continuations = kept(&mut out);
+        let mut rows = out.logits.chunks_exact(vocab);
+        for (d, c, next) in targets {
+            for &t in next {
+                let row = rows.next().expect("one logits row per continuation token");
+                lls[d][c] += log_prob(row, t as usize);
+            }
         }
     }
-    Ok(lls)
+    let kept = matches!(entry, Entry::Keep(_)).then_some((kept_contexts, kept_continuations));
+    Ok((lls, kept))
 }
 
 /// Accuracy on a task, both ways, with standard errors of the mean.
@@ -550,27 +608,46 @@ pub struct TaskRun<'t> {
     pub task: &'t Task,
     docs: Vec<EncodedDoc>,
     pub original: Accuracy,
+    prefix: Option<Prefix>,
 }
 
 impl<'t> TaskRun<'t> {
     /// Tokenize the first `limit` docs of `task` and score them on the
-    /// original model (`reference`, every layer in turn).
+    /// original model (`reference`, every layer in turn). With `keep`, the
+    /// stream entering that layer is kept (when it fits in a GiB), and a
+    /// candidate that runs the layers before it as the original does skips
+    /// them ([`TaskRun::accuracy`]).
     pub fn new(
         reference: &Forward,
         task: &'t Task,
         tokenizer: &Tokenizer,
         limit: Option<usize>,
+        keep: Option<usize>,
         progress: &ProgressBar,
     ) -> Result<TaskRun<'t>> {
-        let docs = encode(task, tokenizer, reference.model.config.window_bos(), limit)?;
+        let cfg = &reference.model.config;
+        let docs = encode(task, tokenizer, cfg.window_bos(), limit)?;
         progress.inc_length(docs.len() as u64);
-        let layers = reference.model.config.num_hidden_layers;
-        let lls = log_likelihoods(reference, &Plan::sequential(layers), &docs, progress)?;
+        let layers = cfg.num_hidden_layers;
+        let rows: usize = docs
+            .iter()
+            .map(|d| d.context.len() + d.continuations.iter().map(|c| c.len() - 1).sum::<usize>())
+            .sum();
+        let keep =
+            keep.filter(|&l| l > 0 && l <= layers && rows * cfg.hidden_size * 4 <= PREFIX_BYTES);
+        let plan = Plan::sequential(layers);
+        let entry = keep.map_or(Entry::Start, Entry::Keep);
+        let (lls, kept) = scored(reference, &plan, &docs, entry, progress)?;
         let original = Accuracy::of(&docs, &lls);
         Ok(TaskRun {
             task,
             docs,
             original,
+            prefix: keep.map(|layer| Prefix {
+                layer,
+                batches: kept,
+                original: reference.model.clone(),
+            }),
         })
     }
 
@@ -579,7 +656,8 @@ impl<'t> TaskRun<'t> {
     }
 
     /// Accuracy of `plan` run by `forward` (the original's weights, or the
-    /// weights a candidate is emitted with).
+    /// weights a candidate is emitted with); from the kept stream when the
+    /// two agree before its layer.
     pub fn accuracy(
         &self,
         forward: &Forward,
@@ -587,7 +665,16 @@ impl<'t> TaskRun<'t> {
         progress: &ProgressBar,
     ) -> Result<Accuracy> {
         progress.inc_length(self.docs.len() as u64);
-        let lls = log_likelihoods(forward, plan, &self.docs, progress)?;
+        let entry = match &self.prefix {
+            Some(p)
+                if plan.unchanged_layers() >= p.layer
+                    && forward.model.same_layers_as(&p.original) >= p.layer =>
+            {
+                Entry::From(p)
+            }
+            _ => Entry::Start,
+        };
+        let lls = scored(forward, plan, &self.docs, entry, progress)?.0;
         Ok(Accuracy::of(&self.docs, &lls))
     }
 
@@ -641,7 +728,12 @@ pub fn evaluate(
     progress: &ProgressBar,
 ) -> Result<TaskResult> {
     let t0 = std::time::Instant::now();
-    let run = TaskRun::new(reference, task, tokenizer, limit, progress)?;
+    // The candidate starts where it first differs from the original.
+    let keep = candidate.map(|(f, plan)| {
+        plan.unchanged_layers()
+            .min(f.model.same_layers_as(reference.model))
+    });
+    let run = TaskRun::new(reference, task, tokenizer, limit, keep, progress)?;
     let candidate = candidate
         .map(|(f, plan)| run.accuracy(f, plan, progress))
         .transpose()?;
@@ -743,5 +835,59 @@ mod tests {
         assert_eq!((a.acc_raw, a.acc_per_char), (0.5, 1.0));
         assert!((a.acc_raw_stderr - 0.5).abs() < 1e-12);
         assert_eq!(a.acc_per_char_stderr, 0.0);
+    }
+
+    /// A candidate entered at the kept stream (several batches, choices of
+    /// one and of several tokens) scores the bits of the whole run; a model
+    /// changed from layer 3 on agrees with the original before it only.
+    #[test]
+    fn a_candidate_entered_mid_model_scores_the_bits_of_the_whole_run() {
+        use crate::checkpoint::Checkpoint;
+        use crate::model::{Matrix, Model, WeightCache};
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/tiny_llama/tiny.q8_0.gguf");
+        let ckpt = Checkpoint::open(&path).unwrap();
+        let model = Model::load(&ckpt.source, &ckpt.config, &WeightCache::new(1 << 30)).unwrap();
+        // The fixture's vocabulary: single characters from `!` to `a`.
+        let words = "THE.CAT.SAT.ON.A.MAT.AND.THEN.IT.RAN.FAR.AWAY.FROM.HOME.";
+        let text: Vec<String> = (0..40u64)
+            .flat_map(|d| {
+                let ctx = words.repeat(1 + d as usize % 3);
+                [
+                    line(d, 0, d % 2, &ctx, "A"),
+                    line(d, 1, d % 2, &ctx, "FAR.AWAY"),
+                ]
+            })
+            .collect();
+        let task = parse(&text.join("\n")).unwrap();
+        let tok = ckpt.tokenizer.as_ref().unwrap();
+        let docs = encode(&task, tok, model.config.window_bos(), None).unwrap();
+        assert!(batches(&docs, BATCH_ROWS).len() > 2, "several batches");
+        let f = Forward::new(&model);
+        let layers = model.config.num_hidden_layers;
+        let hidden = ProgressBar::hidden();
+        let sequential = Plan::sequential(layers);
+        let (original, kept) = scored(&f, &sequential, &docs, Entry::Keep(2), &hidden).unwrap();
+        assert_eq!(
+            original,
+            log_likelihoods(&f, &sequential, &docs, &hidden).unwrap()
+        );
+        let prefix = Prefix {
+            layer: 2,
+            batches: kept,
+            original: model.clone(),
+        };
+        let plan = Plan::from_pairs(layers, &[(2, 3)]).unwrap();
+        let whole = log_likelihoods(&f, &plan, &docs, &hidden).unwrap();
+        assert_ne!(whole, original);
+        let from = scored(&f, &plan, &docs, Entry::From(&prefix), &hidden)
+            .unwrap()
+            .0;
+        assert_eq!(from, whole);
+        let mut changed = model.clone();
+        let down = &mut changed.layers[3].mlp.down_proj.weight;
+        *down = Matrix::new(down.rows, down.cols, vec![0.0; down.rows * down.cols]);
+        assert_eq!(changed.same_layers_as(&model), 3);
+        assert_eq!(model.same_layers_as(&model.clone()), layers);
     }
 }
