@@ -281,9 +281,8 @@ pub struct Screened {
 /// 2. scoring: the closest few per pair count (contiguous) or per round
 ///    (greedy, beam) end to end on the first `1/8` of the windows but never
 ///    fewer than [`COMMIT_TOKENS`] tokens (all of them when there are fewer),
-///    with logits, KL and top-1 at every 4th position (the LM head and the
-///    metrics are a third of a candidate's cost); a greedy or beam round
-///    commits to its best here;
+///    at every position (`score_stride` 1: every 4th chose worse plans); a
+///    greedy or beam round commits to its best here;
 /// 3. the best plan of every pair count, the one the budget chooses among
 ///    them: every window, every position ([`Scorer::finish`]).
 ///
