@@ -524,10 +524,12 @@ fn task_eval<'t>(
     };
     let bar = progress.bar("tasks  {msg:>12} {bar:30} {pos}/{len} docs, {eta} left");
     bar.set_message("original");
-    // Every plan scored runs the original's layers before this one.
+    // Every plan scored runs the original's layers before this one; one
+    // layer earlier, so that the same plans healed (`--heal` corrects the
+    // step before a dropped layer) start there too.
     let keep = std::iter::once(&outcome.chosen.plan)
         .chain(outcome.best_by_pairs.iter().map(|b| &b.plan))
-        .map(Plan::unchanged_layers)
+        .map(|p| p.unchanged_layers().saturating_sub(1))
         .min();
     let runs = tasks
         .iter()
