@@ -299,6 +299,15 @@ pub struct EncodedDoc {
     pub label: usize,
 }
 
+impl EncodedDoc {
+    /// Rows it runs: its context's, and all of its continuations' (each but
+    /// its last token, read after the context).
+    fn rows(&self) -> (usize, usize) {
+        let continuations = self.continuations.iter().map(|c| c.len() - 1).sum();
+        (self.context.len(), continuations)
+    }
+}
+
 /// Tokenize the first `limit` docs of `task` (all of them without a limit).
 pub fn encode(
     task: &Task,
@@ -431,8 +440,7 @@ fn batches(docs: &[EncodedDoc], rows: usize) -> Vec<&[EncodedDoc]> {
     let mut out = Vec::new();
     let (mut start, mut ctx, mut cont) = (0, 0, 0);
     for (i, doc) in docs.iter().enumerate() {
-        let c = doc.context.len();
-        let n: usize = doc.continuations.iter().map(|t| t.len() - 1).sum();
+        let (c, n) = doc.rows();
         if i > start && (ctx + c > rows || cont + n > rows) {
             out.push(&docs[start..i]);
             (start, ctx, cont) = (i, 0, 0);
@@ -629,10 +637,7 @@ impl<'t> TaskRun<'t> {
         let docs = encode(task, tokenizer, cfg.window_bos(), limit)?;
         progress.inc_length(docs.len() as u64);
         let layers = cfg.num_hidden_layers;
-        let rows: usize = docs
-            .iter()
-            .map(|d| d.context.len() + d.continuations.iter().map(|c| c.len() - 1).sum::<usize>())
-            .sum();
+        let rows: usize = docs.iter().map(EncodedDoc::rows).map(|(c, n)| c + n).sum();
         let keep =
             keep.filter(|&l| l > 0 && l <= layers && rows * cfg.hidden_size * 4 <= PREFIX_BYTES);
         let plan = Plan::sequential(layers);
