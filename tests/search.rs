@@ -26,7 +26,14 @@ fn tiny() -> PathBuf {
 
 /// Search the tiny model on a text file with every strategy.
 fn tiny_search(out: &Path, calib: &Path, extra: &[&str]) -> Value {
+    tiny_search_on(out, calib, 1024, extra)
+}
+
+/// [`tiny_search`] on `tokens` calibration tokens (above 1,024 the scoring
+/// stage reads part of them, and the front is finished on the rest).
+fn tiny_search_on(out: &Path, calib: &Path, tokens: usize, extra: &[&str]) -> Value {
     let model = tiny();
+    let tokens = tokens.to_string();
     let mut args = vec![
         "search",
         s(&model),
@@ -37,7 +44,7 @@ fn tiny_search(out: &Path, calib: &Path, extra: &[&str]) -> Value {
         "--seq-len",
         "16",
         "--max-tokens",
-        "1024",
+        &tokens,
         "--protect-first",
         "0",
         "--protect-last",
@@ -219,36 +226,83 @@ fn two_runs_give_identical_reports_except_timings() {
 fn search_scores_equal_eval_for_the_same_plan() {
     let dir = tempfile::tempdir().unwrap();
     let calib = text_path("sonnets_gut.txt");
-    let report = tiny_search(
+    let report = tiny_search_on(
         &dir.path().join("r"),
         &calib,
-        &["--pairs", "1", "--metric", "cosine"],
+        4096,
+        &["--pairs", "2", "--metric", "cosine"],
     );
-    let chosen = &report["chosen"];
-    let windows = chosen["windows"].as_u64().unwrap();
-    assert_eq!(windows, report["calibration"]["windows"].as_u64().unwrap());
-    let (code, stdout, stderr) = depthc(&[
-        "eval",
-        s(&tiny()),
-        "--text",
-        s(&calib),
-        "--seq-len",
-        "16",
-        "--max-windows",
-        &windows.to_string(),
-        "--plan",
-        report["chosen_plan"].as_str().unwrap(),
-        "--json",
-    ]);
-    assert_eq!(code, 0, "{stderr}");
-    let eval: Value = serde_json::from_str(&stdout).unwrap();
-    for (a, b) in [
-        ("cosine", "cosine"),
-        ("kl", "kl"),
-        ("top1_agreement", "top1_agreement"),
-    ] {
-        let (x, y) = (chosen[a].as_f64().unwrap(), eval[b].as_f64().unwrap());
-        assert!((x - y).abs() <= 1e-6, "{a}: search {x} vs eval {y}");
+    let all = report["calibration"]["windows"].as_u64().unwrap();
+    assert_eq!(report["chosen"]["windows"].as_u64().unwrap(), all);
+    let scored = report["candidates"].as_array().unwrap();
+    assert!(
+        scored.iter().any(|c| c["windows"].as_u64() < Some(all)),
+        "nothing left to finish"
+    );
+    // The chosen plan, and the best plan of every pair count finished on
+    // every window with it (the front, scored together).
+    let mut plans = vec![(
+        report["chosen_plan"].as_str().unwrap().to_string(),
+        report["chosen"]["cosine"].as_f64().unwrap(),
+        Some(report["chosen"].clone()),
+    )];
+    for b in report["best_by_pairs"].as_array().unwrap() {
+        if b["windows"].as_u64() == Some(all) {
+            let plan = b["plan"].as_str().unwrap().to_string();
+            plans.push((plan, b["value"].as_f64().unwrap(), None));
+        }
+    }
+    let counts: std::collections::BTreeSet<usize> =
+        plans.iter().map(|p| p.0.split(',').count()).collect();
+    assert_eq!(counts.len(), 2, "the front of 1 and 2 pairs: {plans:?}");
+    for (plan, cosine, full) in plans {
+        let (code, stdout, stderr) = depthc(&[
+            "eval",
+            s(&tiny()),
+            "--text",
+            s(&calib),
+            "--seq-len",
+            "16",
+            "--max-windows",
+            &all.to_string(),
+            "--plan",
+            &plan,
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        let eval: Value = serde_json::from_str(&stdout).unwrap();
+        let y = eval["cosine"].as_f64().unwrap();
+        assert!(
+            (cosine - y).abs() <= 1e-6,
+            "{plan}: search {cosine} vs eval {y}"
+        );
+        if let Some(chosen) = full {
+            for a in ["kl", "top1_agreement"] {
+                let (x, y) = (chosen[a].as_f64().unwrap(), eval[a].as_f64().unwrap());
+                assert!((x - y).abs() <= 1e-6, "{a}: search {x} vs eval {y}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_plan_two_strategies_reach_has_the_same_scores_in_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = text_path("sonnets_gut.txt");
+    let report = tiny_search_on(&dir.path().join("r"), &calib, 4096, &["--pairs", "2"]);
+    let mut seen: std::collections::BTreeMap<String, Vec<(String, Value)>> = Default::default();
+    for c in report["candidates"].as_array().unwrap() {
+        let key = format!("{} on {}", c["plan"], c["windows"]);
+        let scores = serde_json::json!([c["cosine"], c["kl"], c["top1_agreement"]]);
+        seen.entry(key)
+            .or_default()
+            .push((c["strategy"].as_str().unwrap().to_string(), scores));
+    }
+    // A single pair is a contiguous range and a greedy and beam extension.
+    let shared: Vec<_> = seen.values().filter(|v| v.len() > 1).collect();
+    assert!(!shared.is_empty(), "{seen:?}");
+    for v in shared {
+        assert!(v.iter().all(|x| x.1 == v[0].1), "{v:?}");
     }
 }
 

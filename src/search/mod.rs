@@ -426,8 +426,19 @@ pub fn search(
     }
     let search_s = t1.elapsed().as_secs_f64();
     let t2 = Instant::now();
-    for k in (1..finished.min(want + 1)).rev() {
-        finish(k)?;
+    // The rest of the front, scored together.
+    let mut rest: Vec<strategy::Candidate> = (1..finished.min(want + 1))
+        .filter_map(|k| best_with(&candidates, k, metric, None).cloned())
+        .filter(|c| c.windows < windows.len() || stages.score_stride > 1)
+        .collect();
+    scorer.finish_all(&mut rest)?;
+    for c in rest {
+        if let Some(slot) = candidates
+            .iter_mut()
+            .find(|x| x.plan == c.plan && x.strategy == c.strategy)
+        {
+            *slot = c;
+        }
     }
     let front_s = t2.elapsed().as_secs_f64();
     let best_by_pairs = best_by_pairs(&candidates, opts);
