@@ -98,11 +98,6 @@ impl ActivationCache {
         self.windows.is_empty()
     }
 
-    /// Tokens per window.
-    pub fn seq_len(&self) -> usize {
-        self.seq_len
-    }
-
     /// The original's residual stream of window `w` entering layer `boundary`
     /// (`boundary == L`: after the last layer, before the final norm).
     pub fn residual(&self, w: usize, boundary: usize) -> Result<Vec<f32>> {

@@ -302,11 +302,6 @@ pub struct Stages {
     pub round_scored: usize,
 }
 
-/// Memory the original's next-token probabilities on the scoring stage's
-/// windows may keep between rounds (8 windows of 256 tokens of SmolLM2's
-/// 49,152-token vocabulary: 403 MB); beyond it they are made again each time.
-pub const REFERENCE_BYTES: usize = 512 << 20;
-
 /// Calibration tokens a plan is committed on at least: one window of 256
 /// tokens is too few to tell plans a few percent apart.
 pub const COMMIT_TOKENS: usize = 1024;
@@ -507,13 +502,7 @@ impl<'a> Scorer<'a> {
         self.progress
             .inc_length((plans.len() * sample.len()) as u64);
         let st = self.stages;
-        // The original on the scoring stage's windows is kept across calls
-        // (every greedy round reads it) where its probabilities fit in
-        // [`REFERENCE_BYTES`].
-        let bytes = sample.len() * self.cache.seq_len().div_ceil(stride) * cfg.vocab_size * 4;
-        let kept = (sample == self.score_sample()
-            && stride == st.score_stride
-            && bytes <= REFERENCE_BYTES)
+        let kept = (sample == self.score_sample() && stride == st.score_stride && stride > 1)
             .then(|| -> Result<&Vec<Reference>> {
                 if let Some(r) = self.references.get() {
                     return Ok(r);
