@@ -473,6 +473,9 @@ const NR: usize = PANEL_COLS;
 /// Rows of `x` per kernel call.
 #[cfg(target_arch = "x86_64")]
 const MR: usize = 8;
+/// Terms ahead of the one in use that the kernel fetches into L1.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_TERMS: usize = 8;
 /// Terms of a weight panel per pass over the rows of `x`.
 #[cfg(target_arch = "x86_64")]
 const KC: usize = 2048;
@@ -730,6 +733,14 @@ impl Tile {
         let mut x = self.x;
         let mut b = self.b;
         for _ in 0..self.k {
+            // The panel's lines a few terms ahead, into L1 (prefetches past
+            // the panel's end fetch lines never read, and never fault).
+            for v in 0..V {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    b.wrapping_add(PREFETCH_TERMS * self.b_stride + 16 * v)
+                        .cast::<i8>(),
+                );
+            }
             let mut bv = [_mm512_setzero_ps(); V];
             for (v, c) in bv.iter_mut().enumerate() {
                 *c = _mm512_maskz_loadu_ps(mask[v], b.add(16 * v));
