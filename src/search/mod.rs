@@ -399,20 +399,25 @@ pub fn search(
     // `depthc eval` gives (for a similarity floor: from the most pairs down,
     // until one still meets it there, and then the rest of the front).
     progress.set_message("finish");
+    let unfinished = |c: &strategy::Candidate| c.windows < windows.len() || stages.score_stride > 1;
+    // A finished plan replaces its entry among the candidates.
+    fn put_back(candidates: &mut [strategy::Candidate], c: strategy::Candidate) {
+        if let Some(slot) = candidates
+            .iter_mut()
+            .find(|x| x.plan == c.plan && x.strategy == c.strategy)
+        {
+            *slot = c;
+        }
+    }
     let mut finish = |pairs: usize| -> Result<Option<strategy::Candidate>> {
         let Some(c) = best_with(&candidates, pairs, metric, None) else {
             return Ok(None);
         };
         let mut c = c.clone();
-        if c.windows < windows.len() || stages.score_stride > 1 {
+        if unfinished(&c) {
             scorer.finish(&mut c)?;
         }
-        if let Some(slot) = candidates
-            .iter_mut()
-            .find(|x| x.plan == c.plan && x.strategy == c.strategy)
-        {
-            *slot = c.clone();
-        }
+        put_back(&mut candidates, c.clone());
         Ok(Some(c))
     };
     let mut finished = want + 1;
@@ -429,16 +434,11 @@ pub fn search(
     // The rest of the front, scored together.
     let mut rest: Vec<strategy::Candidate> = (1..finished.min(want + 1))
         .filter_map(|k| best_with(&candidates, k, metric, None).cloned())
-        .filter(|c| c.windows < windows.len() || stages.score_stride > 1)
+        .filter(unfinished)
         .collect();
     scorer.finish_all(&mut rest)?;
     for c in rest {
-        if let Some(slot) = candidates
-            .iter_mut()
-            .find(|x| x.plan == c.plan && x.strategy == c.strategy)
-        {
-            *slot = c;
-        }
+        put_back(&mut candidates, c);
     }
     let front_s = t2.elapsed().as_secs_f64();
     let best_by_pairs = best_by_pairs(&candidates, opts);

@@ -281,7 +281,7 @@ pub struct Screened {
 ///    on `1/16`, 4 windows of 16,384 tokens misjudged a pair by half and the
 ///    choice came out 14% worse in KL than the exhaustive search's);
 /// 2. scoring: the closest few per pair count (contiguous) or per round
-///    (greedy, beam) end to end on the first `1/8` of the windows but never
+///    (greedy, beam) end to end on `1/8` of the windows, spread, but never
 ///    fewer than [`COMMIT_TOKENS`] tokens (all of them when there are fewer),
 ///    at every position (`score_stride` 1: every 4th chose worse plans); a
 ///    greedy or beam round commits to its best here;
@@ -872,6 +872,7 @@ impl<'a> Scorer<'a> {
                 })
                 .collect()
         };
+        let screened_on = self.screen_sample().len();
         let mut beam: Vec<(Vec<(usize, usize)>, f64)> = vec![(Vec::new(), 0.0)];
         let mut all = Vec::new();
         let mut all_screened = Vec::new();
@@ -893,7 +894,7 @@ impl<'a> Scorer<'a> {
                     span_end: a + span,
                     deviation: None,
                     predicted: Some(metric.at_loss(predicted)),
-                    windows: self.screen_sample().len(),
+                    windows: screened_on,
                 });
                 ranked.push((predicted, p));
             }
@@ -910,7 +911,6 @@ impl<'a> Scorer<'a> {
                 st.round_scored.saturating_add(width - 1)
             };
             let to_score: Vec<Planned> = ranked.into_iter().take(keep).map(|r| r.1).collect();
-
             let bases: Vec<Planned> = kept
                 .iter()
                 .map(|b| self.planned(b.clone()))
