@@ -8,7 +8,9 @@
 //! On a CPU with AVX-512 one kernel computes both: 8 rows of `x` against a
 //! panel of 48 output columns (three 16-lane vectors), one term per step:
 //! each row's `x` value is broadcast and multiplied into the panel's three
-//! vectors, 24 accumulators in registers (docs/DESIGN.md section 10). The
+//! vectors, 24 accumulators in registers (docs/DESIGN.md section 10). `x` is
+//! first packed term by term in blocks of 8 rows ([`pack_rows`]), so that a
+//! step reads its 8 values from one place. The
 //! panel of `b` is read where it is; a weight kept widened is kept packed
 //! into panels ([`pack_panels`](crate::model::panels::pack_panels)); other rows of `w` are transposed into a
 //! panel (`k x 48`) as they are used, which every row of `x` then passes. Each output is
@@ -495,30 +497,59 @@ unsafe fn run_jobs(jobs: &[Job<'_>], parallel: bool) {
     let total: usize = jobs.iter().map(|j| j.n).sum();
     let split = parallel && threads > 1 && work >= PARALLEL_WORK;
     let per = total.div_ceil(threads * 8).next_multiple_of(NR);
-    let mut blocks: Vec<(&Job<'_>, usize, usize)> = Vec::new();
+    // Each distinct `x` packed once ([`pack_rows`]), shared by the jobs
+    // that read it (a layer's projections of one input).
+    let mut packed = PACKED_X.with(|p| p.take());
+    let mut inputs: Vec<(*const f32, usize, usize, usize)> = Vec::new();
+    let mut which = Vec::with_capacity(jobs.len());
     for j in jobs {
+        let key = (j.x, j.x_stride, j.m, j.k);
+        which.push(match inputs.iter().position(|&i| i == key) {
+            Some(at) => at,
+            None => {
+                inputs.push(key);
+                inputs.len() - 1
+            }
+        });
+    }
+    if packed.len() < inputs.len() {
+        packed.resize_with(inputs.len(), AlignedF32::default);
+    }
+    for (&(x, x_stride, m, k), buf) in inputs.iter().zip(packed.iter_mut()) {
+        let len = packed_len(m, k);
+        if buf.len() < len {
+            buf.resize_zeroed(len);
+        }
+        pack_rows(x, x_stride, m, k, &mut buf[..len], split);
+    }
+    // Each block: its job, its output columns, where its packed `x` starts.
+    let mut blocks: Vec<(&Job<'_>, usize, usize, usize)> = Vec::new();
+    for (j, &at) in jobs.iter().zip(&which) {
+        let xp = packed[at].as_ptr() as usize;
         if !split {
-            blocks.push((j, 0, j.n));
+            blocks.push((j, 0, j.n, xp));
             continue;
         }
         let mut f0 = 0;
         let mut f1 = j.lead() + per;
         while f1 < j.n {
-            blocks.push((j, f0, f1));
+            blocks.push((j, f0, f1, xp));
             (f0, f1) = (f1, f1 + per);
         }
-        blocks.push((j, f0, j.n));
+        blocks.push((j, f0, j.n, xp));
     }
-    // SAFETY: as the caller promised; blocks write disjoint output columns.
-    let run = |&(job, f0, f1): &(&Job<'_>, usize, usize)| unsafe {
+    // SAFETY: as the caller promised; blocks write disjoint output columns;
+    // each packed `x` holds its job's `m` rows of `k` terms.
+    let run = |&(job, f0, f1, xp): &(&Job<'_>, usize, usize, usize)| unsafe {
+        let xp = xp as *const f32;
         // The first block's leading columns form a narrow panel of their
         // own, so that the rest fall on whole panels after a cache line.
         let lead = if f0 == 0 && split { job.lead() } else { 0 };
         if lead > 0 && lead < f1 {
-            job.block(0, lead);
-            job.block(lead, f1);
+            job.block(0, lead, xp);
+            job.block(lead, f1, xp);
         } else {
-            job.block(f0, f1);
+            job.block(f0, f1, xp);
         }
     };
     if blocks.len() > 1 {
@@ -526,6 +557,70 @@ unsafe fn run_jobs(jobs: &[Job<'_>], parallel: bool) {
         blocks.par_iter().for_each(run);
     } else {
         blocks.iter().for_each(run);
+    }
+    PACKED_X.with(|p| p.replace(packed));
+}
+
+/// Values of `x [m, k]` packed by [`pack_rows`]: `m` rounded up to [`MR`]
+/// rows of `k` terms.
+#[cfg(target_arch = "x86_64")]
+fn packed_len(m: usize, k: usize) -> usize {
+    m.next_multiple_of(MR) * k
+}
+
+/// `x [m, k]` (rows `x_stride` apart) in blocks of [`MR`] rows, each block
+/// term by term: row `i`'s term `p` at `(i / MR) * k * MR + p * MR + i % MR`,
+/// so that the kernel broadcasts a term's rows from one run of 8 values
+/// with one pointer. Rows past `m` are zero. Pairs of blocks are
+/// transposed 16 x 16 in registers, on the thread pool when `parallel`.
+///
+/// # Safety
+/// avx512f must be present; `x` must hold `m` rows of `k` values
+/// `x_stride` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_rows(
+    x: *const f32,
+    x_stride: usize,
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+    parallel: bool,
+) {
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+    let group = 2 * MR * k;
+    let x = x as usize;
+    // SAFETY (of each group): rows 16 g .. 16 g + 16 below `m` are read,
+    // and the group's own part of `out` is written.
+    let pack_group = |(g, dst): (usize, &mut [f32])| unsafe {
+        let x = x as *const f32;
+        let rows = (m - 2 * MR * g).min(2 * MR);
+        let mut p0 = 0;
+        while p0 < k {
+            let cols = lanes(k - p0);
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (q, v) in r.iter_mut().enumerate().take(rows) {
+                *v = _mm512_maskz_loadu_ps(cols, x.add((2 * MR * g + q) * x_stride + p0));
+            }
+            let t = crate::model::panels::transpose16(r);
+            let (lo, hi) = dst.split_at_mut(MR * k);
+            for (c, v) in t.iter().enumerate().take(k - p0) {
+                let at = (p0 + c) * MR;
+                _mm256_storeu_ps(lo.as_mut_ptr().add(at), _mm512_castps512_ps256(*v));
+                if rows > MR {
+                    let upper = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*v)));
+                    _mm256_storeu_ps(hi.as_mut_ptr().add(at), upper);
+                }
+            }
+            p0 += 16;
+        }
+    };
+    let out = &mut out[..packed_len(m, k)];
+    if parallel && m * k >= 1 << 16 {
+        out.par_chunks_mut(group).enumerate().for_each(pack_group);
+    } else {
+        out.chunks_mut(group).enumerate().for_each(pack_group);
     }
 }
 
@@ -535,14 +630,16 @@ thread_local! {
     static PANEL: RefCell<AlignedF32> = RefCell::new(AlignedF32::default());
     /// The rows of a widened weight's panel before packing, reused likewise.
     static WIDENED: RefCell<AlignedF32> = RefCell::new(AlignedF32::default());
+    /// The products' inputs packed by [`pack_rows`], reused likewise.
+    static PACKED_X: RefCell<Vec<AlignedF32>> = const { RefCell::new(Vec::new()) };
 }
 
 #[cfg(target_arch = "x86_64")]
 impl Job<'_> {
     /// Outputs `f0..f1` of every row, a panel of 48 columns at a time, each
-    /// over all `k` terms.
+    /// over all `k` terms, reading `x` as [`pack_rows`] left it at `xp`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn block(&self, f0: usize, f1: usize) {
+    unsafe fn block(&self, f0: usize, f1: usize, xp: *const f32) {
         let mut panel = PANEL.with(|p| p.take());
         let mut widened = AlignedF32::default();
         let kp = self.k.next_multiple_of(16);
@@ -644,8 +741,7 @@ impl Job<'_> {
                     };
                     if cols > 0 {
                         let tile = Tile {
-                            x: self.x.add(i * self.x_stride + p0),
-                            x_stride: self.x_stride,
+                            x: xp.add(i * self.k + p0 * MR),
                             b: b.add(p0 * b_stride),
                             b_stride,
                             k: terms,
@@ -668,12 +764,12 @@ impl Job<'_> {
     }
 }
 
-/// Up to 8 rows of `x` against up to 48 columns of a panel of `b`
-/// (`b[p * b_stride + j]`) over `k` terms.
+/// Up to 8 rows of `x` (packed: row `i`'s term `p` at `x[p * 8 + i]`)
+/// against up to 48 columns of a panel of `b` (`b[p * b_stride + j]`)
+/// over `k` terms.
 #[cfg(target_arch = "x86_64")]
 struct Tile {
     x: *const f32,
-    x_stride: usize,
     b: *const f32,
     b_stride: usize,
     k: usize,
@@ -746,12 +842,12 @@ impl Tile {
                 *c = _mm512_maskz_loadu_ps(mask[v], b.add(16 * v));
             }
             for (i, row) in acc.iter_mut().enumerate() {
-                let xv = _mm512_set1_ps(*x.add(i * self.x_stride));
+                let xv = _mm512_set1_ps(*x.add(i));
                 for (a, &c) in row.iter_mut().zip(&bv) {
                     *a = _mm512_fmadd_ps(xv, c, *a);
                 }
             }
-            x = x.add(1);
+            x = x.add(MR);
             b = b.add(self.b_stride);
         }
         for (i, row) in acc.iter().enumerate() {
